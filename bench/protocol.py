@@ -1,0 +1,291 @@
+"""
+Benchmark of the lucidlink wire protocol against a minimal framed echo.
+
+1. Codec: encode + decode of a typical metadata request (Lookup) and its
+   answer (Entry), against framing the same bytes with Twisted's
+   Int32StringReceiver in memory.
+2. Loopback TLS: requests per second with 64 in flight on one connection,
+   against an Int32StringReceiver echo of the same request bytes over the
+   same kind of TLS connection.  The server runs in a child process.
+
+Target: the lucid protocol reaches at least 60% of the echo's request rate.
+Prints a table, then one line of JSON.
+
+    python bench/protocol.py [--seconds 5] [--in-flight 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
+
+from lucidlink.protocol.codec import FrameDecoder, encode_frame
+from lucidlink.protocol.connection import IResponder, ServerFactory
+from lucidlink.protocol.messages import (
+    PROTOCOL_VERSION,
+    Attributes,
+    Entry,
+    FileKind,
+    Flags,
+    Lookup,
+    ServerStatus,
+    Welcome,
+)
+from lucidlink.protocol.network import connect_tls, listen_tls
+from lucidlink.tls import client_tls_options, init_ca, issue_certificate, server_tls_options
+
+SERVER_NAME = "bench.lucid"
+TARGET_RATIO = 0.6
+REQUEST = Lookup(1, os.urandom(48))
+ANSWER = Entry(Attributes(7, FileKind.FILE, 0o100644, 1, 1000, 1000, 4 << 20, 1, 2, 3, 1))
+
+
+# ---------------------------------------------------------------------------
+# 1. codec in memory
+
+
+def _rate(function: Any, seconds: float) -> float:
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(200):
+            function()
+        count += 200
+    return count / (time.perf_counter() - start)
+
+
+def codec_rates(seconds: float) -> tuple[float, float]:
+    """(lucid round trips per second, Int32StringReceiver round trips per second)."""
+    decoder = FrameDecoder()
+
+    def lucid() -> None:
+        decoder.feed(encode_frame(REQUEST, 5))
+        decoder.feed(encode_frame(ANSWER, 5, Flags.RESPONSE))
+
+    request_bytes = encode_frame(REQUEST, 5)[4:]
+    answer_bytes = encode_frame(ANSWER, 5, Flags.RESPONSE)[4:]
+    receiver = Int32StringReceiver()
+    receiver.stringReceived = lambda string: None  # type: ignore[method-assign]
+    receiver.makeConnection(StringTransport())
+
+    def echo() -> None:
+        receiver.dataReceived(len(request_bytes).to_bytes(4, "big") + request_bytes)
+        receiver.dataReceived(len(answer_bytes).to_bytes(4, "big") + answer_bytes)
+
+    return _rate(lucid, seconds), _rate(echo, seconds)
+
+
+# ---------------------------------------------------------------------------
+# 2. servers (child process)
+
+
+@implementer(IResponder)
+class LookupResponder:
+    """Answers every Lookup with the same Entry."""
+
+    def welcome(self, connection: Any, hello: Any) -> Welcome:
+        return Welcome(PROTOCOL_VERSION, "bench", 1, 15000, ServerStatus.SERVING)
+
+    def respond(self, connection: Any, message: Any) -> Any:
+        return ANSWER
+
+    def connection_ended(self, connection: Any, reason: Any) -> None:
+        pass
+
+
+class Echo(Int32StringReceiver):
+    """Sends every string straight back."""
+
+    MAX_LENGTH = 16 * 1024 * 1024
+
+    def stringReceived(self, string: bytes) -> None:
+        self.sendString(string)
+
+
+def serve(kind: str, certs: Path, port_file: Path) -> None:
+    """Run the ``kind`` server until killed, writing its port to ``port_file``."""
+    from twisted.internet import reactor
+
+    if kind == "lucid":
+        factory: Factory = ServerFactory(LookupResponder(), reactor, keepalive_interval=0, max_in_flight=4096)
+    else:
+        factory = Factory.forProtocol(Echo)
+    options = server_tls_options(certs / "server.pem", certs / "server.key")
+
+    def listening(port: Any) -> None:
+        port_file.write_text(str(port.getHost().port))
+
+    listen_tls(reactor, "tcp:0:interface=127.0.0.1", options, factory).addCallback(listening)
+    profile_to = os.environ.get("LUCID_BENCH_PROFILE")
+    if profile_to:
+        import cProfile
+        import signal
+
+        profiler = cProfile.Profile()
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))  # type: ignore[attr-defined]
+        profiler.runcall(reactor.run)  # type: ignore[attr-defined]
+        profiler.dump_stats(f"{profile_to}.{kind}")
+        return
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def start_server(kind: str, certs: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = certs / f"{kind}.port"
+    process = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--certs", str(certs)])
+    deadline = time.monotonic() + 30
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise SystemExit(f"the {kind} server did not start")
+        time.sleep(0.05)
+    return process, int(port_file.read_text())
+
+
+# ---------------------------------------------------------------------------
+# 2. clients (this process)
+
+
+class EchoClient(Int32StringReceiver):
+    """Keeps ``in_flight`` strings outstanding and counts the echoes."""
+
+    MAX_LENGTH = 16 * 1024 * 1024
+
+    def __init__(self, payload: bytes, in_flight: int) -> None:
+        self.payload = payload
+        self.in_flight = in_flight
+        self.answered = 0
+        self.running = True
+
+    def start(self) -> None:
+        for _ in range(self.in_flight):
+            self.sendString(self.payload)
+
+    def stringReceived(self, string: bytes) -> None:
+        self.answered += 1
+        if self.running:
+            self.sendString(self.payload)
+
+
+@defer.inlineCallbacks
+def measure_echo(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int) -> Any:
+    endpoint = wrapClientTLS(client_tls_options(ca_file, SERVER_NAME), clientFromString(reactor, f"tcp:127.0.0.1:{port}"))
+    client = EchoClient(encode_frame(REQUEST, 5)[4:], in_flight)
+    yield connectProtocol(endpoint, client)
+    client.start()
+    yield task.deferLater(reactor, 0.5, lambda: None)  # warm up
+    start_count, start = client.answered, time.perf_counter()
+    yield task.deferLater(reactor, seconds, lambda: None)
+    rate = (client.answered - start_count) / (time.perf_counter() - start)
+    client.running = False
+    client.transport.loseConnection()
+    return rate
+
+
+@defer.inlineCallbacks
+def measure_lucid(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int) -> Any:
+    connection = yield connect_tls(reactor, f"tcp:127.0.0.1:{port}", ca_file, SERVER_NAME, keepalive_interval=0)
+    state = {"answered": 0, "running": True}
+
+    def ask(_: Any = None) -> None:
+        state["answered"] += 1
+        if state["running"]:
+            connection.request(REQUEST).addCallback(ask)
+
+    for _ in range(in_flight):
+        connection.request(REQUEST).addCallback(ask)
+    yield task.deferLater(reactor, 0.5, lambda: None)
+    start_count, start = state["answered"], time.perf_counter()
+    yield task.deferLater(reactor, seconds, lambda: None)
+    rate = (state["answered"] - start_count) / (time.perf_counter() - start)
+    state["running"] = False
+    yield task.deferLater(reactor, 0.2, lambda: None)
+    yield connection.close("benchmark over")
+    return rate
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from twisted.internet import reactor
+
+    codec_lucid, codec_echo = codec_rates(args.seconds)
+    with tempfile.TemporaryDirectory() as scratch:
+        certs = Path(scratch)
+        init_ca(certs / "ca")
+        issue_certificate(certs / "ca", [SERVER_NAME], certs / "server")
+        rates: dict[str, list[float]] = {"echo": [], "lucid": []}
+
+        @defer.inlineCallbacks
+        def measure() -> Any:
+            servers = {kind: start_server(kind, certs) for kind in ("echo", "lucid")}
+            try:
+                # Alternate the two, so that a noisy moment on a shared
+                # machine falls on both; the medians are compared.
+                for _ in range(args.rounds):
+                    for kind, measurer in (("echo", measure_echo), ("lucid", measure_lucid)):
+                        rate = yield measurer(reactor, servers[kind][1], certs / "ca" / "ca.pem", args.seconds, args.in_flight)
+                        rates[kind].append(rate)
+            finally:
+                for process, _ in servers.values():
+                    process.terminate()
+                    process.wait(10)
+
+        finished: list[Any] = []
+        measure().addBoth(finished.append).addBoth(lambda _: reactor.stop())
+        reactor.run()  # type: ignore[attr-defined]
+        if finished and hasattr(finished[0], "raiseException"):
+            finished[0].raiseException()
+    results = {kind: statistics.median(values) for kind, values in rates.items()}
+    ratio = results["lucid"] / results["echo"]
+    return {
+        "benchmark": "protocol",
+        "codec_lucid_round_trips_per_s": round(codec_lucid),
+        "codec_int32_framing_round_trips_per_s": round(codec_echo),
+        "codec_ratio": round(codec_lucid / codec_echo, 3),
+        "tls_lucid_requests_per_s": round(results["lucid"]),
+        "tls_echo_requests_per_s": round(results["echo"]),
+        "tls_ratio": round(ratio, 3),
+        "in_flight": args.in_flight,
+        "rounds": args.rounds,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure and round")
+    parser.add_argument("--in-flight", type=int, default=64, help="requests outstanding on the connection")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; medians compared")
+    parser.add_argument("--serve", choices=["lucid", "echo"], help=argparse.SUPPRESS)
+    parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.certs, args.certs / f"{args.serve}.port")
+        return
+    result = run(args)
+    print(f"{'figure':<44}{'lucid':>12}{'baseline':>12}{'ratio':>8}")
+    print(f"{'codec round trips/s (Lookup + Entry)':<44}{result['codec_lucid_round_trips_per_s']:>12,}"
+          f"{result['codec_int32_framing_round_trips_per_s']:>12,}{result['codec_ratio']:>8.2f}")
+    print(f"{'TLS requests/s, ' + str(args.in_flight) + ' in flight':<44}{result['tls_lucid_requests_per_s']:>12,}"
+          f"{result['tls_echo_requests_per_s']:>12,}{result['tls_ratio']:>8.2f}")
+    print(f"target: TLS ratio >= {TARGET_RATIO}: {'met' if result['meets_target'] else 'NOT met'}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

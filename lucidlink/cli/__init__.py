@@ -1,0 +1,1 @@
+"""The ``lucid`` command line."""

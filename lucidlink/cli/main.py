@@ -1,0 +1,49 @@
+"""
+``lucid``: the administration and file command line.
+
+Each command family lives in its own module and registers its subcommands
+here.  Every failure ends with one line on stderr, ``lucid: <what went
+wrong>``, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lucidlink.cli.tls import add_tls_commands
+from lucidlink.errors import LucidError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for every ``lucid`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lucid",
+        description="Administer and use lucidlink filespaces.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_tls_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lucid`` with ``argv`` (default: the process arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LucidError as error:
+        print(f"lucid: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        print(f"lucid: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lucid: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""
+The Twisted side of the wire protocol: one TLS connection per session.
+
+:class:`LucidConnection` feeds bytes to the sans-IO
+:class:`~lucidlink.protocol.codec.FrameDecoder` and adds what needs a clock
+and a transport: requests matched to answers by id (pipelined, answered in
+any order), per-request timeouts, keepalive pings, pushed notifications and a
+graceful close.  :class:`ClientConnection` opens with the version handshake;
+:class:`ServerConnection` waits for it and hands every request to an
+:class:`IResponder`, the business logic, which never sees bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from lucidlink.errors import (
+    Busy,
+    ConnectionClosed,
+    InternalError,
+    LucidError,
+    NotSupported,
+    ProtocolError,
+    RequestTimeout,
+    VersionMismatch,
+    error_from_wire,
+)
+from lucidlink.protocol.codec import FrameDecoder, encode_frame
+from lucidlink.protocol.messages import (
+    DEFAULT_MAX_FRAME_LENGTH,
+    PROTOCOL_VERSION,
+    Error,
+    Flags,
+    Goodbye,
+    Hello,
+    Ping,
+    Pong,
+    Welcome,
+)
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CLOSE_TIMEOUT = 5.0
+DEFAULT_MAX_IN_FLIGHT = 256
+_REQUEST_ID_LIMIT = 2**32
+_RESPONSE = int(Flags.RESPONSE)
+_PUSH = int(Flags.PUSH)
+
+
+class IResponder(Interface):
+    """The business logic behind a server connection."""
+
+    def welcome(connection: ServerConnection, hello: Hello) -> Any:  # type: ignore[misc]
+        """Accept a handshake: return a Welcome (or a Deferred of one), or raise LucidError."""
+
+    def respond(connection: ServerConnection, message: Any) -> Any:  # type: ignore[misc]
+        """Answer one request with a message (or a Deferred of one), or raise LucidError."""
+
+    def connection_ended(connection: ServerConnection, reason: LucidError) -> None:  # type: ignore[misc]
+        """The session is over; release what it held."""
+
+
+class LucidConnection(Protocol):
+    """Framing, request matching, keepalive and close, shared by both ends."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        max_frame_length: int = DEFAULT_MAX_FRAME_LENGTH,
+        on_push: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.request_timeout = request_timeout
+        self.keepalive_interval = keepalive_interval
+        self.on_push = on_push
+        self.decoder = FrameDecoder(max_frame_length)
+        self.handshaken = False
+        self.closing = False
+        self.close_reason: LucidError | None = None
+        self.peer_goodbye: str | None = None
+        # request id -> (Deferred, message class, deadline, timeout)
+        self._pending: dict[int, tuple[defer.Deferred[Any], type, float, float]] = {}
+        self._timeout_call: Any = None
+        self._timeout_at = 0.0
+        self._request_ids = itertools.count(1)
+        self._last_received = clock.seconds()
+        self._keepalive_call: Any = None
+        self._close_deadline: Any = None
+        self._lost = False
+        self._lost_waiters: list[defer.Deferred[LucidError]] = []
+        self._in_flight = 0
+        self._broken = False
+        self._corked: list[bytes] | None = None
+
+    # -- what callers use -------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log lines."""
+        try:
+            address = self.transport.getPeer()  # type: ignore[union-attr]
+        except Exception:
+            return "unknown peer"
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        return f"{host}:{port}" if host is not None else str(address)
+
+    def request(self, message: Any, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Send ``message``; the Deferred fires with the answer or fails with a LucidError."""
+        if self._lost or self.closing or self.peer_goodbye is not None:
+            return defer.fail(self._closed_error(f"cannot send {type(message).__name__}"))
+        request_id = next(self._request_ids)
+        if request_id >= _REQUEST_ID_LIMIT or request_id in self._pending:
+            request_id = self._next_request_id()
+        deferred = self._expect_answer(request_id, type(message), timeout)
+        self._write(message, request_id, 0)
+        return deferred
+
+    def push(self, message: Any) -> None:
+        """Send ``message`` unasked (a notification)."""
+        if not self._lost:
+            self._write(message, 0, _PUSH)
+
+    def close(self, text: str = "closing", timeout: float = DEFAULT_CLOSE_TIMEOUT) -> defer.Deferred[LucidError]:
+        """Say goodbye, let answers in flight finish, then close; fires when closed."""
+        waiter = self.when_lost()
+        if self._lost or self.closing:
+            return waiter
+        self.closing = True
+        self.close_reason = ConnectionClosed(text)
+        self.push(Goodbye(0, text))
+        self._close_deadline = self.clock.callLater(timeout, self._abort, f"{text} (timed out)")
+        self._close_if_idle()
+        return waiter
+
+    def when_lost(self) -> defer.Deferred[LucidError]:
+        """A Deferred that fires with the reason once the connection is gone."""
+        if self._lost:
+            return defer.succeed(self.close_reason or ConnectionClosed("connection closed"))
+        waiter: defer.Deferred[LucidError] = defer.Deferred()
+        self._lost_waiters.append(waiter)
+        return waiter
+
+    def fail_connection(self, error: LucidError) -> None:
+        """Close at once after telling the peer why (protocol violations)."""
+        if self._lost:
+            return
+        self.log.warn("closing connection with {peer}: {reason}", peer=self.peer, reason=error)
+        self._broken = True
+        self.close_reason = error
+        self.closing = True
+        self._write(Goodbye(error.code, str(error)), 0, _PUSH)
+        self._flush()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._close_deadline = self.clock.callLater(DEFAULT_CLOSE_TIMEOUT, self._abort, str(error))
+
+    # -- Protocol ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._last_received = self.clock.seconds()
+        self._schedule_keepalive()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lost or self._broken:
+            return
+        self._last_received = self.clock.seconds()
+        # Everything written while handling these frames leaves in one write,
+        # so a batch of pipelined answers costs one TLS record, not one each.
+        self._corked = []
+        try:
+            self._frames_received(data)
+        finally:
+            self._flush()
+
+    def _frames_received(self, data: bytes) -> None:
+        try:
+            self.decoder.feed_each(data, self._frame_received)
+        except ProtocolError as error:
+            self.fail_connection(error)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._lost = True
+        for call in (self._keepalive_call, self._close_deadline, self._timeout_call):
+            if call is not None and call.active():
+                call.cancel()
+        error = self.close_reason or self._explain_loss(reason)
+        self.close_reason = error
+        pending, self._pending = self._pending, {}
+        for deferred, message_type, _, _ in pending.values():
+            if isinstance(error, ConnectionClosed):
+                deferred.errback(
+                    ConnectionClosed(f"connection ended before {message_type.__name__} was answered: {error}")
+                )
+            else:
+                deferred.errback(error)
+        self.connection_ended(error)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiters:
+            waiter.callback(error)
+
+    # -- hooks for the two ends ---------------------------------------------
+
+    def request_received(self, request_id: int, message: Any) -> None:
+        """A request other than Ping arrived."""
+        self._answer(request_id, NotSupported(f"{type(message).__name__} is not served here"))
+
+    def connection_ended(self, reason: LucidError) -> None:
+        """The connection is gone."""
+
+    def _explain_loss(self, reason: Failure) -> LucidError:
+        if self.peer_goodbye is not None:
+            return ConnectionClosed(f"peer closed the connection: {self.peer_goodbye}")
+        if reason.check(LucidError):
+            return reason.value  # type: ignore[return-value]
+        return ConnectionClosed(f"connection lost: {reason.getErrorMessage()}")
+
+    # -- internals ------------------------------------------------------------
+
+    def _frame_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
+        if self._lost or self._broken:
+            return
+        if flags & _RESPONSE:
+            self._response_received(request_id, message)
+        elif flags & _PUSH:
+            self._push_received(message)
+        elif type(message) is Ping:
+            self._write(Pong(message.nonce), request_id, _RESPONSE)
+        else:
+            self.request_received(request_id, message)
+
+    def _response_received(self, request_id: int, message: Any) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            self.log.debug("answer to unknown or timed-out request {id} from {peer}", id=request_id, peer=self.peer)
+            return
+        if type(message) is Error:
+            entry[0].errback(error_from_wire(message.code, message.text, message.retry_after_ms))
+        else:
+            entry[0].callback(message)
+        if self.closing:
+            self._close_if_idle()
+
+    def _push_received(self, message: Any) -> None:
+        if isinstance(message, Goodbye):
+            self.peer_goodbye = message.text or "goodbye"
+            if message.code:
+                self.close_reason = error_from_wire(message.code, message.text)
+            return
+        if self.on_push is not None:
+            try:
+                self.on_push(message)
+            except Exception:
+                self.log.failure("push handler failed on {message}", message=type(message).__name__)
+
+    def _answer(self, request_id: int, result: Any) -> None:
+        """Send ``result`` (a message or an exception) as the answer to ``request_id``."""
+        if self._lost:
+            return
+        if isinstance(result, LucidError):
+            result = Error(result.code, result.retry_after_ms, str(result))
+        self._write(result, request_id, _RESPONSE)
+
+    def _write(self, message: Any, request_id: int, flags: int) -> None:
+        self._send(encode_frame(message, request_id, flags))
+
+    def _send(self, frame: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(frame)
+        else:
+            self.transport.write(frame)  # type: ignore[union-attr]
+
+    def _flush(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and not self._lost:
+            self.transport.write(b"".join(corked))  # type: ignore[union-attr]
+
+    def _next_request_id(self) -> int:
+        """The next id not in use, wrapping around before 2**32."""
+        request_id = next(self._request_ids)
+        while request_id >= _REQUEST_ID_LIMIT or request_id in self._pending:
+            if request_id >= _REQUEST_ID_LIMIT:
+                self._request_ids = itertools.count(1)
+            request_id = next(self._request_ids)
+        return request_id
+
+    def _expect_answer(self, request_id: int, message_type: type, timeout: float | None) -> defer.Deferred[Any]:
+        """Register a request in flight; one timer serves all of them."""
+        deferred: defer.Deferred[Any] = defer.Deferred()
+        timeout = self.request_timeout if timeout is None else timeout
+        deadline = self.clock.seconds() + timeout
+        self._pending[request_id] = (deferred, message_type, deadline, timeout)
+        if self._timeout_call is None:
+            self._timeout_call = self.clock.callLater(timeout, self._expire_requests)
+            self._timeout_at = deadline
+        elif deadline < self._timeout_at:
+            self._timeout_call.reset(timeout)
+            self._timeout_at = deadline
+        return deferred
+
+    def _expire_requests(self) -> None:
+        self._timeout_call = None
+        now = self.clock.seconds()
+        expired = [(rid, entry) for rid, entry in self._pending.items() if entry[2] <= now]
+        for request_id, (deferred, message_type, _, timeout) in expired:
+            del self._pending[request_id]
+            deferred.errback(
+                RequestTimeout(f"no answer to {message_type.__name__} from {self.peer} within {timeout:g} s")
+            )
+        if self._pending and not self._lost:
+            next_deadline = min(entry[2] for entry in self._pending.values())
+            delay = max(0.0, next_deadline - now)
+            if self._timeout_call is None:
+                self._timeout_call = self.clock.callLater(delay, self._expire_requests)
+            else:  # an errback above made a new request
+                self._timeout_call.reset(delay)
+            self._timeout_at = next_deadline
+        self._close_if_idle()
+
+    def _schedule_keepalive(self) -> None:
+        if self.keepalive_interval > 0 and not self._lost:
+            self._keepalive_call = self.clock.callLater(self.keepalive_interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        self._keepalive_call = None
+        if self._lost or self.closing:
+            return
+        idle = self.clock.seconds() - self._last_received
+        if idle >= self.keepalive_interval:
+            ping = self.request(Ping(secrets.randbits(64)), timeout=self.keepalive_interval)
+            ping.addErrback(self._keepalive_failed)
+        self._schedule_keepalive()
+
+    def _keepalive_failed(self, failure: Failure) -> None:
+        if failure.check(RequestTimeout) and not self._lost:
+            self.close_reason = ConnectionClosed(
+                f"{self.peer} did not answer a keepalive ping within {self.keepalive_interval:g} s"
+            )
+            self._abort(str(self.close_reason))
+
+    def _close_if_idle(self) -> None:
+        if self.closing and not self._pending and self._in_flight == 0 and not self._lost:
+            self._flush()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _abort(self, why: str) -> None:
+        if not self._lost:
+            self.log.info("aborting connection with {peer}: {why}", peer=self.peer, why=why)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _closed_error(self, what: str) -> ConnectionClosed:
+        why = self.peer_goodbye or (str(self.close_reason) if self.close_reason else "connection closed")
+        return ConnectionClosed(f"{what}: {why}")
+
+
+class ClientConnection(LucidConnection):
+    """The client end: says Hello first; ``ready`` fires with the server's Welcome."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        peer_name: str = "lucid",
+        filespace: str = "",
+        explain_failure: Callable[[Failure], LucidError | None] | None = None,
+        version: int = PROTOCOL_VERSION,
+        **options: Any,
+    ) -> None:
+        super().__init__(clock, **options)
+        self.peer_name = peer_name
+        self.filespace = filespace
+        self.version = version
+        self.explain_failure = explain_failure
+        self.welcome: Welcome | None = None
+        self.ready: defer.Deferred[Welcome] = defer.Deferred()
+        self._queued: list[tuple[Any, int]] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        request_id = self._next_request_id()
+        deferred = self._expect_answer(request_id, Hello, None)
+        self.transport.write(  # type: ignore[union-attr]
+            encode_frame(Hello(self.version, self.peer_name, self.filespace), request_id, version=self.version)
+        )
+        deferred.addCallbacks(self._welcomed, self._refused)
+
+    def _welcomed(self, welcome: Any) -> None:
+        if not isinstance(welcome, Welcome):
+            self.fail_connection(ProtocolError(f"expected Welcome, got {type(welcome).__name__}"))
+            return
+        self.welcome = welcome
+        self.handshaken = True
+        queued, self._queued = self._queued, []
+        for message, request_id in queued:
+            if request_id in self._pending:
+                self._write(message, request_id, Flags.NONE)
+        self.ready.callback(welcome)
+
+    def _refused(self, failure: Failure) -> None:
+        if not self._lost:
+            self._flush()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        if not self.ready.called:
+            self.ready.errback(failure)
+
+    def _write(self, message: Any, request_id: int, flags: int) -> None:
+        if self.handshaken or flags:
+            self._send(encode_frame(message, request_id, flags))
+        else:
+            self._queued.append((message, request_id))
+
+    def _explain_loss(self, reason: Failure) -> LucidError:
+        if self.explain_failure is not None and self.close_reason is None:
+            explained = self.explain_failure(reason)
+            if explained is not None:
+                return explained
+        return super()._explain_loss(reason)
+
+    def connection_ended(self, reason: LucidError) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+
+
+class ServerConnection(LucidConnection):
+    """The server end: waits for Hello, then hands requests to the responder."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        responder: IResponder,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        **options: Any,
+    ) -> None:
+        super().__init__(clock, **options)
+        self.responder = responder
+        self.handshake_timeout = handshake_timeout
+        self.max_in_flight = max_in_flight
+        self.hello: Hello | None = None
+        self.session: Any = None
+        self._handshake_call: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._handshake_call = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        if not self.handshaken and not self._lost:
+            self.close_reason = ProtocolError(f"no Hello within {self.handshake_timeout:g} s")
+            self._abort(str(self.close_reason))
+
+    def _frame_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
+        if self.handshaken:
+            super()._frame_received(request_id, flags, message, version)
+        elif self._lost or self._broken:
+            return
+        elif self.hello is None:
+            self._hello_received(request_id, flags, message, version)
+        else:
+            raise ProtocolError(f"{type(message).__name__} sent before the handshake finished")
+
+    def _hello_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
+        if not isinstance(message, Hello) or flags:
+            raise ProtocolError(f"expected Hello first, got {type(message).__name__}")
+        self.hello = message
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        if message.version != PROTOCOL_VERSION or version != PROTOCOL_VERSION:
+            error = VersionMismatch(
+                f"client {message.peer_name!r} speaks protocol version {message.version}; "
+                f"this server speaks version {PROTOCOL_VERSION}"
+            )
+            self.log.warn("refusing {peer}: {error}", peer=self.peer, error=error)
+            self._answer(request_id, error)
+            self.close(str(error))
+            return
+        self._in_flight += 1
+        result = defer.maybeDeferred(self.responder.welcome, self, message)
+        result.addCallbacks(self._welcome_sent, self._answer_failure, callbackArgs=(request_id,), errbackArgs=(request_id, message))
+
+    def _welcome_sent(self, welcome: Welcome, request_id: int) -> None:
+        self._in_flight -= 1
+        self.handshaken = True
+        self._answer(request_id, welcome)
+
+    def request_received(self, request_id: int, message: Any) -> None:
+        if self.closing:
+            self._answer(request_id, ConnectionClosed("server is closing this connection"))
+            return
+        if self._in_flight >= self.max_in_flight:
+            self._answer(request_id, Busy(f"more than {self.max_in_flight} requests in flight", retry_after_ms=50))
+            return
+        try:
+            result = self.responder.respond(self, message)
+        except Exception:
+            self._in_flight += 1
+            self._answer_failure(Failure(), request_id, message)
+            return
+        if isinstance(result, defer.Deferred):
+            self._in_flight += 1
+            result.addCallbacks(
+                self._answered, self._answer_failure, callbackArgs=(request_id,), errbackArgs=(request_id, message)
+            )
+        else:
+            self._answer(request_id, result)
+
+    def _answered(self, answer: Any, request_id: int) -> None:
+        self._in_flight -= 1
+        self._answer(request_id, answer)
+        self._close_if_idle()
+
+    def _answer_failure(self, failure: Failure, request_id: int, message: Any) -> None:
+        self._in_flight -= 1
+        if failure.check(LucidError):
+            self._answer(request_id, failure.value)
+        else:
+            self.log.failure("failed to answer {message} from {peer}", failure, message=type(message).__name__, peer=self.peer)
+            self._answer(request_id, InternalError(f"internal error answering {type(message).__name__}; see the server log"))
+        if isinstance(message, Hello):
+            self.close("handshake refused")
+        self._close_if_idle()
+
+    def connection_ended(self, reason: LucidError) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        try:
+            self.responder.connection_ended(self, reason)
+        except Exception:
+            self.log.failure("responder failed to end the session of {peer}", peer=self.peer)
+
+
+class ServerFactory(Factory):
+    """Builds a :class:`ServerConnection` per accepted connection."""
+
+    def __init__(self, responder: IResponder, clock: IReactorTime, **options: Any) -> None:
+        self.responder = responder
+        self.clock = clock
+        self.options = options
+
+    def buildProtocol(self, addr: Any) -> ServerConnection:
+        connection = ServerConnection(self.clock, self.responder, **self.options)
+        connection.factory = self
+        return connection
