@@ -272,6 +272,13 @@ class TLSVerificationError(LucidError):
     errno_name = "EACCES"
 
 
+class IntegrityError(LucidError):
+    """The data was altered or does not belong here."""
+
+    code = 34
+    errno_name = "EIO"
+
+
 def _collect() -> dict[int, type[LucidError]]:
     table: dict[int, type[LucidError]] = {}
     pending: list[type[LucidError]] = [LucidError]

@@ -1,0 +1,324 @@
+"""
+The ``file:///path`` object store: objects as files in a local directory.
+
+Each key part is a folder, the last one the file: ``chunks/ab/cd`` is
+``ROOT/chunks/ab/cd``, so an operator can look at the store with ``ls``.
+Writes are atomic and durable: the data goes to a temporary file in the
+object's folder (``.tmp-…``; key parts never start with a dot, so these
+never look like objects), is fsynced, renamed over the object (or
+hard-linked to it for a create-only put, so an existing object is never
+replaced), and the folder is fsynced.  A crash leaves at worst a stray
+temporary file, never part of an object.
+
+Blocking file I/O runs in a thread pool: one the store owns (and stops on
+:meth:`LocalObjectStore.close` or reactor shutdown) or one it is given.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from lucidlink import errors
+from lucidlink.objectstore.interface import KEY_PART, IObjectStore, ObjectInfo, check_key, check_prefix
+
+_T = TypeVar("_T")
+
+DEFAULT_THREADS = 8
+_TEMPORARY_PREFIX = ".tmp-"
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_AN_OBJECT = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _write_fully(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (os.write may write less than asked)."""
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a rename, a new file or folder) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IObjectStore)
+class LocalObjectStore:
+    """
+    An object store in a local directory (see the module).
+
+    ``root`` must exist unless ``create`` is true: a mistyped path, or a
+    disk that is not mounted, must not look like an empty store.  If the
+    folder vanishes later, operations fail with Unavailable, not NotFound.
+    Objects are created readable by their owner only (mode 0600).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        reactor: Any,  # IReactorCore and IReactorFromThreads
+        threadpool: ThreadPool | None = None,
+        *,
+        create: bool = False,
+    ) -> None:
+        self.root = Path(root).absolute()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            raise errors.NotFound(f"object store folder {self.root} does not exist")
+        self._reactor = reactor
+        self._closed = False
+        self._shutdown_trigger: Any = None
+        if threadpool is None:
+            threadpool = ThreadPool(minthreads=0, maxthreads=DEFAULT_THREADS, name=f"object store {self.root}")
+            threadpool.start()
+            self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", threadpool.stop)
+        self._threadpool = threadpool
+
+    def __repr__(self) -> str:
+        return f"<LocalObjectStore at {self.root}>"
+
+    # IObjectStore
+
+    def get(self, key: str) -> Deferred[bytes]:
+        return self._run(self._get, check_key, key)
+
+    def get_range(self, key: str, start: int, length: int) -> Deferred[bytes]:
+        if start < 0 or length < 0:
+            return fail(errors.InvalidArgument(f"no range of {length} bytes at {start} in object {key!r}"))
+        return self._run(self._get_range, check_key, key, start, length)
+
+    def put(self, key: str, data: bytes, create_only: bool = False) -> Deferred[None]:
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            return fail(errors.InvalidArgument(f"object {key!r} must be bytes, not {type(data).__name__}"))
+        return self._run(self._put, check_key, key, view, create_only)
+
+    def delete(self, key: str) -> Deferred[None]:
+        return self._run(self._delete, check_key, key)
+
+    def head(self, key: str) -> Deferred[ObjectInfo]:
+        return self._run(self._head, check_key, key)
+
+    def list(self, prefix: str = "") -> Deferred[list[ObjectInfo]]:
+        return self._run(self._list, check_prefix, prefix)
+
+    def close(self) -> Deferred[None]:
+        """Stop the thread pool if the store owns it; later operations fail."""
+        if not self._closed:
+            self._closed = True
+            if self._shutdown_trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
+                self._threadpool.stop()
+        return succeed(None)
+
+    # In the reactor thread
+
+    def _run(self, work: Callable[..., _T], check: Callable[[str], str], key: str, *args: Any) -> Deferred[_T]:
+        if self._closed:
+            return fail(errors.Unavailable(f"object store at {self.root} is closed"))
+        try:
+            check(key)
+        except errors.InvalidArgument as refused:
+            return fail(refused)
+        return deferToThreadPool(self._reactor, self._threadpool, work, key, *args)
+
+    # In the thread pool
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def _error(self, failure: OSError, doing: str, key: str) -> errors.LucidError:
+        """The lucidlink error an OSError stands for."""
+        if failure.errno in _FULL:
+            return errors.NoSpace(f"object store at {self.root} is full")
+        if failure.errno == errno.EROFS:
+            return errors.ReadOnly(f"object store at {self.root} is read-only")
+        if isinstance(failure, PermissionError):
+            return errors.AccessDenied(f"object store at {self.root}: permission denied {doing} {key!r}")
+        return errors.Unavailable(f"object store at {self.root} failed {doing} {key!r}: {failure.strerror}")
+
+    def _missing(self, key: str) -> errors.LucidError:
+        if not self.root.is_dir():
+            return errors.Unavailable(f"object store folder {self.root} is missing")
+        return errors.NotFound(f"no object {key!r} in the store at {self.root}")
+
+    def _conflict(self, key: str) -> errors.LucidError:
+        return errors.InvalidArgument(
+            f"object key {key!r} clashes with another key used as its folder, or its folder used as a key"
+        )
+
+    def _get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as file:
+                return file.read()
+        except _NOT_AN_OBJECT:
+            raise self._missing(key) from None
+        except OSError as failure:
+            raise self._error(failure, "reading", key) from failure
+
+    def _get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except _NOT_AN_OBJECT:
+            raise self._missing(key) from None
+        except OSError as failure:
+            raise self._error(failure, "reading", key) from failure
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise self._missing(key)
+            parts = []
+            while length > 0:
+                part = os.pread(fd, length, start)
+                if not part:
+                    break
+                parts.append(part)
+                start += len(part)
+                length -= len(part)
+            return b"".join(parts)
+        except OSError as failure:
+            raise self._error(failure, "reading", key) from failure
+        finally:
+            os.close(fd)
+
+    def _make_folders(self, folder: Path, key: str) -> None:
+        """Create the folders an object needs, each durably, and refuse a file in the way."""
+        missing = []
+        while not folder.is_dir():
+            if folder == self.root:
+                raise errors.Unavailable(f"object store folder {self.root} is missing")
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise self._conflict(key) from None
+                continue
+            except NotADirectoryError:
+                raise self._conflict(key) from None
+            _fsync_folder(folder.parent)
+
+    def _put(self, key: str, data: memoryview, create_only: bool) -> None:
+        path = self._path(key)
+        temporary = path.parent / f"{_TEMPORARY_PREFIX}{secrets.token_hex(8)}"
+        try:
+            self._make_folders(path.parent, key)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_fully(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if create_only:
+                self._link(temporary, path, key)
+            else:
+                try:
+                    os.rename(temporary, path)
+                except IsADirectoryError:
+                    raise self._conflict(key) from None
+            _fsync_folder(path.parent)
+        except OSError as failure:
+            raise self._error(failure, "writing", key) from failure
+        finally:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # a stray temporary file is harmless: listings skip it
+
+    def _link(self, temporary: Path, path: Path, key: str) -> None:
+        """Give the temporary file the object's name unless that name exists."""
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            if path.is_dir():
+                raise self._conflict(key) from None
+            raise errors.AlreadyExists(f"object {key!r} already exists in the store at {self.root}") from None
+        except OSError as failure:
+            if failure.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise errors.NotSupported(
+                    f"object store at {self.root} is on a file system without hard links,"
+                    " which create-only writes need"
+                ) from failure
+            raise
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except _NOT_AN_OBJECT:
+            if not self.root.is_dir():
+                raise self._missing(key) from None
+            return
+        except OSError as failure:
+            if failure.errno == errno.EPERM and path.is_dir():
+                return  # macOS says EPERM for unlink of a folder: no object by that key
+            raise self._error(failure, "deleting", key) from failure
+        try:
+            _fsync_folder(path.parent)
+        except OSError as failure:
+            raise self._error(failure, "deleting", key) from failure
+
+    def _head(self, key: str) -> ObjectInfo:
+        try:
+            status = os.stat(self._path(key))
+        except _NOT_AN_OBJECT:
+            raise self._missing(key) from None
+        except OSError as failure:
+            raise self._error(failure, "looking up", key) from failure
+        if not stat.S_ISREG(status.st_mode):
+            raise self._missing(key)
+        return ObjectInfo(key, status.st_size, status.st_mtime)
+
+    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
+        if not self.root.is_dir():
+            raise errors.Unavailable(f"object store folder {self.root} is missing")
+        folder_key, _, name_start = prefix.rpartition("/")
+        found: builtins.list[ObjectInfo] = []
+        if folder_key:
+            pending = [(self._path(folder_key), f"{folder_key}/", name_start)]
+        else:
+            pending = [(self.root, "", name_start)]
+        while pending:
+            folder, key_prefix, name_start = pending.pop()
+            try:
+                entries = os.scandir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as failure:
+                raise self._error(failure, "listing", prefix) from failure
+            with entries:
+                for entry in entries:
+                    if not entry.name.startswith(name_start) or not KEY_PART.fullmatch(entry.name):
+                        continue
+                    key = key_prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((Path(entry.path), f"{key}/", ""))
+                    elif entry.is_file(follow_symlinks=False):
+                        try:
+                            status = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted while we listed
+                        found.append(ObjectInfo(key, status.st_size, status.st_mtime))
+        found.sort(key=lambda info: info.key)
+        return found
