@@ -228,6 +228,58 @@ class KeepaliveTests(ConnectionTestCase):
         self.failureResultOf(client.ready, errors.RequestTimeout)
 
 
+class IdleTimeoutTests(SynchronousTestCase):
+    """A server closes connections that stop asking."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.responder = ScriptedResponder()
+        self.client = ClientConnection(self.clock, keepalive_interval=4, request_timeout=10)
+        self.server = ServerConnection(self.clock, self.responder, keepalive_interval=0, idle_timeout=10)
+        self.pump = iosim.connect(
+            self.server, iosim.makeFakeServer(self.server), self.client, iosim.makeFakeClient(self.client), clock=self.clock
+        )
+        self.successResultOf(self.client.ready)
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(seconds)):
+            self.clock.advance(1)
+            self.pump.flush()
+
+    def test_idle_connection_closed(self) -> None:
+        """No request for the idle timeout: the server says goodbye and closes, though pings flow."""
+        self.advance(9)
+        self.assertFalse(self.client._lost)
+        self.advance(2)
+        self.assertTrue(self.client._lost)
+        self.assertIn("idle for 10 s", self.client.peer_goodbye or "")
+
+    def test_requests_keep_it_open(self) -> None:
+        """Each request restarts the idle clock."""
+        for _ in range(3):
+            self.advance(8)
+            asked = self.client.request(Lookup(1, b"x"))
+            self.pump.flush()
+            self.responder.requests[-1][1].callback(Ok())
+            self.pump.flush()
+            self.successResultOf(asked)
+        self.assertFalse(self.client._lost)
+        self.advance(11)
+        self.assertTrue(self.client._lost)
+
+    def test_request_in_flight_is_not_idle(self) -> None:
+        """A request still being answered keeps the connection open past the timeout."""
+        asked = self.client.request(Lookup(1, b"slow"), timeout=60)
+        self.pump.flush()
+        self.advance(25)
+        self.assertFalse(self.client._lost)
+        self.responder.requests[0][1].callback(Ok())
+        self.pump.flush()
+        self.successResultOf(asked)
+        self.advance(11)
+        self.assertTrue(self.client._lost)
+
+
 class CloseTests(ConnectionTestCase):
     """Closing is graceful: answers in flight still arrive."""
 

@@ -2,7 +2,9 @@
 ``lucid``: the administration and file command line.
 
 Each command family lives in its own module and registers its subcommands
-here.  Every failure ends with one line on stderr, ``lucid: <what went
+here.  ``--config FILE`` (before the command) names the client config file
+for every command that reads one (see :mod:`lucidlink.client.config`).
+Every failure ends with one line on stderr, ``lucid: <what went
 wrong>``, and a non-zero exit status.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from lucidlink.cli.discovery import add_discovery_commands
 from lucidlink.cli.tls import add_tls_commands
 from lucidlink.errors import LucidError
 
@@ -22,8 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lucid",
         description="Administer and use lucidlink filespaces.",
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the client config file (default: $LUCID_CONFIG, else ~/.config/lucid/client.ini)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_tls_commands(commands)
+    add_discovery_commands(commands)
     return parser
 
 

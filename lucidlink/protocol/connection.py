@@ -437,7 +437,13 @@ class ClientConnection(LucidConnection):
 
 
 class ServerConnection(LucidConnection):
-    """The server end: waits for Hello, then hands requests to the responder."""
+    """The server end: waits for Hello, then hands requests to the responder.
+
+    ``handshake_timeout`` closes a connection that does not say Hello in
+    time; ``idle_timeout`` (seconds, 0 for never) closes one, gracefully,
+    once no request has arrived for that long.  Keepalive pings are not
+    requests: they keep a connection alive, not busy.
+    """
 
     def __init__(
         self,
@@ -445,16 +451,20 @@ class ServerConnection(LucidConnection):
         responder: IResponder,
         *,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = 0.0,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         **options: Any,
     ) -> None:
         super().__init__(clock, **options)
         self.responder = responder
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.max_in_flight = max_in_flight
         self.hello: Hello | None = None
         self.session: Any = None
         self._handshake_call: Any = None
+        self._idle_call: Any = None
+        self._last_request = 0.0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -465,6 +475,28 @@ class ServerConnection(LucidConnection):
         if not self.handshaken and not self._lost:
             self.close_reason = ProtocolError(f"no Hello within {self.handshake_timeout:g} s")
             self._abort(str(self.close_reason))
+
+    def _start_idle_timer(self) -> None:
+        self._last_request = self.clock.seconds()
+        if self.idle_timeout > 0 and not self._lost:
+            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One timer per connection that re-arms itself, rather than a reset per
+        # request: requests stay as cheap as they are without an idle timeout.
+        self._idle_call = None
+        if self._lost or self.closing:
+            return
+        now = self.clock.seconds()
+        remaining = self._last_request + self.idle_timeout - now
+        if remaining <= 0 and self._in_flight == 0:
+            self.log.info(
+                "closing connection with {peer}: no request for {timeout:g} s",
+                peer=self.peer, timeout=self.idle_timeout,
+            )
+            self.close(f"idle for {self.idle_timeout:g} s")
+            return
+        self._idle_call = self.clock.callLater(max(remaining, self.idle_timeout / 10), self._idle_check)
 
     def _frame_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
         if self.handshaken:
@@ -499,8 +531,10 @@ class ServerConnection(LucidConnection):
         self._in_flight -= 1
         self.handshaken = True
         self._answer(request_id, welcome)
+        self._start_idle_timer()
 
     def request_received(self, request_id: int, message: Any) -> None:
+        self._last_request = self.clock.seconds()
         if self.closing:
             self._answer(request_id, ConnectionClosed("server is closing this connection"))
             return
@@ -538,8 +572,9 @@ class ServerConnection(LucidConnection):
         self._close_if_idle()
 
     def connection_ended(self, reason: LucidError) -> None:
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
+        for call in (self._handshake_call, self._idle_call):
+            if call is not None and call.active():
+                call.cancel()
         try:
             self.responder.connection_ended(self, reason)
         except Exception:

@@ -1,0 +1,235 @@
+"""
+``twistd lucid-discovery``: the options and the service tree.
+
+:func:`makeService` reads the configuration (:mod:`lucidlink.discovery.config`)
+and returns a :class:`DiscoveryService`, a ``MultiService`` of:
+
+- one TLS listener per ``listen`` endpoint, behind the connection cap
+  (the cap wraps the TLS factory, so refused connections cost no handshake);
+- the registry sweeper (a ``TimerService``);
+- the ``/metrics`` and ``/health`` site on ``metrics_listen``, if set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from lucidlink.discovery.auth import RegistrationVerifier
+from lucidlink.discovery.config import DiscoveryConfig, load_config
+from lucidlink.discovery.metrics import DiscoveryMetrics
+from lucidlink.discovery.registry import Registry
+from lucidlink.discovery.service import DiscoveryResponder
+from lucidlink.discovery.shedding import CONNECTIONS, ConnectionCap, InFlightLimit, SourceBuckets
+from lucidlink.discovery.web import status_site
+from lucidlink.errors import Unavailable
+from lucidlink.protocol.connection import ServerConnection, ServerFactory
+from lucidlink.tls import server_tls_options
+
+MAX_NONCE_CACHE = 1_000_000
+
+
+class Options(usage.Options):
+    """``twistd lucid-discovery --config PATH [--listen ENDPOINT]...``"""
+
+    synopsis = "--config PATH [--listen ENDPOINT]..."
+    longdesc = (
+        "Answer which metadata server serves a filespace, from the registrations and "
+        "heartbeats of metadata servers and an optional static map."
+    )
+    optParameters = [["config", "c", None, "The configuration file (see etc/lucid-discovery.ini)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on this endpoint instead of the configuration's listen (repeatable)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config PATH is required")
+        self["discovery"] = load_config(self["config"], self["listen"])
+
+
+def makeService(options: Any) -> DiscoveryService:
+    """The discovery service tree for parsed ``options``."""
+    from twisted.internet import reactor
+
+    config = options.get("discovery") or load_config(options["config"], options.get("listen", ()))
+    return DiscoveryService(config, reactor)
+
+
+class DiscoveryService(MultiService):
+    """Discovery assembled from a :class:`~lucidlink.discovery.config.DiscoveryConfig`.
+
+    The parts are attributes (``registry``, ``responder``, ``metrics``,
+    ``connection_cap``, ``listeners``, ``status_listener``), so tests and
+    operators' tools can look inside.
+    """
+
+    def __init__(self, config: DiscoveryConfig, reactor: Any, *, metrics: DiscoveryMetrics | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = metrics if metrics is not None else DiscoveryMetrics()
+        self.registry = Registry(reactor, entry_ttl=config.entry_ttl, max_entries=config.max_entries)
+        # One nonce per entry per heartbeat, kept twice the skew: enough for a
+        # full registry, within a fixed bound (a full cache refuses, never forgets).
+        heartbeats_kept = math.ceil(2 * config.max_clock_skew / config.heartbeat_interval) + 1
+        self.verifier = RegistrationVerifier(
+            config.keyring, reactor, max_skew=config.max_clock_skew,
+            nonce_cache_size=min(MAX_NONCE_CACHE, config.max_entries * heartbeats_kept),
+            on_refused=self.metrics.auth_failed,
+        )
+        self.responder = DiscoveryResponder(
+            self.registry, self.verifier,
+            heartbeat_interval=config.heartbeat_interval,
+            static_map=config.static_map,
+            buckets=SourceBuckets(
+                reactor, rate=config.per_source_rate, burst=config.per_source_burst, max_sources=config.max_sources
+            ),
+            in_flight=InFlightLimit(config.max_in_flight),
+            metrics=self.metrics,
+        )
+        protocol_factory = ServerFactory(
+            self.responder, reactor,
+            keepalive_interval=0,  # idle clients are closed, not pinged
+            handshake_timeout=config.handshake_timeout,
+            idle_timeout=config.idle_timeout,
+        )
+        tls_factory = TLSMemoryBIOFactory(server_tls_options(config.certificate, config.private_key), False, protocol_factory)
+        self.connection_cap = ConnectionCap(
+            tls_factory, config.max_connections, on_refused=lambda: self.metrics.shed_one(CONNECTIONS)
+        )
+        self.metrics.watch(lambda: len(self.registry), lambda: self.connection_cap.connections)
+
+        self.listeners = [
+            EndpointListener(serverFromString(reactor, description), self.connection_cap, description)
+            for description in config.listen
+        ]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+        sweeper = TimerService(config.heartbeat_interval, self.registry.sweep)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self)
+        self.status_listener: EndpointListener | None = None
+        if config.metrics_listen:
+            site = status_site(self.metrics.registry, self.health)
+            self.status_listener = EndpointListener(
+                serverFromString(reactor, config.metrics_listen), site, config.metrics_listen
+            )
+            self.status_listener.setServiceParent(self)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        """Stop listening, then say goodbye to every open connection and wait for them to close."""
+        stopped = super().stopService()
+        closing = [connection.close("discovery is shutting down") for connection in self.open_connections()]
+        return defer.gatherResults([stopped, *closing], consumeErrors=True)
+
+    def open_connections(self) -> list[ServerConnection]:
+        """The protocol connections behind the cap (and inside TLS) now open."""
+        connections = []
+        for wrapper in list(self.connection_cap.protocols):
+            connection = getattr(wrapper.wrappedProtocol, "wrappedProtocol", None)
+            if isinstance(connection, ServerConnection):
+                connections.append(connection)
+        return connections
+
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` says."""
+        return {
+            "status": "serving",
+            "registry_entries": len(self.registry),
+            "static_entries": len(self.config.static_map),
+            "connections": self.connection_cap.connections,
+            "max_connections": self.connection_cap.limit,
+        }
+
+
+class EndpointListener(Service):
+    """Listens with ``factory`` on ``endpoint`` while running.
+
+    Like Twisted's ``StreamServerEndpointService`` as ``twistd`` sets it up:
+    a listen that fails at once (a port in use) raises from
+    ``privilegedStartService``, so the process does not start half-deaf.
+    :meth:`when_listening` gives the port (tests listen on port 0).
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+        self._listening: defer.Deferred[Any] | None = None
+        self._failure: Failure | None = None
+        self._waiters: list[defer.Deferred[IListeningPort]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self._listen()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()
+        return defer.succeed(None)
+
+    def when_listening(self) -> defer.Deferred[IListeningPort]:
+        """Fires with the listening port, or fails if listening failed."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        waiter: defer.Deferred[IListeningPort] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _listen(self) -> None:
+        self._failure = None
+        self._listening = self.endpoint.listen(self.factory)
+        failed_now: list[Failure] = []
+        self._listening.addCallbacks(self._listened, self._not_listening, errbackArgs=(failed_now,))
+        if failed_now:
+            raise Unavailable(f"cannot listen on {self.description}: {failed_now[0].getErrorMessage()}")
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        self.log.info("listening on {description}", description=self.description)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
+
+    def _not_listening(self, failure: Failure, failed_now: list[Failure]) -> None:
+        self._failure = failure
+        if self._listening is None:  # stopped before it listened
+            return
+        failed_now.append(failure)
+        self.log.failure("cannot listen on {description}", failure, description=self.description)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
