@@ -23,7 +23,7 @@ Format::
 
     {"version": 1,
      "filespaces": {"demo": {"endpoints": ["tcp:10.0.0.5:7100"],
-                             "identity": "meta.demo.lucid",
+                             "identity": "demo.meta.lucid",
                              "status": "serving", "ttl_ms": 30000,
                              "stored_at": 1732634400.5,
                              "source": "tcp:10.0.0.2:7000"}}}

@@ -6,7 +6,7 @@ Each filespace is a section::
     [filespace media]
     endpoints = tcp:meta1.example.net:7001
                 tcp:meta2.example.net:7001
-    identity = meta.media.lucid
+    identity = media.meta.lucid
     ttl = 300
 
 ``endpoints`` holds one or more client endpoint strings, one per line;

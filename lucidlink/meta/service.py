@@ -1,0 +1,478 @@
+"""
+The metadata protocol answered: the business logic behind each connection.
+
+:class:`MetadataResponder` is the :class:`~lucidlink.protocol.connection.IResponder`
+of a metadata server.  It welcomes connections for its filespace only, logs
+sessions in, checks each request against the session's role, turns requests
+into store reads or mutation records, keeps handles and locks, and pushes
+``Notify`` to the filespace's other sessions after every change.  It never
+sees bytes, sockets or TLS; the rules it enforces are those of
+``docs/metadata-protocol.rst``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from lucidlink import crypto
+from lucidlink.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    Busy,
+    InvalidArgument,
+    IsADirectory,
+    LucidError,
+    NotFound,
+    NotInitialized,
+    NotSupported,
+    UnknownFilespace,
+)
+from lucidlink.meta import bootstrap
+from lucidlink.meta import mutations as m
+from lucidlink.meta.interface import IMetadataStore
+from lucidlink.meta.locks import LockTable
+from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
+from lucidlink.meta.store import ROOT_INODE, Applied, Change
+from lucidlink.protocol import messages as w
+from lucidlink.protocol.connection import IResponder, ServerConnection
+from lucidlink.protocol.messages import FileKind, LockType, NotifyKind, Role, ServerStatus
+
+DEFAULT_KDF = (crypto.DEFAULT_TIME_COST, crypto.DEFAULT_MEMORY_KIB, crypto.DEFAULT_PARALLELISM)
+"""Argon2id time cost, memory (KiB) and parallelism shown for unknown users when no user exists to copy."""
+_BOOTSTRAP_LIMIT_KEY = "\x00bootstrap"
+_DUMMY_SALT = bytes(16)
+_DUMMY_VERIFIER = bytes(32)
+_ROLE_NAMES = {Role.READER: "a reader", Role.WRITER: "a writer", Role.ADMIN: "an admin"}
+
+_log = Logger()
+
+Answer = Callable[["MetadataResponder", Session, Any], Any]
+_ANSWERS: dict[type, tuple[Answer, Role | None, str]] = {}
+
+
+def answers(message_class: type, role: Role | None = Role.READER, doing: str = "") -> Callable[[Answer], Answer]:
+    """Register the decorated method as the answer to ``message_class``.
+
+    ``role`` is the least role the request needs (``None``: no login needed);
+    ``doing`` names the action in the refusal a weaker role gets.
+    """
+
+    def register(method: Answer) -> Answer:
+        _ANSWERS[message_class] = (method, role, doing)
+        return method
+
+    return register
+
+
+@implementer(IResponder)
+class MetadataResponder:
+    """Answers every metadata request of one filespace's clients.
+
+    ``store`` provides :class:`~lucidlink.meta.interface.IMetadataStore`;
+    ``token_path`` is where the bootstrap token file lives (deleted once used);
+    ``on_status_changed`` is called when the status changes (after the bootstrap).
+    """
+
+    def __init__(
+        self,
+        store: IMetadataStore,
+        clock: IReactorTime,
+        filespace: str,
+        *,
+        token_path: Path | None = None,
+        server_name: str | None = None,
+        max_connections: int = 1024,
+        limiter: LoginLimiter | None = None,
+        on_status_changed: Callable[[], object] | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.filespace = filespace
+        self.token_path = token_path
+        self.server_name = server_name or f"lucid-meta {filespace}"
+        self.max_connections = max_connections
+        self.limiter = limiter or LoginLimiter(clock)
+        self.on_status_changed = on_status_changed
+        self.locks = LockTable()
+        self.sessions: dict[int, Session] = {}
+        self._session_ids = itertools.count(1)
+        self._handle_ids = itertools.count(1)
+
+    @property
+    def status(self) -> ServerStatus:
+        """What this server tells its clients it is doing."""
+        return ServerStatus.SERVING if self.store.initialised else ServerStatus.UNINITIALIZED
+
+    # -- IResponder ----------------------------------------------------------------
+
+    def welcome(self, connection: ServerConnection, hello: w.Hello) -> w.Welcome:
+        if hello.filespace != self.filespace:
+            raise UnknownFilespace(f"this server serves filespace {self.filespace!r}, not {hello.filespace!r}")
+        if len(self.sessions) >= self.max_connections:
+            raise Busy(f"the server for {self.filespace!r} has {len(self.sessions)} connections", retry_after_ms=1000)
+        session = Session(next(self._session_ids), connection, _source(connection))
+        connection.session = session
+        self.sessions[session.id] = session
+        keepalive_ms = int(getattr(connection, "keepalive_interval", 0) * 1000)
+        return w.Welcome(w.PROTOCOL_VERSION, self.server_name, session.id, keepalive_ms, self.status)
+
+    def respond(self, connection: ServerConnection, message: Any) -> Any:
+        session: Session | None = connection.session
+        entry = _ANSWERS.get(type(message))
+        if session is None or entry is None:
+            raise NotSupported(f"{type(message).__name__} is not served by a metadata server")
+        method, role, doing = entry
+        if role is not None:
+            self._require_role(session, role, doing)
+        return method(self, session, message)
+
+    def connection_ended(self, connection: ServerConnection, reason: LucidError) -> None:
+        session: Session | None = connection.session
+        if session is None or self.sessions.pop(session.id, None) is None:
+            return
+        inodes = {handle.inode for handle in session.handles.values()}
+        for handle in list(session.handles.values()):
+            self._close_handle(session, handle)
+        inodes |= self.locks.end_session(session.id)
+        for inode in inodes:
+            self._tell_lock_released(inode)
+
+    def close_all(self, text: str) -> defer.Deferred[Any]:
+        """Close every connection, saying why; fires when all are gone."""
+        return defer.gatherResults(
+            [session.connection.close(text) for session in list(self.sessions.values())], consumeErrors=True
+        )
+
+    # -- rules shared by many answers ----------------------------------------------
+
+    def _require_role(self, session: Session, needed: Role, doing: str) -> None:
+        if not self.store.initialised:
+            raise NotInitialized(f"filespace {self.filespace!r} has not been initialised; run lucid filespace init")
+        if session.role is None:
+            raise AccessDenied("log in first")
+        if session.role < needed:
+            raise AccessDenied(
+                f"user {session.user!r} is {_ROLE_NAMES[session.role]}; {doing or 'this'} needs the"
+                f" {needed.name.lower()} role"
+            )
+
+    def _apply(self, session: Session, record: m.Mutation) -> Applied:
+        applied = self.store.apply(record)
+        self._publish(session, applied.changes)
+        return applied
+
+    def _publish(self, author: Session, changes: Iterable[Change]) -> None:
+        """Tell every other logged-in session what changed."""
+        notes = [w.Notify(change.kind, change.inode, change.parent, change.name) for change in changes]
+        if not notes:
+            return
+        for session in self.sessions.values():
+            if session is not author and session.logged_in:
+                for note in notes:
+                    session.connection.push(note)
+
+    def _tell_lock_released(self, inode: int) -> None:
+        for session_id in self.locks.interested(inode):
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.connection.push(w.Notify(NotifyKind.LOCK_RELEASED, inode, 0, b""))
+
+    def _open_handle(self, session: Session, inode: int, writable: bool) -> Handle:
+        handle = Handle(next(self._handle_ids), inode, writable)
+        session.handles[handle.id] = handle
+        self.store.hold(inode)
+        return handle
+
+    def _close_handle(self, session: Session, handle: Handle) -> None:
+        del session.handles[handle.id]
+        if not session.holds(handle.inode):
+            self.locks.release_inode(session.id, handle.inode)
+        try:
+            self.store.release(handle.inode)
+        except LucidError as error:
+            # The orphan stays; it is reclaimed when the server next starts.
+            _log.warn("could not reclaim inode {inode}: {error}", inode=handle.inode, error=error)
+
+    # -- bootstrap and login -----------------------------------------------------------
+
+    @answers(w.Bootstrap, role=None)
+    def _bootstrap(self, session: Session, message: w.Bootstrap) -> w.Ok:
+        refused = AuthenticationFailed("bootstrap token not valid (already used?)")
+        if self.store.initialised:
+            raise refused
+        self.limiter.check(_BOOTSTRAP_LIMIT_KEY, session.source)
+        if not bootstrap.token_matches(message.token, self.store.bootstrap_token_hash):
+            self.limiter.failed(_BOOTSTRAP_LIMIT_KEY, session.source)
+            raise refused
+        salt, time_cost, memory_kib, parallelism, verifier, wrapped_key = _credentials(message.credentials)
+        self.store.apply(m.Initialise(
+            message.filespace_id, message.chunk_size, message.admin, salt, time_cost, memory_kib, parallelism,
+            verifier, wrapped_key,
+        ))
+        if self.token_path is not None:
+            bootstrap.remove_token(self.token_path)
+        _log.info("filespace {filespace} initialised by {peer} with admin {admin}",
+                  filespace=self.filespace, peer=session.source, admin=message.admin)
+        for other in self.sessions.values():
+            if other is not session:
+                other.connection.push(w.StatusChanged(ServerStatus.SERVING, 0, "the filespace is initialised"))
+        if self.on_status_changed is not None:
+            self.on_status_changed()
+        return w.Ok()
+
+    def _require_initialised(self) -> None:
+        if not self.store.initialised:
+            raise NotInitialized(f"filespace {self.filespace!r} has not been initialised; run lucid filespace init")
+
+    @answers(w.LoginStart, role=None)
+    def _login_start(self, session: Session, message: w.LoginStart) -> w.LoginChallenge:
+        self._require_initialised()
+        user = self.store.user(message.user)
+        if user is not None:
+            return w.LoginChallenge(w.KdfParameters(user.salt, user.time_cost, user.memory_kib, user.parallelism))
+        # Unknown: a stable fake salt and the parameters a real user would likely have.
+        template = self.store.first_user()
+        time_cost, memory_kib, parallelism = (
+            (template.time_cost, template.memory_kib, template.parallelism) if template else DEFAULT_KDF
+        )
+        salt = crypto.fake_kdf_salt(self.store.server_secret, message.user)
+        return w.LoginChallenge(w.KdfParameters(salt, time_cost, memory_kib, parallelism))
+
+    @answers(w.Login, role=None)
+    def _login(self, session: Session, message: w.Login) -> w.LoginOk:
+        self._require_initialised()
+        if session.logged_in:
+            raise InvalidArgument(f"this connection is already logged in as {session.user!r}")
+        self.limiter.check(message.user, session.source)
+        user = self.store.user(message.user)
+        if user is None:
+            crypto.check_login(message.login_secret, _DUMMY_SALT, _DUMMY_VERIFIER)  # the same work either way
+            accepted = False
+        else:
+            accepted = crypto.check_login(message.login_secret, user.salt, user.verifier)
+        if not accepted or user is None:
+            self.limiter.failed(message.user, session.source)
+            _log.info("failed login as {user} from {source}", user=message.user, source=session.source)
+            raise AuthenticationFailed("user name or passphrase not accepted")
+        session.user, session.role = user.name, user.role
+        return w.LoginOk(user.role, user.wrapped_key, self.store.chunk_size, ROOT_INODE, self.store.filespace_id)
+
+    # -- users -------------------------------------------------------------------
+
+    @answers(w.UserAdd, role=Role.ADMIN, doing="adding users")
+    def _user_add(self, session: Session, message: w.UserAdd) -> w.Ok:
+        salt, time_cost, memory_kib, parallelism, verifier, wrapped_key = _credentials(message.credentials)
+        self.store.apply(m.AddUser(message.user, message.role, salt, time_cost, memory_kib, parallelism, verifier,
+                                   wrapped_key))
+        return w.Ok()
+
+    @answers(w.UserRemove, role=Role.ADMIN, doing="removing users")
+    def _user_remove(self, session: Session, message: w.UserRemove) -> w.Ok:
+        self.store.apply(m.RemoveUser(message.user))
+        for other in list(self.sessions.values()):
+            if other.user == message.user:
+                other.user = other.role = None
+                # After this answer has left, so that an admin removing themself still hears it.
+                self.clock.callLater(0, other.connection.close, f"user {message.user!r} was removed")
+        return w.Ok()
+
+    @answers(w.UserPasswd, role=Role.READER)
+    def _user_passwd(self, session: Session, message: w.UserPasswd) -> w.Ok:
+        if message.user != session.user:
+            self._require_role(session, Role.ADMIN, "changing another user's passphrase")
+        salt, time_cost, memory_kib, parallelism, verifier, wrapped_key = _credentials(message.credentials)
+        self.store.apply(m.ChangeCredentials(message.user, salt, time_cost, memory_kib, parallelism, verifier,
+                                             wrapped_key))
+        return w.Ok()
+
+    @answers(w.UserList, role=Role.ADMIN, doing="listing users")
+    def _user_list(self, session: Session, message: w.UserList) -> w.UserListing:
+        return w.UserListing([w.UserInfo(user.name, user.role) for user in self.store.users()])
+
+    # -- reading the tree ------------------------------------------------------------
+
+    @answers(w.Lookup)
+    def _lookup(self, session: Session, message: w.Lookup) -> w.Entry:
+        return w.Entry(self.store.lookup(message.parent, message.name))
+
+    @answers(w.GetAttr)
+    def _getattr(self, session: Session, message: w.GetAttr) -> w.Entry:
+        return w.Entry(self.store.getattr(message.inode))
+
+    @answers(w.ReadDir)
+    def _readdir(self, session: Session, message: w.ReadDir) -> w.DirPage:
+        entries, cursor, done = self.store.readdir(message.inode, message.cursor, message.limit)
+        return w.DirPage([w.DirEntry(name, attributes) for name, attributes in entries], cursor, done)
+
+    @answers(w.ReadLink)
+    def _readlink(self, session: Session, message: w.ReadLink) -> w.LinkTarget:
+        return w.LinkTarget(self.store.readlink(message.inode))
+
+    @answers(w.GetXattr)
+    def _getxattr(self, session: Session, message: w.GetXattr) -> w.XattrValue:
+        return w.XattrValue(self.store.getxattr(message.inode, message.name))
+
+    @answers(w.ListXattr)
+    def _listxattr(self, session: Session, message: w.ListXattr) -> w.XattrNames:
+        return w.XattrNames(self.store.listxattr(message.inode))
+
+    @answers(w.StatFs)
+    def _statfs(self, session: Session, message: w.StatFs) -> w.FsStats:
+        totals = self.store.statfs()
+        return w.FsStats(totals.block_size, totals.total_bytes, totals.used_bytes, totals.total_inodes,
+                         totals.used_inodes)
+
+    @answers(w.ChunkMapRead)
+    def _chunkmap_read(self, session: Session, message: w.ChunkMapRead) -> w.ChunkMap:
+        version, size, chunks = self.store.chunk_map(message.inode, message.first_index, message.count)
+        return w.ChunkMap(message.inode, version, size, [w.ChunkRef(*chunk) for chunk in chunks])
+
+    # -- changing the tree ---------------------------------------------------------------
+
+    @answers(w.SetAttr, role=Role.WRITER, doing="writing")
+    def _setattr(self, session: Session, message: w.SetAttr) -> w.Entry:
+        applied = self._apply(session, m.SetAttributes(
+            message.inode, message.fields, message.mode, message.uid, message.gid, message.size,
+            message.atime_ns, message.mtime_ns,
+        ))
+        return w.Entry(applied.value)
+
+    @answers(w.MkDir, role=Role.WRITER, doing="writing")
+    def _mkdir(self, session: Session, message: w.MkDir) -> w.Entry:
+        applied = self._apply(session, m.MakeDirectory(message.parent, message.name, message.mode, message.uid,
+                                                       message.gid))
+        return w.Entry(applied.value)
+
+    @answers(w.Create, role=Role.WRITER, doing="writing")
+    def _create(self, session: Session, message: w.Create) -> w.Opened:
+        applied = self._apply(session, m.CreateFile(message.parent, message.name, message.mode, message.uid,
+                                                    message.gid, message.exclusive))
+        attributes, _created = applied.value
+        handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
+        return w.Opened(handle.id, attributes)
+
+    @answers(w.Symlink, role=Role.WRITER, doing="writing")
+    def _symlink(self, session: Session, message: w.Symlink) -> w.Entry:
+        applied = self._apply(session, m.MakeSymlink(message.parent, message.name, message.target, message.uid,
+                                                     message.gid))
+        return w.Entry(applied.value)
+
+    @answers(w.Link, role=Role.WRITER, doing="writing")
+    def _link(self, session: Session, message: w.Link) -> w.Entry:
+        applied = self._apply(session, m.MakeLink(message.inode, message.new_parent, message.new_name))
+        return w.Entry(applied.value)
+
+    @answers(w.Unlink, role=Role.WRITER, doing="writing")
+    def _unlink(self, session: Session, message: w.Unlink) -> w.Ok:
+        self._apply(session, m.Unlink(message.parent, message.name))
+        return w.Ok()
+
+    @answers(w.RmDir, role=Role.WRITER, doing="writing")
+    def _rmdir(self, session: Session, message: w.RmDir) -> w.Ok:
+        self._apply(session, m.RemoveDirectory(message.parent, message.name))
+        return w.Ok()
+
+    @answers(w.Rename, role=Role.WRITER, doing="writing")
+    def _rename(self, session: Session, message: w.Rename) -> w.Ok:
+        self._apply(session, m.Rename(message.old_parent, message.old_name, message.new_parent, message.new_name,
+                                      message.flags))
+        return w.Ok()
+
+    @answers(w.SetXattr, role=Role.WRITER, doing="writing")
+    def _setxattr(self, session: Session, message: w.SetXattr) -> w.Ok:
+        self._apply(session, m.SetXattr(message.inode, message.name, message.value, message.flags))
+        return w.Ok()
+
+    @answers(w.RemoveXattr, role=Role.WRITER, doing="writing")
+    def _removexattr(self, session: Session, message: w.RemoveXattr) -> w.Ok:
+        self._apply(session, m.RemoveXattr(message.inode, message.name))
+        return w.Ok()
+
+    # -- open files and chunk maps -------------------------------------------------------
+
+    @answers(w.Open)
+    def _open(self, session: Session, message: w.Open) -> w.Opened:
+        attributes = self.store.getattr(message.inode)
+        writable = is_writable(message.flags)
+        if attributes.nlink == 0:
+            raise NotFound(f"inode {message.inode} has been removed")
+        if attributes.kind == FileKind.SYMLINK:
+            raise InvalidArgument(f"inode {message.inode} is a symbolic link; open its target")
+        if writable:
+            if attributes.kind == FileKind.DIRECTORY:
+                raise IsADirectory(f"inode {message.inode} is a directory")
+            self._require_role(session, Role.WRITER, "opening a file for writing")
+        handle = self._open_handle(session, message.inode, writable)
+        return w.Opened(handle.id, attributes)
+
+    @answers(w.Release)
+    def _release(self, session: Session, message: w.Release) -> w.Ok:
+        handle = session.handle(message.handle)
+        self._close_handle(session, handle)
+        self._tell_lock_released(handle.inode)
+        return w.Ok()
+
+    @answers(w.ChunkMapCommit, role=Role.WRITER, doing="writing")
+    def _chunkmap_commit(self, session: Session, message: w.ChunkMapCommit) -> w.ChunkMapCommitted:
+        session.handle(message.handle, message.inode, writing=True)
+        applied = self._apply(session, m.CommitChunks(
+            message.inode, message.expected_version, message.size,
+            tuple((chunk.index, chunk.object_id, chunk.length) for chunk in message.chunks),
+            message.mtime_ns,
+        ))
+        return w.ChunkMapCommitted(applied.value.version, applied.value)
+
+    # -- locks -------------------------------------------------------------------------
+
+    @answers(w.Lock)
+    def _lock(self, session: Session, message: w.Lock) -> Any:
+        if message.lock_type == LockType.WRITE:
+            self._require_role(session, Role.WRITER, "an exclusive lock")
+        self.store.getattr(message.inode)
+        granted = self.locks.lock(
+            (session.id, message.owner), message.inode, message.kind, message.lock_type, message.start,
+            message.end, message.wait,
+        )
+        if granted is None:
+            if message.lock_type != LockType.WRITE:  # an unlock or a downgrade may free others
+                self._tell_lock_released(message.inode)
+            return w.Ok()
+        return granted.addCallback(lambda _: w.Ok())
+
+    @answers(w.LockTest)
+    def _lock_test(self, session: Session, message: w.LockTest) -> w.LockState:
+        self.store.getattr(message.inode)
+        lock = self.locks.test(
+            (session.id, message.owner), message.inode, message.kind, message.lock_type, message.start, message.end
+        )
+        if lock is None:
+            return w.LockState(LockType.UNLOCK, 0, 0, 0)
+        return w.LockState(lock.lock_type, lock.start, lock.end, lock.owner[1])
+
+
+def _credentials(credentials: w.Credentials) -> tuple[bytes, int, int, int, bytes, bytes]:
+    """What the store keeps of credentials: KDF parameters, a verifier of the login secret, the wrapped key."""
+    kdf = crypto.KdfParameters(  # checks the salt's length and the parameters' ranges
+        credentials.kdf.salt, credentials.kdf.time_cost, credentials.kdf.memory_kib, credentials.kdf.parallelism
+    )
+    if len(credentials.login_secret) < 16 or not credentials.wrapped_key:
+        raise InvalidArgument("credentials need a login secret of at least 16 bytes and a wrapped key")
+    verifier = crypto.login_verifier(credentials.login_secret, kdf.salt)
+    return kdf.salt, kdf.time_cost, kdf.memory_kib, kdf.parallelism, verifier, credentials.wrapped_key
+
+
+def _source(connection: ServerConnection) -> str:
+    """The peer's address without its port: what login limits are counted by."""
+    try:
+        address = connection.transport.getPeer()  # type: ignore[union-attr]
+    except Exception:
+        return "unknown"
+    return str(getattr(address, "host", address))
