@@ -87,6 +87,8 @@ _INODE = struct.Struct(">Q")
 _ATTRIBUTE_VERSION = 1
 _NONCE_SIZE = 12
 _ATTRIBUTE_OVERHEAD = 1 + _NONCE_SIZE + _TAG_SIZE
+SEALED_TARGET_OVERHEAD = _ATTRIBUTE_OVERHEAD
+"""How many bytes longer a sealed symlink target (or xattr value) is than the plaintext."""
 _WRAP_VERSION = 1
 _WRAPPED_KEY_SIZE = 1 + _NONCE_SIZE + MASTER_KEY_SIZE + _TAG_SIZE
 

@@ -66,7 +66,7 @@ class StoreTestCase(SynchronousTestCase):
     def create(self, parent: int, name: bytes, mode: int = 0o644) -> int:
         return self.store.apply(m.CreateFile(parent, name, mode, 1000, 1000, True)).value[0].inode
 
-    def write(self, inode: int, size: int, chunks: list[tuple[int, bytes, int]], expected: int = 0) -> Any:
+    def write(self, inode: int, size: int, chunks: list[tuple[int, bytes, int, int]], expected: int = 0) -> Any:
         return self.store.apply(m.CommitChunks(inode, expected, size, tuple(chunks))).value
 
     def names(self, directory: int) -> list[bytes]:

@@ -103,7 +103,12 @@ class Workload:
         elif operation == 10:
             inode = self.pick(files, a)
             chunks = tuple(
-                (index, b"" if (b >> index) & 1 else f"obj-{c}-{d}-{index}".encode(), (c + index) % (CHUNK_SIZE + 1))
+                (
+                    index,
+                    b"" if (b >> index) & 1 else f"obj-{c}-{d}-{index}".encode(),
+                    (c + index) % (CHUNK_SIZE + 1),
+                    max((c + index) % (CHUNK_SIZE + 1), (c * 3 + index) % (CHUNK_SIZE + 1)),
+                )
                 for index in range(d % 4)
             )
             expected = 0 if b & 0x10 else c % 4

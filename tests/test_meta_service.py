@@ -461,13 +461,13 @@ class OpenFileTests(InitialisedTestCase):
         wendy = self.logged_in("wendy")
         opened = wendy.answer(Create(ROOT_INODE, b"movie", 0o644, 0, 0, True, O_RDWR))
         inode = opened.attributes.inode
-        committed = wendy.answer(ChunkMapCommit(inode, opened.handle, 1, 100, [ChunkRef(0, b"obj", 100)], 0))
+        committed = wendy.answer(ChunkMapCommit(inode, opened.handle, 1, 100, [ChunkRef(0, b"obj", 100, 100)], 0))
         self.assertIsInstance(committed, ChunkMapCommitted)
         self.admin.answer(Unlink(ROOT_INODE, b"movie"))
         self.admin.refused(Lookup(ROOT_INODE, b"movie"), errors.NotFound)
         self.assertEqual(wendy.answer(GetAttr(inode)).attributes.nlink, 0)
         chunk_map = wendy.answer(ChunkMapRead(inode, 0, 10))
-        self.assertEqual((chunk_map.size, chunk_map.chunks), (100, [ChunkRef(0, b"obj", 100)]))
+        self.assertEqual((chunk_map.size, chunk_map.chunks), (100, [ChunkRef(0, b"obj", 100, 100)]))
         wendy.answer(Release(opened.handle))
         wendy.refused(GetAttr(inode), errors.NotFound)
         self.assertEqual(self.store.garbage(), [b"obj"])
@@ -503,8 +503,8 @@ class OpenFileTests(InitialisedTestCase):
         inode = opened.attributes.inode
         other = self.logged_in("wendy")
         handle = other.answer(Open(inode, O_RDWR)).handle
-        wendy.answer(ChunkMapCommit(inode, opened.handle, 1, 10, [ChunkRef(0, b"mine", 10)], 0))
-        other.refused(ChunkMapCommit(inode, handle, 1, 10, [ChunkRef(0, b"theirs", 10)], 0), errors.Conflict)
+        wendy.answer(ChunkMapCommit(inode, opened.handle, 1, 10, [ChunkRef(0, b"mine", 10, 10)], 0))
+        other.refused(ChunkMapCommit(inode, handle, 1, 10, [ChunkRef(0, b"theirs", 10, 10)], 0), errors.Conflict)
 
     def test_open_kinds(self) -> None:
         """Directories open read-only; symbolic links do not open; removed inodes are NotFound."""

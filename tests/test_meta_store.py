@@ -170,7 +170,7 @@ class RemovalTests(StoreTestCase):
     def test_unlink_file(self) -> None:
         """Unlinking a file's only link removes it, and its chunks become garbage."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 10, [(0, b"object-a", 10)])
+        self.write(inode, 10, [(0, b"object-a", 10, 10)])
         self.store.apply(m.Unlink(ROOT_INODE, b"f"))
         self.assertRaises(errors.NotFound, self.store.getattr, inode)
         self.assertEqual(self.store.garbage(), [b"object-a"])
@@ -233,7 +233,7 @@ class RenameTests(StoreTestCase):
         """Renaming onto a file replaces it; the replaced file is reclaimed."""
         a = self.create(ROOT_INODE, b"a")
         b = self.create(ROOT_INODE, b"b")
-        self.write(b, 5, [(0, b"old", 5)])
+        self.write(b, 5, [(0, b"old", 5, 5)])
         self.rename(ROOT_INODE, b"a", ROOT_INODE, b"b")
         self.assertEqual(self.names(ROOT_INODE), [b"b"])
         self.assertEqual(self.store.lookup(ROOT_INODE, b"b").inode, a)
@@ -402,30 +402,42 @@ class AttributeTests(StoreTestCase):
         self.assertEqual((attributes.mtime_ns, attributes.ctime_ns), (now, now))
 
     def test_truncate(self) -> None:
-        """Truncation drops chunks wholly beyond the size and shortens the last; version grows."""
+        """Truncation drops chunks wholly beyond the size and shortens the last; version grows.
+
+        Only the logical length shrinks: the object, and its length, stay.
+        """
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 3 * CHUNK_SIZE, [(0, b"c0", CHUNK_SIZE), (1, b"c1", CHUNK_SIZE), (2, b"c2", CHUNK_SIZE)])
+        self.write(inode, 3 * CHUNK_SIZE, [(0, b"c0", CHUNK_SIZE, CHUNK_SIZE), (1, b"c1", CHUNK_SIZE, CHUNK_SIZE), (2, b"c2", CHUNK_SIZE, CHUNK_SIZE)])
         version = self.store.getattr(inode).version
         attributes = self.setattr(inode, SetAttrField.SIZE, size=CHUNK_SIZE + 10)
         self.assertEqual((attributes.size, attributes.version), (CHUNK_SIZE + 10, version + 1))
         _, _, chunks = self.store.chunk_map(inode)
-        self.assertEqual(chunks, [(0, b"c0", CHUNK_SIZE), (1, b"c1", 10)])
+        self.assertEqual(chunks, [(0, b"c0", CHUNK_SIZE, CHUNK_SIZE), (1, b"c1", 10, CHUNK_SIZE)])
         self.assertEqual(self.store.garbage(), [b"c2"])
 
     def test_truncate_on_boundary(self) -> None:
         """Truncating to a chunk boundary keeps the chunks before it whole."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 2 * CHUNK_SIZE, [(0, b"c0", CHUNK_SIZE), (1, b"c1", CHUNK_SIZE)])
+        self.write(inode, 2 * CHUNK_SIZE, [(0, b"c0", CHUNK_SIZE, CHUNK_SIZE), (1, b"c1", CHUNK_SIZE, CHUNK_SIZE)])
         self.setattr(inode, SetAttrField.SIZE, size=CHUNK_SIZE)
-        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"c0", CHUNK_SIZE)])
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"c0", CHUNK_SIZE, CHUNK_SIZE)])
+
+    def test_truncate_then_extend(self) -> None:
+        """Extending a truncated file does not bring the cut bytes back: the length stays short."""
+        inode = self.create(ROOT_INODE, b"f")
+        self.write(inode, CHUNK_SIZE, [(0, b"c0", CHUNK_SIZE, CHUNK_SIZE)])
+        self.setattr(inode, SetAttrField.SIZE, size=10)
+        self.setattr(inode, SetAttrField.SIZE, size=2 * CHUNK_SIZE)
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"c0", 10, CHUNK_SIZE)])
+        self.assertEqual(self.store.dump()["inodes"][inode]["chunks"], {0: (b"c0", 10, CHUNK_SIZE)})
 
     def test_extend(self) -> None:
         """Extending keeps the chunks; the new range is a hole."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 10, [(0, b"c0", 10)])
+        self.write(inode, 10, [(0, b"c0", 10, 10)])
         attributes = self.setattr(inode, SetAttrField.SIZE, size=5 * CHUNK_SIZE)
         self.assertEqual(attributes.size, 5 * CHUNK_SIZE)
-        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"c0", 10)])
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"c0", 10, 10)])
 
     def test_size_of_directory(self) -> None:
         """A size change of a directory is IsADirectory; of a symlink, InvalidArgument."""
@@ -490,48 +502,51 @@ class ChunkMapTests(StoreTestCase):
         """A commit sets size, mtime and chunks and bumps the version."""
         inode = self.create(ROOT_INODE, b"f")
         attributes = self.store.apply(m.CommitChunks(
-            inode, 1, 2 * CHUNK_SIZE + 5, ((0, b"a", CHUNK_SIZE), (2, b"c", 5)), mtime_ns=42,
+            inode, 1, 2 * CHUNK_SIZE + 5, ((0, b"a", CHUNK_SIZE, CHUNK_SIZE), (2, b"c", 5, 5)), mtime_ns=42,
         )).value
         self.assertEqual((attributes.size, attributes.version, attributes.mtime_ns), (2 * CHUNK_SIZE + 5, 2, 42))
         version, size, chunks = self.store.chunk_map(inode, 1, 5)
-        self.assertEqual((version, size, chunks), (2, 2 * CHUNK_SIZE + 5, [(2, b"c", 5)]))
+        self.assertEqual((version, size, chunks), (2, 2 * CHUNK_SIZE + 5, [(2, b"c", 5, 5)]))
 
     def test_conflict(self) -> None:
         """A commit against a version that moved on is a Conflict; 0 skips the check."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 1, [(0, b"a", 1)], expected=1)
-        self.assertRaises(errors.Conflict, self.write, inode, 1, [(0, b"b", 1)], 1)
-        self.write(inode, 1, [(0, b"b", 1)], expected=0)
-        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"b", 1)])
+        self.write(inode, 1, [(0, b"a", 1, 1)], expected=1)
+        self.assertRaises(errors.Conflict, self.write, inode, 1, [(0, b"b", 1, 1)], 1)
+        self.write(inode, 1, [(0, b"b", 1, 1)], expected=0)
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"b", 1, 1)])
 
     def test_replaced_objects_are_garbage(self) -> None:
         """An object no chunk map references any more is recorded as garbage."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 10, [(0, b"old", 10)])
-        self.write(inode, 10, [(0, b"new", 10)])
+        self.write(inode, 10, [(0, b"old", 10, 10)])
+        self.write(inode, 10, [(0, b"new", 10, 10)])
         self.assertEqual(self.store.garbage(), [b"old"])
 
     def test_hole(self) -> None:
         """An empty object id removes the entry, leaving a hole."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 2 * CHUNK_SIZE, [(0, b"a", CHUNK_SIZE), (1, b"b", CHUNK_SIZE)])
-        self.write(inode, 2 * CHUNK_SIZE, [(0, b"", 0)])
-        self.assertEqual(self.store.chunk_map(inode)[2], [(1, b"b", CHUNK_SIZE)])
+        self.write(inode, 2 * CHUNK_SIZE, [(0, b"a", CHUNK_SIZE, CHUNK_SIZE), (1, b"b", CHUNK_SIZE, CHUNK_SIZE)])
+        self.write(inode, 2 * CHUNK_SIZE, [(0, b"", 0, 0)])
+        self.assertEqual(self.store.chunk_map(inode)[2], [(1, b"b", CHUNK_SIZE, CHUNK_SIZE)])
         self.assertEqual(self.store.garbage(), [b"a"])
 
     def test_commit_trims_to_size(self) -> None:
         """A commit that shrinks the size drops and shortens chunks as a truncation does."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 2 * CHUNK_SIZE, [(0, b"a", CHUNK_SIZE), (1, b"b", CHUNK_SIZE)])
+        self.write(inode, 2 * CHUNK_SIZE, [(0, b"a", CHUNK_SIZE, CHUNK_SIZE), (1, b"b", CHUNK_SIZE, CHUNK_SIZE)])
         self.write(inode, 7, [])
-        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"a", 7)])
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"a", 7, CHUNK_SIZE)])
 
     def test_bad_chunks(self) -> None:
-        """Chunks longer than the chunk size, repeated, or with long ids are InvalidArgument."""
+        """Chunks longer than their object or the chunk size, repeated, or with long ids are InvalidArgument."""
         inode = self.create(ROOT_INODE, b"f")
-        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", CHUNK_SIZE + 1)])
-        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", 1), (0, b"b", 1)])
-        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a" * 65, 1)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", CHUNK_SIZE + 1, CHUNK_SIZE + 1)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", 5, CHUNK_SIZE + 1)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", 6, 5)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", -1, 5)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a", 1, 1), (0, b"b", 1, 1)])
+        self.assertRaises(errors.InvalidArgument, self.write, inode, 10, [(0, b"a" * 65, 1, 1)])
 
     def test_directories_have_no_chunks(self) -> None:
         """A directory's chunk map is IsADirectory."""
@@ -545,13 +560,13 @@ class OrphanTests(StoreTestCase):
     def test_open_file_outlives_unlink(self) -> None:
         """An unlinked file that is held stays readable and writable until released."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 10, [(0, b"a", 10)])
+        self.write(inode, 10, [(0, b"a", 10, 10)])
         self.store.hold(inode)
         applied = self.store.apply(m.Unlink(ROOT_INODE, b"f"))
         self.assertEqual(applied.record.kept, (inode,))
         self.assertEqual(self.store.getattr(inode).nlink, 0)
-        self.write(inode, CHUNK_SIZE + 10, [(1, b"b", 10)])
-        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"a", 10), (1, b"b", 10)])
+        self.write(inode, CHUNK_SIZE + 10, [(1, b"b", 10, 10)])
+        self.assertEqual(self.store.chunk_map(inode)[2], [(0, b"a", 10, 10), (1, b"b", 10, 10)])
         self.assertEqual(self.store.garbage(), [])
         self.assertIsNotNone(self.store.release(inode))
         self.assertRaises(errors.NotFound, self.store.getattr, inode)
@@ -579,7 +594,7 @@ class OrphanTests(StoreTestCase):
     def test_orphans_reclaimed_at_start(self) -> None:
         """Holds do not survive a restart: orphans go when the store is next opened and swept."""
         inode = self.create(ROOT_INODE, b"f")
-        self.write(inode, 10, [(0, b"a", 10)])
+        self.write(inode, 10, [(0, b"a", 10, 10)])
         self.store.hold(inode)
         self.store.apply(m.Unlink(ROOT_INODE, b"f"))
         self.store.close()
@@ -735,7 +750,7 @@ class FullDiskTests(StoreTestCase):
 
     def busy_tree(self) -> None:
         inode = self.create(ROOT_INODE, b"victim")
-        self.write(inode, 2 * CHUNK_SIZE, [(0, b"v0", CHUNK_SIZE), (1, b"v1", CHUNK_SIZE)])
+        self.write(inode, 2 * CHUNK_SIZE, [(0, b"v0", CHUNK_SIZE, CHUNK_SIZE), (1, b"v1", CHUNK_SIZE, CHUNK_SIZE)])
         self.store.apply(m.SetXattr(inode, b"x", b"y"))
         self.create(ROOT_INODE, b"source")
 
@@ -788,7 +803,7 @@ class RecordTests(StoreTestCase):
     def test_encode_round_trip(self) -> None:
         """Every kind of record comes back equal from its bytes."""
         records = [
-            m.CommitChunks(5, 2, 100, ((0, b"\x00\xff", 100), (1, b"", 0)), 7, 8),
+            m.CommitChunks(5, 2, 100, ((0, b"\x00\xff", 100, 100), (1, b"", 0, 0)), 7, 8),
             m.Unlink(1, b"name", (4, 5), 9),
             m.Initialise(b"id", 4096, "admin", b"s", 1, 2, 3, b"v", b"k", b"secret", 10),
         ]

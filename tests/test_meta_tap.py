@@ -280,7 +280,7 @@ class LoopbackServerTests(TestCase):
         made = yield connection.request(MkDir(ok.root_inode, b"sealed-dir", 0o755, 0, 0))
         opened = yield connection.request(Create(made.attributes.inode, b"sealed-file", 0o644, 0, 0, True, 2))
         inode = opened.attributes.inode
-        yield connection.request(ChunkMapCommit(inode, opened.handle, 1, 5, [ChunkRef(0, b"object", 5)], 0))
+        yield connection.request(ChunkMapCommit(inode, opened.handle, 1, 5, [ChunkRef(0, b"object", 5, 5)], 0))
         yield connection.request(Release(opened.handle))
         found = yield connection.request(Lookup(made.attributes.inode, b"sealed-file"))
         self.assertEqual((found.attributes.inode, found.attributes.size), (inode, 5))

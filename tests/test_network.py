@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -66,6 +66,20 @@ class Raw(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(self.payload)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.ended.callback(None)
+
+
+class Mute(Protocol):
+    """Accepts a connection and never answers: a server too busy to finish a handshake."""
+
+    def __init__(self, made: defer.Deferred[None], ended: defer.Deferred[None]) -> None:
+        self.made = made
+        self.ended = ended
+
+    def connectionMade(self) -> None:
+        self.made.callback(None)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.ended.callback(None)
@@ -179,6 +193,27 @@ class LoopbackTLSTests(TestCase):
         with self.assertRaises(errors.Unavailable) as caught:
             yield self.connect(address=address)
         self.assertIn(address, str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_cancel_during_handshake_closes_the_connection(self) -> Any:
+        """Giving up on a connection whose handshake has not finished closes it.
+
+        A client that times out an attempt must not leave the connection
+        open: it would keep costing both ends, and hold one of the server's
+        connection slots, until the server's own handshake timeout.
+        """
+        made: defer.Deferred[None] = defer.Deferred()
+        ended: defer.Deferred[None] = defer.Deferred()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: Mute(made, ended))
+        )
+        self.addCleanup(port.stopListening)
+        attempt = connect_tls(reactor, f"tcp:127.0.0.1:{port.getHost().port}", self.ca_dir / "ca.pem", SERVER_NAME)
+        attempt.addErrback(lambda failure: None)
+        yield made
+        yield _later(0.05, None)  # the ClientHello is out, the answer never comes
+        attempt.cancel()
+        yield ended.addTimeout(2.0, reactor)  # fails with TimeoutError if the connection stays open
 
     @defer.inlineCallbacks
     def _misbehave_while_another_works(self, payload: bytes, tls: bool) -> Any:

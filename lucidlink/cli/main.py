@@ -15,7 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lucidlink.cli.admin import add_admin_commands
+from lucidlink.cli.demo import add_demo_command
 from lucidlink.cli.discovery import add_discovery_commands
+from lucidlink.cli.files import add_file_commands
 from lucidlink.cli.tls import add_tls_commands
 from lucidlink.errors import LucidError
 
@@ -33,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the client config file (default: $LUCID_CONFIG, else ~/.config/lucid/client.ini)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_file_commands(commands)
+    add_admin_commands(commands)
     add_tls_commands(commands)
     add_discovery_commands(commands)
+    add_demo_command(commands)
     return parser
 
 

@@ -1,6 +1,6 @@
 """
-The client: finding a filespace's metadata server, connecting, and (later) the
-filesystem core that ``lucid`` and ``lucid-mount`` share.
+The client: finding a filespace's metadata server, connecting, logging in,
+and the filesystem core that ``lucid`` and ``lucid-mount`` share.
 
 - :mod:`~lucidlink.client.config` — client settings (``client.ini``,
   environment, command line).
@@ -10,4 +10,10 @@ filesystem core that ``lucid`` and ``lucid-mount`` share.
   filespace, kept on disk across restarts.
 - :mod:`~lucidlink.client.resolver` — asking the discovery instances, and
   connecting to a filespace's metadata server with the cache first.
+- :mod:`~lucidlink.client.session` — a logged-in session that retries and
+  reconnects; initialising a filespace; users and key export.
+- :mod:`~lucidlink.client.filespace` — files and directories by path and by
+  inode, file handles with chunk math, buffered writes and rebasing commits.
+- :mod:`~lucidlink.client.interface` — :class:`IFilespaceInodes`, what a
+  FUSE layer sees.
 """

@@ -26,7 +26,11 @@ setting (in the file)  environment                 default
 ``state_dir``          ``LUCID_STATE_DIR``         ``~/.local/state/lucid`` (``$XDG_STATE_HOME/lucid``)
 ``cache_dir``          ``LUCID_CACHE_DIR``         ``~/.cache/lucid`` (``$XDG_CACHE_HOME/lucid``)
 ``passphrase_file``    ``LUCID_PASSPHRASE_FILE``   none
+``store``              ``LUCID_STORE``             none: commands that read or write data need it
 =====================  ==========================  ==================================
+
+``store`` is the object store URL where chunks live (``file:///srv/lucid``);
+each client may reach it with its own credentials.
 
 ``discovery`` is one or more endpoint strings (``tcp:discovery1.example:7000``):
 in the file one per line (or separated by commas), in the environment
@@ -68,6 +72,16 @@ class ClientConfig:
     state_dir: Path
     cache_dir: Path
     passphrase_file: Path | None
+    store: str | None = None
+
+    def require_store(self) -> str:
+        """The object store URL; raise if it is not configured anywhere."""
+        if not self.store:
+            raise InvalidArgument(
+                "no object store is configured: give --store URL, set LUCID_STORE,"
+                f" or add 'store = file:///...' to [{SECTION}] in {self._file_hint()}"
+            )
+        return self.store
 
     def require_discovery(self) -> tuple[str, ...]:
         """The discovery endpoints; raise if none are configured anywhere."""
@@ -125,6 +139,7 @@ SETTINGS = (
     _Setting("state_dir", _path),
     _Setting("cache_dir", _path),
     _Setting("passphrase_file", _path),
+    _Setting("store", _text),
 )
 
 
@@ -176,6 +191,7 @@ def load_config(
         state_dir=values["state_dir"] or _xdg(environ, "XDG_STATE_HOME", home / ".local" / "state") / "lucid",
         cache_dir=values["cache_dir"] or _xdg(environ, "XDG_CACHE_HOME", home / ".cache") / "lucid",
         passphrase_file=values["passphrase_file"],
+        store=values["store"] or None,
     )
 
 

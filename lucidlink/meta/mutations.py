@@ -244,15 +244,16 @@ class RemoveXattr(Mutation):
 class CommitChunks(Mutation):
     """Replace chunk map entries and set the size, if the map is at ``expected_version``.
 
-    ``chunks`` holds ``(index, object_id, length)``; an empty ``object_id``
-    removes the entry.  ``expected_version`` 0 skips the check.  ``mtime_ns``
+    ``chunks`` holds ``(index, object_id, length, object_length)``: ``length``
+    plaintext bytes of the object belong to the file, and the object holds
+    ``object_length``; an empty ``object_id`` removes the entry.  ``expected_version`` 0 skips the check.  ``mtime_ns``
     0 means the store's time.
     """
 
     inode: int
     expected_version: int
     size: int
-    chunks: tuple[tuple[int, bytes, int], ...]
+    chunks: tuple[tuple[int, bytes, int, int], ...]
     mtime_ns: int = 0
     time_ns: int | None = None
 

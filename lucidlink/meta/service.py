@@ -425,7 +425,7 @@ class MetadataResponder:
         session.handle(message.handle, message.inode, writing=True)
         applied = self._apply(session, m.CommitChunks(
             message.inode, message.expected_version, message.size,
-            tuple((chunk.index, chunk.object_id, chunk.length) for chunk in message.chunks),
+            tuple((chunk.index, chunk.object_id, chunk.length, chunk.object_length) for chunk in message.chunks),
             message.mtime_ns,
         ))
         return w.ChunkMapCommitted(applied.value.version, applied.value)

@@ -65,7 +65,7 @@ from lucidlink.protocol.messages import (
 )
 
 ROOT_INODE = 1
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MAX_NAME_LENGTH = 1024
 """Longest sealed entry name, in bytes."""
@@ -117,6 +117,7 @@ CREATE TABLE chunks (
     idx INTEGER NOT NULL,
     object_id BLOB NOT NULL,
     length INTEGER NOT NULL,
+    object_length INTEGER NOT NULL,
     PRIMARY KEY (inode, idx)
 ) WITHOUT ROWID;
 CREATE INDEX chunks_by_object ON chunks(object_id);
@@ -483,17 +484,18 @@ class MetadataStore:
         )]
 
     def chunk_map(self, inode: int, first_index: int = 0, count: int = MAX_CHUNKMAP_COUNT) -> tuple[
-        int, int, list[tuple[int, bytes, int]]
+        int, int, list[tuple[int, bytes, int, int]]
     ]:
-        """(version, size, [(index, object_id, length)]) for chunks in the window."""
+        """(version, size, [(index, object_id, length, object_length)]) for chunks in the window."""
         row = self._inode_row(self._db, inode)
         _require_file(row)
         count = MAX_CHUNKMAP_COUNT if count <= 0 else min(count, MAX_CHUNKMAP_COUNT)
         last = min(first_index + count - 1, MAX_FILE_SIZE)
         chunks = [
-            (index, bytes(object_id), length)
-            for index, object_id, length in self._db.execute(
-                "SELECT idx, object_id, length FROM chunks WHERE inode = ? AND idx BETWEEN ? AND ? ORDER BY idx",
+            (index, bytes(object_id), length, object_length)
+            for index, object_id, length, object_length in self._db.execute(
+                "SELECT idx, object_id, length, object_length FROM chunks"
+                " WHERE inode = ? AND idx BETWEEN ? AND ? ORDER BY idx",
                 (inode, min(first_index, MAX_FILE_SIZE), last),
             )
         ]
@@ -530,8 +532,9 @@ class MetadataStore:
         """Everything the database holds, as plain values, for comparison and verification.
 
         ``inodes`` maps each inode id to its attributes, symlink target,
-        entries (if a directory), chunk map and xattrs; ``users``,
-        ``settings`` and ``garbage`` follow.
+        entries (if a directory), chunk map (``{index: (object_id, length,
+        object_length)}``) and xattrs; ``users``, ``settings`` and ``garbage``
+        follow.
         """
         db = self._db
         inodes: dict[int, dict[str, Any]] = {}
@@ -547,11 +550,11 @@ class MetadataStore:
             }
         for parent, name, inode in db.execute("SELECT parent, name, inode FROM entries ORDER BY parent, name"):
             inodes.setdefault(parent, {"missing": True, "entries": {}})["entries"][bytes(name)] = inode
-        for inode, index, object_id, length in db.execute(
-            "SELECT inode, idx, object_id, length FROM chunks ORDER BY inode, idx"
+        for inode, index, object_id, length, object_length in db.execute(
+            "SELECT inode, idx, object_id, length, object_length FROM chunks ORDER BY inode, idx"
         ):
             inodes.setdefault(inode, {"missing": True, "chunks": {}}).setdefault("chunks", {})[index] = (
-                bytes(object_id), length
+                bytes(object_id), length, object_length
             )
         for inode, name, value in db.execute("SELECT inode, name, value FROM xattrs ORDER BY inode, name"):
             inodes.setdefault(inode, {"missing": True, "xattrs": {}}).setdefault("xattrs", {})[bytes(name)] = bytes(value)
@@ -677,7 +680,8 @@ class MetadataStore:
         raise InternalError(f"the tree has a cycle through inode {inode}")
 
     def _trim_chunks(self, tx: _Transaction, inode: int, size: int) -> None:
-        """Drop chunks wholly beyond ``size``; shorten the one it ends in."""
+        """Drop chunks wholly beyond ``size``; shorten the one it ends in (its ``length`` only:
+        the object, and so its ``object_length``, stays as it is)."""
         chunk_size = int(self._setting(tx.cursor, "chunk_size"))
         first_beyond = -(-size // chunk_size)  # chunks from here start at or after size
         for (object_id,) in tx.execute(
@@ -994,7 +998,7 @@ class MetadataStore:
             raise FileTooLarge(f"a file holds at most {MAX_FILE_SIZE} bytes")
         chunk_size = int(self._setting(tx.cursor, "chunk_size"))
         seen: set[int] = set()
-        for index, object_id, length in record.chunks:
+        for index, object_id, length, object_length in record.chunks:
             if index in seen:
                 raise InvalidArgument(f"chunk {index} appears twice in one commit")
             seen.add(index)
@@ -1002,16 +1006,20 @@ class MetadataStore:
                 raise FileTooLarge(f"chunk {index} lies beyond the largest file size")
             if len(object_id) > MAX_OBJECT_ID_LENGTH:
                 raise InvalidArgument(f"an object id holds at most {MAX_OBJECT_ID_LENGTH} bytes")
-            if not 0 <= length <= chunk_size:
-                raise InvalidArgument(f"chunk {index} has length {length}; chunks hold at most {chunk_size} bytes")
-        for index, object_id, length in record.chunks:
+            if not 0 <= length <= object_length <= chunk_size:
+                raise InvalidArgument(
+                    f"chunk {index} has length {length} of an object of {object_length} bytes;"
+                    f" 0 <= length <= object length <= the chunk size ({chunk_size}) must hold"
+                )
+        for index, object_id, length, object_length in record.chunks:
             old = tx.one("SELECT object_id FROM chunks WHERE inode = ? AND idx = ?", (record.inode, index))
             if old is not None:
                 tx.garbage_candidates.add(bytes(old[0]))
             if object_id:
                 tx.execute(
-                    "INSERT OR REPLACE INTO chunks (inode, idx, object_id, length) VALUES (?, ?, ?, ?)",
-                    (record.inode, index, object_id, length),
+                    "INSERT OR REPLACE INTO chunks (inode, idx, object_id, length, object_length)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (record.inode, index, object_id, length, object_length),
                 )
                 tx.execute("DELETE FROM garbage WHERE object_id = ?", (object_id,))
             else:

@@ -276,11 +276,17 @@ class DirEntry:
 
 @dataclass(slots=True)
 class ChunkRef:
-    """Where chunk ``index`` of a file lives in the object store."""
+    """Where chunk ``index`` of a file lives in the object store.
+
+    ``length`` is how many of the object's plaintext bytes belong to the file
+    (a truncation shortens it); ``object_length`` is how many plaintext bytes
+    the object holds, which opening it needs (``length <= object_length``).
+    """
 
     index: int = wire(U64)
     object_id: bytes = wire(ShortBytes)
     length: int = wire(U32)
+    object_length: int = wire(U32)
 
 
 @dataclass(slots=True)

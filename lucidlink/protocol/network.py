@@ -70,6 +70,12 @@ def connect_tls(
         raise Unavailable(f"cannot connect to {description}: {_describe(error)}") from None
     try:
         yield connection.ready
+    except defer.CancelledError:
+        # The caller gave up (a timeout) before the handshake finished: close
+        # the connection, or it lingers, costing both ends until the server
+        # times it out.
+        connection.transport.abortConnection()
+        raise
     except LucidError:
         raise
     except Exception as error:

@@ -1,0 +1,302 @@
+"""
+``lucid demo [DIR] [--store URL]``: the whole system on one machine.
+
+It lays out ``DIR`` (made on first use, reused after)::
+
+    DIR/ca/             a private CA (ca.pem, ca.key)
+    DIR/discovery/      discovery's certificate, secret, config and log
+    DIR/meta/demo/      the metadata server's data folder, twistd.pid, log
+    DIR/meta/meta.ini   its config (certificate demo.meta.lucid)
+    DIR/objects/        the local object store (unless --store names another)
+    DIR/client.ini      the client config, naming DIR/passphrase (mode 0600)
+
+starts ``twistd lucid-discovery`` and ``twistd lucid-meta --filespace demo``
+on loopback (restarting either if it dies, as the systemd units in ``etc/``
+do), initialises filespace ``demo`` with user ``demo`` the first time, puts
+a few sample files, lists and reads them back, prints how to use the
+filespace from another shell and a line ``ready``, and runs until Ctrl-C,
+which stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+from lucidlink.errors import LucidError
+from lucidlink.supervise import SupervisedProcess
+from lucidlink.tls import init_ca, issue_certificate
+
+FILESPACE = "demo"
+USER = "demo"
+DISCOVERY_IDENTITY = "discovery.lucid"
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+SAMPLES = {
+    "/README.txt": b"Welcome to the lucidlink demo filespace.\n"
+                   b"Names and contents are sealed on the client; the servers see neither.\n",
+    "/media/clip.bin": bytes(range(256)) * 4096,
+    "/notes/todo.txt": b"- mount it with lucid-mount\n- share it with a colleague\n",
+}
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``demo`` on the top-level subparsers."""
+    demo = subparsers.add_parser(
+        "demo", help="run discovery, a metadata server and a filespace on this machine",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1] if __doc__ else None,
+    )
+    demo.add_argument("directory", nargs="?", type=Path, default=Path("lucid-demo"), metavar="DIR",
+                      help="where everything lives (default ./lucid-demo)")
+    demo.add_argument("--store", metavar="URL", help="object store URL (default file://DIR/objects)")
+    demo.add_argument("--exit-when-ready", action="store_true",
+                      help="stop everything once ready instead of waiting for Ctrl-C (for scripts and tests)")
+    demo.set_defaults(func=run_demo)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_private(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+
+
+class DemoLayout:
+    """The folders and files of one demo directory."""
+
+    def __init__(self, root: Path, store: str | None) -> None:
+        self.root = root.absolute()
+        self.ca = self.root / "ca"
+        self.discovery = self.root / "discovery"
+        self.meta = self.root / "meta"
+        self.data = self.meta / FILESPACE
+        self.objects = self.root / "objects"
+        self.client_ini = self.root / "client.ini"
+        self.passphrase = self.root / "passphrase"
+        self.ports_file = self.root / "ports.json"
+        self.store = store or f"file://{self.objects}"
+
+    def prepare(self) -> dict[str, int]:
+        """Make whatever is missing; return the ports (kept from the first run)."""
+        for folder in (self.root, self.discovery, self.meta, self.data, self.root / "state"):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.store.startswith("file://"):
+            Path(self.store[len("file://"):]).mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (self.ca / "ca.pem").exists():
+            init_ca(self.ca)
+        if not (self.discovery / "discovery.pem").exists():
+            issue_certificate(self.ca, [DISCOVERY_IDENTITY, "127.0.0.1"], self.discovery / "discovery")
+        if not (self.meta / "meta.pem").exists():
+            issue_certificate(self.ca, [f"{FILESPACE}.meta.lucid"], self.meta / "meta")
+        secret_file = self.discovery / "registration-secret"
+        if not secret_file.exists():
+            _write_private(secret_file, f"demo:{secrets.token_hex(32)}\n")
+        if not self.passphrase.exists():
+            _write_private(self.passphrase, secrets.token_urlsafe(18) + "\n")
+        if self.ports_file.exists():
+            ports = json.loads(self.ports_file.read_text())
+        else:
+            ports = {"discovery": _free_port(), "meta": _free_port()}
+            self.ports_file.write_text(json.dumps(ports) + "\n")
+        self._write_configs(ports, secret_file)
+        return ports
+
+    def _write_configs(self, ports: dict[str, int], secret_file: Path) -> None:
+        (self.discovery / "discovery.ini").write_text(
+            "[discovery]\n"
+            f"listen = tcp:{ports['discovery']}:interface=127.0.0.1\n"
+            "certificate = discovery.pem\n"
+            "private_key = discovery.key\n"
+            "registration_secret_current_file = registration-secret\n"
+            "entry_ttl = 6\n"
+            "heartbeat_interval = 2\n"
+            "metrics_listen =\n"
+        )
+        (self.meta / "meta.ini").write_text(
+            "[meta]\n"
+            f"data_dir = {self.data}\n"
+            f"listen = tcp:{ports['meta']}:interface=127.0.0.1\n"
+            "certificate = meta.pem\n"
+            "private_key = meta.key\n"
+            f"discovery = tcp:127.0.0.1:{ports['discovery']}\n"
+            f"discovery_ca = {self.ca / 'ca.pem'}\n"
+            f"discovery_identity = {DISCOVERY_IDENTITY}\n"
+            f"registration_secret_file = {secret_file}\n"
+            "heartbeat_interval = 2\n"
+        )
+        self.client_ini.write_text(
+            "[client]\n"
+            f"discovery = tcp:127.0.0.1:{ports['discovery']}\n"
+            f"ca = {self.ca / 'ca.pem'}\n"
+            f"discovery_identity = {DISCOVERY_IDENTITY}\n"
+            f"user = {USER}\n"
+            f"passphrase_file = {self.passphrase}\n"
+            f"store = {self.store}\n"
+            f"state_dir = {self.root / 'state'}\n"
+            f"cache_dir = {self.root / 'cache'}\n"
+        )
+
+    def services(self, reactor: Any) -> list[SupervisedProcess]:
+        """The two services, not yet started."""
+        python = sys.executable
+        discovery = SupervisedProcess(
+            reactor, "lucid-discovery",
+            [python, "-c", TWISTD, "-n", f"--pidfile={self.discovery / 'twistd.pid'}",
+             "lucid-discovery", "--config", str(self.discovery / "discovery.ini")],
+            self.discovery / "discovery.log",
+        )
+        meta = SupervisedProcess(
+            reactor, "lucid-meta",
+            [python, "-c", TWISTD, "-n", f"--pidfile={self.data / 'twistd.pid'}",
+             "lucid-meta", "--filespace", FILESPACE, "--config", str(self.meta / "meta.ini")],
+            self.data / "meta.log",
+        )
+        return [discovery, meta]
+
+
+@defer.inlineCallbacks
+def _wait_for_port(reactor: Any, port: int, what: str, timeout: float = 30.0) -> Generator[Any, Any, None]:
+    deadline = reactor.seconds() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if reactor.seconds() > deadline:
+            raise LucidError(f"{what} did not start listening on port {port} within {timeout:g} s; see its log")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+
+
+def _client_args(layout: DemoLayout) -> argparse.Namespace:
+    return argparse.Namespace(config=layout.client_ini, user=None, store=None, passphrase_file=None, timeout=60.0)
+
+
+@defer.inlineCallbacks
+def _initialise(reactor: Any, layout: DemoLayout) -> Generator[Any, Any, bool]:
+    """Initialise the filespace if its server still holds a bootstrap token; True if it did."""
+    from lucidlink.cli.common import client_config, read_passphrase_file
+    from lucidlink.client.resolver import Resolver, connect_to_filespace, tls_connector
+    from lucidlink.client.session import initialise_filespace
+
+    token_file = layout.data / "bootstrap-token"
+    if not token_file.exists():
+        return False
+    config = client_config(_client_args(layout))
+    resolver = Resolver.from_config(reactor, config)
+    connection = None
+    try:
+        connect = tls_connector(reactor, layout.ca / "ca.pem", filespace=FILESPACE, peer_name="lucid demo")
+        connection = yield connect_to_filespace(resolver, FILESPACE, connect, deadline=reactor.seconds() + 60)
+        yield initialise_filespace(
+            reactor, connection=connection, token=token_file.read_text().strip(), admin=USER,
+            passphrase=read_passphrase_file(layout.passphrase),
+        )
+    finally:
+        if connection is not None:
+            yield connection.close("initialised")
+        yield resolver.close()
+    return True
+
+
+@defer.inlineCallbacks
+def _samples(reactor: Any, layout: DemoLayout) -> Generator[Any, Any, list[str]]:
+    """Put the sample files, list them and read them back; the lines to show."""
+    from lucidlink.cli.common import with_filespace
+
+    @defer.inlineCallbacks
+    def work(fs: Any) -> Generator[Any, Any, list[str]]:
+        shown = []
+        for path, data in SAMPLES.items():
+            yield fs.mkdir(os.path.dirname(path) or "/", parents=True)
+            yield fs.write_file(path, data)
+        for path, data in SAMPLES.items():
+            back = yield fs.read_file(path)
+            if back != data:
+                raise LucidError(f"{path} read back differs from what was written")
+            shown.append(f"  {FILESPACE}:{path}  {len(data):>8} bytes, read back intact")
+        names = yield fs.listdir("/")
+        shown.append("  / holds: " + ", ".join(sorted(_text(name) for name, _ in names)))
+        return shown
+
+    lines = yield with_filespace(reactor, _client_args(layout), FILESPACE, work)
+    return lines
+
+
+def _text(name: Any) -> str:
+    return name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else str(name)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``lucid demo``: run until Ctrl-C (or until ready, with --exit-when-ready)."""
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])],
+        redirectStandardIO=False,
+    )
+    layout = DemoLayout(args.directory, args.store)
+    ports = layout.prepare()
+    services = layout.services(reactor)
+    outcome: list[Any] = []
+
+    @defer.inlineCallbacks
+    def start() -> Generator[Any, Any, None]:
+        for service in services:
+            service.start()
+        yield _wait_for_port(reactor, ports["discovery"], "lucid-discovery")
+        yield _wait_for_port(reactor, ports["meta"], "lucid-meta")
+        for service in services:
+            service.healthy()
+        initialised = yield _initialise(reactor, layout)
+        if initialised:
+            print(f"initialised filespace {FILESPACE!r}; its admin is {USER!r}")
+        lines = yield _samples(reactor, layout)
+        print("sample files:")
+        print("\n".join(lines))
+        print(
+            f"\nThe filespace {FILESPACE!r} is served from {layout.root}. From another shell:\n"
+            f"  export LUCID_CONFIG={layout.client_ini}\n"
+            f"  lucid ls -l {FILESPACE}:/\n"
+            f"  lucid cat {FILESPACE}:/README.txt\n"
+            f"  lucid put ./some-file {FILESPACE}:/\n"
+            f"Logs: {layout.discovery / 'discovery.log'} and {layout.data / 'meta.log'}.\n"
+            "Press Ctrl-C to stop.",
+        )
+        print("ready", flush=True)
+        if args.exit_when_ready:
+            reactor.stop()
+
+    def failed(failure: Any) -> None:
+        outcome.append(failure)
+        reactor.stop()
+
+    def stop_services() -> defer.Deferred[Any]:
+        return defer.gatherResults([service.stop() for service in services], consumeErrors=True)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop_services)
+    reactor.callWhenRunning(lambda: start().addErrback(failed))
+    reactor.run()
+    if outcome:
+        outcome[0].raiseException()
+    return 0

@@ -1,0 +1,1166 @@
+"""
+The filesystem core: the files and directories of one filespace.
+
+:class:`Filespace` puts a logged-in
+:class:`~lucidlink.client.session.FilespaceSession` and an object store
+together.  It has two levels:
+
+- :attr:`Filespace.inodes`, an :class:`Inodes` (the
+  :class:`~lucidlink.client.interface.IFilespaceInodes` a FUSE layer sees):
+  lookups by parent inode and name, attributes, directories, links, xattrs,
+  and :class:`FileHandle`\\ s.  Names are sealed with
+  :func:`~lucidlink.crypto.seal_name` under their parent directory's inode
+  (a rename seals the new name under the new parent), xattr names and values
+  under their inode.
+- Paths, for the command line: :meth:`Filespace.resolve`,
+  :meth:`Filespace.listdir`, :meth:`Filespace.open_path`, ... walk a path
+  component by component from the root, following symbolic links in the
+  middle (and at the end when asked), ``TooManyLinks`` after 40.
+
+A :class:`FileHandle` reads and writes a file by chunks.  Reading a chunk
+fetches only the sealed blocks that hold the range (a ranged get of
+:func:`~lucidlink.crypto.sealed_range_for`), opened with the object's
+``object_length``; holes, and bytes past a chunk's ``length``, read as zeros.
+Writes are buffered per chunk (a partial overwrite of an existing chunk reads
+it first) and stored on :meth:`FileHandle.flush` (and ``close``, and
+whenever more than ``max_dirty`` bytes are buffered): each changed chunk is
+sealed into a new object with a random id, stored create-only under
+:func:`chunk_object_key`, a bounded number at once, and then the chunk map
+is committed against the version the handle last saw.  If another writer
+committed meanwhile (``Conflict``), the handle reads the map again and
+rebases: each of its chunks that the other writer changed is rebuilt from the
+other writer's content with this handle's written byte ranges laid over it,
+stored as a new object, and the commit is tried again.  So two writers of
+different chunks, or of different bytes of one chunk, both keep their
+writes; where they wrote the same bytes, the last to commit wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lucidlink import crypto
+from lucidlink.client.interface import IFilespaceInodes
+from lucidlink.client.session import FilespaceSession, ServerHandle
+from lucidlink.errors import (
+    AlreadyExists,
+    BadFileHandle,
+    Conflict,
+    FileTooLarge,
+    IntegrityError,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    TooManyLinks,
+)
+from lucidlink.protocol import messages as w
+from lucidlink.protocol.messages import Attributes, ChunkRef, FileKind, NotifyKind, SetAttrField, XattrFlags
+
+DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
+"""Buffered bytes per handle beyond which a write stores them before it returns."""
+DEFAULT_PARALLEL_UPLOADS = 4
+CHUNKMAP_WINDOW = 1024
+"""Chunk map entries read per ``ChunkMapRead``."""
+MAX_SYMLINK_FOLLOWS = 40
+MAX_FILE_SIZE = 2**63 - 1
+MAX_COMMIT_ATTEMPTS = 16
+READ_STEP = 4 * 1024 * 1024
+SYMLINK_BINDING = 0
+"""The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
+
+Offload = Callable[..., "defer.Deferred[Any]"]
+"""``offload(function, *arguments)``: run CPU-heavy work (sealing, opening) and fire with its result."""
+
+
+def chunk_object_key(filespace_id: bytes, object_id: bytes) -> str:
+    """The object store key of a chunk object: under the filespace's id, so filespaces can share a store."""
+    return f"{filespace_id.hex()}/chunks/{object_id.hex()}"
+
+
+def is_writable(flags: int) -> bool:
+    """Whether ``open(2)`` flags ask to write (as the metadata server decides it)."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _plain_attributes(attributes: Attributes) -> Attributes:
+    """Attributes as a filesystem shows them: a symlink's size is its plaintext target's length."""
+    if attributes.kind == FileKind.SYMLINK:
+        return dataclasses.replace(attributes, size=max(0, attributes.size - crypto.SEALED_TARGET_OVERHEAD))
+    return attributes
+
+
+def _gather(deferreds: list[defer.Deferred[Any]]) -> defer.Deferred[list[Any]]:
+    """All results in order, or the first failure itself (not wrapped in FirstError)."""
+
+    def unwrap(failure: Failure) -> Failure:
+        failure.trap(defer.FirstError)
+        return failure.value.subFailure  # type: ignore[union-attr]
+
+    return defer.gatherResults(deferreds, consumeErrors=True).addErrback(unwrap)
+
+
+def _add_range(ranges: list[list[int]], start: int, end: int) -> None:
+    """Add ``[start, end)`` to sorted, disjoint ranges, merging what touches."""
+    merged = [start, end]
+    kept = []
+    for existing in ranges:
+        if existing[1] < merged[0] or existing[0] > merged[1]:
+            kept.append(existing)
+        else:
+            merged = [min(merged[0], existing[0]), max(merged[1], existing[1])]
+    kept.append(merged)
+    kept.sort()
+    ranges[:] = kept
+
+
+def _clip_ranges(ranges: list[list[int]], limit: int) -> None:
+    ranges[:] = [[start, min(end, limit)] for start, end in ranges if start < limit]
+
+
+def _covers(ranges: list[list[int]], start: int, end: int) -> bool:
+    return end <= start or any(a <= start and end <= b for a, b in ranges)
+
+
+@dataclass(eq=False)
+class _Dirty:
+    """A chunk changed by a handle and not yet committed."""
+
+    data: bytearray
+    """The chunk's new content from its first byte; its length is the new object's."""
+    base: tuple[bytes, int] | None
+    """``(object_id, length)`` of the map entry ``data`` was built on (``(b"", 0)``: a hole; None: not read)."""
+    written: list[list[int]] = dataclasses.field(default_factory=list)
+    """The byte ranges this handle wrote, which a rebase lays over another writer's content."""
+    object_id: bytes | None = None
+    """The stored object holding ``data``, once sealed and stored."""
+
+
+class FileHandle:
+    """
+    An open file: reads, buffered writes, truncation, flush (see the module).
+
+    ``size`` is the file's size as this handle sees it, its own unstored
+    writes included; ``version`` the chunk map version its changes are based on.
+    """
+
+    def __init__(self, inodes: Inodes, server: ServerHandle, attributes: Attributes, flags: int) -> None:
+        self._inodes = inodes
+        self._server = server
+        self.inode = attributes.inode
+        self.flags = flags
+        self.writable = is_writable(flags)
+        self.size = attributes.size
+        self.version = attributes.version
+        self.closed = False
+        self._chunk_size = inodes.chunk_size
+        self._map: dict[int, ChunkRef] = {}
+        self._windows: set[int] = set()
+        self._map_version: int | None = attributes.version
+        self._stale = False
+        self._dirty: dict[int, _Dirty] = {}
+        self._size_changed = False
+        self._truncated_to: int | None = None
+        self._grown_to = 0
+        self._lock = defer.DeferredLock()
+
+    def __repr__(self) -> str:
+        return f"<FileHandle of inode {self.inode}, size {self.size}>"
+
+    @property
+    def pending(self) -> bool:
+        """Whether the handle holds changes not yet committed."""
+        return bool(self._dirty) or self._size_changed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of chunk content buffered and not yet committed."""
+        return sum(len(chunk.data) for chunk in self._dirty.values())
+
+    # -- reading ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def read(self, offset: int, size: int) -> Generator[defer.Deferred[Any], Any, bytes]:
+        """Up to ``size`` bytes from ``offset``: fewer at the end of the file, ``b""`` past it."""
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise InvalidArgument(f"cannot read {size} bytes at offset {offset}")
+        chunk_size = self._chunk_size
+        if self._stale and not self.pending:
+            yield self._load(offset // chunk_size, offset // chunk_size)
+        end = min(offset + size, self.size)
+        if end <= offset:
+            return b""
+        first, last = offset // chunk_size, (end - 1) // chunk_size
+        clean = [index for index in range(first, last + 1) if index not in self._dirty]
+        if clean:
+            yield self._load(clean[0], clean[-1])
+            end = min(offset + size, self.size)
+        pieces = []
+        for index in range(first, last + 1):
+            start = index * chunk_size
+            low, high = max(offset, start) - start, min(end, start + chunk_size) - start
+            if high <= low:
+                continue
+            dirty = self._dirty.get(index)
+            if dirty is not None:
+                piece = bytes(dirty.data[low:high])
+                pieces.append(defer.succeed(piece + bytes(high - low - len(piece))))
+            else:
+                entry = self._map.get(index)
+                pieces.append(self._fetch(index, entry, low, high, self._visible_length(index, entry)))
+        parts = yield _gather(pieces)
+        return b"".join(parts)
+
+    def _visible_length(self, index: int, entry: ChunkRef | None) -> int:
+        """
+        How many bytes of a committed chunk the file still shows, as this handle sees it.
+
+        The server trims entries to its size; only this handle's own pending
+        truncation cuts them further.  (Not this handle's size: with changes
+        pending it is not refreshed, and a chunk another writer committed may
+        lie past it, yet must be the base of this handle's writes there.)
+        """
+        if entry is None:
+            return 0
+        if self._truncated_to is not None:
+            return max(0, min(entry.length, self._truncated_to - index * self._chunk_size))
+        return entry.length
+
+    @defer.inlineCallbacks
+    def _fetch(
+        self, index: int, entry: ChunkRef | None, low: int, high: int, visible: int
+    ) -> Generator[defer.Deferred[Any], Any, bytes]:
+        """Bytes ``[low, high)`` of committed chunk ``index``, zeros past its first ``visible`` bytes."""
+        if entry is None or low >= visible:
+            return bytes(high - low)
+        top = min(high, visible)
+        sealed_range = crypto.sealed_range_for(low, top - low, entry.object_length)
+        store = self._inodes.require_store()
+        key = chunk_object_key(self._inodes.filespace_id, entry.object_id)
+        try:
+            sealed = yield store.get_range(key, sealed_range.object_start, sealed_range.object_length)
+        except NotFound:
+            raise IntegrityError(
+                f"chunk {index} of inode {self.inode} (object {key}) is missing from the object store"
+            ) from None
+        plain = yield self._inodes.offload(
+            crypto.open_range, self._inodes.keys, self.inode, index, low, top - low, sealed, entry.object_length
+        )
+        return plain + bytes(high - top)
+
+    @defer.inlineCallbacks
+    def _load(self, first: int, last: int) -> Generator[defer.Deferred[Any], Any, None]:
+        """Make sure the chunk map cache holds chunks ``first`` to ``last`` (at one version)."""
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            needed = [
+                window for window in range(first // CHUNKMAP_WINDOW, last // CHUNKMAP_WINDOW + 1)
+                if window not in self._windows
+            ]
+            if not needed and not self._stale:
+                return
+            needed = needed or [first // CHUNKMAP_WINDOW]
+            version, size, entries = yield self._read_map(needed)
+            if version != self._map_version:
+                self._map.clear()
+                self._windows.clear()
+                self._map_version = version
+            if not self.pending:
+                self.size, self.version = size, version
+            elif self._truncated_to is None:
+                self.size = max(self.size, size)  # another writer's growth; a commit keeps it
+            self._stale = False
+            for window in needed:
+                base = window * CHUNKMAP_WINDOW
+                for index in [i for i in self._map if base <= i < base + CHUNKMAP_WINDOW]:
+                    del self._map[index]
+                self._windows.add(window)
+            self._map.update(entries)
+        raise Conflict(f"the chunk map of inode {self.inode} kept changing while it was read")
+
+    @defer.inlineCallbacks
+    def _read_map(
+        self, windows: Iterable[int]
+    ) -> Generator[defer.Deferred[Any], Any, tuple[int, int, dict[int, ChunkRef]]]:
+        """The chunk map in some windows, all at one version: (version, size, entries)."""
+        windows = sorted(set(windows))
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            answers = yield _gather([
+                self._inodes.session.call(w.ChunkMapRead(self.inode, window * CHUNKMAP_WINDOW, CHUNKMAP_WINDOW))
+                for window in windows
+            ])
+            if len({answer.version for answer in answers}) == 1:
+                entries = {chunk.index: chunk for answer in answers for chunk in answer.chunks}
+                return answers[0].version, answers[0].size, entries
+        raise Conflict(f"the chunk map of inode {self.inode} kept changing while it was read")
+
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
+        """
+        Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length.
+
+        The bytes are buffered; they are stored by :meth:`flush`, :meth:`close`,
+        or a later write once more than the buffer limit is held.
+        """
+        return self._lock.run(self._write, offset, data)
+
+    @defer.inlineCallbacks
+    def _write(self, offset: int, data: Any) -> Generator[defer.Deferred[Any], Any, int]:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if self.flags & os.O_APPEND:
+            if self._stale and not self.pending:
+                yield self._load(0, 0)
+            offset = self.size
+        if offset < 0:
+            raise InvalidArgument(f"cannot write at offset {offset}")
+        if offset + length > MAX_FILE_SIZE:
+            raise FileTooLarge(f"a file holds at most {MAX_FILE_SIZE} bytes")
+        if not length:
+            return 0
+        chunk_size = self._chunk_size
+        position = 0
+        while position < length:
+            here = offset + position
+            index = here // chunk_size
+            low = here - index * chunk_size
+            high = min(chunk_size, low + length - position)
+            chunk = yield self._dirty_chunk(index, low, high)
+            if low > len(chunk.data):
+                chunk.data.extend(bytes(low - len(chunk.data)))
+            chunk.data[low:high] = view[position : position + high - low]
+            _add_range(chunk.written, low, high)
+            chunk.object_id = None
+            position += high - low
+        self.size = max(self.size, offset + length)
+        self._grown_to = max(self._grown_to, offset + length)
+        if self.buffered > self._inodes.max_dirty:
+            yield self._flush_locked()
+        return length
+
+    @defer.inlineCallbacks
+    def _dirty_chunk(self, index: int, low: int, high: int) -> Generator[defer.Deferred[Any], Any, _Dirty]:
+        """The buffer of chunk ``index``, made (from the stored chunk if the write leaves some of it) if needed."""
+        chunk = self._dirty.get(index)
+        if chunk is not None:
+            return chunk
+        if low == 0 and high == self._chunk_size:
+            chunk = _Dirty(bytearray(), None)
+        else:
+            yield self._load(index, index)
+            entry = self._map.get(index)
+            existing = self._visible_length(index, entry)
+            data = b""
+            if existing and (low > 0 or high < existing):
+                data = yield self._fetch(index, entry, 0, existing, existing)
+            chunk = _Dirty(bytearray(data), (entry.object_id, entry.length) if entry else (b"", 0))
+        self._dirty[index] = chunk
+        return chunk
+
+    def truncate(self, size: int) -> defer.Deferred[None]:
+        """
+        Make the file ``size`` bytes long, as this handle's next commit will.
+
+        A cut inside a chunk rewrites that chunk as a new object; chunks past
+        the end are dropped; growing only changes the size (the new bytes read
+        as zeros).
+        """
+        return self._lock.run(self._truncate, size)
+
+    @defer.inlineCallbacks
+    def _truncate(self, size: int) -> Generator[defer.Deferred[Any], Any, None]:
+        self._check_writable()
+        if size < 0:
+            raise InvalidArgument(f"a file cannot be {size} bytes long")
+        if size > MAX_FILE_SIZE:
+            raise FileTooLarge(f"a file holds at most {MAX_FILE_SIZE} bytes")
+        if self._stale and not self.pending:
+            yield self._load(0, 0)
+        chunk_size = self._chunk_size
+        if size < self.size:
+            kept_chunks = -(-size // chunk_size)
+            for index in [i for i in self._dirty if i >= kept_chunks]:
+                del self._dirty[index]
+            for index in [i for i in self._map if i >= kept_chunks]:
+                del self._map[index]
+            if size % chunk_size:
+                index, keep = size // chunk_size, size % chunk_size
+                chunk = self._dirty.get(index)
+                if chunk is not None:
+                    del chunk.data[keep:]
+                    _clip_ranges(chunk.written, keep)
+                    chunk.object_id = None
+                else:
+                    yield self._load(index, index)
+                    entry = self._map.get(index)
+                    if entry is not None and self._visible_length(index, entry) > keep:
+                        data = yield self._fetch(index, entry, 0, keep, keep)
+                        self._dirty[index] = _Dirty(bytearray(data), (entry.object_id, entry.length))
+            self._truncated_to = size if self._truncated_to is None else min(self._truncated_to, size)
+        else:
+            self._grown_to = max(self._grown_to, size)
+        self.size = size
+        self._size_changed = True
+
+    # -- storing ----------------------------------------------------------------
+
+    def flush(self) -> defer.Deferred[None]:
+        """Store the buffered chunks and commit the chunk map (``fsync`` is the same)."""
+        return self._lock.run(self._flush_locked)
+
+    fsync = flush
+
+    @defer.inlineCallbacks
+    def _flush_locked(self) -> Generator[defer.Deferred[Any], Any, None]:
+        if not self.pending:
+            return
+        self._check_not_lost()
+        chunk_size = self._chunk_size
+        truncated_to = self._truncated_to
+        if truncated_to is not None and -(-self.size // chunk_size) > -(-truncated_to // chunk_size):
+            # Cut, then grown past the cut's last chunk: a commit only trims past its own size, so
+            # the chunks the cut dropped are dropped by a commit of the cut size first.
+            expected, committed = yield self._commit(lambda: ([], truncated_to))
+            self._committed([], expected, committed, keep_pending=True)
+        refs: list[ChunkRef] = []
+
+        @defer.inlineCallbacks
+        def prepare() -> Generator[defer.Deferred[Any], Any, tuple[list[ChunkRef], int]]:
+            yield _gather([
+                self._inodes.upload(self.inode, index, chunk)
+                for index, chunk in sorted(self._dirty.items())
+                if chunk.object_id is None and chunk.data
+            ])
+            refs[:] = [
+                ChunkRef(index, chunk.object_id or b"", len(chunk.data), len(chunk.data))
+                for index, chunk in sorted(self._dirty.items())
+            ]
+            return refs, self.size
+
+        expected, committed = yield self._commit(prepare)
+        self._committed(refs, expected, committed)
+
+    @defer.inlineCallbacks
+    def _commit(self, prepare: Callable[[], Any]) -> Generator[defer.Deferred[Any], Any, tuple[int, Any]]:
+        """Commit what ``prepare()`` gives (refs and size), rebasing on Conflict: (expected version, answer)."""
+        for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
+            refs, size = yield defer.maybeDeferred(prepare)
+            expected = self.version
+
+            def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
+                return w.ChunkMapCommit(self.inode, self._server.id, expected, size, refs, 0)
+
+            try:
+                committed = yield self._inodes.session.call(commit)
+            except Conflict:
+                if attempt == MAX_COMMIT_ATTEMPTS:
+                    raise Conflict(
+                        f"inode {self.inode} kept changing; its chunk map could not be committed"
+                        f" in {MAX_COMMIT_ATTEMPTS} attempts"
+                    ) from None
+                yield self._rebase()
+                continue
+            except BadFileHandle:
+                self._check_not_lost()
+                raise
+            return expected, committed
+        raise AssertionError("unreachable")
+
+    def _committed(
+        self, refs: list[ChunkRef], expected: int, committed: w.ChunkMapCommitted, keep_pending: bool = False
+    ) -> None:
+        """The commit of ``refs`` against version ``expected`` succeeded: bring the cache up to date.
+
+        ``keep_pending``: it was the first of two commits (a cut); the buffered chunks and size stay.
+        """
+        size = committed.attributes.size
+        if self._map_version != expected:
+            self._map.clear()
+            self._windows.clear()
+        else:
+            for ref in refs:
+                if ref.object_id:
+                    self._map[ref.index] = ref
+                else:
+                    self._map.pop(ref.index, None)
+            kept_chunks = -(-size // self._chunk_size)
+            for index in [i for i in self._map if i >= kept_chunks]:
+                del self._map[index]
+            last = self._map.get(size // self._chunk_size)
+            if last is not None and size % self._chunk_size and last.length > size % self._chunk_size:
+                self._map[last.index] = dataclasses.replace(last, length=size % self._chunk_size)
+        self._map_version = self.version = committed.version
+        self._truncated_to = None
+        self._stale = False
+        if not keep_pending:
+            self.size = size
+            self._dirty.clear()
+            self._size_changed = False
+            self._grown_to = 0
+        self._inodes.changed_here(self)
+
+    @defer.inlineCallbacks
+    def _rebase(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Another writer committed first: rebuild the changed chunks over its content."""
+        chunk_size = self._chunk_size
+        windows = {index // CHUNKMAP_WINDOW for index in self._dirty} or {0}
+        version, size, entries = yield self._read_map(windows)
+        for index, chunk in self._dirty.items():
+            entry = entries.get(index)
+            now = (entry.object_id, entry.length) if entry is not None else (b"", 0)
+            if chunk.base == now:
+                continue
+            limit = entry.length if entry is not None else 0
+            if self._truncated_to is not None:
+                limit = min(limit, max(0, self._truncated_to - index * chunk_size))
+            theirs = b""
+            if limit and not _covers(chunk.written, 0, limit):
+                theirs = yield self._fetch(index, entry, 0, limit, limit)
+            rebuilt = bytearray(theirs)
+            for start, end in chunk.written:
+                if start > len(rebuilt):
+                    rebuilt.extend(bytes(start - len(rebuilt)))
+                rebuilt[start:end] = chunk.data[start:end]
+            chunk.data, chunk.base, chunk.object_id = rebuilt, now, None
+        self.version = version
+        if self._truncated_to is None:
+            self.size = max(size, self._grown_to)
+        self._map = dict(entries)
+        self._windows = set(windows)
+        self._map_version = version
+
+    @defer.inlineCallbacks
+    def truncate_at_open(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """``O_TRUNC``: empty the file at once, whatever its version (``expected_version`` 0)."""
+        committed = yield self._inodes.session.call(
+            lambda: w.ChunkMapCommit(self.inode, self._server.id, 0, 0, [], 0)
+        )
+        self._map.clear()
+        self._windows.clear()
+        self._map_version = self.version = committed.version
+        self.size = 0
+        self._inodes.changed_here(self)
+
+    @defer.inlineCallbacks
+    def close(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Flush, then release the handle (released even if the flush fails, whose error is raised)."""
+        if self.closed:
+            return
+        try:
+            yield self.flush()
+        finally:
+            self.closed = True
+            self._inodes.forget(self)
+            yield self._inodes.session.release_handle(self._server)
+
+    # -- checks and notifications ---------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BadFileHandle(f"the handle of inode {self.inode} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise BadFileHandle(f"inode {self.inode} was opened read-only")
+        self._check_not_lost()
+
+    def _check_not_lost(self) -> None:
+        lost = self._server.lost
+        if lost is not None:
+            unsaved = f"; {self.buffered} buffered bytes could not be stored" if self.pending else ""
+            raise type(lost)(f"{lost}{unsaved}")
+
+    def invalidate(self, attributes: Attributes | None = None) -> None:
+        """
+        The file changed elsewhere: read the chunk map (and, without changes of our own, the size) again.
+
+        ``attributes``: the file's new attributes, when the change was made here.
+        """
+        self._map.clear()
+        self._windows.clear()
+        self._map_version = None
+        if not self.pending:
+            self._stale = True
+            if attributes is not None:
+                self.size, self.version = attributes.size, attributes.version
+
+
+@implementer(IFilespaceInodes)
+class Inodes:
+    """
+    One filespace as inodes (see the module): what a FUSE layer calls.
+
+    :param offload: runs sealing and opening of chunks (default: the
+        reactor's thread pool; tests pass a synchronous one).
+    """
+
+    def __init__(
+        self,
+        session: FilespaceSession,
+        store: Any = None,
+        *,
+        max_dirty: int = DEFAULT_MAX_DIRTY,
+        parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
+        offload: Offload | None = None,
+    ) -> None:
+        if session.keys is None:
+            raise InvalidArgument("the session is not logged in")
+        self.session = session
+        self.store = store
+        self.keys: crypto.FilespaceKeys = session.keys
+        self.filespace_id = session.filespace_id
+        self.chunk_size = session.chunk_size
+        self.root_inode = session.root_inode
+        self.max_dirty = max_dirty
+        reactor = session.reactor
+        self.offload: Offload = offload or (
+            lambda function, *arguments: threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), function, *arguments
+            )
+        )
+        self._uploads = defer.DeferredSemaphore(parallel_uploads)
+        self._handles: dict[int, set[FileHandle]] = {}
+        self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
+
+    def require_store(self) -> Any:
+        """The object store; NotSupported if there is none (commands that only list need none)."""
+        if self.store is None:
+            raise NotSupported("no object store is configured; reading and writing file data needs one")
+        return self.store
+
+    def _seal(self, parent: int, name: bytes) -> bytes:
+        return crypto.seal_name(self.keys, parent, bytes(name))
+
+    @defer.inlineCallbacks
+    def _entry(self, request: Any) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        answer = yield self.session.call(request)
+        return _plain_attributes(answer.attributes)
+
+    # -- the tree ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def lookup(self, parent: int, name: bytes) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """The attributes of entry ``name`` of directory ``parent``."""
+        attributes = yield self._entry(w.Lookup(parent, self._seal(parent, name)))
+        return attributes
+
+    def getattr(self, inode: int) -> defer.Deferred[Attributes]:
+        """The attributes of ``inode``."""
+        return self._entry(w.GetAttr(inode))
+
+    @defer.inlineCallbacks
+    def setattr(
+        self,
+        inode: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+    ) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """
+        Change what is given; fires with the new attributes.
+
+        A size change is made by the server (the last chunk's ``length``
+        shortened, or the file extended with zeros); this client's open
+        handles of the file store their buffered writes first.
+        """
+        fields = SetAttrField(0)
+        for value, field in ((mode, SetAttrField.MODE), (uid, SetAttrField.UID), (gid, SetAttrField.GID),
+                             (size, SetAttrField.SIZE), (atime_ns, SetAttrField.ATIME),
+                             (mtime_ns, SetAttrField.MTIME)):
+            if value is not None:
+                fields |= field
+        if atime_now:
+            fields |= SetAttrField.ATIME_NOW
+        if mtime_now:
+            fields |= SetAttrField.MTIME_NOW
+        if size is not None:
+            yield _gather([handle.flush() for handle in self._handles.get(inode, ())])
+        attributes = yield self._entry(w.SetAttr(
+            inode, int(fields), mode or 0, uid or 0, gid or 0, size or 0, atime_ns or 0, mtime_ns or 0
+        ))
+        if size is not None:
+            for handle in self._handles.get(inode, ()):
+                handle.invalidate(attributes)
+        return attributes
+
+    @defer.inlineCallbacks
+    def readdir(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[tuple[bytes, Attributes]]]:
+        """Every entry of directory ``inode``, names opened, in the server's order (by sealed name)."""
+        entries: list[tuple[bytes, Attributes]] = []
+        cursor = b""
+        while True:
+            page = yield self.session.call(w.ReadDir(inode, cursor, 0))
+            for entry in page.entries:
+                entries.append((crypto.open_name(self.keys, inode, entry.name), _plain_attributes(entry.attributes)))
+            if page.done or not page.entries:
+                return entries
+            cursor = page.cursor
+
+    @defer.inlineCallbacks
+    def mkdir(
+        self, parent: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0
+    ) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Make directory ``name`` in ``parent``."""
+        attributes = yield self._entry(w.MkDir(parent, self._seal(parent, name), mode, uid, gid))
+        return attributes
+
+    @defer.inlineCallbacks
+    def create(
+        self, parent: int, name: bytes, mode: int = 0o644, flags: int = os.O_RDWR | os.O_CREAT,
+        uid: int = 0, gid: int = 0,
+    ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
+        """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
+        request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
+        server, attributes = yield self.session.create_handle(request)
+        handle = yield self._opened(server, attributes, flags)
+        return handle
+
+    @defer.inlineCallbacks
+    def open(self, inode: int, flags: int = os.O_RDONLY) -> Generator[defer.Deferred[Any], Any, FileHandle]:
+        """Open ``inode`` with ``open(2)`` flags (``O_TRUNC`` empties it, ``O_APPEND`` writes at the end)."""
+        server, attributes = yield self.session.open_handle(inode, flags)
+        handle = yield self._opened(server, attributes, flags)
+        return handle
+
+    @defer.inlineCallbacks
+    def _opened(
+        self, server: ServerHandle, attributes: Attributes, flags: int
+    ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
+        handle = FileHandle(self, server, attributes, flags)
+        self._handles.setdefault(handle.inode, set()).add(handle)
+        if flags & os.O_TRUNC and handle.writable and attributes.size:
+            try:
+                yield handle.truncate_at_open()
+            except BaseException:
+                yield handle.close()
+                raise
+        return handle
+
+    def unlink(self, parent: int, name: bytes) -> defer.Deferred[None]:
+        """Remove entry ``name`` (not a directory) from ``parent``."""
+        return self._simple(lambda: w.Unlink(parent, self._seal(parent, name)))
+
+    def rmdir(self, parent: int, name: bytes) -> defer.Deferred[None]:
+        """Remove the empty directory ``name`` from ``parent``."""
+        return self._simple(lambda: w.RmDir(parent, self._seal(parent, name)))
+
+    def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> defer.Deferred[None]:
+        """Move an entry as ``renameat2`` does; the new name is sealed under the new parent."""
+        return self._simple(lambda: w.Rename(
+            parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)
+        ))
+
+    @defer.inlineCallbacks
+    def link(self, inode: int, new_parent: int, new_name: bytes) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Make a hard link to ``inode`` named ``new_name`` in ``new_parent``."""
+        attributes = yield self._entry(w.Link(inode, new_parent, self._seal(new_parent, new_name)))
+        return attributes
+
+    @defer.inlineCallbacks
+    def symlink(
+        self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0
+    ) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """
+        Make symbolic link ``name`` in ``parent`` pointing at ``target`` (sealed).
+
+        The target is sealed before the server allocates the link's inode, so it
+        is bound to the filespace's key, not to the inode (see docs/decisions.rst).
+        """
+        sealed_target = crypto.seal_symlink_target(self.keys, SYMLINK_BINDING, bytes(target))
+        attributes = yield self._entry(w.Symlink(parent, self._seal(parent, name), sealed_target, uid, gid))
+        return attributes
+
+    @defer.inlineCallbacks
+    def readlink(self, inode: int) -> Generator[defer.Deferred[Any], Any, bytes]:
+        """The target of symbolic link ``inode``."""
+        answer = yield self.session.call(w.ReadLink(inode))
+        return crypto.open_symlink_target(self.keys, SYMLINK_BINDING, answer.target)
+
+    @defer.inlineCallbacks
+    def _simple(self, make: Callable[[], Any]) -> Generator[defer.Deferred[Any], Any, None]:
+        yield self.session.call(make())
+
+    # -- extended attributes -----------------------------------------------------------
+
+    def setxattr(
+        self, inode: int, name: bytes, value: bytes, flags: XattrFlags = XattrFlags.ANY
+    ) -> defer.Deferred[None]:
+        """Set extended attribute ``name`` (``CREATE``: must be new; ``REPLACE``: must exist)."""
+
+        def request() -> w.SetXattr:
+            sealed_name = crypto.seal_xattr_name(self.keys, inode, bytes(name))
+            sealed_value = crypto.seal_xattr_value(self.keys, inode, sealed_name, bytes(value))
+            return w.SetXattr(inode, sealed_name, sealed_value, XattrFlags(flags))
+
+        return self._simple(request)
+
+    @defer.inlineCallbacks
+    def getxattr(self, inode: int, name: bytes) -> Generator[defer.Deferred[Any], Any, bytes]:
+        """The value of extended attribute ``name``."""
+        sealed_name = crypto.seal_xattr_name(self.keys, inode, bytes(name))
+        answer = yield self.session.call(w.GetXattr(inode, sealed_name))
+        return crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
+
+    @defer.inlineCallbacks
+    def listxattr(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[bytes]]:
+        """The names of ``inode``'s extended attributes."""
+        answer = yield self.session.call(w.ListXattr(inode))
+        return sorted(crypto.open_xattr_name(self.keys, inode, name) for name in answer.names)
+
+    def removexattr(self, inode: int, name: bytes) -> defer.Deferred[None]:
+        """Remove extended attribute ``name``."""
+        return self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
+
+    def statfs(self) -> defer.Deferred[w.FsStats]:
+        """The filespace's totals (``FsStats``)."""
+        return self.session.call(w.StatFs())
+
+    # -- chunks and handles ------------------------------------------------------------
+
+    def upload(self, inode: int, index: int, chunk: _Dirty) -> defer.Deferred[None]:
+        """Seal ``chunk`` into a new object and store it (a bounded number at once)."""
+        return self._uploads.run(self._seal_and_put, inode, index, chunk)
+
+    @defer.inlineCallbacks
+    def _seal_and_put(self, inode: int, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
+        store = self.require_store()
+        sealed = yield self.offload(crypto.seal_chunk, self.keys, inode, index, bytes(chunk.data))
+        for _ in range(3):
+            object_id = crypto.new_chunk_id()
+            try:
+                yield store.put(chunk_object_key(self.filespace_id, object_id), sealed, create_only=True)
+            except AlreadyExists:
+                continue  # 128 random bits met an existing object: draw again
+            chunk.object_id = object_id
+            return
+        raise IntegrityError("the object store claims every new random chunk id exists already")
+
+    def changed_here(self, handle: FileHandle) -> None:
+        """``handle`` committed: this client's other handles of the file read the map again."""
+        for other in self._handles.get(handle.inode, ()):
+            if other is not handle:
+                other.invalidate()
+
+    def forget(self, handle: FileHandle) -> None:
+        """``handle`` is closed."""
+        handles = self._handles.get(handle.inode)
+        if handles is not None:
+            handles.discard(handle)
+            if not handles:
+                del self._handles[handle.inode]
+
+    def open_handles(self) -> list[FileHandle]:
+        """The handles opened here and not closed yet."""
+        return [handle for handles in self._handles.values() for handle in handles]
+
+    def _notified(self, message: Any) -> None:
+        if isinstance(message, w.Notify) and message.kind == NotifyKind.INODE_CHANGED:
+            for handle in self._handles.get(message.inode, ()):
+                handle.invalidate()
+
+    def _reconnected(self) -> None:
+        for handle in self.open_handles():
+            handle.invalidate()
+
+    def close(self) -> None:
+        """Stop listening to the session (the handles stay as they are)."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+
+# ---------------------------------------------------------------------------
+# Paths
+
+
+PathLike = str | bytes
+
+
+def _components(path: PathLike) -> list[bytes]:
+    raw = os.fsencode(path)
+    return [part for part in raw.split(b"/") if part and part != b"."]
+
+
+def _show(path: PathLike) -> str:
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+class Filespace:
+    """
+    The files of one filespace: by path for the command line, by inode (:attr:`inodes`) for FUSE.
+
+    ``store`` may be None for work that touches no file data (listing,
+    users); ``uid``/``gid`` (default: this process's) own what paths create.
+    """
+
+    def __init__(
+        self,
+        session: FilespaceSession,
+        store: Any = None,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        max_dirty: int = DEFAULT_MAX_DIRTY,
+        parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
+        offload: Offload | None = None,
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.inodes = Inodes(session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload)
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+
+    @property
+    def root_inode(self) -> int:
+        return self.inodes.root_inode
+
+    def statfs(self) -> defer.Deferred[w.FsStats]:
+        """The filespace's totals."""
+        return self.inodes.statfs()
+
+    # -- walking ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _walk(
+        self, path: PathLike, follow: bool
+    ) -> Generator[defer.Deferred[Any], Any, tuple[int | None, bytes, Attributes]]:
+        """(parent inode, name, attributes) of what ``path`` names; the root has no parent."""
+        pending = deque(_components(path))
+        # The directories from the root down to where the walk is: (inode, attributes or None for the root).
+        stack: list[tuple[int, bytes, Attributes | None]] = [(self.root_inode, b"", None)]
+        parent: int | None = None
+        follows = 0
+        while pending:
+            name = pending.popleft()
+            inode, _, attributes = stack[-1]
+            if attributes is not None and attributes.kind != FileKind.DIRECTORY:
+                raise NotADirectory(f"{_show(path)}: not a directory")
+            if name == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            try:
+                found = yield self.inodes.lookup(inode, name)
+            except NotFound:
+                raise NotFound(f"{_show(path)}: no such file or directory") from None
+            except NotADirectory:
+                raise NotADirectory(f"{_show(path)}: not a directory") from None
+            if found.kind == FileKind.SYMLINK and (pending or follow):
+                follows += 1
+                if follows > MAX_SYMLINK_FOLLOWS:
+                    raise TooManyLinks(f"{_show(path)}: too many levels of symbolic links")
+                target = yield self.inodes.readlink(found.inode)
+                if target.startswith(b"/"):
+                    del stack[1:]
+                pending.extendleft(reversed(_components(target)))
+                continue
+            stack.append((found.inode, name, found))
+        if len(stack) == 1:
+            root = yield self.inodes.getattr(self.root_inode)
+            return None, b"", root
+        parent = stack[-2][0]
+        _, name, attributes = stack[-1]
+        assert attributes is not None
+        return parent, name, attributes
+
+    @defer.inlineCallbacks
+    def _parent_of(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, tuple[int, bytes]]:
+        """The directory that holds (or is to hold) the last component of ``path``, and that name."""
+        parts = _components(path)
+        if not parts or parts[-1] == b"..":
+            raise InvalidArgument(f"{_show(path)!r} does not end in a name")
+        directory = b"/" + b"/".join(parts[:-1])
+        _, _, attributes = yield self._walk(directory, follow=True)
+        if attributes.kind != FileKind.DIRECTORY:
+            raise NotADirectory(f"{_show(path)}: {os.fsdecode(directory)} is not a directory")
+        return attributes.inode, parts[-1]
+
+    @defer.inlineCallbacks
+    def resolve(self, path: PathLike, follow: bool = False) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """The attributes of what ``path`` names; a final symbolic link is followed only with ``follow``."""
+        _, _, attributes = yield self._walk(path, follow)
+        return attributes
+
+    def stat(self, path: PathLike) -> defer.Deferred[Attributes]:
+        """The attributes of ``path`` itself (a final symbolic link is not followed)."""
+        return self.resolve(path, follow=False)
+
+    # -- directories ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def listdir(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, list[tuple[str, Attributes]]]:
+        """The entries of directory ``path`` (symbolic links followed), by name."""
+        _, _, attributes = yield self._walk(path, follow=True)
+        if attributes.kind != FileKind.DIRECTORY:
+            raise NotADirectory(f"{_show(path)}: not a directory")
+        entries = yield self.inodes.readdir(attributes.inode)
+        return sorted((os.fsdecode(name), entry) for name, entry in entries)
+
+    @defer.inlineCallbacks
+    def mkdir(
+        self, path: PathLike, parents: bool = False, mode: int = 0o755
+    ) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Make directory ``path``; with ``parents``, its missing parents too, and an existing one is fine."""
+        if not parents:
+            parent, name = yield self._parent_of(path)
+            attributes = yield self.inodes.mkdir(parent, name, mode, self.uid, self.gid)
+            return attributes
+        parts = _components(path)
+        attributes = yield self.inodes.getattr(self.root_inode)
+        for depth in range(1, len(parts) + 1):
+            prefix = b"/" + b"/".join(parts[:depth])
+            if parts[depth - 1] == b"..":
+                attributes = yield self.resolve(prefix, follow=True)
+                continue
+            try:
+                attributes = yield self.inodes.mkdir(attributes.inode, parts[depth - 1], mode, self.uid, self.gid)
+            except AlreadyExists:
+                attributes = yield self.resolve(prefix, follow=True)
+                if attributes.kind != FileKind.DIRECTORY:
+                    raise AlreadyExists(f"{os.fsdecode(prefix)} exists and is not a directory") from None
+        return attributes
+
+    @defer.inlineCallbacks
+    def remove(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, None]:
+        """Remove a file, a symbolic link (not its target) or an empty directory."""
+        parent, name, attributes = yield self._walk(path, follow=False)
+        if parent is None:
+            raise NotPermitted("the root directory cannot be removed")
+        if attributes.kind == FileKind.DIRECTORY:
+            yield self.inodes.rmdir(parent, name)
+        else:
+            yield self.inodes.unlink(parent, name)
+
+    @defer.inlineCallbacks
+    def remove_tree(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, None]:
+        """Remove ``path`` and, if it is a directory, everything in it (symbolic links are not followed)."""
+        parent, name, attributes = yield self._walk(path, follow=False)
+        if parent is None:
+            raise NotPermitted("the root directory cannot be removed")
+        if attributes.kind == FileKind.DIRECTORY:
+            yield self._empty(attributes.inode)
+            yield self.inodes.rmdir(parent, name)
+        else:
+            yield self.inodes.unlink(parent, name)
+
+    @defer.inlineCallbacks
+    def _empty(self, directory: int) -> Generator[defer.Deferred[Any], Any, None]:
+        entries = yield self.inodes.readdir(directory)
+        for name, attributes in entries:
+            if attributes.kind == FileKind.DIRECTORY:
+                yield self._empty(attributes.inode)
+                yield self.inodes.rmdir(directory, name)
+            else:
+                yield self.inodes.unlink(directory, name)
+
+    # -- names ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def rename(self, source: PathLike, target: PathLike, flags: int = 0) -> Generator[defer.Deferred[Any], Any, None]:
+        """Rename ``source`` to exactly ``target``, as ``rename(2)`` (``renameat2`` with ``flags``)."""
+        parent, name, _ = yield self._walk(source, follow=False)
+        if parent is None:
+            raise NotPermitted("the root directory cannot be renamed")
+        new_parent, new_name = yield self._parent_of(target)
+        yield self.inodes.rename(parent, name, new_parent, new_name, flags)
+
+    @defer.inlineCallbacks
+    def link(self, source: PathLike, target: PathLike) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Make ``target`` a hard link to ``source`` (a symbolic link itself, not followed)."""
+        _, _, attributes = yield self._walk(source, follow=False)
+        if attributes.kind == FileKind.DIRECTORY:
+            raise NotPermitted(f"{_show(source)} is a directory; directories cannot have hard links")
+        new_parent, new_name = yield self._parent_of(target)
+        linked = yield self.inodes.link(attributes.inode, new_parent, new_name)
+        return linked
+
+    @defer.inlineCallbacks
+    def symlink(self, target: PathLike, path: PathLike) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Make ``path`` a symbolic link to ``target`` (which need not exist)."""
+        parent, name = yield self._parent_of(path)
+        attributes = yield self.inodes.symlink(parent, name, os.fsencode(target), self.uid, self.gid)
+        return attributes
+
+    @defer.inlineCallbacks
+    def readlink(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, str]:
+        """The target of symbolic link ``path``."""
+        _, _, attributes = yield self._walk(path, follow=False)
+        if attributes.kind != FileKind.SYMLINK:
+            raise InvalidArgument(f"{_show(path)} is not a symbolic link")
+        target = yield self.inodes.readlink(attributes.inode)
+        return os.fsdecode(target)
+
+    # -- files ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def open_path(
+        self, path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o644
+    ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
+        """Open ``path`` with ``open(2)`` flags (``O_CREAT`` makes it with ``mode``); a :class:`FileHandle`."""
+        if flags & os.O_CREAT:
+            parent, name = yield self._parent_of(path)
+            try:
+                handle = yield self.inodes.create(parent, name, mode, flags, self.uid, self.gid)
+                return handle
+            except AlreadyExists:
+                if flags & os.O_EXCL:
+                    raise AlreadyExists(f"{_show(path)} exists") from None
+                # A symbolic link: open what it points at.
+        _, _, attributes = yield self._walk(path, follow=True)
+        if attributes.kind == FileKind.DIRECTORY and is_writable(flags):
+            raise IsADirectory(f"{_show(path)} is a directory")
+        handle = yield self.inodes.open(attributes.inode, flags & ~(os.O_CREAT | os.O_EXCL))
+        return handle
+
+    @defer.inlineCallbacks
+    def read_file(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, bytes]:
+        """The whole content of file ``path``."""
+        handle = yield self.open_path(path, os.O_RDONLY)
+        try:
+            pieces = []
+            offset = 0
+            while True:
+                piece = yield handle.read(offset, READ_STEP)
+                if not piece:
+                    break
+                pieces.append(piece)
+                offset += len(piece)
+        finally:
+            yield handle.close()
+        return b"".join(pieces)
+
+    @defer.inlineCallbacks
+    def write_file(self, path: PathLike, data: bytes, mode: int = 0o644) -> Generator[defer.Deferred[Any], Any, None]:
+        """Make file ``path`` hold ``data`` (created, or emptied first)."""
+        handle = yield self.open_path(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            yield handle.write(0, data)
+        finally:
+            yield handle.close()
+
+    def close(self) -> None:
+        """Stop listening to the session; close handles first (their ``close`` stores buffered writes)."""
+        self.inodes.close()
+
