@@ -8,16 +8,12 @@ contains those names, those contents, or the master key.
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
 from lucidlink.crypto import import_key
+from tests.demo_helpers import RunningDemo, lucid
 
 SECRET_NAME = "Quarterly-Forecast-Zebra"
 SECRET_DIRECTORY = "Project-Marmalade"
@@ -33,14 +29,6 @@ def variants(text: str) -> list[bytes]:
     return forms
 
 
-def lucid(config: Path, *arguments: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    environment = dict(os.environ, LUCID_CONFIG=str(config))
-    return subprocess.run(
-        [sys.executable, "-m", "lucidlink.cli.main", *arguments],
-        env=environment, capture_output=True, input=stdin, timeout=120,
-    )
-
-
 class ZeroKnowledgeTests(TestCase):
     """Everything the operators hold, scanned for what only users should know."""
 
@@ -50,14 +38,10 @@ class ZeroKnowledgeTests(TestCase):
         base = Path(self.mktemp()).absolute()
         base.mkdir()
         demo_dir = base / "demo"
-        log = (base / "demo.out").open("wb")
-        demo = subprocess.Popen(
-            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(demo_dir)],
-            stdout=subprocess.PIPE, stderr=log,
-        )
-        self.addCleanup(self._stop, demo, log)
-        self._wait_for_ready(demo, base / "demo.out")
-        config = demo_dir / "client.ini"
+        demo = RunningDemo(demo_dir)
+        self.addCleanup(demo.stop)
+        demo.wait_until_ready()
+        config = demo.config
 
         local = base / f"{SECRET_NAME}.txt"
         local.write_text(SECRET_CONTENT * 50)
@@ -78,7 +62,7 @@ class ZeroKnowledgeTests(TestCase):
         self.assertEqual(key_file.stat().st_mode & 0o777, 0o600)
         master_key = import_key(key_file.read_text()).master_key
 
-        self._stop(demo, log)
+        demo.stop()
         needles = variants(SECRET_NAME) + variants(SECRET_DIRECTORY) + variants(SECRET_CONTENT[:30])
         needles += variants(SECRET_LINK_TARGET)
         needles += [master_key, master_key.hex().encode(), base64.b64encode(master_key)]
@@ -92,26 +76,3 @@ class ZeroKnowledgeTests(TestCase):
                 for needle in needles:
                     self.assertNotIn(needle, data, f"{needle!r} found in {path}")
         self.assertGreater(scanned, len(SECRET_CONTENT) * 50)
-
-    def _wait_for_ready(self, demo: subprocess.Popen[bytes], log: Path) -> None:
-        assert demo.stdout is not None
-        deadline = time.monotonic() + 180
-        for line in demo.stdout:
-            if line.strip() == b"ready":
-                return
-            if time.monotonic() > deadline:
-                break
-        self.fail(f"the demo never said ready:\n{log.read_text(errors='replace')}")
-
-    @staticmethod
-    def _stop(demo: subprocess.Popen[bytes], log: object) -> None:
-        if demo.poll() is None:
-            demo.send_signal(signal.SIGINT)
-            try:
-                demo.wait(60)
-            except subprocess.TimeoutExpired:
-                demo.kill()
-                demo.wait(10)
-        if demo.stdout is not None:
-            demo.stdout.close()
-        log.close()  # type: ignore[attr-defined]
