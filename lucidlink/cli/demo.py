@@ -39,6 +39,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from lucidlink.atomic import write_atomically
 from lucidlink.errors import LucidError
 from lucidlink.supervise import SupervisedProcess
 from lucidlink.tls import init_ca, issue_certificate
@@ -75,12 +76,6 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _write_private(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as stream:
-        stream.write(text)
-
-
 class DemoLayout:
     """The folders and files of one demo directory."""
 
@@ -110,9 +105,9 @@ class DemoLayout:
             issue_certificate(self.ca, [f"{FILESPACE}.meta.lucid"], self.meta / "meta")
         secret_file = self.discovery / "registration-secret"
         if not secret_file.exists():
-            _write_private(secret_file, f"demo:{secrets.token_hex(32)}\n")
+            write_atomically(secret_file, f"demo:{secrets.token_hex(32)}\n".encode())
         if not self.passphrase.exists():
-            _write_private(self.passphrase, secrets.token_urlsafe(18) + "\n")
+            write_atomically(self.passphrase, (secrets.token_urlsafe(18) + "\n").encode())
         if self.ports_file.exists():
             ports = json.loads(self.ports_file.read_text())
         else:

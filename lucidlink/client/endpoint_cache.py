@@ -32,8 +32,6 @@ Format::
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from lucidlink.atomic import write_atomically
 from lucidlink.protocol.messages import Resolved, ServerStatus
 
 FILE_NAME = "endpoints.json"
@@ -234,33 +233,6 @@ class EndpointCache:
                 "ignoring the endpoint cache {path}: {problem}; it will be rewritten",
                 path=str(self.path), problem=problem,
             )
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """
-    Replace ``path`` with ``data`` so that a crash leaves the old file or the new one.
-
-    A temporary file beside ``path`` is created with ``mode``, written and
-    fsynced, renamed over ``path``, and the folder is fsynced so the rename
-    itself is durable.  A missing folder is made with mode 0700.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _reason(error: BaseException) -> str:

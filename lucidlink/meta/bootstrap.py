@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from lucidlink.atomic import write_atomically
 from lucidlink.meta.interface import IMetadataStore
 from lucidlink.meta.mutations import SetBootstrapToken
 
@@ -58,7 +58,7 @@ def prepare_token(store: IMetadataStore, path: Path) -> bool:
         return True
     token = secrets.token_urlsafe(32).encode("ascii")
     store.apply(SetBootstrapToken(token_hash(token)))
-    _write_private(path, token + b"\n")
+    write_atomically(path, token + b"\n")
     _log.info("filespace not initialised; wrote a new bootstrap token to {path}", path=str(path))
     return True
 
@@ -66,18 +66,3 @@ def prepare_token(store: IMetadataStore, path: Path) -> bool:
 def remove_token(path: Path) -> None:
     """Delete the used token file."""
     path.unlink(missing_ok=True)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in a file only the owner can read, never visible half-written."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
