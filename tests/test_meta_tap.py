@@ -155,6 +155,23 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("[meta] registration_secret_file:", message)
         self.assertIn("chmod 600", message)
 
+    def test_durability_keys(self) -> None:
+        """Without store nothing is shipped; with it sync is the default; async and intervals are read."""
+        self.assertEqual(load_config(write_config(self.directory), FILESPACE).durability, "off")
+        config = load_config(write_config(self.directory, store="file:///srv/objects"), FILESPACE)
+        self.assertEqual((config.store, config.durability, config.ship_interval, config.snapshot_interval),
+                         ("file:///srv/objects", "sync", 1.0, 3600.0))
+        config = load_config(write_config(self.directory, store="file:///srv/objects", durability="async",
+                                          ship_interval="0.5", snapshot_interval="60"), FILESPACE)
+        self.assertEqual((config.durability, config.ship_interval, config.snapshot_interval), ("async", 0.5, 60.0))
+
+    def test_bad_durability(self) -> None:
+        self.assertIn("durability: 'always' is not one of sync, async, off",
+                      self.refusal(store="file:///srv/o", durability="always"))
+        self.assertIn("durability: sync needs `store`", self.refusal(durability="sync"))
+        self.assertIn("[meta] store: '/srv/o' is not an object store URL", self.refusal(store="/srv/o"))
+        self.assertIn("ship_interval", self.refusal(store="file:///srv/o", ship_interval="0"))
+
     def test_bad_filespace_name(self) -> None:
         """A filespace name that cannot be part of a TLS name is refused."""
         with self.assertRaises(ConfigError):
@@ -194,6 +211,10 @@ class LoopbackServerTests(TestCase):
 
     timeout = 30
 
+    def server_keys(self) -> dict[str, str]:
+        """More keys for the server's configuration."""
+        return {}
+
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.directory = Path(self.mktemp())
@@ -216,6 +237,7 @@ class LoopbackServerTests(TestCase):
             discovery_identity=DISCOVERY_IDENTITY,
             registration_secret_file="registration-secret",
             heartbeat_interval="0.2",
+            **self.server_keys(),
         )
         options = tap.Options()
         options.parseOptions(["--filespace", FILESPACE, "--config", str(config)])
@@ -302,6 +324,47 @@ class LoopbackServerTests(TestCase):
         yield again.request(Login("admin", credentials("admin").login_secret))
         found = yield again.request(GetAttr(made.attributes.inode))
         self.assertEqual(found.attributes.inode, made.attributes.inode)
+
+
+class ShippingServerTests(LoopbackServerTests):
+    """The same server with a local object store and durability=sync: every test above, and shipping."""
+
+    def server_keys(self) -> dict[str, str]:
+        self.objects = (self.directory / "objects").resolve()
+        return {"store": f"file://{self.objects}", "snapshot_interval": "3600"}
+
+    @defer.inlineCallbacks
+    def test_writes_are_shipped_and_restorable(self) -> Any:
+        """Answered writes are already in segments; after a clean stop, a restore equals the database."""
+        from lucidlink.meta.server import DATABASE_NAME
+        from lucidlink.meta.snapshots import restore
+        from lucidlink.meta.store import MetadataStore
+        from lucidlink.objectstore.local import LocalObjectStore
+
+        connection = yield self.connect()
+        token = read_token(self.data_dir / TOKEN_FILE_NAME)
+        yield connection.request(Bootstrap(token, "admin", credentials("admin"), CHUNK_SIZE, FILESPACE_ID, b""))
+        yield connection.request(Login("admin", credentials("admin").login_secret))
+        yield connection.request(MkDir(1, b"shipped", 0o755, 0, 0))
+        shipper = self.server.shipper
+        assert shipper is not None
+        self.assertEqual(shipper.pending(), 0, "the answer came after the upload")
+        self.assertTrue(list((self.objects / FILESPACE / "journal").iterdir()))
+        yield self.server.stopService()
+        self.assertTrue(list((self.objects / FILESPACE / "snapshots").iterdir()))
+        objects = LocalObjectStore(self.objects, reactor)
+        self.addCleanup(objects.close)
+        target = self.directory / "restored.sqlite3"
+        result = yield restore(objects, FILESPACE, target)
+        self.assertTrue(result.complete, result.summary)
+        original = MetadataStore(self.data_dir / DATABASE_NAME, reactor)
+        restored = MetadataStore(target, reactor)
+        try:
+            self.assertEqual(restored.dump(), original.dump())
+        finally:
+            original.close()
+            restored.close()
+        self.server.startService()  # for the cleanup's stopService
 
 
 class ExampleConfigTests(SynchronousTestCase):

@@ -39,7 +39,11 @@ KEYS = frozenset({
     "data_dir", "listen", "advertise", "certificate", "private_key", "server_id",
     "discovery", "discovery_ca", "discovery_identity", "registration_secret", "registration_secret_file",
     "heartbeat_interval", "max_connections",
+    "store", "durability", "ship_interval", "snapshot_interval",
 })
+DURABILITY_MODES = ("sync", "async", "off")
+DEFAULT_SHIP_INTERVAL = 1.0
+DEFAULT_SNAPSHOT_INTERVAL = 3600.0
 
 
 class ConfigError(usage.UsageError):
@@ -77,6 +81,12 @@ class MetaConfig:
     server_id: str
     discovery: DiscoverySettings | None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    store: str | None = None
+    """The object store URL journal segments and snapshots go to (None: not shipped)."""
+    durability: str = "off"
+    """sync, async or off (the default without ``store``; sync is the default with it)."""
+    ship_interval: float = DEFAULT_SHIP_INTERVAL
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
 
     @property
     def identity(self) -> str:
@@ -143,6 +153,10 @@ class _Reader:
             server_id=self.text("server_id") or f"{socket.gethostname()}/{self.filespace}",
             discovery=self.discovery(),
             max_connections=self.integer("max_connections", DEFAULT_MAX_CONNECTIONS),
+            store=self.text("store") or None,
+            durability=self.durability(),
+            ship_interval=self.number("ship_interval", DEFAULT_SHIP_INTERVAL),
+            snapshot_interval=self.number("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
         )
 
     # -- kinds of value ------------------------------------------------------------
@@ -215,6 +229,19 @@ class _Reader:
         if not lines:
             raise self.fail("listen", "missing; give one or more endpoint strings such as tcp:7100, one per line")
         return tuple(self.endpoint("listen", line) for line in lines)
+
+    def durability(self) -> str:
+        store = self.text("store")
+        if store and "://" not in store:
+            raise self.fail("store", f"{store!r} is not an object store URL such as file:///var/lib/lucidlink/objects")
+        mode = self.text("durability").lower()
+        if not mode:
+            return "sync" if store else "off"
+        if mode not in DURABILITY_MODES:
+            raise self.fail("durability", f"{mode!r} is not one of {', '.join(DURABILITY_MODES)}")
+        if mode != "off" and not store:
+            raise self.fail("durability", f"{mode} needs `store`, the object store the journal is shipped to")
+        return mode
 
     def tls_files(self) -> tuple[Path, Path]:
         certificate = self.existing_file("certificate")

@@ -7,8 +7,12 @@ The metadata server's lifecycle: open the store, listen, register, and stop in o
 starts it opens the SQLite store in the data folder, reclaims orphans left
 by the previous run, writes the bootstrap token of a new filespace, and,
 when discovery endpoints are configured, registers with every discovery
-instance and heartbeats.  Stopping reverses that: unregister (entries
-expire), stop listening, say goodbye to every connection, close the store.
+instance and heartbeats.  Every change is journalled
+(:mod:`lucidlink.meta.journal`); with a ``store`` the journal is shipped
+(:mod:`lucidlink.meta.shipper`) and snapshots taken
+(:mod:`lucidlink.meta.snapshots`).  Stopping reverses that: unregister
+(entries expire), stop listening, say goodbye to every connection, ship what
+is left and take a last snapshot, close the store.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from lucidlink.discovery.shedding import ConnectionCap
 from lucidlink.discovery.tap import EndpointListener
 from lucidlink.meta import bootstrap
 from lucidlink.meta.config import MetaConfig
+from lucidlink.meta.journal import Journal
 from lucidlink.meta.service import MetadataResponder
+from lucidlink.meta.shipper import Shipper
+from lucidlink.meta.snapshots import Snapshotter
 from lucidlink.meta.store import MetadataStore
 from lucidlink.protocol.connection import ServerConnection, ServerFactory
 from lucidlink.protocol.messages import ServerStatus
@@ -68,6 +75,9 @@ class MetaServer(MultiService):
         self.store: MetadataStore | None = None
         self.responder: MetadataResponder | None = None
         self.announcer: Announcer | None = None
+        self.object_store: Any = None
+        self.shipper: Shipper | None = None
+        self.snapshotter: Snapshotter | None = None
         protocol_factory = _ResponderFactory(self, reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_tls_options(config.certificate, config.private_key), False, protocol_factory
@@ -88,6 +98,8 @@ class MetaServer(MultiService):
         data_dir = self.config.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = MetadataStore(data_dir / DATABASE_NAME, self.reactor)
+        journal = Journal(self.reactor).install(self.store)
+        self._start_shipping(journal)
         reclaimed = self.store.reclaim_orphans()
         if reclaimed is not None:
             self.log.info("reclaimed {count} files left open by the last run", count=len(reclaimed.record.inodes))
@@ -96,6 +108,7 @@ class MetaServer(MultiService):
             self.store, self.reactor, self.config.filespace,
             token_path=self.token_path, server_name=self.config.server_id,
             on_status_changed=self._status_changed,
+            shipper=self.shipper if self.config.durability == "sync" else None,
         )
         super().startService()
         self.log.info("serving filespace {filespace} from {data_dir}", filespace=self.config.filespace,
@@ -104,6 +117,23 @@ class MetaServer(MultiService):
             defer.gatherResults([listener.when_listening() for listener in self.listeners]).addCallbacks(
                 self._announce, lambda failure: self.log.failure("not registering with discovery", failure)
             )
+
+    def _start_shipping(self, journal: Journal) -> None:
+        config = self.config
+        assert self.store is not None
+        if config.store is None or config.durability == "off":
+            self.log.warn("the journal of {filespace} is not shipped (no store, or durability=off): "
+                          "a lost disk loses its metadata", filespace=config.filespace)
+            return
+        from lucidlink.objectstore import open_store
+
+        self.object_store = open_store(config.store, self.reactor, create=config.store.startswith("file:"))
+        self.shipper = Shipper(self.store, self.object_store, self.reactor, filespace=config.filespace,
+                               durability=config.durability, ship_interval=config.ship_interval, journal=journal)
+        self.shipper.start()
+        self.snapshotter = Snapshotter(self.store, self.object_store, config.filespace, self.reactor,
+                                       config.snapshot_interval)
+        self.snapshotter.start()
 
     def _announce(self, ports: Sequence[Any]) -> None:
         settings = self.config.discovery
@@ -151,6 +181,15 @@ class MetaServer(MultiService):
         responder, self.responder = self.responder, None
         if responder is not None:
             yield responder.close_all("the metadata server is stopping")
+        shipper, self.shipper = self.shipper, None
+        if shipper is not None:
+            yield shipper.stop()
+        snapshotter, self.snapshotter = self.snapshotter, None
+        if snapshotter is not None:
+            yield snapshotter.stop()
+        object_store, self.object_store = self.object_store, None
+        if object_store is not None:
+            yield object_store.close()
         store, self.store = self.store, None
         if store is not None:
             store.close()

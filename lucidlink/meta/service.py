@@ -92,6 +92,7 @@ class MetadataResponder:
         max_connections: int = 1024,
         limiter: LoginLimiter | None = None,
         on_status_changed: Callable[[], object] | None = None,
+        shipper: Any = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -101,6 +102,9 @@ class MetadataResponder:
         self.max_connections = max_connections
         self.limiter = limiter or LoginLimiter(clock)
         self.on_status_changed = on_status_changed
+        self.shipper = shipper
+        """A :class:`~lucidlink.meta.shipper.Shipper` whose ``durable`` a write waits on before it is answered."""
+        self._unpublished: list[tuple[Session, tuple[Change, ...]]] | None = None
         self.locks = LockTable()
         self.sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
@@ -132,7 +136,33 @@ class MetadataResponder:
         method, role, doing = entry
         if role is not None:
             self._require_role(session, role, doing)
-        return method(self, session, message)
+        if self.shipper is None:
+            return method(self, session, message)
+        # A write is answered, and the others told, only once its journal record is durable.
+        before = self.shipper.head()
+        self._unpublished = []
+        try:
+            answer = method(self, session, message)
+        except BaseException:
+            unpublished, self._unpublished = self._unpublished or [], None
+            self._publish_all(unpublished)
+            raise
+        unpublished, self._unpublished = self._unpublished, None
+        if self.shipper.head() == before:
+            self._publish_all(unpublished)
+            return answer
+        durable = self.shipper.durable()
+
+        def publish(result: Any) -> Any:
+            # Published even if shipping failed: the change is in the database and reads show it.
+            self._publish_all(unpublished)
+            return result
+
+        return durable.addBoth(publish).addCallback(lambda _: answer)
+
+    def _publish_all(self, unpublished: list[tuple[Session, tuple[Change, ...]]]) -> None:
+        for author, changes in unpublished:
+            self._publish(author, changes)
 
     def connection_ended(self, connection: ServerConnection, reason: LucidError) -> None:
         session: Session | None = connection.session
@@ -166,7 +196,10 @@ class MetadataResponder:
 
     def _apply(self, session: Session, record: m.Mutation) -> Applied:
         applied = self.store.apply(record)
-        self._publish(session, applied.changes)
+        if self._unpublished is not None:
+            self._unpublished.append((session, tuple(applied.changes)))
+        else:
+            self._publish(session, applied.changes)
         return applied
 
     def _publish(self, author: Session, changes: Iterable[Change]) -> None:

@@ -1,0 +1,208 @@
+"""
+Snapshots and restore: a database rebuilt from the newest snapshot plus the
+later segments equals the original in every row, and a damaged segment stops
+the restore at its last good record, saying which.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink.errors import InvalidArgument
+from lucidlink.meta import mutations as m
+from lucidlink.meta.journal import Journal
+from lucidlink.meta.segments import parse_segment_key
+from lucidlink.meta.shipper import Shipper
+from lucidlink.meta.snapshots import Manifest, Snapshotter, manifest_key, restore, snapshot_key, take_snapshot
+from lucidlink.meta.store import ROOT_INODE, MetadataStore
+from tests.client_helpers import MemoryObjectStore
+from tests.meta_helpers import START_TIME, initialise_record
+
+FILESPACE = "films"
+
+
+class RestoreTests(SynchronousTestCase):
+    """A journalled store shipping to memory, restored into new files."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START_TIME)
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir()
+        self.store = self.open(self.folder / "original.sqlite3")
+        self.objects = MemoryObjectStore()
+        # max_records=3 so a workload spans several segments.
+        self.shipper = Shipper(self.store, self.objects, self.clock, filespace=FILESPACE, durability="async",
+                               max_records=3)
+        self.successResultOf(self.shipper.start())
+        self.addCleanup(lambda: self.shipper.stop())
+        self.journal = self.shipper.journal
+        self.inodes: list[int] = []
+
+    def open(self, path: Path) -> MetadataStore:
+        store = MetadataStore(path, self.clock)
+        self.addCleanup(store.close)
+        return store
+
+    def work(self, rounds: int) -> None:
+        """A mixed workload: directories, files, chunks, xattrs, renames, unlinks, a held orphan."""
+        if not self.store.initialised:
+            self.store.apply(initialise_record())
+        for _ in range(rounds):
+            self.clock.advance(1.5)
+            n = len(self.inodes)
+            directory = self.store.apply(m.MakeDirectory(ROOT_INODE, b"d%d" % n, 0o755, n, 0)).value.inode
+            created = self.store.apply(m.CreateFile(directory, b"f", 0o644, 0, 0, True)).value[0].inode
+            self.store.apply(m.CommitChunks(created, 0, 3000, ((0, b"obj-%d" % n, 1024, 1024),), 0))
+            self.store.apply(m.SetXattr(created, b"user.x", b"v%d" % n, 1))
+            self.store.apply(m.Rename(directory, b"f", ROOT_INODE, b"moved%d" % n, 0))
+            self.inodes.append(created)
+        if self.inodes and not self.store.held(self.inodes[0]):
+            self.store.hold(self.inodes[0])
+            self.store.apply(m.Unlink(ROOT_INODE, b"moved0"))
+
+    def ship(self) -> None:
+        self.clock.advance(self.shipper.ship_interval)
+        while self.shipper.pending():
+            self.clock.advance(self.shipper.ship_interval)
+
+    def restored(self, name: str = "restored.sqlite3", **options: Any) -> tuple[Any, MetadataStore]:
+        target = self.folder / name
+        result = self.successResultOf(restore(self.objects, FILESPACE, target, **options))
+        store = self.open(target)
+        return result, store
+
+    def test_snapshot_plus_segments_equals_original(self) -> None:
+        """Restoring from a snapshot taken midway plus every later segment gives the same database and journal."""
+        self.work(3)
+        self.ship()
+        manifest = self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
+        self.assertEqual(manifest.seq, self.journal.head()[0])
+        self.work(3)
+        self.ship()
+        result, store = self.restored()
+        self.assertTrue(result.complete, result.summary)
+        self.assertEqual(result.snapshot_seq, manifest.seq)
+        self.assertEqual((result.seq, result.hash), self.journal.head())
+        self.assertEqual(store.dump(), self.store.dump())
+        restored_journal = Journal(Clock()).install(store)
+        self.assertEqual(restored_journal.entries(), self.journal.entries())
+        self.assertEqual(restored_journal.verify(), self.journal.head())
+
+    def test_segments_alone(self) -> None:
+        """Without a snapshot the whole journal is replayed from an empty database."""
+        self.work(4)
+        self.ship()
+        result, store = self.restored()
+        self.assertIsNone(result.snapshot_seq)
+        self.assertTrue(result.complete)
+        self.assertEqual(store.dump(), self.store.dump())
+
+    def test_to_seq(self) -> None:
+        """Restoring to a sequence gives the database as it was right after that record."""
+        self.work(2)
+        self.ship()
+        expected_seq = self.journal.head()[0]
+        expected = self.store.dump()
+        self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
+        self.work(2)
+        self.ship()
+        self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
+        result, store = self.restored(to_seq=expected_seq - 2)
+        self.assertEqual(result.seq, expected_seq - 2)
+        result, store = self.restored("exact.sqlite3", to_seq=expected_seq)
+        self.assertEqual(result.seq, expected_seq)
+        self.assertEqual(result.snapshot_seq, expected_seq)
+        self.assertEqual(store.dump(), expected)
+
+    def test_corrupt_segment_stops_at_last_good_record(self) -> None:
+        """A damaged segment: the records before the damage are restored, and the message names the sequence."""
+        self.work(4)
+        self.ship()
+        keys = sorted(key for key in self.objects.objects if parse_segment_key(FILESPACE, key))
+        self.assertGreater(len(keys), 3)
+        victim = keys[2]
+        first, _ = parse_segment_key(FILESPACE, victim)  # type: ignore[misc]
+        good = first  # the segment's first record survives; its second is damaged
+        expected = self.successResultOf(restore(self.objects, FILESPACE, self.folder / "expected.sqlite3",
+                                                to_seq=good))
+        expected_store = self.open(self.folder / "expected.sqlite3")
+        entries = self.journal.entries(after=first)
+        data = bytearray(self.objects.objects[victim])
+        where = bytes(data).index(entries[0].record)
+        data[where + 5] ^= 0x01
+        self.objects.objects[victim] = bytes(data)
+        result, store = self.restored()
+        self.assertFalse(result.complete)
+        self.assertEqual(result.seq, good)
+        self.assertIn(f"last good record is seq {good}", result.summary)
+        self.assertIn("checksum mismatch", result.problem)
+        self.assertEqual(store.dump(), expected_store.dump())
+        self.assertEqual(expected.seq, good)
+
+    def test_overlapping_segments(self) -> None:
+        """Segments that overlap (a put whose answer was lost, then a longer one) restore each record once."""
+        from lucidlink.meta.segments import build_segment, segment_key
+
+        self.work(2)
+        entries = self.journal.entries()
+        for first, last in ((1, 3), (1, 5), (4, 6), (6, len(entries))):
+            prev = self.journal.hash_at(first - 1)
+            self.objects.objects[segment_key(FILESPACE, first, last)] = build_segment(
+                FILESPACE.encode(), prev, entries[first - 1:last])
+        result, store = self.restored()
+        self.assertTrue(result.complete, result.summary)
+        self.assertEqual(store.dump(), self.store.dump())
+
+    def test_missing_segment_stops_the_restore(self) -> None:
+        self.work(3)
+        self.ship()
+        keys = sorted(key for key in self.objects.objects if parse_segment_key(FILESPACE, key))
+        first, _ = parse_segment_key(FILESPACE, keys[1])  # type: ignore[misc]
+        del self.objects.objects[keys[1]]
+        result, _ = self.restored()
+        self.assertEqual(result.seq, first - 1)
+        self.assertIn(f"no segment holds seq {first}", result.problem)
+
+    def test_corrupt_snapshot_falls_back(self) -> None:
+        """A snapshot that does not match its manifest is skipped for an older one (or none)."""
+        self.work(2)
+        self.ship()
+        manifest = self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
+        key = snapshot_key(FILESPACE, manifest.seq)
+        self.objects.objects[key] = self.objects.objects[key][:-1] + b"\x00"
+        result, store = self.restored()
+        self.assertIsNone(result.snapshot_seq)
+        self.assertTrue(result.complete)
+        self.assertEqual(store.dump(), self.store.dump())
+
+    def test_manifest(self) -> None:
+        """The manifest names the snapshot's sequence, chain hash, checksum and size, and is create-only."""
+        self.work(1)
+        manifest = self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
+        stored = Manifest.from_bytes(self.objects.objects[manifest_key(FILESPACE, manifest.seq)])
+        self.assertEqual(stored, manifest)
+        self.assertEqual(stored.hash, self.journal.head()[1])
+        self.assertEqual(stored.size, len(self.objects.objects[snapshot_key(FILESPACE, manifest.seq)]))
+        self.assertIsNone(self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock)))
+
+    def test_snapshotter_interval_and_stop(self) -> None:
+        """A snapshot every interval when the journal moved, and one at a clean stop."""
+        snapshotter = Snapshotter(self.store, self.objects, FILESPACE, self.clock, interval=100)
+        snapshotter.start()
+        self.work(1)
+        self.clock.advance(100)
+        self.assertEqual(snapshotter.taken, 1)
+        self.clock.advance(100)
+        self.assertEqual(snapshotter.taken, 1, "nothing changed")
+        self.work(1)
+        self.successResultOf(snapshotter.stop())
+        self.assertEqual(snapshotter.taken, 2)
+
+    def test_target_must_not_exist(self) -> None:
+        (self.folder / "there").write_bytes(b"")
+        self.failureResultOf(restore(self.objects, FILESPACE, self.folder / "there"), InvalidArgument)
