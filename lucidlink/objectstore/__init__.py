@@ -3,7 +3,8 @@ Object stores: where encrypted chunks, journal segments and snapshots live.
 
 :class:`~lucidlink.objectstore.interface.IObjectStore` is the interface;
 :func:`open_store` opens a store from its URL.  Backends: ``file:///path``
-(:mod:`lucidlink.objectstore.local`).  :mod:`lucidlink.objectstore.faults`
+(:mod:`lucidlink.objectstore.local`) and ``s3://bucket/prefix?endpoint=…``
+(:mod:`lucidlink.objectstore.s3`).  :mod:`lucidlink.objectstore.faults`
 wraps any store to inject failures in tests.
 """
 
@@ -36,8 +37,15 @@ def _open_file(url: str, reactor: Any, create: bool) -> IObjectStore:
     return LocalObjectStore(Path(path), reactor, create=create)  # type: ignore[return-value]
 
 
+def _open_s3(url: str, reactor: Any, create: bool) -> IObjectStore:
+    from lucidlink.objectstore.s3 import open_s3
+
+    return open_s3(url, reactor, create)  # type: ignore[return-value]
+
+
 _OPENERS: dict[str, Callable[[str, Any, bool], IObjectStore]] = {
     "file": _open_file,
+    "s3": _open_s3,
 }
 
 
@@ -45,7 +53,9 @@ def open_store(url: str, reactor: Any, create: bool = False) -> IObjectStore:
     """
     Open the object store that ``url`` names.
 
-    ``file:///path`` is a local folder, which must exist unless ``create``.
+    ``file:///path`` is a local folder, which must exist unless ``create``;
+    ``s3://bucket/prefix?…`` a bucket (see :mod:`lucidlink.objectstore.s3`),
+    which must exist whatever ``create`` says.
     A URL of another scheme is refused with NotSupported naming the scheme.
     """
     scheme = urlsplit(url).scheme.lower()

@@ -1,0 +1,243 @@
+"""
+A real S3 server on loopback for tests: ``moto_server``, one per test process.
+
+Starting moto takes over a second, so the first test that asks starts it on
+a free 127.0.0.1 port and later tests share it, each in a bucket of its own
+(:func:`new_bucket`).  It is stopped by its PID when the test process exits
+(``atexit``), and on Linux the kernel kills it should the test process die
+first (``PR_SET_DEATHSIG``), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import itertools
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from botocore.credentials import Credentials
+from twisted.internet import defer
+
+from lucidlink.client.backoff import Backoff
+from lucidlink.objectstore.s3 import S3Location, S3ObjectStore
+from tests.processes import free_port
+
+ACCESS_KEY = "AKIDLUCIDTEST"
+SECRET_KEY = "lucid-test-secret"
+REGION = "us-east-1"
+CREDENTIALS = Credentials(ACCESS_KEY, SECRET_KEY)
+FAST_BACKOFF = Backoff(initial=0.01, cap=0.05)
+"""Retries in tests wait milliseconds, not seconds."""
+
+_MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+_bucket_numbers = itertools.count(1)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be killed if the test process dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_DEATHSIG
+    except OSError:
+        pass
+
+
+class MotoServer:
+    """One ``moto_server`` process on 127.0.0.1, its port and its log."""
+
+    def __init__(self, environment: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
+        self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(_MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(environment or {})},
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
+        self._ready = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until moto answers HTTP (it takes a second or two to start)."""
+        import http.client
+
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"moto_server exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                connection.request("GET", "/moto-api/")
+                connection.getresponse().read()
+                connection.close()
+                self._ready = True
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"moto_server not ready after {timeout} s:\n{self.log.read_text()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server by its PID and wait for it."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log_file.close()
+        self.log.unlink(missing_ok=True)
+
+    def client(self) -> Any:
+        """A boto3 client for setting up tests (never used by the backend under test)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+
+
+_shared: MotoServer | None = None
+
+
+def shared_moto() -> MotoServer:
+    """The test process's moto_server, started on first use."""
+    global _shared
+    if _shared is None:
+        _shared = MotoServer()
+        atexit.register(_shared.stop)
+    _shared.wait_ready()
+    return _shared
+
+
+AUTH_BUCKET = "lucid-auth"
+"""The bucket of the moto server that checks signatures and policies."""
+
+ROLE_POLICIES: dict[str, list[dict[str, Any]]] = {
+    "client": [
+        {
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject"],
+            "Resource": f"arn:aws:s3:::{AUTH_BUCKET}/fs/*/chunks/*",
+        },
+        {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{AUTH_BUCKET}"},
+    ],
+    "meta": [
+        {
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject"],
+            "Resource": [
+                f"arn:aws:s3:::{AUTH_BUCKET}/fs/*/journal/*",
+                f"arn:aws:s3:::{AUTH_BUCKET}/fs/*/snapshots/*",
+            ],
+        },
+        {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{AUTH_BUCKET}"},
+    ],
+    "gc": [
+        {
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:DeleteObject"],
+            "Resource": f"arn:aws:s3:::{AUTH_BUCKET}/fs/*",
+        },
+        {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{AUTH_BUCKET}"},
+    ],
+}
+"""Least-privilege policies of each role (as docs/operations.rst describes), for IAM users in moto."""
+
+
+class AuthMotoServer(MotoServer):
+    """A moto_server that checks SigV4 signatures and IAM policies, with one user per role."""
+
+    def __init__(self) -> None:
+        # The setup below is the only unauthenticated traffic moto lets through.
+        super().__init__({"INITIAL_NO_AUTH_ACTION_COUNT": str(3 * len(ROLE_POLICIES) + 1)})
+        self.credentials: dict[str, Credentials] = {}
+
+    def set_up(self) -> None:
+        import json
+
+        import boto3
+
+        self.wait_ready()
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+        for role, statements in ROLE_POLICIES.items():
+            iam.create_user(UserName=role)
+            key = iam.create_access_key(UserName=role)["AccessKey"]
+            policy = {"Version": "2012-10-17", "Statement": statements}
+            iam.put_user_policy(UserName=role, PolicyName=role, PolicyDocument=json.dumps(policy))
+            self.credentials[role] = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+        self.client().create_bucket(Bucket=AUTH_BUCKET)
+
+
+_shared_auth: AuthMotoServer | None = None
+
+
+def shared_auth_moto() -> AuthMotoServer:
+    """The test process's signature-checking moto_server, started and set up on first use."""
+    global _shared_auth
+    if _shared_auth is None:
+        _shared_auth = AuthMotoServer()
+        atexit.register(_shared_auth.stop)
+        _shared_auth.set_up()
+    return _shared_auth
+
+
+def new_bucket(moto: MotoServer) -> str:
+    """A new, empty bucket with a name no other test uses."""
+    name = f"lucid-{os.getpid()}-{next(_bucket_numbers)}-{secrets.token_hex(3)}"
+    moto.client().create_bucket(Bucket=name)
+    return name
+
+
+def make_store(
+    reactor: Any,
+    endpoint: str,
+    bucket: str,
+    prefix: str = "",
+    *,
+    attempts: int = 4,
+    timeout: float = 10.0,
+    conditional: bool = True,
+    credentials: Credentials = CREDENTIALS,
+    **options: Any,
+) -> S3ObjectStore:
+    """An S3 store on ``endpoint`` with the test credentials (or others) and quick retries."""
+    location = S3Location(bucket, prefix, endpoint, REGION, "path", None, timeout, attempts, conditional)
+    options.setdefault("backoff", FAST_BACKOFF)
+    return S3ObjectStore(location, reactor, credentials, **options)
+
+
+def wait(seconds: float) -> defer.Deferred[None]:
+    """Wait on the global reactor (integration tests only)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
