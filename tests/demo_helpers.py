@@ -27,15 +27,16 @@ def lucid(config: Path, *arguments: str, environment: dict[str, str] | None = No
 
 
 class RunningDemo:
-    """``lucid demo DIR`` in the background until :meth:`stop`."""
+    """``lucid demo DIR`` in the background until :meth:`stop`; ``mount``: let it mount ``DIR/mnt`` too."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, mount: bool = False) -> None:
         self.directory = directory
+        self.output: list[bytes] = []
         self.config = directory / "client.ini"
         self.log_path = directory.parent / f"{directory.name}.out"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(directory)],
+            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(directory), *([] if mount else ["--no-mount"])],
             stdout=subprocess.PIPE, stderr=self._log,
         )
 
@@ -44,6 +45,7 @@ class RunningDemo:
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
         for line in self.process.stdout:
+            self.output.append(line)
             if line.strip() == b"ready":
                 return
             if time.monotonic() > deadline:

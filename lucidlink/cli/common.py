@@ -108,7 +108,14 @@ def read_passphrase_file(path: Path) -> str:
 
 
 def passphrase_for(args: argparse.Namespace, config: ClientConfig, prompt: str, *, confirm: bool = False) -> str:
-    """The passphrase: ``--passphrase-file``, ``LUCID_PASSPHRASE``, the configured file, a prompt."""
+    """The passphrase: ``--passphrase-file``, ``LUCID_PASSPHRASE``, the configured file, a prompt.
+
+    ``args.passphrase``, when set, is one asked for already (``lucid-mount`` asks
+    before it goes to the background, where there is no terminal).
+    """
+    asked = getattr(args, "passphrase", None)
+    if asked:
+        return str(asked)
     option = getattr(args, "passphrase_file", None)
     if option is not None:
         return read_passphrase_file(option)

@@ -9,13 +9,17 @@ It lays out ``DIR`` (made on first use, reused after)::
     DIR/meta/meta.ini   its config (certificate demo.meta.lucid)
     DIR/objects/        the local object store (unless --store names another)
     DIR/client.ini      the client config, naming DIR/passphrase (mode 0600)
+    DIR/mnt/            the filespace, mounted with lucid-mount where FUSE works
 
 starts ``twistd lucid-discovery`` and ``twistd lucid-meta --filespace demo``
 on loopback (restarting either if it dies, as the systemd units in ``etc/``
 do), initialises filespace ``demo`` with user ``demo`` the first time, puts
-a few sample files, lists and reads them back, prints how to use the
-filespace from another shell and a line ``ready``, and runs until Ctrl-C,
-which stops everything it started.
+a few sample files, lists and reads them back, mounts the filespace at
+``DIR/mnt`` with ``lucid-mount`` (a supervised child too; unless FUSE is
+missing or ``--no-mount``) and shows it with ``ls`` and ``cat``, prints how to
+use the filespace from another shell and a line ``ready``, and runs until
+Ctrl-C, which stops everything it started (the mount first, so that it
+stores what it buffers while the servers still run).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -40,7 +44,7 @@ from twisted.logger import (
 )
 
 from lucidlink.atomic import write_atomically
-from lucidlink.errors import LucidError
+from lucidlink.errors import LucidError, UnknownFilespace
 from lucidlink.supervise import SupervisedProcess
 from lucidlink.tls import init_ca, issue_certificate
 
@@ -65,6 +69,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     demo.add_argument("directory", nargs="?", type=Path, default=Path("lucid-demo"), metavar="DIR",
                       help="where everything lives (default ./lucid-demo)")
     demo.add_argument("--store", metavar="URL", help="object store URL (default file://DIR/objects)")
+    demo.add_argument("--no-mount", action="store_true", help="do not mount the filespace at DIR/mnt")
     demo.add_argument("--exit-when-ready", action="store_true",
                       help="stop everything once ready instead of waiting for Ctrl-C (for scripts and tests)")
     demo.set_defaults(func=run_demo)
@@ -89,7 +94,10 @@ class DemoLayout:
         self.client_ini = self.root / "client.ini"
         self.passphrase = self.root / "passphrase"
         self.ports_file = self.root / "ports.json"
+        self.mountpoint = self.root / "mnt"
         self.store = store or f"file://{self.objects}"
+        self.fresh = not (self.data.is_dir() and any(self.data.iterdir()))
+        """Whether the metadata server has never run here (so the filespace is still to be initialised)."""
 
     def prepare(self) -> dict[str, int]:
         """Make whatever is missing; return the ports (kept from the first run)."""
@@ -168,6 +176,65 @@ class DemoLayout:
         )
         return [discovery, meta]
 
+    def mount(self, reactor: Any) -> SupervisedProcess:
+        """``lucid-mount`` of the filespace at ``DIR/mnt`` in the foreground (cleaning a stale mount first)."""
+        return SupervisedProcess(
+            reactor, "lucid-mount",
+            [sys.executable, "-m", "lucidlink.cli.mount", FILESPACE, str(self.mountpoint), "--foreground",
+             "--force", "--config", str(self.client_ini)],
+            self.root / "mount.log",
+        )
+
+
+def fuse_problem(mountpoint: Path) -> str | None:
+    """Why ``lucid demo`` cannot mount here, or None."""
+    from lucidlink.cli.mount import MountRefused, check_fuse, check_mountpoint
+
+    try:
+        check_fuse()
+        mountpoint.mkdir(exist_ok=True, mode=0o700)
+        check_mountpoint(mountpoint, force=False)
+    except MountRefused as refused:
+        if "stale mount" in str(refused):
+            return None  # lucid-mount --force cleans it
+        return str(refused)
+    except OSError as error:
+        return f"{mountpoint}: {error.strerror}"
+    return None
+
+
+@defer.inlineCallbacks
+def _wait_for_mount(reactor: Any, mount: SupervisedProcess, mountpoint: Path,
+                    timeout: float = 60.0) -> Generator[Any, Any, list[str]]:
+    """Wait until the filespace is mounted; the lines of ``ls`` and ``cat`` of it to show."""
+    log = mount.log_path
+    deadline = reactor.seconds() + timeout
+    while not (log.exists() and b" mounted at " in log.read_bytes() and os.path.ismount(mountpoint)):
+        if reactor.seconds() > deadline:
+            raise LucidError(f"lucid-mount did not mount {mountpoint} within {timeout:g} s; see {log}")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+
+    def look() -> list[str]:
+        shown = [f"$ ls {mountpoint}", "  " + "  ".join(sorted(os.listdir(mountpoint))),
+                 f"$ cat {mountpoint / 'README.txt'}"]
+        shown.extend("  " + line for line in (mountpoint / "README.txt").read_text().splitlines())
+        return shown
+
+    lines = yield threads.deferToThread(look)
+    return lines
+
+
+def _unmount_if_left(mountpoint: Path) -> None:
+    """A mount left behind (lucid-mount killed): detach it lazily."""
+    import subprocess
+
+    try:
+        mounted = os.path.ismount(mountpoint)
+    except OSError:
+        mounted = True
+    if mounted:
+        subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+
 
 @defer.inlineCallbacks
 def _wait_for_port(reactor: Any, port: int, what: str, timeout: float = 30.0) -> Generator[Any, Any, None]:
@@ -194,6 +261,10 @@ def _initialise(reactor: Any, layout: DemoLayout) -> Generator[Any, Any, bool]:
     from lucidlink.client.session import initialise_filespace
 
     token_file = layout.data / "bootstrap-token"
+    deadline = reactor.seconds() + 60
+    # A fresh metadata server writes its token once it has opened its store, maybe after it listens.
+    while layout.fresh and not token_file.exists() and reactor.seconds() < deadline:
+        yield task.deferLater(reactor, 0.2, lambda: None)
     if not token_file.exists():
         return False
     config = client_config(_client_args(layout))
@@ -201,7 +272,14 @@ def _initialise(reactor: Any, layout: DemoLayout) -> Generator[Any, Any, bool]:
     connection = None
     try:
         connect = tls_connector(reactor, layout.ca / "ca.pem", filespace=FILESPACE, peer_name="lucid demo")
-        connection = yield connect_to_filespace(resolver, FILESPACE, connect, deadline=reactor.seconds() + 60)
+        while True:
+            try:
+                connection = yield connect_to_filespace(resolver, FILESPACE, connect, deadline=deadline)
+                break
+            except UnknownFilespace:
+                if reactor.seconds() > deadline:
+                    raise
+                yield task.deferLater(reactor, 0.2, lambda: None)  # not registered with discovery yet
         yield initialise_filespace(
             reactor, connection=connection, token=token_file.read_text().strip(), admin=USER,
             passphrase=read_passphrase_file(layout.passphrase),
@@ -253,6 +331,8 @@ def run_demo(args: argparse.Namespace) -> int:
     layout = DemoLayout(args.directory, args.store)
     ports = layout.prepare()
     services = layout.services(reactor)
+    mounting = not args.no_mount and fuse_problem(layout.mountpoint) is None
+    mount = layout.mount(reactor) if mounting else None
     outcome: list[Any] = []
 
     @defer.inlineCallbacks
@@ -269,6 +349,15 @@ def run_demo(args: argparse.Namespace) -> int:
         lines = yield _samples(reactor, layout)
         print("sample files:")
         print("\n".join(lines))
+        if mount is not None:
+            (layout.root / "mount.log").unlink(missing_ok=True)
+            mount.start()
+            shown = yield _wait_for_mount(reactor, mount, layout.mountpoint)
+            mount.healthy()
+            print(f"mounted at {layout.mountpoint}:")
+            print("\n".join(shown))
+        elif not args.no_mount:
+            print(f"not mounted: {fuse_problem(layout.mountpoint)}")
         print(
             f"\nThe filespace {FILESPACE!r} is served from {layout.root}. From another shell:\n"
             f"  export LUCID_CONFIG={layout.client_ini}\n"
@@ -286,8 +375,12 @@ def run_demo(args: argparse.Namespace) -> int:
         outcome.append(failure)
         reactor.stop()
 
-    def stop_services() -> defer.Deferred[Any]:
-        return defer.gatherResults([service.stop() for service in services], consumeErrors=True)
+    @defer.inlineCallbacks
+    def stop_services() -> Generator[Any, Any, None]:
+        if mount is not None:
+            yield mount.stop()
+            yield threads.deferToThread(_unmount_if_left, layout.mountpoint)
+        yield defer.gatherResults([service.stop() for service in services], consumeErrors=True)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop_services)
     reactor.callWhenRunning(lambda: start().addErrback(failed))

@@ -1,0 +1,360 @@
+"""
+The llfuse adapter: a filespace's :class:`~lucidlink.client.interface.IFilespaceInodes` as a mount.
+
+It translates and nothing more.  llfuse calls :class:`FilespaceOperations`
+on its worker threads, holding llfuse's global lock; the Twisted reactor runs
+in a helper thread of its own (:class:`ReactorThread`, started with
+``installSignalHandlers=False``).  Every call into the filesystem core
+crosses over in one place, :meth:`Bridge.call`: it releases the llfuse lock,
+runs the core call on the reactor with ``blockingCallFromThread``, waits,
+takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
+``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
+table (:data:`ERRNO`) lives here and nowhere else.
+
+:func:`serve` mounts and tears down in order (an ``ExitStack``): once
+llfuse's loop ends (unmount or signal), open handles are closed (their
+buffered writes stored and the chunk maps committed) before the filesystem
+is unmounted; :mod:`lucidlink.cli.mount` then closes the session and stops
+the reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import llfuse
+from twisted.internet import defer
+from twisted.internet.threads import blockingCallFromThread
+
+from lucidlink.errors import LucidError
+from lucidlink.protocol.messages import Attributes, FileKind
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE_TIMEOUT = 1.0
+"""Seconds the kernel may keep attributes and directory entries before asking again."""
+
+ERRNO: dict[str, int] = {
+    name: getattr(errno, name)
+    for name in (
+        "EPROTO", "EPROTONOSUPPORT", "EAGAIN", "ETIMEDOUT", "ENOTCONN", "ENOENT", "EEXIST", "ENOTEMPTY",
+        "ENOTDIR", "EISDIR", "EACCES", "EPERM", "EINVAL", "ENAMETOOLONG", "ENOSPC", "ESTALE", "EIO", "ENODEV",
+        "ENODATA", "EXDEV", "ELOOP", "ERANGE", "EFBIG", "EROFS", "EOPNOTSUPP", "EDEADLK", "EBADF",
+    )
+}
+"""``LucidError.errno_name`` to errno: the only errno table of lucidlink."""
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+"""The signals that end llfuse's loop (and so the mount)."""
+
+_KIND_BITS = {FileKind.FILE: stat.S_IFREG, FileKind.DIRECTORY: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK}
+
+
+def errno_of(error: LucidError) -> int:
+    """The errno a :class:`LucidError` stands for (EIO for a name the table lacks)."""
+    return ERRNO.get(error.errno_name, errno.EIO)
+
+
+class ReactorThread:
+    """The Twisted reactor, run in a daemon helper thread without signal handlers."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._thread = threading.Thread(
+            target=reactor.run, kwargs={"installSignalHandlers": False}, name="lucid-reactor", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the thread with SIGINT, SIGTERM and SIGHUP blocked in it (and the threads it starts).
+
+        llfuse stops on those signals only when one of its own threads takes
+        them; delivered to the reactor's thread, they would be lost.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the reactor (its shutdown triggers run) and wait for the thread."""
+        if self._thread.is_alive():
+            self.reactor.callFromThread(self.reactor.stop)
+            self._thread.join(timeout)
+
+
+class Bridge:
+    """
+    The one crossing from llfuse's threads to the reactor.
+
+    ``call(function, *arguments)`` runs ``function`` (which returns a
+    Deferred or a value) on the reactor and blocks the calling thread until
+    it fires, with the llfuse lock released meanwhile so that other requests
+    proceed.  ``locked``: whether callers hold the llfuse lock (true while
+    llfuse runs; :func:`mount` also calls before and after).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.locked = False
+
+    def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        released = llfuse.lock_released if self.locked else contextlib.nullcontext()
+        with released:
+            try:
+                return self.wait(function, *arguments, **keywords)
+            except LucidError as error:
+                log.debug("%s: %s", getattr(function, "__name__", function), error)
+                raise llfuse.FUSEError(errno_of(error)) from None
+            except llfuse.FUSEError:
+                raise
+            except Exception:
+                log.exception("unexpected failure of %s", getattr(function, "__name__", function))
+                raise llfuse.FUSEError(errno.EIO) from None
+
+
+    def wait(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        """Run ``function`` on the reactor; its result, or its error raised here."""
+        return blockingCallFromThread(self.reactor, defer.maybeDeferred, function, *arguments, **keywords)
+
+
+@dataclass
+class _Directory:
+    """An open directory: its entries as read by ``opendir``, ``.`` and ``..`` first."""
+
+    entries: list[tuple[bytes, Attributes]]
+
+
+class FilespaceOperations(llfuse.Operations):
+    """
+    llfuse requests translated into :class:`IFilespaceInodes` calls through a :class:`Bridge`.
+
+    Open files and directories are numbered here; the core's
+    :class:`~lucidlink.client.filespace.FileHandle` does the work.
+    """
+
+    def __init__(self, inodes: Any, bridge: Bridge) -> None:
+        super().__init__()
+        if inodes.root_inode != llfuse.ROOT_INODE:
+            raise LucidError(f"the filespace's root is inode {inodes.root_inode}, FUSE's is {llfuse.ROOT_INODE}")
+        self.inodes = inodes
+        self.bridge = bridge
+        self._numbers = itertools.count(1)
+        self._files: dict[int, Any] = {}
+        self._directories: dict[int, _Directory] = {}
+
+    # -- translation -------------------------------------------------------------
+
+    def _call(self, name: str, *arguments: Any, **keywords: Any) -> Any:
+        return self.bridge.call(getattr(self.inodes, name), *arguments, **keywords)
+
+    def _entry(self, attributes: Attributes) -> llfuse.EntryAttributes:
+        entry = llfuse.EntryAttributes()
+        entry.st_ino = attributes.inode
+        entry.generation = 0
+        entry.entry_timeout = ATTRIBUTE_TIMEOUT
+        entry.attr_timeout = ATTRIBUTE_TIMEOUT
+        entry.st_mode = _KIND_BITS[attributes.kind] | stat.S_IMODE(attributes.mode)
+        entry.st_nlink = attributes.nlink
+        entry.st_uid = attributes.uid
+        entry.st_gid = attributes.gid
+        entry.st_rdev = 0
+        # This client's open handles hold writes not yet committed: the size they see is the file's.
+        entry.st_size = max(
+            [attributes.size]
+            + [handle.size for handle in self._files.values() if handle.inode == attributes.inode and handle.pending]
+        )
+        entry.st_blksize = self.inodes.chunk_size
+        entry.st_blocks = -(-entry.st_size // 512)
+        entry.st_atime_ns = attributes.atime_ns
+        entry.st_mtime_ns = attributes.mtime_ns
+        entry.st_ctime_ns = attributes.ctime_ns
+        return entry
+
+    def _file(self, fh: int) -> Any:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise llfuse.FUSEError(errno.EBADF) from None
+
+    def _keep(self, handle: Any) -> int:
+        number = next(self._numbers)
+        self._files[number] = handle
+        return number
+
+    # -- the tree ----------------------------------------------------------------
+
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        if name == b".":
+            return self.getattr(parent_inode)
+        if name == b"..":
+            raise llfuse.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
+        return self._entry(self._call("lookup", parent_inode, name))
+
+    def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        return self._entry(self._call("getattr", inode))
+
+    def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> llfuse.EntryAttributes:
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        return self._entry(self._call("setattr", inode, **changes))
+
+    def opendir(self, inode: int, ctx: Any) -> int:
+        here = self._call("getattr", inode)
+        if here.kind != FileKind.DIRECTORY:
+            raise llfuse.FUSEError(errno.ENOTDIR)
+        entries = self._call("readdir", inode)
+        number = next(self._numbers)
+        self._directories[number] = _Directory([(b".", here), (b"..", here), *entries])
+        return number
+
+    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+        directory = self._directories.get(fh)
+        if directory is None:
+            raise llfuse.FUSEError(errno.EBADF)
+        for position in range(off, len(directory.entries)):
+            name, attributes = directory.entries[position]
+            yield name, self._entry(attributes), position + 1
+
+    def releasedir(self, fh: int) -> None:
+        self._directories.pop(fh, None)
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> llfuse.EntryAttributes:
+        return self._entry(self._call("mkdir", parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid))
+
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._call("rmdir", parent_inode, name)
+
+    def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._call("unlink", parent_inode, name)
+
+    def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+               ctx: Any) -> None:
+        self._call("rename", parent_inode_old, name_old, parent_inode_new, name_new, 0)
+
+    def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> llfuse.EntryAttributes:
+        return self._entry(self._call("link", inode, new_parent_inode, new_name))
+
+    def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> llfuse.EntryAttributes:
+        return self._entry(self._call("symlink", parent_inode, name, target, ctx.uid, ctx.gid))
+
+    def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self._call("readlink", inode)  # type: ignore[no-any-return]
+
+    def forget(self, inode_list: Any) -> None:
+        pass  # the core keeps no lookup counts; the server keeps open files alive
+
+    def statfs(self, ctx: Any) -> llfuse.StatvfsData:
+        totals = self._call("statfs")
+        data = llfuse.StatvfsData()
+        block = totals.block_size or 4096
+        data.f_bsize = block
+        data.f_frsize = block
+        data.f_blocks = totals.total_bytes // block
+        data.f_bfree = max(0, totals.total_bytes - totals.used_bytes) // block
+        data.f_bavail = data.f_bfree
+        data.f_files = totals.total_inodes
+        data.f_ffree = max(0, totals.total_inodes - totals.used_inodes)
+        data.f_favail = data.f_ffree
+        data.f_namemax = 255
+        return data
+
+    # -- files -------------------------------------------------------------------
+
+    def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+               ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
+        handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
+        number = self._keep(handle)
+        return number, self.getattr(handle.inode)
+
+    def open(self, inode: int, flags: int, ctx: Any) -> int:
+        return self._keep(self._call("open", inode, flags))
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.bridge.call(self._file(fh).read, off, size)  # type: ignore[no-any-return]
+
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
+
+    def flush(self, fh: int) -> None:
+        self.bridge.call(self._file(fh).flush)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.bridge.call(self._file(fh).fsync)
+
+    def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            self.bridge.call(handle.close)
+
+    def close_all(self) -> None:
+        """Close every open file (storing buffered writes): the filesystem goes away."""
+        for number in list(self._files):
+            try:
+                self.release(number)
+            except llfuse.FUSEError as error:
+                log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
+        self._directories.clear()
+
+    # -- extended attributes -----------------------------------------------------
+
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self._call("getxattr", inode, name)  # type: ignore[no-any-return]
+
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._call("setxattr", inode, name, value)
+
+    def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self._call("listxattr", inode)  # type: ignore[no-any-return]
+
+    def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._call("removexattr", inode, name)
+
+
+def mount_options(filespace: str) -> set[str]:
+    """llfuse's options for a filespace's mount."""
+    return {f"fsname=lucid:{filespace}", "subtype=lucid", "big_writes", "default_permissions"}
+
+
+def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
+          ready: Callable[[], None] = lambda: None) -> int | None:
+    """
+    Mount, serve until unmounted or signalled, close open files, unmount.
+
+    Returns what ``llfuse.main`` does: None after an unmount, else the signal number.
+    """
+    with contextlib.ExitStack() as stack:
+        llfuse.init(operations, mountpoint, mount_options(filespace))
+        stack.callback(llfuse.close, unmount=True)
+        stack.callback(operations.close_all)
+        ready()
+        operations.bridge.locked = True
+        try:
+            return llfuse.main(workers=None, handle_signals=True)  # type: ignore[no-any-return]
+        finally:
+            operations.bridge.locked = False  # main has ended its workers; nobody holds the lock now
+    return None

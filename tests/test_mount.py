@@ -1,0 +1,147 @@
+"""
+The llfuse adapter without a mount: errno translation and attribute
+conversion over an in-memory filespace, with a bridge that waits for
+nothing (every Deferred of the in-memory core has fired already).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink.cli import mount as cli_mount
+from lucidlink.errors import ERRORS_BY_CODE, LucidError
+from tests.client_helpers import MemoryFilespaceCase
+
+try:
+    import llfuse
+
+    from lucidlink.mount import ATTRIBUTE_TIMEOUT, ERRNO, Bridge, FilespaceOperations, errno_of, mount_options
+except ImportError:
+    llfuse = None
+
+
+class SynchronousBridge(Bridge if llfuse is not None else object):  # type: ignore[misc]
+    """The bridge with its crossing replaced: the in-memory core answers at once."""
+
+    def wait(self, function: Any, *arguments: Any, **keywords: Any) -> Any:
+        outcome: list[Any] = []
+        defer.maybeDeferred(function, *arguments, **keywords).addBoth(outcome.append)
+        result = outcome[0]
+        if hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+
+class Context:
+    uid = 1000
+    gid = 1000
+    pid = 1
+    umask = 0o022
+
+
+class MountAdapterTests(MemoryFilespaceCase):
+    """:class:`FilespaceOperations` translates requests and errors, nothing more."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def setUp(self) -> Any:
+        done = super().setUp()
+        done.addCallback(lambda _: setattr(self, "ops", FilespaceOperations(self.fs.inodes, SynchronousBridge(None))))
+        return done
+
+    def fuse_errno(self, function: Any, *arguments: Any) -> int:
+        with self.assertRaises(llfuse.FUSEError) as caught:
+            function(*arguments)
+        return caught.exception.errno  # type: ignore[no-any-return]
+
+    def test_errno_table_is_complete(self) -> None:
+        """Every error that can cross the wire has its errno here."""
+        names = {cls.errno_name for cls in ERRORS_BY_CODE.values()} | {LucidError.errno_name}
+        self.assertEqual(names - set(ERRNO), set())
+        self.assertEqual(errno_of(LucidError("x")), errno.EIO)
+
+    def test_options(self) -> None:
+        """The mount says what it is and takes big writes."""
+        self.assertEqual(
+            mount_options("demo"), {"fsname=lucid:demo", "subtype=lucid", "big_writes", "default_permissions"}
+        )
+
+    def test_translation(self) -> None:
+        """Entries carry file type bits and short timeouts; core errors become errnos."""
+        ctx = Context()
+        root = llfuse.ROOT_INODE
+        made = self.ops.mkdir(root, b"dir", stat.S_IFDIR | 0o750, ctx)
+        self.assertEqual(made.st_mode, stat.S_IFDIR | 0o750)
+        self.assertEqual((made.attr_timeout, made.entry_timeout), (ATTRIBUTE_TIMEOUT, ATTRIBUTE_TIMEOUT))
+        self.assertEqual(self.ops.lookup(root, b"dir", ctx).st_ino, made.st_ino)
+        self.assertEqual(self.fuse_errno(self.ops.lookup, root, b"missing", ctx), errno.ENOENT)
+        self.assertEqual(self.fuse_errno(self.ops.mkdir, root, b"dir", 0o755, ctx), errno.EEXIST)
+
+        fh, entry = self.ops.create(made.st_ino, b"f", stat.S_IFREG | 0o640, os.O_RDWR | os.O_CREAT, ctx)
+        self.assertEqual(entry.st_mode, stat.S_IFREG | 0o640)
+        self.assertEqual(self.ops.write(fh, 3, b"abc"), 3)
+        self.assertEqual(self.ops.getattr(entry.st_ino).st_size, 6)
+        self.assertEqual(self.ops.read(fh, 0, 10), b"\0\0\0abc")
+        self.ops.release(fh)
+        self.assertEqual(self.fuse_errno(self.ops.read, fh, 0, 1), errno.EBADF)
+        self.assertEqual(self.fuse_errno(self.ops.rmdir, root, b"dir", ctx), errno.ENOTEMPTY)
+
+        link = self.ops.symlink(root, b"s", b"dir/f", ctx)
+        self.assertEqual(stat.S_IFMT(link.st_mode), stat.S_IFLNK)
+        self.assertEqual(self.ops.readlink(link.st_ino, ctx), b"dir/f")
+        self.assertEqual(self.fuse_errno(self.ops.getxattr, link.st_ino, b"user.none", ctx), errno.ENODATA)
+
+        directory = self.ops.opendir(made.st_ino, ctx)
+        names = [name for name, _, _ in self.ops.readdir(directory, 0)]
+        self.assertEqual(names, [b".", b"..", b"f"])
+        self.assertEqual([(name, offset) for name, _, offset in self.ops.readdir(directory, 2)], [(b"f", 3)])
+        self.ops.releasedir(directory)
+
+
+class FuseCheckTests(SynchronousTestCase):
+    """``lucid-mount`` says in one line why FUSE cannot work, before it does anything else."""
+
+    def test_no_device(self) -> None:
+        """Without /dev/fuse the message names it."""
+        self.patch(cli_mount, "FUSE_DEVICE", Path(self.mktemp()) / "fuse")
+        with self.assertRaises(cli_mount.MountRefused) as caught:
+            cli_mount.check_fuse()
+        self.assertIn("FUSE is not available", str(caught.exception))
+        self.assertIn("is missing", str(caught.exception))
+
+    def test_no_llfuse(self) -> None:
+        """Without llfuse the message says how to install it."""
+        device = Path(self.mktemp())
+        device.write_bytes(b"")
+        self.patch(cli_mount, "FUSE_DEVICE", device)
+        saved = sys.modules.get("llfuse")
+        sys.modules["llfuse"] = None  # type: ignore[assignment]  # import raises ImportError
+        self.addCleanup(lambda: sys.modules.__setitem__("llfuse", saved) if saved else sys.modules.pop("llfuse"))
+        with self.assertRaises(cli_mount.MountRefused) as caught:
+            cli_mount.check_fuse()
+        self.assertIn("llfuse", str(caught.exception))
+        self.assertIn("lucidlink[fuse]", str(caught.exception))
+
+    def test_mountpoint_refusals(self) -> None:
+        """A missing, non-directory or non-empty mount point is refused clearly."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        (base / "file").write_bytes(b"")
+        (base / "full").mkdir()
+        (base / "full" / "x").write_bytes(b"")
+        (base / "empty").mkdir()
+        for name, words in (("nowhere", "does not exist"), ("file", "not a directory"),
+                            ("full", "not an empty directory")):
+            with self.assertRaises(cli_mount.MountRefused) as caught:
+                cli_mount.check_mountpoint(base / name)
+            self.assertIn(words, str(caught.exception))
+        self.assertEqual(cli_mount.check_mountpoint(base / "empty"), (base / "empty").absolute())
