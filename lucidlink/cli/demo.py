@@ -146,6 +146,8 @@ class DemoLayout:
             f"discovery_identity = {DISCOVERY_IDENTITY}\n"
             f"registration_secret_file = {secret_file}\n"
             "heartbeat_interval = 2\n"
+            f"store = {self.store}\n"
+            "durability = sync\n"
         )
         self.client_ini.write_text(
             "[client]\n"
