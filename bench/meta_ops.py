@@ -67,6 +67,7 @@ from lucidlink.meta.server import DATABASE_NAME
 from lucidlink.meta.store import MAX_READDIR_LIMIT, ROOT_INODE, MetadataStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.network import connect_tls
+from lucidlink.supervise import twistd_command
 from lucidlink.tls import init_ca, issue_certificate
 
 FILESPACE = "bench"
@@ -562,10 +563,7 @@ class Server:
     def start(self) -> None:
         self.starts += 1
         self.log_path = self.directory / f"server-{self.starts}.log"
-        arguments = [
-            sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-            "-n", "--pidfile=", f"--logfile={self.log_path}",
-        ]
+        arguments = twistd_command("-n", "--pidfile=", f"--logfile={self.log_path}")
         if self.profile_dir is not None:
             arguments += [f"--profile={self.profile_dir / f'meta-server-{self.starts}.prof'}",
                           "--profiler=cprofile", "--savestats"]

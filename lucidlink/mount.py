@@ -169,11 +169,7 @@ class FilespaceOperations(llfuse.Operations):
         entry.st_uid = attributes.uid
         entry.st_gid = attributes.gid
         entry.st_rdev = 0
-        # This client's open handles hold writes not yet committed: the size they see is the file's.
-        entry.st_size = max(
-            [attributes.size]
-            + [handle.size for handle in self._files.values() if handle.inode == attributes.inode and handle.pending]
-        )
+        entry.st_size = attributes.size
         entry.st_blksize = self.inodes.chunk_size
         entry.st_blocks = -(-entry.st_size // 512)
         entry.st_atime_ns = attributes.atime_ns

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def twistd_command(*arguments: str) -> list[str]:
+    """The argv that runs ``twistd ARGUMENTS`` with this interpreter, whatever PATH holds."""
+    return [sys.executable, "-c", _TWISTD, *arguments]
+
 
 RESTART_INITIAL = 0.5
 RESTART_CAP = 10.0

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-"""twistd, run by this test's interpreter whatever its PATH."""
+from lucidlink.supervise import twistd_command
 
 
 def free_port() -> int:
@@ -37,7 +35,7 @@ class ServiceProcess:
         self.arguments = list(arguments)
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *self.arguments],
+            twistd_command("-n", "--pidfile=", *self.arguments),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             cwd=cwd,

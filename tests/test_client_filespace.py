@@ -215,6 +215,17 @@ class ConcurrentWriterTests(MemoryFilespaceCase):
         self.assertEqual(self.now(reader.read(0, len(model) + 1)), bytes(model))
         self.now(reader.close())
 
+    def test_uncommitted_writes_show_in_this_clients_sizes(self) -> None:
+        """Writes a handle still buffers grow the size this client reports; other clients see them once committed."""
+        first, second, other = self.two_handles()
+        self.now(first.write(3 * CHUNK, b"tail"))
+        grown = 3 * CHUNK + 4
+        self.assertEqual(self.now(self.fs.inodes.getattr(first.inode)).size, grown)
+        self.assertEqual(dict(self.now(self.fs.inodes.readdir(1)))[b"shared"].size, grown)
+        self.assertEqual(self.now(other.inodes.getattr(first.inode)).size, 2 * CHUNK)
+        self.now(first.flush())
+        self.assertEqual(self.now(other.inodes.getattr(first.inode)).size, grown)
+
     def test_notified_reader_sees_new_size(self) -> None:
         """A reader told of another session's commit reads the new size and content."""
         first, second, other = self.two_handles()

@@ -36,6 +36,7 @@ from lucidlink.protocol.messages import (
     ServerStatus,
 )
 from lucidlink.protocol.network import connect_tls
+from lucidlink.supervise import twistd_command
 from lucidlink.tls import init_ca, issue_certificate
 from tests.discovery_fixtures import DISCOVERY_IDENTITY, KEY_ID, SECRET
 from tests.discovery_fixtures import write_config as write_discovery_config
@@ -393,7 +394,6 @@ class TwistdTests(TestCase):
         """twistd starts the plugin; a client bootstraps over its socket; SIGTERM stops it cleanly."""
         import signal
         import subprocess
-        import sys
 
         directory = Path(self.mktemp()).resolve()
         make_certificates(directory)
@@ -405,9 +405,8 @@ class TwistdTests(TestCase):
         socket_path = sockets / "meta.sock"
         config = write_config(directory, listen=f"unix:{socket_path}")
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--logfile=-",
-             "lucid-meta", "--filespace", FILESPACE, "--config", str(config)],
+            twistd_command("--nodaemon", "--pidfile=", "--logfile=-",
+                           "lucid-meta", "--filespace", FILESPACE, "--config", str(config)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=directory,
         )
 

@@ -45,13 +45,12 @@ from twisted.logger import (
 
 from lucidlink.atomic import write_atomically
 from lucidlink.errors import LucidError, UnknownFilespace
-from lucidlink.supervise import SupervisedProcess
+from lucidlink.supervise import SupervisedProcess, twistd_command
 from lucidlink.tls import init_ca, issue_certificate
 
 FILESPACE = "demo"
 USER = "demo"
 DISCOVERY_IDENTITY = "discovery.lucid"
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 SAMPLES = {
     "/README.txt": b"Welcome to the lucidlink demo filespace.\n"
                    b"Names and contents are sealed on the client; the servers see neither.\n",
@@ -163,17 +162,16 @@ class DemoLayout:
 
     def services(self, reactor: Any) -> list[SupervisedProcess]:
         """The two services, not yet started."""
-        python = sys.executable
         discovery = SupervisedProcess(
             reactor, "lucid-discovery",
-            [python, "-c", TWISTD, "-n", f"--pidfile={self.discovery / 'twistd.pid'}",
-             "lucid-discovery", "--config", str(self.discovery / "discovery.ini")],
+            twistd_command("-n", f"--pidfile={self.discovery / 'twistd.pid'}",
+                           "lucid-discovery", "--config", str(self.discovery / "discovery.ini")),
             self.discovery / "discovery.log",
         )
         meta = SupervisedProcess(
             reactor, "lucid-meta",
-            [python, "-c", TWISTD, "-n", f"--pidfile={self.data / 'twistd.pid'}",
-             "lucid-meta", "--filespace", FILESPACE, "--config", str(self.meta / "meta.ini")],
+            twistd_command("-n", f"--pidfile={self.data / 'twistd.pid'}",
+                           "lucid-meta", "--filespace", FILESPACE, "--config", str(self.meta / "meta.ini")),
             self.data / "meta.log",
         )
         return [discovery, meta]

@@ -157,17 +157,7 @@ def run_cat(args: argparse.Namespace) -> int:
     @defer.inlineCallbacks
     def work(fs: Any) -> Generator[Any, Any, int]:
         for path in args.paths:
-            handle = yield fs.open_path(path.path, os.O_RDONLY)
-            try:
-                offset = 0
-                while True:
-                    data = yield handle.read(offset, COPY_BLOCK)
-                    if not data:
-                        break
-                    out.write(data)
-                    offset += len(data)
-            finally:
-                yield handle.close()
+            yield fs.copy_out(path.path, out.write, COPY_BLOCK)
         out.flush()
         return 0
 
@@ -224,25 +214,21 @@ def run_get(args: argparse.Namespace) -> int:
         if local.is_dir():
             local = local / os.path.basename(args.remote.path)
         temporary = local.with_name(f".{local.name}.lucid-part")
-        handle = yield fs.open_path(args.remote.path, os.O_RDONLY)
         progress = _progress(args, attributes.size, local.name)
         try:
             with temporary.open("wb") as sink:
-                offset = 0
-                while True:
-                    data = yield handle.read(offset, COPY_BLOCK)
-                    if not data:
-                        break
+
+                def write(data: bytes) -> None:
                     sink.write(data)
-                    offset += len(data)
                     progress.update(len(data))
+
+                yield fs.copy_out(args.remote.path, write, COPY_BLOCK)
                 sink.flush()
                 os.fsync(sink.fileno())
             os.replace(temporary, local)
         finally:
             progress.close()
             temporary.unlink(missing_ok=True)
-            yield handle.close()
         return 0
 
     return _run(args, [args.remote], work)
@@ -317,7 +303,10 @@ def run_ln(args: argparse.Namespace) -> int:
         if args.symbolic:
             yield fs.symlink(args.target, args.link.path)
         else:
-            source = remote_path(args.target)
+            try:
+                source = remote_path(args.target)
+            except argparse.ArgumentTypeError as error:
+                raise InvalidArgument(f"{error} (use ln -s for a symbolic link)") from None
             if source.filespace != args.link.filespace:
                 raise InvalidArgument("a hard link stays within one filespace")
             yield fs.link(source.path, args.link.path)

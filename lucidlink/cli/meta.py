@@ -26,7 +26,6 @@ with one line on stderr, ``lucid-meta: <what went wrong>``, and exit 1.
 from __future__ import annotations
 
 import argparse
-import configparser
 import hashlib
 import os
 import sqlite3
@@ -42,6 +41,7 @@ from typing import Any, TextIO
 from twisted.internet import defer
 
 from lucidlink.errors import Busy, LucidError
+from lucidlink.inifile import read_section
 from lucidlink.meta.config import DEFAULT_DATA_ROOT, SECTION, ConfigError
 from lucidlink.meta.journal import GENESIS_HASH, ChainError, Entry, verify_chain
 from lucidlink.meta.segments import (
@@ -78,17 +78,7 @@ class Settings:
     @classmethod
     def load(cls, path: Path | str, store: str | None = None) -> Settings:
         path = Path(path)
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(path, encoding="utf-8") as source:
-                parser.read_file(source)
-        except OSError as error:
-            raise ConfigError(f"cannot read the configuration {path}: {error.strerror or error}") from None
-        except configparser.Error as error:
-            raise ConfigError(f"{path} is not a valid ini file: {error}") from None
-        if not parser.has_section(SECTION):
-            raise ConfigError(f"{path} has no [{SECTION}] section")
-        section = parser[SECTION]
+        section = read_section(path, SECTION, ConfigError)
         url = store or section.get("store", "").strip() or None
         if url is None:
             raise ConfigError(f"{path}: [{SECTION}] store: missing; the object store to restore from is needed "

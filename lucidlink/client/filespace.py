@@ -648,7 +648,15 @@ class Inodes:
     @defer.inlineCallbacks
     def _entry(self, request: Any) -> Generator[defer.Deferred[Any], Any, Attributes]:
         answer = yield self.session.call(request)
-        return _plain_attributes(answer.attributes)
+        return self._as_seen_here(answer.attributes)
+
+    def _as_seen_here(self, attributes: Attributes) -> Attributes:
+        """Attributes as this client sees them: plain, and grown by writes its handles have not committed."""
+        attributes = _plain_attributes(attributes)
+        pending = [handle.size for handle in self._handles.get(attributes.inode, ()) if handle.pending]
+        if pending and max(pending) > attributes.size:
+            return dataclasses.replace(attributes, size=max(pending))
+        return attributes
 
     # -- the tree ------------------------------------------------------------------
 
@@ -711,7 +719,7 @@ class Inodes:
         while True:
             page = yield self.session.call(w.ReadDir(inode, cursor, 0))
             for entry in page.entries:
-                entries.append((crypto.open_name(self.keys, inode, entry.name), _plain_attributes(entry.attributes)))
+                entries.append((crypto.open_name(self.keys, inode, entry.name), self._as_seen_here(entry.attributes)))
             if page.done or not page.entries:
                 return entries
             cursor = page.cursor
@@ -1137,19 +1145,26 @@ class Filespace:
     @defer.inlineCallbacks
     def read_file(self, path: PathLike) -> Generator[defer.Deferred[Any], Any, bytes]:
         """The whole content of file ``path``."""
+        pieces: list[bytes] = []
+        yield self.copy_out(path, pieces.append)
+        return b"".join(pieces)
+
+    @defer.inlineCallbacks
+    def copy_out(self, path: PathLike, sink: Callable[[bytes], object],
+                 step: int = READ_STEP) -> Generator[defer.Deferred[Any], Any, int]:
+        """Stream file ``path`` to ``sink`` in pieces of ``step`` bytes; the number of bytes."""
         handle = yield self.open_path(path, os.O_RDONLY)
+        offset = 0
         try:
-            pieces = []
-            offset = 0
             while True:
-                piece = yield handle.read(offset, READ_STEP)
+                piece = yield handle.read(offset, step)
                 if not piece:
                     break
-                pieces.append(piece)
+                sink(piece)
                 offset += len(piece)
         finally:
             yield handle.close()
-        return b"".join(pieces)
+        return offset
 
     @defer.inlineCallbacks
     def write_file(self, path: PathLike, data: bytes, mode: int = 0o644) -> Generator[defer.Deferred[Any], Any, None]:

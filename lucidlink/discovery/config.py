@@ -28,6 +28,7 @@ from lucidlink.discovery.auth import DEFAULT_MAX_SKEW, Keyring, RegistrationKey
 from lucidlink.discovery.shedding import DEFAULT_MAX_SOURCES
 from lucidlink.discovery.static_map import StaticMap
 from lucidlink.errors import InvalidArgument, LucidError
+from lucidlink.inifile import read_section
 from lucidlink.tls import server_tls_options
 
 SECTION = "discovery"
@@ -81,17 +82,7 @@ def load_config(path: Path | str, listen: Sequence[str] = ()) -> DiscoveryConfig
     :raise ConfigError: naming the file and the key at fault.
     """
     path = Path(path)
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as source:
-            parser.read_file(source)
-    except OSError as error:
-        raise ConfigError(f"cannot read the configuration {path}: {error.strerror or error}") from None
-    except configparser.Error as error:
-        raise ConfigError(f"{path} is not a valid ini file: {error}") from None
-    if not parser.has_section(SECTION):
-        raise ConfigError(f"{path} has no [{SECTION}] section")
-    return _Reader(path, parser[SECTION]).read(listen)
+    return _Reader(path, read_section(path, SECTION, ConfigError)).read(listen)
 
 
 class _Reader:

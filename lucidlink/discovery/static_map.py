@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lucidlink.discovery.registry import Location
 from lucidlink.errors import InvalidArgument
+from lucidlink.inifile import read_ini
 from lucidlink.protocol.messages import ServerStatus
 
 DEFAULT_STATIC_TTL = 60.0
@@ -51,14 +52,8 @@ class StaticMap:
 
         :raise InvalidArgument: naming the file, section and key of anything wrong.
         """
-        parser = configparser.ConfigParser(interpolation=None, default_section="\x00no defaults")
-        try:
-            with open(path, encoding="utf-8") as source:
-                parser.read_file(source)
-        except OSError as error:
-            raise InvalidArgument(f"cannot read the static map {path}: {error.strerror or error}") from None
-        except configparser.Error as error:
-            raise InvalidArgument(f"{path} is not a valid static map: {error}") from None
+        parser = read_ini(path, InvalidArgument, what="static map", kind="static map",
+                          default_section="\x00no defaults")
         return cls({location.filespace: location for location in _locations(parser, path)})
 
 

@@ -27,6 +27,7 @@ from twisted.python import usage
 
 from lucidlink.discovery.auth import RegistrationKey
 from lucidlink.errors import InvalidArgument, LucidError
+from lucidlink.inifile import read_section
 from lucidlink.tls import server_tls_options
 
 SECTION = "meta"
@@ -101,17 +102,7 @@ def load_config(path: Path | str, filespace: str, *, data_dir: str | None = None
     """
     path = Path(path)
     _check_filespace(filespace)
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as source:
-            parser.read_file(source)
-    except OSError as error:
-        raise ConfigError(f"cannot read the configuration {path}: {error.strerror or error}") from None
-    except configparser.Error as error:
-        raise ConfigError(f"{path} is not a valid ini file: {error}") from None
-    if not parser.has_section(SECTION):
-        raise ConfigError(f"{path} has no [{SECTION}] section")
-    return _Reader(path, parser[SECTION], filespace).read(data_dir, listen)
+    return _Reader(path, read_section(path, SECTION, ConfigError), filespace).read(data_dir, listen)
 
 
 def _check_filespace(filespace: str) -> None:

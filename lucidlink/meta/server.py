@@ -29,7 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from lucidlink.discovery.announcer import Announcer
 from lucidlink.discovery.shedding import ConnectionCap
-from lucidlink.discovery.tap import EndpointListener
+from lucidlink.listening import EndpointListener
 from lucidlink.meta import bootstrap
 from lucidlink.meta.config import MetaConfig
 from lucidlink.meta.journal import Journal

@@ -11,11 +11,12 @@ from typing import Any
 
 from twisted.python import usage
 
+from lucidlink.listening import ListenOption
 from lucidlink.meta.config import load_config
 from lucidlink.meta.server import MetaServer
 
 
-class Options(usage.Options):
+class Options(ListenOption, usage.Options):
     """``twistd lucid-meta --filespace NAME --config PATH [--data-dir DIR] [--listen ENDPOINT]...``"""
 
     synopsis = "--filespace NAME --config PATH [--data-dir DIR] [--listen ENDPOINT]..."
@@ -28,16 +29,6 @@ class Options(usage.Options):
         ["config", "c", None, "The configuration file (see etc/lucid-meta.ini)."],
         ["data-dir", "d", None, "The data folder, instead of the configuration's data_dir."],
     ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-
-    def opt_listen(self, description: str) -> None:
-        """Listen on this endpoint instead of the configuration's listen (repeatable)."""
-        self["listen"].append(description)
-
-    opt_l = opt_listen
 
     def postOptions(self) -> None:
         if not self["filespace"]:
