@@ -19,7 +19,7 @@ from typing import Any
 import construct as c
 
 from lucidlink.errors import ProtocolError
-from lucidlink.protocol.compiler import CompiledRecord, compile_record
+from lucidlink.protocol.compiler import CompiledRecord, FrameHead, compile_record
 from lucidlink.protocol.messages import (
     DEFAULT_MAX_FRAME_LENGTH,
     HEADER,
@@ -41,10 +41,10 @@ _KNOWN_FLAGS = int(Flags.RESPONSE | Flags.PUSH)
 _PARSE_ERRORS = (c.ConstructError, ValueError, OverflowError, UnicodeError, struct.error, TypeError, AttributeError)
 
 # The length prefix and the header, compiled from the Header declaration.
-_FRAME_HEAD = struct.Struct(
-    ">" + LENGTH_PREFIX_FORMAT + "".join(sc.fmtstr[1:] for sc in HEADER.subcons)
-)
-assert _FRAME_HEAD.size == LENGTH_PREFIX_SIZE + HEADER_SIZE
+_HEAD_FORMAT = LENGTH_PREFIX_FORMAT + "".join(sc.fmtstr[1:] for sc in HEADER.subcons)
+_FRAME_HEAD = struct.Struct(">" + _HEAD_FORMAT)
+_FRAME_HEAD_SIZE = _FRAME_HEAD.size
+assert _FRAME_HEAD_SIZE == LENGTH_PREFIX_SIZE + HEADER_SIZE
 _LENGTH = struct.Struct(">" + LENGTH_PREFIX_FORMAT)
 
 
@@ -62,29 +62,48 @@ class _CompiledMessages(dict[type, CompiledRecord]):
     """Compiled parsers and builders, made once per message class on first use."""
 
     def __missing__(self, cls: type) -> CompiledRecord:
-        compiled = self[cls] = compile_record(cls.RECORD)  # type: ignore[attr-defined]
+        head = FrameHead(_HEAD_FORMAT, HEADER_SIZE, int(cls.TYPE))  # type: ignore[attr-defined]
+        compiled = self[cls] = compile_record(cls.RECORD, head)  # type: ignore[attr-defined]
         return compiled
 
 
+class _FrameEncoders(dict[type, Callable[[Any, int, int, int], bytes]]):
+    """``frame(message, request_id, flags, version)`` by message class."""
+
+    def __missing__(self, cls: type) -> Callable[[Any, int, int, int], bytes]:
+        if cls not in MESSAGE_CLASSES.values():
+            raise ProtocolError(f"cannot encode {cls.__name__}: not a message")
+        encoder = self[cls] = _COMPILED[cls].frame  # type: ignore[assignment]
+        return encoder  # type: ignore[return-value]
+
+
+class _BodyParsers(dict[int, Callable[[bytes, int], tuple[Any, int]]]):
+    """``parse(data, pos) -> (message, end)`` by message type number."""
+
+    def __missing__(self, message_type: int) -> Callable[[bytes, int], tuple[Any, int]]:
+        cls = MESSAGE_CLASSES.get(message_type)
+        if cls is None:
+            raise ProtocolError(f"unknown message type 0x{message_type:04x}")
+        parser = self[message_type] = _COMPILED[cls].parse
+        return parser
+
+
 _COMPILED = _CompiledMessages()
+_ENCODERS = _FrameEncoders()
+_PARSERS = _BodyParsers()
 
 
 def encode_frame(
     message: Any,
     request_id: int = 0,
-    flags: Flags = Flags.NONE,
+    flags: int = Flags.NONE,
     version: int = PROTOCOL_VERSION,
 ) -> bytes:
     """The bytes of one frame carrying ``message``, length prefix included."""
-    cls = type(message)
-    parts: list[bytes] = [b""]
     try:
-        _COMPILED[cls].build(message, parts)
-        length = HEADER_SIZE + sum(map(len, parts))
-        parts[0] = _FRAME_HEAD.pack(length, version, cls.TYPE, request_id, flags)
+        return _ENCODERS[type(message)](message, request_id, flags, version)
     except _PARSE_ERRORS as error:
-        raise ProtocolError(f"cannot encode {cls.__name__}: {error}") from None
-    return b"".join(parts)
+        raise ProtocolError(f"cannot encode {type(message).__name__}: {error}") from None
 
 
 def decode_body(message_type: int, body: bytes) -> Any:
@@ -94,18 +113,25 @@ def decode_body(message_type: int, body: bytes) -> Any:
 
 def _decode_at(message_type: int, data: bytes, start: int, end: int) -> Any:
     """Parse the message body in ``data[start:end]``, reading nothing outside it."""
-    cls = MESSAGE_CLASSES.get(message_type)
-    if cls is None:
-        raise ProtocolError(f"unknown message type 0x{message_type:04x}")
     try:
-        message, parsed_to = _COMPILED[cls].parse(data, start)
+        message, parsed_to = _PARSERS[message_type](data, start)
     except _PARSE_ERRORS as error:
-        raise ProtocolError(f"malformed {cls.__name__} body: {_first_line(error)}") from None
+        raise _malformed(message_type, error) from None
     if parsed_to != end:
-        if parsed_to > end:
-            raise ProtocolError(f"malformed {cls.__name__} body: its fields run past the end of the frame")
-        raise ProtocolError(f"{end - parsed_to} trailing bytes after a {cls.__name__} body")
+        raise _wrong_length(message_type, parsed_to, end)
     return message
+
+
+def _malformed(message_type: int, error: Exception) -> ProtocolError:
+    name = MESSAGE_CLASSES[message_type].__name__
+    return ProtocolError(f"malformed {name} body: {_first_line(error)}")
+
+
+def _wrong_length(message_type: int, parsed_to: int, end: int) -> ProtocolError:
+    name = MESSAGE_CLASSES[message_type].__name__
+    if parsed_to > end:
+        return ProtocolError(f"malformed {name} body: its fields run past the end of the frame")
+    return ProtocolError(f"{end - parsed_to} trailing bytes after a {name} body")
 
 
 def _first_line(error: Exception) -> str:
@@ -161,34 +187,40 @@ class FrameDecoder:
         offset = 0
         available = len(data)
         self._needed = 0
+        # This loop runs once per frame on both ends of every connection:
+        # everything it needs is a local, and the checks of a good frame are
+        # a few comparisons; the words for a bad one are found only then.
         unpack_head = _FRAME_HEAD.unpack_from
+        parsers = _PARSERS
+        versions = self.versions
+        max_length = self.max_frame_length
         try:
-            while available - offset >= LENGTH_PREFIX_SIZE:
-                (length,) = _LENGTH.unpack_from(data, offset)
-                if length > self.max_frame_length:
-                    raise ProtocolError(
-                        f"frame of {length} bytes is over the limit of "
-                        f"{self.max_frame_length} bytes"
-                    )
-                if length < HEADER_SIZE:
-                    raise ProtocolError(
-                        f"frame of {length} bytes is shorter than its {HEADER_SIZE}-byte header"
-                    )
+            while available - offset >= _FRAME_HEAD_SIZE:
+                length, version, message_type, request_id, flags = unpack_head(data, offset)
                 end = offset + LENGTH_PREFIX_SIZE + length
+                if length > max_length or length < HEADER_SIZE:
+                    self._check_length(length)
                 if end > available:
                     self._needed = end - offset
                     break
-                _, version, message_type, request_id, flags = unpack_head(data, offset)
-                if version not in self.versions and message_type not in _VERSION_INDEPENDENT:
-                    raise ProtocolError(
-                        f"frame of protocol version {version}; this peer speaks "
-                        f"{', '.join(str(v) for v in sorted(self.versions))}"
-                    )
+                if version not in versions and message_type not in _VERSION_INDEPENDENT:
+                    raise self._version_error(version)
                 if flags & ~_KNOWN_FLAGS:
                     raise ProtocolError(f"unknown header flags 0x{flags:02x}")
-                message = _decode_at(message_type, data, offset + _FRAME_HEAD.size, end)
+                try:
+                    message, parsed_to = parsers[message_type](data, offset + _FRAME_HEAD_SIZE)
+                except _PARSE_ERRORS as error:
+                    raise _malformed(message_type, error) from None
+                if parsed_to != end:
+                    raise _wrong_length(message_type, parsed_to, end)
                 offset = end
                 on_frame(request_id, flags, message, version)
+            else:
+                if available - offset >= LENGTH_PREFIX_SIZE:
+                    # Not even a whole header: the length alone may already be refused.
+                    (length,) = _LENGTH.unpack_from(data, offset)
+                    self._check_length(length)
+                    self._needed = LENGTH_PREFIX_SIZE + length
         except ProtocolError as error:
             self._broken = error
             raise
@@ -197,3 +229,15 @@ class FrameDecoder:
                 self._buffer = bytearray()
             else:
                 self._buffer = bytearray(data[offset:]) if offset < available else bytearray()
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_frame_length:
+            raise ProtocolError(f"frame of {length} bytes is over the limit of {self.max_frame_length} bytes")
+        if length < HEADER_SIZE:
+            raise ProtocolError(f"frame of {length} bytes is shorter than its {HEADER_SIZE}-byte header")
+
+    def _version_error(self, version: int) -> ProtocolError:
+        return ProtocolError(
+            f"frame of protocol version {version}; this peer speaks "
+            f"{', '.join(str(v) for v in sorted(self.versions))}"
+        )

@@ -6,7 +6,10 @@ construct's own parsers walk a tree of objects for every message; on the hot
 path of a metadata server that costs more than the network.  This module
 reads the same declarations once and generates straight-line Python that
 works on offsets into a ``bytes`` object: consecutive fixed-size fields
-(and the length prefix that follows them) become one ``struct`` call.
+(and the length prefix that follows them) become one ``struct`` call, and
+nested records are inlined.  Given the layout of the frame head, it also
+writes a function that makes a whole frame; for a message without lists
+that is one ``struct`` call, joined with the byte strings of the message.
 
 Only the building blocks the protocol uses are understood: big-endian
 integers, ``Flag``, ``Prefixed(N, GreedyBytes)``, ``PascalString``,
@@ -33,11 +36,32 @@ class ShortBuffer(ValueError):
 
 @dataclass
 class CompiledRecord:
-    """``parse(data, pos) -> (obj, pos)`` and ``build(obj, parts)`` for one Record."""
+    """``parse(data, pos) -> (obj, pos)`` and ``build(obj, parts)`` for one Record.
+
+    ``frame(obj, request_id, flags, version) -> bytes`` makes the whole frame,
+    length prefix and header included, when the record was compiled with a
+    :class:`FrameHead`.
+    """
 
     parse: Callable[[bytes, int], tuple[Any, int]]
     build: Callable[[Any, list[bytes]], None]
     source: str
+    frame: Callable[[Any, int, int, int], bytes] | None = None
+
+
+@dataclass(frozen=True)
+class FrameHead:
+    """What precedes a message body: the length prefix, then the header.
+
+    ``format`` is the struct format (big-endian, without the byte order) of
+    the length prefix and the header fields, in this order: length, version,
+    message type, request id, flags.  ``header_size`` is what the length
+    counts besides the body.
+    """
+
+    format: str
+    header_size: int
+    message_type: int
 
 
 @dataclass
@@ -50,12 +74,14 @@ class _Run:
 
 
 class _Generator:
-    """Writes the source of the parse and build functions of records."""
+    """Writes the source of the parse, build and frame functions of a record.
+
+    Nested records are inlined: their fixed fields join the struct call of
+    the fields around them, so a record costs one call however deep it is.
+    """
 
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"ShortBuffer": ShortBuffer}
-        self.lines: list[str] = []
-        self.functions: dict[int, str] = {}
         self._counter = 0
 
     def name(self, prefix: str) -> str:
@@ -67,36 +93,53 @@ class _Generator:
         self.namespace[name] = value
         return name
 
-    def record(self, record: Record) -> str:
-        """Emit the functions of ``record`` (once) and return their suffix."""
-        key = id(record)
-        if key in self.functions:
-            return self.functions[key]
-        suffix = self.name(record.cls.__name__)
-        self.functions[key] = suffix
-        cls = self.constant("cls", record.cls)
-        parse = [f"def parse_{suffix}(data, pos):"]
-        values: list[str] = []
+    def parse_function(self, record: Record) -> list[str]:
+        out = ["def parse(data, pos):"]
         run = _Run()
-        for index, subcon in enumerate(record.subcons):
-            variable = f"v{index}"
-            values.append(variable)
-            self._parse_field(subcon, variable, run, parse)
-        self._flush_parse(run, parse)
-        parse.append(f"    return {cls}({', '.join(values)}), pos")
+        self._parse_record(record, "obj", run, out, ())
+        self._flush_parse(run, out)
+        out.append("    return obj, pos")
+        return out
 
-        build = [f"def build_{suffix}(obj, parts):"]
+    def build_function(self, record: Record) -> list[str]:
+        out = ["def build(obj, parts):"]
         run = _Run()
-        for name, subcon in zip(record.field_names, record.subcons):
-            self._build_field(subcon, f"obj.{name}", run, build)
-        self._flush_build(run, build)
-        build.append("    return None")
-        self.lines.extend(parse + [""] + build + [""])
-        return suffix
+        self._build_record(record, "obj", run, out, ())
+        self._flush_build(run, out)
+        out.append("    return None")
+        return out
+
+    def frame_function(self, record: Record, head: FrameHead) -> list[str]:
+        """Straight-line code for records without lists; else around ``build``."""
+        out = ["def frame(obj, request_id, flags, version):"]
+        items: list[tuple[str, str]] = []
+        straight: list[str] = []
+        if self._plan(record, "obj", items, straight, ()):
+            return out + straight + self._pack_plan(items, head)
+        packer = self.constant("head", struct.Struct(">" + head.format))
+        return out + [
+            "    parts = [b'']",
+            "    build(obj, parts)",
+            f"    parts[0] = {packer}.pack({head.header_size} + sum(map(len, parts)), "
+            f"version, {head.message_type}, request_id, flags)",
+            "    return b''.join(parts)",
+        ]
 
     # -- parsing -------------------------------------------------------------
 
-    def _parse_field(self, subcon: c.Construct, variable: str, run: _Run, out: list[str]) -> None:
+    def _parse_record(self, record: Record, variable: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
+        if id(record) in seen:
+            raise TypeError(f"cannot compile the recursive record {record.cls.__name__}")
+        seen = (*seen, id(record))
+        values = []
+        for subcon in record.subcons:
+            value = self.name("v")
+            values.append(value)
+            self._parse_field(subcon, value, run, out, seen)
+        cls = self.constant("cls", record.cls)
+        _after(run, out, f"    {variable} = {cls}({', '.join(values)})")
+
+    def _parse_field(self, subcon: c.Construct, variable: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
         fixed = _fixed_format(subcon)
         if fixed is not None:
             run.formats.append(fixed)
@@ -104,10 +147,8 @@ class _Generator:
             if isinstance(subcon, IntEnumField):
                 members = self.constant("members", {int(m): m for m in subcon.enum_class})
                 what = subcon.enum_class.__name__
-                run.after.append(
-                    f"    try: {variable} = {members}[{variable}]\n"
-                    f"    except KeyError: raise ValueError(f'{{{variable}}} is not a valid {what}') from None"
-                )
+                run.after.append(f"    try: {variable} = {members}[{variable}]")
+                run.after.append(f"    except KeyError: raise ValueError(f'{{{variable}}} is not a valid {what}') from None")
             return
         prefixed = _prefixed(subcon)
         if prefixed is not None:
@@ -122,25 +163,24 @@ class _Generator:
             if encoding is not None:
                 out.append(f"    {variable} = {variable}.decode({encoding!r})")
             return
-        self._flush_parse(run, out)
         if isinstance(subcon, Record):
-            out.append(f"    {variable}, pos = parse_{self.record(subcon)}(data, pos)")
-        elif isinstance(subcon, ListOf):
-            count = self.name("count")
-            run.formats.append(_count_format(subcon))
-            run.targets.append(count)
-            self._flush_parse(run, out)
-            item = self.name("item")
-            out.append(f"    {variable} = []")
-            out.append(f"    for _ in range({count}):")
-            element: list[str] = []
-            element_run = _Run()
-            self._parse_field(subcon.element, item, element_run, element)
-            self._flush_parse(element_run, element)
-            out.extend("    " + line for line in element)
-            out.append(f"        {variable}.append({item})")
-        else:
+            self._parse_record(subcon, variable, run, out, seen)
+            return
+        if not isinstance(subcon, ListOf):
             raise TypeError(f"cannot compile {subcon!r}")
+        count = self.name("count")
+        run.formats.append(_count_format(subcon))
+        run.targets.append(count)
+        self._flush_parse(run, out)
+        item = self.name("item")
+        out.append(f"    {variable} = []")
+        out.append(f"    for _ in range({count}):")
+        element: list[str] = []
+        element_run = _Run()
+        self._parse_field(subcon.element, item, element_run, element, seen)
+        self._flush_parse(element_run, element)
+        out.extend("    " + line for line in element)
+        out.append(f"        {variable}.append({item})")
 
     def _flush_parse(self, run: _Run, out: list[str]) -> None:
         if not run.formats:
@@ -157,7 +197,15 @@ class _Generator:
 
     # -- building ------------------------------------------------------------
 
-    def _build_field(self, subcon: c.Construct, expression: str, run: _Run, out: list[str]) -> None:
+    def _build_record(self, record: Record, expression: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
+        if id(record) in seen:
+            raise TypeError(f"cannot compile the recursive record {record.cls.__name__}")
+        seen = (*seen, id(record))
+        target = _bound(self, expression, out)
+        for name, subcon in zip(record.field_names, record.subcons):
+            self._build_field(subcon, f"{target}.{name}", run, out, seen)
+
+    def _build_field(self, subcon: c.Construct, expression: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
         fixed = _fixed_format(subcon)
         if fixed is not None:
             run.formats.append(fixed)
@@ -165,35 +213,37 @@ class _Generator:
             return
         prefixed = _prefixed(subcon)
         if prefixed is not None:
-            length_format, encoding = prefixed
-            payload = self.name("b")
-            if encoding is not None:
-                out.append(f"    {payload} = {expression}.encode({encoding!r})")
-            else:
-                out.append(f"    {payload} = {expression}")
-            run.formats.append(length_format)
+            payload = self._payload(expression, prefixed[1], out)
+            run.formats.append(prefixed[0])
             run.targets.append(f"len({payload})")
             self._flush_build(run, out)
             out.append(f"    parts.append({payload})")
             return
-        self._flush_build(run, out)
         if isinstance(subcon, Record):
-            out.append(f"    build_{self.record(subcon)}({expression}, parts)")
-        elif isinstance(subcon, ListOf):
-            items = self.name("items")
-            item = self.name("item")
-            out.append(f"    {items} = {expression}")
-            run.formats.append(_count_format(subcon))
-            run.targets.append(f"len({items})")
-            self._flush_build(run, out)
-            out.append(f"    for {item} in {items}:")
-            element: list[str] = []
-            element_run = _Run()
-            self._build_field(subcon.element, item, element_run, element)
-            self._flush_build(element_run, element)
-            out.extend("    " + line for line in element)
-        else:
+            self._build_record(subcon, expression, run, out, seen)
+            return
+        if not isinstance(subcon, ListOf):
             raise TypeError(f"cannot compile {subcon!r}")
+        items = self.name("items")
+        item = self.name("item")
+        out.append(f"    {items} = {expression}")
+        run.formats.append(_count_format(subcon))
+        run.targets.append(f"len({items})")
+        self._flush_build(run, out)
+        out.append(f"    for {item} in {items}:")
+        element: list[str] = []
+        element_run = _Run()
+        self._build_field(subcon.element, item, element_run, element, seen)
+        self._flush_build(element_run, element)
+        out.extend("    " + line for line in element)
+
+    def _payload(self, expression: str, encoding: str | None, out: list[str]) -> str:
+        payload = self.name("b")
+        if encoding is not None:
+            out.append(f"    {payload} = {expression}.encode({encoding!r})")
+        else:
+            out.append(f"    {payload} = {expression}")
+        return payload
 
     def _flush_build(self, run: _Run, out: list[str]) -> None:
         if not run.formats:
@@ -202,6 +252,66 @@ class _Generator:
         out.append(f"    parts.append({name}.pack({', '.join(run.targets)}))")
         run.formats.clear()
         run.targets.clear()
+
+    # -- whole frames ----------------------------------------------------------
+
+    def _plan(self, subcon: c.Construct, expression: str, items: list[tuple[str, str]], out: list[str], seen: tuple[int, ...]) -> bool:
+        """Lay ``subcon`` out as fixed fields and byte strings; False if it has a list."""
+        fixed = _fixed_format(subcon)
+        if fixed is not None:
+            items.append((fixed, expression))
+            return True
+        prefixed = _prefixed(subcon)
+        if prefixed is not None:
+            payload = self._payload(expression, prefixed[1], out)
+            items.append((prefixed[0], f"len({payload})"))
+            items.append(("", payload))
+            return True
+        if isinstance(subcon, Record):
+            if id(subcon) in seen:
+                raise TypeError(f"cannot compile the recursive record {subcon.cls.__name__}")
+            target = _bound(self, expression, out)
+            return all(
+                self._plan(sub, f"{target}.{name}", items, out, (*seen, id(subcon)))
+                for name, sub in zip(subcon.field_names, subcon.subcons)
+            )
+        return False
+
+    def _pack_plan(self, items: list[tuple[str, str]], head: FrameHead) -> list[str]:
+        fixed_size = struct.calcsize(">" + "".join(f for f, _ in items))
+        payloads = [value for f, value in items if not f]
+        length = " + ".join([str(head.header_size + fixed_size), *(f"len({p})" for p in payloads)])
+        header = [(f, value) for f, value in zip(
+            head.format, ["length", "version", str(head.message_type), "request_id", "flags"]
+        )]
+        pieces: list[str] = []
+        run: list[tuple[str, str]] = []
+        for f, value in [*header, *items, ("", "")]:
+            if f:
+                run.append((f, value))
+                continue
+            if run:
+                packer = self.constant("fixed", struct.Struct(">" + "".join(f for f, _ in run)))
+                pieces.append(f"{packer}.pack({', '.join(v for _, v in run)})")
+                run = []
+            if value:
+                pieces.append(value)
+        joined = " + ".join(pieces) if len(pieces) <= 2 else f"b''.join(({', '.join(pieces)}))"
+        return [f"    length = {length}", f"    return {joined}"]
+
+
+def _after(run: _Run, out: list[str], line: str) -> None:
+    """Emit ``line`` once the fields still waiting in ``run`` are unpacked."""
+    (run.after if run.formats else out).append(line)
+
+
+def _bound(generator: _Generator, expression: str, out: list[str]) -> str:
+    """A local name for ``expression``, so that its fields are read cheaply."""
+    if expression.isidentifier():
+        return expression
+    name = generator.name("r")
+    out.append(f"    {name} = {expression}")
+    return name
 
 
 def _fixed_format(subcon: c.Construct) -> str | None:
@@ -239,11 +349,13 @@ def _prefixed(subcon: c.Construct) -> tuple[str, str | None] | None:
     return None
 
 
-def compile_record(record: Record) -> CompiledRecord:
-    """Generate and load the fast functions of ``record``."""
+def compile_record(record: Record, head: FrameHead | None = None) -> CompiledRecord:
+    """Generate and load the fast functions of ``record`` (and of its frames, given ``head``)."""
     generator = _Generator()
-    suffix = generator.record(record)
-    source = "\n".join(generator.lines)
+    lines = generator.parse_function(record) + [""] + generator.build_function(record) + [""]
+    if head is not None:
+        lines += generator.frame_function(record, head) + [""]
+    source = "\n".join(lines)
     namespace = dict(generator.namespace)
     exec(compile(source, f"<compiled {record.cls.__name__}>", "exec"), namespace)  # noqa: S102
-    return CompiledRecord(namespace[f"parse_{suffix}"], namespace[f"build_{suffix}"], source)
+    return CompiledRecord(namespace["parse"], namespace["build"], source, namespace.get("frame"))
