@@ -13,11 +13,13 @@ graceful close.  :class:`ClientConnection` opens with the version handshake;
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -97,7 +99,7 @@ class LucidConnection(Protocol):
         # request id -> (Deferred, message class, deadline, timeout)
         self._pending: dict[int, tuple[defer.Deferred[Any], type, float, float]] = {}
         self._timeout_call: Any = None
-        self._timeout_at = 0.0
+        self._timeout_at = math.inf  # when _timeout_call fires; inf when there is none
         self._request_ids = itertools.count(1)
         self._last_received = clock.seconds()
         self._keepalive_call: Any = None
@@ -107,6 +109,10 @@ class LucidConnection(Protocol):
         self._in_flight = 0
         self._broken = False
         self._corked: list[bytes] | None = None
+        # Requests waiting for the handshake to finish (a client's), or None.
+        self._held: list[tuple[Any, int]] | None = None
+        # What the decoder calls with each frame; a server swaps it after the handshake.
+        self._on_frame: Callable[[int, int, Any, int], None] = self._frame_received
 
     # -- what callers use -------------------------------------------------
 
@@ -129,7 +135,10 @@ class LucidConnection(Protocol):
         if request_id >= _REQUEST_ID_LIMIT or request_id in self._pending:
             request_id = self._next_request_id()
         deferred = self._expect_answer(request_id, type(message), timeout)
-        self._write(message, request_id, 0)
+        if self._held is None:
+            self._write(message, request_id, 0)
+        else:
+            self._held.append((message, request_id))
         return deferred
 
     def push(self, message: Any) -> None:
@@ -184,15 +193,11 @@ class LucidConnection(Protocol):
         # so a batch of pipelined answers costs one TLS record, not one each.
         self._corked = []
         try:
-            self._frames_received(data)
-        finally:
-            self._flush()
-
-    def _frames_received(self, data: bytes) -> None:
-        try:
-            self.decoder.feed_each(data, self._frame_received)
+            self.decoder.feed_each(data, self._on_frame)
         except ProtocolError as error:
             self.fail_connection(error)
+        finally:
+            self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
@@ -236,25 +241,21 @@ class LucidConnection(Protocol):
         if self._lost or self._broken:
             return
         if flags & _RESPONSE:
-            self._response_received(request_id, message)
+            entry = self._pending.pop(request_id, None)
+            if entry is None:
+                self.log.debug("answer to unknown or timed-out request {id} from {peer}", id=request_id, peer=self.peer)
+            elif type(message) is Error:
+                entry[0].errback(error_from_wire(message.code, message.text, message.retry_after_ms))
+            else:
+                entry[0].callback(message)
+            if self.closing:
+                self._close_if_idle()
         elif flags & _PUSH:
             self._push_received(message)
         elif type(message) is Ping:
             self._write(Pong(message.nonce), request_id, _RESPONSE)
         else:
             self.request_received(request_id, message)
-
-    def _response_received(self, request_id: int, message: Any) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is None:
-            self.log.debug("answer to unknown or timed-out request {id} from {peer}", id=request_id, peer=self.peer)
-            return
-        if type(message) is Error:
-            entry[0].errback(error_from_wire(message.code, message.text, message.retry_after_ms))
-        else:
-            entry[0].callback(message)
-        if self.closing:
-            self._close_if_idle()
 
     def _push_received(self, message: Any) -> None:
         if isinstance(message, Goodbye):
@@ -277,11 +278,10 @@ class LucidConnection(Protocol):
         self._write(result, request_id, _RESPONSE)
 
     def _write(self, message: Any, request_id: int, flags: int) -> None:
-        self._send(encode_frame(message, request_id, flags))
-
-    def _send(self, frame: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(frame)
+        frame = encode_frame(message, request_id, flags)
+        corked = self._corked
+        if corked is not None:
+            corked.append(frame)
         else:
             self.transport.write(frame)  # type: ignore[union-attr]
 
@@ -301,20 +301,22 @@ class LucidConnection(Protocol):
 
     def _expect_answer(self, request_id: int, message_type: type, timeout: float | None) -> defer.Deferred[Any]:
         """Register a request in flight; one timer serves all of them."""
-        deferred: defer.Deferred[Any] = defer.Deferred()
-        timeout = self.request_timeout if timeout is None else timeout
+        deferred: defer.Deferred[Any] = Deferred()
+        if timeout is None:
+            timeout = self.request_timeout
         deadline = self.clock.seconds() + timeout
         self._pending[request_id] = (deferred, message_type, deadline, timeout)
-        if self._timeout_call is None:
-            self._timeout_call = self.clock.callLater(timeout, self._expire_requests)
-            self._timeout_at = deadline
-        elif deadline < self._timeout_at:
-            self._timeout_call.reset(timeout)
+        if deadline < self._timeout_at:  # usually not: later requests expire later
+            if self._timeout_call is None:
+                self._timeout_call = self.clock.callLater(timeout, self._expire_requests)
+            else:
+                self._timeout_call.reset(timeout)
             self._timeout_at = deadline
         return deferred
 
     def _expire_requests(self) -> None:
         self._timeout_call = None
+        self._timeout_at = math.inf
         now = self.clock.seconds()
         expired = [(rid, entry) for rid, entry in self._pending.items() if entry[2] <= now]
         for request_id, (deferred, message_type, _, timeout) in expired:
@@ -388,7 +390,7 @@ class ClientConnection(LucidConnection):
         self.explain_failure = explain_failure
         self.welcome: Welcome | None = None
         self.ready: defer.Deferred[Welcome] = defer.Deferred()
-        self._queued: list[tuple[Any, int]] = []
+        self._held = []  # requests wait for the Welcome
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -405,10 +407,10 @@ class ClientConnection(LucidConnection):
             return
         self.welcome = welcome
         self.handshaken = True
-        queued, self._queued = self._queued, []
-        for message, request_id in queued:
+        held, self._held = self._held or [], None
+        for message, request_id in held:
             if request_id in self._pending:
-                self._write(message, request_id, Flags.NONE)
+                self._write(message, request_id, 0)
         self.ready.callback(welcome)
 
     def _refused(self, failure: Failure) -> None:
@@ -417,12 +419,6 @@ class ClientConnection(LucidConnection):
             self.transport.loseConnection()  # type: ignore[union-attr]
         if not self.ready.called:
             self.ready.errback(failure)
-
-    def _write(self, message: Any, request_id: int, flags: int) -> None:
-        if self.handshaken or flags:
-            self._send(encode_frame(message, request_id, flags))
-        else:
-            self._queued.append((message, request_id))
 
     def _explain_loss(self, reason: Failure) -> LucidError:
         if self.explain_failure is not None and self.close_reason is None:
@@ -465,6 +461,7 @@ class ServerConnection(LucidConnection):
         self._handshake_call: Any = None
         self._idle_call: Any = None
         self._last_request = 0.0
+        self._on_frame = self._frame_before_handshake
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -498,9 +495,9 @@ class ServerConnection(LucidConnection):
             return
         self._idle_call = self.clock.callLater(max(remaining, self.idle_timeout / 10), self._idle_check)
 
-    def _frame_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
-        if self.handshaken:
-            super()._frame_received(request_id, flags, message, version)
+    def _frame_before_handshake(self, request_id: int, flags: int, message: Any, version: int) -> None:
+        if self.handshaken:  # the Welcome went out while this batch of frames was read
+            self._frame_received(request_id, flags, message, version)
         elif self._lost or self._broken:
             return
         elif self.hello is None:
@@ -530,11 +527,12 @@ class ServerConnection(LucidConnection):
     def _welcome_sent(self, welcome: Welcome, request_id: int) -> None:
         self._in_flight -= 1
         self.handshaken = True
+        self._on_frame = self._frame_received
         self._answer(request_id, welcome)
         self._start_idle_timer()
 
     def request_received(self, request_id: int, message: Any) -> None:
-        self._last_request = self.clock.seconds()
+        self._last_request = self._last_received  # when this batch of frames arrived
         if self.closing:
             self._answer(request_id, ConnectionClosed("server is closing this connection"))
             return
