@@ -182,23 +182,48 @@ class EchoClient(Int32StringReceiver):
             self.sendString(self.payload)
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Window:
+    """Requests answered, wall time and CPU of both ends over one measuring window."""
+
+    def __init__(self, server_pid: int, count: int) -> None:
+        self.server_pid = server_pid
+        self.count = count
+        self.start = time.perf_counter()
+        self.client_cpu = time.process_time()
+        self.server_cpu = process_cpu(server_pid)
+
+    def close(self, count: int) -> dict[str, float]:
+        answered = count - self.count
+        return {
+            "rate": answered / (time.perf_counter() - self.start),
+            "client_us": (time.process_time() - self.client_cpu) / answered * 1e6,
+            "server_us": (process_cpu(self.server_pid) - self.server_cpu) / answered * 1e6,
+        }
+
+
 @defer.inlineCallbacks
-def measure_echo(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int) -> Any:
+def measure_echo(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int, server_pid: int) -> Any:
     endpoint = wrapClientTLS(client_tls_options(ca_file, SERVER_NAME), clientFromString(reactor, f"tcp:127.0.0.1:{port}"))
     client = EchoClient(encode_frame(REQUEST, 5)[4:], in_flight)
     yield connectProtocol(endpoint, client)
     client.start()
     yield task.deferLater(reactor, 0.5, lambda: None)  # warm up
-    start_count, start = client.answered, time.perf_counter()
+    window = Window(server_pid, client.answered)
     yield task.deferLater(reactor, seconds, lambda: None)
-    rate = (client.answered - start_count) / (time.perf_counter() - start)
+    figures = window.close(client.answered)
     client.running = False
     client.transport.loseConnection()
-    return rate
+    return figures
 
 
 @defer.inlineCallbacks
-def measure_lucid(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int) -> Any:
+def measure_lucid(reactor: Any, port: int, ca_file: Path, seconds: float, in_flight: int, server_pid: int) -> Any:
     connection = yield connect_tls(reactor, f"tcp:127.0.0.1:{port}", ca_file, SERVER_NAME, keepalive_interval=0)
     state = {"answered": 0, "running": True}
 
@@ -210,13 +235,13 @@ def measure_lucid(reactor: Any, port: int, ca_file: Path, seconds: float, in_fli
     for _ in range(in_flight):
         connection.request(REQUEST).addCallback(ask)
     yield task.deferLater(reactor, 0.5, lambda: None)
-    start_count, start = state["answered"], time.perf_counter()
+    window = Window(server_pid, state["answered"])
     yield task.deferLater(reactor, seconds, lambda: None)
-    rate = (state["answered"] - start_count) / (time.perf_counter() - start)
+    figures = window.close(state["answered"])
     state["running"] = False
     yield task.deferLater(reactor, 0.2, lambda: None)
     yield connection.close("benchmark over")
-    return rate
+    return figures
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         certs = Path(scratch)
         init_ca(certs / "ca")
         issue_certificate(certs / "ca", [SERVER_NAME], certs / "server")
-        rates: dict[str, list[float]] = {"echo": [], "lucid": []}
+        rates: dict[str, list[dict[str, float]]] = {"echo": [], "lucid": []}
 
         @defer.inlineCallbacks
         def measure() -> Any:
@@ -237,8 +262,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # machine falls on both; the medians are compared.
                 for _ in range(args.rounds):
                     for kind, measurer in (("echo", measure_echo), ("lucid", measure_lucid)):
-                        rate = yield measurer(reactor, servers[kind][1], certs / "ca" / "ca.pem", args.seconds, args.in_flight)
-                        rates[kind].append(rate)
+                        process, port = servers[kind]
+                        figures = yield measurer(
+                            reactor, port, certs / "ca" / "ca.pem", args.seconds, args.in_flight, process.pid
+                        )
+                        rates[kind].append(figures)
             finally:
                 for process, _ in servers.values():
                     process.terminate()
@@ -249,7 +277,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reactor.run()  # type: ignore[attr-defined]
         if finished and hasattr(finished[0], "raiseException"):
             finished[0].raiseException()
-    results = {kind: statistics.median(values) for kind, values in rates.items()}
+    def median(kind: str, figure: str) -> float:
+        return statistics.median(window[figure] for window in rates[kind])
+
+    results = {kind: median(kind, "rate") for kind in rates}
     ratio = results["lucid"] / results["echo"]
     return {
         "benchmark": "protocol",
@@ -259,6 +290,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tls_lucid_requests_per_s": round(results["lucid"]),
         "tls_echo_requests_per_s": round(results["echo"]),
         "tls_ratio": round(ratio, 3),
+        "tls_round_ratios": [round(l["rate"] / e["rate"], 3) for e, l in zip(rates["echo"], rates["lucid"])],
+        "cpu_us_per_request": {
+            kind: {end: round(median(kind, f"{end}_us"), 2) for end in ("client", "server")} for kind in rates
+        },
         "in_flight": args.in_flight,
         "rounds": args.rounds,
         "target_ratio": TARGET_RATIO,
@@ -283,6 +318,10 @@ def main() -> None:
           f"{result['codec_int32_framing_round_trips_per_s']:>12,}{result['codec_ratio']:>8.2f}")
     print(f"{'TLS requests/s, ' + str(args.in_flight) + ' in flight':<44}{result['tls_lucid_requests_per_s']:>12,}"
           f"{result['tls_echo_requests_per_s']:>12,}{result['tls_ratio']:>8.2f}")
+    cpu = result["cpu_us_per_request"]
+    for end in ("client", "server"):
+        print(f"{'CPU µs per request, ' + end:<44}{cpu['lucid'][end]:>12.2f}{cpu['echo'][end]:>12.2f}")
+    print(f"ratio of each round: {', '.join(f'{r:.2f}' for r in result['tls_round_ratios'])}")
     print(f"target: TLS ratio >= {TARGET_RATIO}: {'met' if result['meets_target'] else 'NOT met'}")
     print(json.dumps(result))
 

@@ -40,6 +40,7 @@ from lucidlink.errors import (
 from lucidlink.protocol.codec import FrameDecoder, encode_frame
 from lucidlink.protocol.messages import (
     DEFAULT_MAX_FRAME_LENGTH,
+    MESSAGE_CLASSES,
     PROTOCOL_VERSION,
     Error,
     Flags,
@@ -58,6 +59,7 @@ DEFAULT_MAX_IN_FLIGHT = 256
 _REQUEST_ID_LIMIT = 2**32
 _RESPONSE = int(Flags.RESPONSE)
 _PUSH = int(Flags.PUSH)
+_MESSAGE_TYPES = frozenset(MESSAGE_CLASSES.values())
 
 
 class IResponder(Interface):
@@ -88,6 +90,7 @@ class LucidConnection(Protocol):
         on_push: Callable[[Any], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.version = PROTOCOL_VERSION  # of the frames this end sends
         self.request_timeout = request_timeout
         self.keepalive_interval = keepalive_interval
         self.on_push = on_push
@@ -131,12 +134,24 @@ class LucidConnection(Protocol):
         """Send ``message``; the Deferred fires with the answer or fails with a LucidError."""
         if self._lost or self.closing or self.peer_goodbye is not None:
             return defer.fail(self._closed_error(f"cannot send {type(message).__name__}"))
+        pending = self._pending
         request_id = next(self._request_ids)
-        if request_id >= _REQUEST_ID_LIMIT or request_id in self._pending:
+        if request_id >= _REQUEST_ID_LIMIT or request_id in pending:
             request_id = self._next_request_id()
-        deferred = self._expect_answer(request_id, type(message), timeout)
+        deferred: defer.Deferred[Any] = Deferred()
+        if timeout is None:
+            timeout = self.request_timeout
+        deadline = self.clock.seconds() + timeout
+        pending[request_id] = (deferred, type(message), deadline, timeout)
+        if deadline < self._timeout_at:  # one timer serves all; later requests expire later
+            self._arm_request_timer(deadline, timeout)
         if self._held is None:
-            self._write(message, request_id, 0)
+            frame = encode_frame(message, request_id, 0, self.version)
+            corked = self._corked
+            if corked is not None:
+                corked.append(frame)
+            else:
+                self.transport.write(frame)  # type: ignore[union-attr]
         else:
             self._held.append((message, request_id))
         return deferred
@@ -278,7 +293,7 @@ class LucidConnection(Protocol):
         self._write(result, request_id, _RESPONSE)
 
     def _write(self, message: Any, request_id: int, flags: int) -> None:
-        frame = encode_frame(message, request_id, flags)
+        frame = encode_frame(message, request_id, flags, self.version)
         corked = self._corked
         if corked is not None:
             corked.append(frame)
@@ -299,20 +314,13 @@ class LucidConnection(Protocol):
             request_id = next(self._request_ids)
         return request_id
 
-    def _expect_answer(self, request_id: int, message_type: type, timeout: float | None) -> defer.Deferred[Any]:
-        """Register a request in flight; one timer serves all of them."""
-        deferred: defer.Deferred[Any] = Deferred()
-        if timeout is None:
-            timeout = self.request_timeout
-        deadline = self.clock.seconds() + timeout
-        self._pending[request_id] = (deferred, message_type, deadline, timeout)
-        if deadline < self._timeout_at:  # usually not: later requests expire later
-            if self._timeout_call is None:
-                self._timeout_call = self.clock.callLater(timeout, self._expire_requests)
-            else:
-                self._timeout_call.reset(timeout)
-            self._timeout_at = deadline
-        return deferred
+    def _arm_request_timer(self, deadline: float, delay: float) -> None:
+        """Make the one request timer fire at ``deadline``, ``delay`` seconds from now."""
+        if self._timeout_call is None:
+            self._timeout_call = self.clock.callLater(delay, self._expire_requests)
+        else:
+            self._timeout_call.reset(delay)
+        self._timeout_at = deadline
 
     def _expire_requests(self) -> None:
         self._timeout_call = None
@@ -394,12 +402,10 @@ class ClientConnection(LucidConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        request_id = self._next_request_id()
-        deferred = self._expect_answer(request_id, Hello, None)
-        self.transport.write(  # type: ignore[union-attr]
-            encode_frame(Hello(self.version, self.peer_name, self.filespace), request_id, version=self.version)
-        )
-        deferred.addCallbacks(self._welcomed, self._refused)
+        held, self._held = self._held, None  # the Hello itself goes out at once
+        welcomed = self.request(Hello(self.version, self.peer_name, self.filespace))
+        self._held = held
+        welcomed.addCallbacks(self._welcomed, self._refused)
 
     def _welcomed(self, welcome: Any) -> None:
         if not isinstance(welcome, Welcome):
@@ -545,7 +551,9 @@ class ServerConnection(LucidConnection):
             self._in_flight += 1
             self._answer_failure(Failure(), request_id, message)
             return
-        if isinstance(result, defer.Deferred):
+        if type(result) in _MESSAGE_TYPES and not self._lost:  # answered at once: the usual case
+            self._write(result, request_id, _RESPONSE)
+        elif isinstance(result, Deferred):  # an ABC check, slower than the one above
             self._in_flight += 1
             result.addCallbacks(
                 self._answered, self._answer_failure, callbackArgs=(request_id,), errbackArgs=(request_id, message)
