@@ -19,7 +19,7 @@ from typing import Any
 import construct as c
 
 from lucidlink.errors import ProtocolError
-from lucidlink.protocol.compiler import CompiledRecord, FrameHead, compile_record
+from lucidlink.protocol.compiler import CompiledRecord, FrameHead, WrongLength, compile_record
 from lucidlink.protocol.messages import (
     DEFAULT_MAX_FRAME_LENGTH,
     HEADER,
@@ -77,10 +77,10 @@ class _FrameEncoders(dict[type, Callable[[Any, int, int, int], bytes]]):
         return encoder  # type: ignore[return-value]
 
 
-class _BodyParsers(dict[int, Callable[[bytes, int], tuple[Any, int]]]):
-    """``parse(data, pos) -> (message, end)`` by message type number."""
+class _BodyParsers(dict[int, Callable[[bytes, int, int], Any]]):
+    """``parse(data, start, end) -> message`` by message type number."""
 
-    def __missing__(self, message_type: int) -> Callable[[bytes, int], tuple[Any, int]]:
+    def __missing__(self, message_type: int) -> Callable[[bytes, int, int], Any]:
         cls = MESSAGE_CLASSES.get(message_type)
         if cls is None:
             raise ProtocolError(f"unknown message type 0x{message_type:04x}")
@@ -114,12 +114,11 @@ def decode_body(message_type: int, body: bytes) -> Any:
 def _decode_at(message_type: int, data: bytes, start: int, end: int) -> Any:
     """Parse the message body in ``data[start:end]``, reading nothing outside it."""
     try:
-        message, parsed_to = _PARSERS[message_type](data, start)
+        return _PARSERS[message_type](data, start, end)
+    except WrongLength as error:
+        raise _wrong_length(message_type, error.end, end) from None
     except _PARSE_ERRORS as error:
         raise _malformed(message_type, error) from None
-    if parsed_to != end:
-        raise _wrong_length(message_type, parsed_to, end)
-    return message
 
 
 def _malformed(message_type: int, error: Exception) -> ProtocolError:
@@ -194,8 +193,10 @@ class FrameDecoder:
         parsers = _PARSERS
         versions = self.versions
         max_length = self.max_frame_length
+        head_size = _FRAME_HEAD_SIZE
+        unknown_flags = ~_KNOWN_FLAGS
         try:
-            while available - offset >= _FRAME_HEAD_SIZE:
+            while available - offset >= head_size:
                 length, version, message_type, request_id, flags = unpack_head(data, offset)
                 end = offset + LENGTH_PREFIX_SIZE + length
                 if length > max_length or length < HEADER_SIZE:
@@ -205,14 +206,14 @@ class FrameDecoder:
                     break
                 if version not in versions and message_type not in _VERSION_INDEPENDENT:
                     raise self._version_error(version)
-                if flags & ~_KNOWN_FLAGS:
+                if flags & unknown_flags:
                     raise ProtocolError(f"unknown header flags 0x{flags:02x}")
                 try:
-                    message, parsed_to = parsers[message_type](data, offset + _FRAME_HEAD_SIZE)
+                    message = parsers[message_type](data, offset + head_size, end)
+                except WrongLength as error:
+                    raise _wrong_length(message_type, error.end, end) from None
                 except _PARSE_ERRORS as error:
                     raise _malformed(message_type, error) from None
-                if parsed_to != end:
-                    raise _wrong_length(message_type, parsed_to, end)
                 offset = end
                 on_frame(request_id, flags, message, version)
             else:

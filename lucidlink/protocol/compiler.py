@@ -34,16 +34,27 @@ class ShortBuffer(ValueError):
     """A length inside the data points past its end."""
 
 
+class WrongLength(Exception):
+    """A record's fields ended at ``end``, not where its frame said it would."""
+
+    def __init__(self, end: int) -> None:
+        super().__init__(end)
+        self.end = end
+
+
 @dataclass
 class CompiledRecord:
-    """``parse(data, pos) -> (obj, pos)`` and ``build(obj, parts)`` for one Record.
+    """``parse(data, start, end) -> obj`` and ``build(obj, parts)`` for one Record.
+
+    ``parse`` reads the record from ``data[start:end]`` and raises
+    :class:`WrongLength` unless its fields end exactly at ``end``.
 
     ``frame(obj, request_id, flags, version) -> bytes`` makes the whole frame,
     length prefix and header included, when the record was compiled with a
     :class:`FrameHead`.
     """
 
-    parse: Callable[[bytes, int], tuple[Any, int]]
+    parse: Callable[[bytes, int, int], Any]
     build: Callable[[Any, list[bytes]], None]
     source: str
     frame: Callable[[Any, int, int, int], bytes] | None = None
@@ -81,7 +92,7 @@ class _Generator:
     """
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"ShortBuffer": ShortBuffer}
+        self.namespace: dict[str, Any] = {"ShortBuffer": ShortBuffer, "WrongLength": WrongLength}
         self._counter = 0
 
     def name(self, prefix: str) -> str:
@@ -94,11 +105,12 @@ class _Generator:
         return name
 
     def parse_function(self, record: Record) -> list[str]:
-        out = ["def parse(data, pos):"]
+        out = ["def parse(data, pos, end):"]
         run = _Run()
         self._parse_record(record, "obj", run, out, ())
         self._flush_parse(run, out)
-        out.append("    return obj, pos")
+        out.append("    if pos != end: raise WrongLength(pos)")
+        out.append("    return obj")
         return out
 
     def build_function(self, record: Record) -> list[str]:
