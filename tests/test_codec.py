@@ -5,15 +5,21 @@ give a ProtocolError that says what was wrong.
 
 from __future__ import annotations
 
+import dataclasses
+
+import construct as c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink.errors import ProtocolError
 from lucidlink.protocol.codec import FrameDecoder, decode_body, encode_frame
+from lucidlink.protocol.compiler import compile_record
 from lucidlink.protocol.messages import (
     MESSAGE_CLASSES,
     Attributes,
+    DirEntry,
+    DirPage,
     Entry,
     FileKind,
     Flags,
@@ -22,6 +28,7 @@ from lucidlink.protocol.messages import (
     MessageType,
     Ok,
 )
+from lucidlink.protocol.records import Record, wire
 from tests.strategies import messages, records
 
 
@@ -64,6 +71,15 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(record.parse(reference), message)
         self.assertEqual(decode_body(type(message).TYPE, reference), message)  # type: ignore[attr-defined]
 
+    def test_whole_frames_of_records_with_lists(self) -> None:
+        """Messages with lists (built in parts) and without (one struct call) frame the same way."""
+        attributes = Attributes(2, FileKind.DIRECTORY, 0o40755, 2, 0, 0, 0, 1, 2, 3, 4)
+        page = DirPage([DirEntry(b"n1", attributes), DirEntry(b"n2", attributes)], b"c", False)
+        for message in (page, Hello(1, "ü", ""), Ok(), Entry(attributes)):
+            body = type(message).RECORD.build(message)  # type: ignore[attr-defined]
+            head = (8 + len(body)).to_bytes(4, "big") + bytes([1]) + type(message).TYPE.to_bytes(2, "big")  # type: ignore[attr-defined]
+            self.assertEqual(encode_frame(message, 7, Flags.RESPONSE), head + bytes.fromhex("00000007" "01") + body)
+
     def test_every_type_is_covered(self) -> None:
         """Every MessageType has a class, and every class a distinct type."""
         self.assertEqual(set(MESSAGE_CLASSES), {int(t) for t in MessageType})
@@ -102,6 +118,17 @@ class MalformedInputTests(SynchronousTestCase):
     def test_oversized_frame_refused_from_its_length(self) -> None:
         """The length prefix alone is enough to refuse an oversized frame."""
         self.assertRefused(b"\x00\x10\x00\x01", "over the limit", max_frame_length=1024 * 1024)
+
+    def test_oversized_frame_refused_before_its_body(self) -> None:
+        """A whole header with an oversized length is refused before the body arrives."""
+        frame = encode_frame(Lookup(1, b"x" * 100))
+        self.assertRefused(frame[:20], "frame of 118 bytes is over the limit of 64 bytes", max_frame_length=64)
+
+    def test_fields_running_past_the_frame(self) -> None:
+        """A length inside the body that points into the next frame is refused."""
+        frame = bytearray(encode_frame(Lookup(1, b"ab")))
+        frame[20:22] = (6).to_bytes(2, "big")
+        self.assertRefused(bytes(frame) + encode_frame(Ok()), "malformed Lookup body: its fields run past the end")
 
     def test_frame_shorter_than_header(self) -> None:
         """A length smaller than the header is refused."""
@@ -190,3 +217,27 @@ class MalformedInputTests(SynchronousTestCase):
         """Values the wire cannot carry are refused at encoding, not sent garbled."""
         lookup.parent = -1
         self.assertRaises(ProtocolError, encode_frame, lookup)
+
+
+class CompilerTests(SynchronousTestCase):
+    """The compiler refuses what it does not understand, rather than misread it."""
+
+    def test_little_endian_field_refused(self) -> None:
+        """Only big-endian integers are compiled."""
+
+        @dataclasses.dataclass
+        class Odd:
+            value: int = wire(c.Int32ul)
+
+        with self.assertRaises(TypeError) as caught:
+            compile_record(Record(Odd))
+        self.assertIn("only big-endian fields", str(caught.exception))
+
+    def test_unknown_construct_refused(self) -> None:
+        """A building block the compiler does not know is refused by name."""
+
+        @dataclasses.dataclass
+        class Odd:
+            rest: bytes = wire(c.GreedyBytes)
+
+        self.assertRaises(TypeError, compile_record, Record(Odd))

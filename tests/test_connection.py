@@ -44,6 +44,7 @@ class ScriptedResponder:
         self.requests: list[tuple[Any, defer.Deferred[Any]]] = []
         self.ended: list[errors.LucidError] = []
         self.refuse_with: errors.LucidError | None = None
+        self.answer_at_once: Any = None
 
     def welcome(self, connection: ServerConnection, hello: Hello) -> Welcome:
         if self.refuse_with is not None:
@@ -55,6 +56,8 @@ class ScriptedResponder:
             raise errors.AccessDenied("no statfs for you")
         if isinstance(message, GetAttr):
             raise RuntimeError("a bug in the server")
+        if self.answer_at_once is not None:
+            return self.answer_at_once
         waiting: defer.Deferred[Any] = defer.Deferred()
         self.requests.append((message, waiting))
         return waiting
@@ -197,6 +200,35 @@ class RequestTests(ConnectionTestCase):
         self.server.push(Notify(NotifyKind.INODE_CHANGED, 5, 1, b""))
         self.pump.flush()
         self.assertEqual(self.pushed, [Notify(NotifyKind.INODE_CHANGED, 5, 1, b"")])
+
+    def test_answer_returned_at_once(self) -> None:
+        """A responder may return the answer itself instead of a Deferred."""
+        self.responder.answer_at_once = Resolved("now", [], "", 0, ServerStatus.SERVING)
+        self.assertEqual(self.successResultOf(self._ask(Resolve("x"))).filespace, "now")
+        self.assertEqual(self.server._in_flight, 0)
+
+    def test_error_returned_at_once(self) -> None:
+        """A LucidError returned, not raised, is an error answer too."""
+        self.responder.answer_at_once = errors.NotFound("returned, not raised")
+        failure = self.failureResultOf(self._ask(Resolve("x")), errors.NotFound)
+        self.assertEqual(str(failure.value), "returned, not raised")
+
+    def test_shorter_timeout_after_longer_one(self) -> None:
+        """A request with a nearer deadline than those in flight still times out on time."""
+        patient = self._ask(Lookup(1, b"patient"), timeout=30)
+        hasty = self._ask(Lookup(1, b"hasty"), timeout=2)
+        self.clock.advance(2)
+        self.failureResultOf(hasty, errors.RequestTimeout)
+        self.assertNoResult(patient)
+        self.answer(0, Ok())
+        self.assertEqual(self.successResultOf(patient), Ok())
+
+    def test_timeouts_after_the_timer_has_fired(self) -> None:
+        """Once every request has expired, the next one arms the timer again."""
+        for name in (b"first", b"second"):
+            asked = self._ask(Lookup(1, name), timeout=1)
+            self.clock.advance(1)
+            self.failureResultOf(asked, errors.RequestTimeout)
 
     def _ask(self, message: Any, timeout: float | None = None) -> defer.Deferred[Any]:
         asked = self.client.request(message, timeout=timeout)
@@ -349,6 +381,29 @@ class BadInputTests(SynchronousTestCase):
         self.transport.clear()
         self.server.dataReceived(encode_frame(Hello(PROTOCOL_VERSION, "c", ""), 1))
         self.assertEqual(self.transport.value(), b"")
+
+    def test_hello_and_requests_in_one_read(self) -> None:
+        """Requests that arrive with the Hello, in the same read, are served after the Welcome."""
+        self.responder.answer_at_once = Ok()
+        self.server.dataReceived(
+            encode_frame(Hello(PROTOCOL_VERSION, "c", ""), 1)
+            + encode_frame(Lookup(1, b"x"), 2)
+            + encode_frame(Lookup(1, b"y"), 3)
+        )
+        frames = FrameDecoder().feed(self.transport.value())
+        self.assertEqual(
+            [(type(f.message), f.request_id, f.flags) for f in frames],
+            [(Welcome, 1, Flags.RESPONSE), (Ok, 2, Flags.RESPONSE), (Ok, 3, Flags.RESPONSE)],
+        )
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_request_while_welcome_is_pending(self) -> None:
+        """A request after Hello but before the responder has welcomed is refused."""
+        waiting: defer.Deferred[Welcome] = defer.Deferred()
+        self.responder.welcome = lambda connection, hello: waiting  # type: ignore[method-assign]
+        self.server.dataReceived(encode_frame(Hello(PROTOCOL_VERSION, "c", ""), 1) + encode_frame(Lookup(1, b"x"), 2))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.said_goodbye().text, "Lookup sent before the handshake finished")
 
     def test_response_flag_from_client_before_hello(self) -> None:
         """A Hello sent as a response is not a handshake."""
