@@ -537,7 +537,11 @@ class ServerConnection(LucidConnection):
         self._answer(request_id, welcome)
         self._start_idle_timer()
 
-    def request_received(self, request_id: int, message: Any) -> None:
+    def _frame_received(self, request_id: int, flags: int, message: Any, version: int) -> None:
+        """Requests are served here; answers, pushes and pings as on any connection."""
+        if flags or self._lost or self._broken or type(message) is Ping:
+            super()._frame_received(request_id, flags, message, version)
+            return
         self._last_request = self._last_received  # when this batch of frames arrived
         if self.closing:
             self._answer(request_id, ConnectionClosed("server is closing this connection"))
