@@ -4,7 +4,11 @@ Benchmark of the lucidlink wire protocol against a minimal framed echo.
 1. Codec: encode + decode of a typical metadata request (Lookup) and its
    answer (Entry), against framing the same bytes with Twisted's
    Int32StringReceiver in memory.
-2. Loopback TLS: requests per second with 64 in flight on one connection,
+2. In memory, both ends: a client and a server connection joined by
+   StringTransports, 64 requests in flight, no TLS and no sockets; the CPU
+   each end spends per request, against Int32StringReceiver doing the same.
+   This is the Python cost of the protocol alone, and steady on a busy machine.
+3. Loopback TLS: requests per second with 64 in flight on one connection,
    against Int32StringReceiver over the same kind of TLS connection, sending
    the same request bytes and answered with as many bytes as lucid's answer.
    Each server runs in a child process; the CPU each end spends per request
@@ -13,7 +17,7 @@ Benchmark of the lucidlink wire protocol against a minimal framed echo.
 Target: the lucid protocol reaches at least 60% of the echo's request rate.
 Prints a table, then one line of JSON.
 
-    python bench/protocol.py [--seconds 5] [--in-flight 64] [--rounds 3]
+    python bench/protocol.py [--seconds 3] [--in-flight 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
@@ -37,7 +42,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
 from lucidlink.protocol.codec import FrameDecoder, encode_frame
-from lucidlink.protocol.connection import IResponder, ServerFactory
+from lucidlink.protocol.connection import ClientConnection, IResponder, ServerConnection, ServerFactory
 from lucidlink.protocol.messages import (
     PROTOCOL_VERSION,
     Attributes,
@@ -162,7 +167,7 @@ def start_server(kind: str, certs: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 # ---------------------------------------------------------------------------
-# 2. clients (this process)
+# 3. clients (this process)
 
 
 class EchoClient(Int32StringReceiver):
@@ -257,10 +262,90 @@ def measure_lucid(reactor: Any, port: int, ca_file: Path, seconds: float, in_fli
     return figures
 
 
+# ---------------------------------------------------------------------------
+# 4. both ends in memory
+
+
+class _EchoAsker(Int32StringReceiver):
+    """Keeps ``in_flight`` strings outstanding until ``total`` are answered."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.answered = 0
+
+    def stringReceived(self, string: bytes) -> None:
+        self.answered += 1
+        if self.answered < self.total:
+            self.sendString(REQUEST_STRING)
+
+
+def _join(client: Any, server: Any) -> Callable[[], tuple[float, float]]:
+    """Connect two protocols in memory; returns what carries bytes between them."""
+    to_server, to_client = StringTransport(), StringTransport()
+    client.makeConnection(to_server)
+    server.makeConnection(to_client)
+
+    def carry() -> tuple[float, float]:
+        """Until both ends are quiet; the CPU seconds each end spent."""
+        client_cpu = server_cpu = 0.0
+        clock = time.process_time
+        while data := to_server.value():
+            to_server.clear()
+            before = clock()
+            server.dataReceived(data)
+            between = clock()
+            reply = to_client.value()
+            to_client.clear()
+            client.dataReceived(reply)
+            client_cpu += clock() - between
+            server_cpu += between - before
+        return client_cpu, server_cpu
+
+    return carry
+
+
+def memory_costs(requests: int, in_flight: int) -> dict[str, tuple[float, float]]:
+    """(client, server) CPU µs per request of lucid and of Int32StringReceiver, in memory."""
+
+    def lucid() -> tuple[float, float]:
+        clock = task.Clock()
+        client = ClientConnection(clock, keepalive_interval=0)
+        server = ServerConnection(clock, LookupResponder(), keepalive_interval=0, max_in_flight=4096)
+        carry = _join(client, server)
+        carry()  # the handshake
+        answered = [0]
+
+        def ask(_: Any = None) -> None:
+            answered[0] += 1
+            if answered[0] < requests:
+                client.request(REQUEST).addCallback(ask)
+
+        for _ in range(in_flight):
+            client.request(REQUEST).addCallback(ask)
+        client_cpu, server_cpu = carry()
+        return client_cpu / answered[0] * 1e6, server_cpu / answered[0] * 1e6
+
+    def echo() -> tuple[float, float]:
+        client, server = _EchoAsker(requests), Echo()
+        carry = _join(client, server)
+        for _ in range(in_flight):
+            client.sendString(REQUEST_STRING)
+        client_cpu, server_cpu = carry()
+        return client_cpu / client.answered * 1e6, server_cpu / client.answered * 1e6
+
+    results: dict[str, tuple[float, float]] = {}
+    for kind, run in (("echo", echo), ("lucid", lucid)):
+        # The least of a few runs: what the code costs, with less of the noise of others.
+        runs = [run() for _ in range(5)]
+        results[kind] = (min(r[0] for r in runs), min(r[1] for r in runs))
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from twisted.internet import reactor
 
     codec_lucid, codec_echo = codec_rates(args.seconds)
+    memory = memory_costs(args.memory_requests, args.in_flight)
     with tempfile.TemporaryDirectory() as scratch:
         certs = Path(scratch)
         init_ca(certs / "ca")
@@ -302,11 +387,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "codec_lucid_round_trips_per_s": round(codec_lucid),
         "codec_int32_framing_round_trips_per_s": round(codec_echo),
         "codec_ratio": round(codec_lucid / codec_echo, 3),
+        "memory_cpu_us_per_request": {
+            kind: {"client": round(client, 2), "server": round(server, 2)} for kind, (client, server) in memory.items()
+        },
+        "memory_ratio": round(sum(memory["echo"]) / sum(memory["lucid"]), 3),
         "tls_lucid_requests_per_s": round(results["lucid"]),
         "tls_echo_requests_per_s": round(results["echo"]),
         "tls_ratio": round(ratio, 3),
         "tls_round_ratios": [round(l["rate"] / e["rate"], 3) for e, l in zip(rates["echo"], rates["lucid"])],
-        "cpu_us_per_request": {
+        "tls_cpu_us_per_request": {
             kind: {end: round(median(kind, f"{end}_us"), 2) for end in ("client", "server")} for kind in rates
         },
         "tls": tls,
@@ -324,6 +413,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure and round")
     parser.add_argument("--in-flight", type=int, default=64, help="requests outstanding on the connection")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; medians compared")
+    parser.add_argument("--memory-requests", type=int, default=50_000, help="requests per in-memory run")
     parser.add_argument("--serve", choices=["lucid", "echo"], help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,9 +426,13 @@ def main() -> None:
           f"{result['codec_int32_framing_round_trips_per_s']:>12,}{result['codec_ratio']:>8.2f}")
     print(f"{'TLS requests/s, ' + str(args.in_flight) + ' in flight':<44}{result['tls_lucid_requests_per_s']:>12,}"
           f"{result['tls_echo_requests_per_s']:>12,}{result['tls_ratio']:>8.2f}")
-    cpu = result["cpu_us_per_request"]
+    memory = result["memory_cpu_us_per_request"]
     for end in ("client", "server"):
-        print(f"{'CPU µs per request, ' + end:<44}{cpu['lucid'][end]:>12.2f}{cpu['echo'][end]:>12.2f}")
+        print(f"{'in memory, CPU µs per request, ' + end:<44}{memory['lucid'][end]:>12.2f}{memory['echo'][end]:>12.2f}")
+    print(f"{'in memory, requests per CPU second':<44}{'':>24}{result['memory_ratio']:>8.2f}")
+    cpu = result["tls_cpu_us_per_request"]
+    for end in ("client", "server"):
+        print(f"{'TLS, CPU µs per request, ' + end:<44}{cpu['lucid'][end]:>12.2f}{cpu['echo'][end]:>12.2f}")
     print(f"ratio of each round: {', '.join(f'{r:.2f}' for r in result['tls_round_ratios'])}")
     print(f"both: {result['request_bytes']}-byte requests, {result['answer_bytes']}-byte answers, "
           f"{args.in_flight} in flight; TLS lucid {', '.join(result['tls']['lucid'])}, "
