@@ -30,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tls_lucid_requests_per_s": round(results["lucid"]),
         "tls_echo_requests_per_s": round(results["echo"]),
         "tls_ratio": round(ratio, 3),
-        "tls_round_ratios": [round(l["rate"] / e["rate"], 3) for e, l in zip(rates["echo"], rates["lucid"])],
+        "tls_round_ratios": [round(ours["rate"] / theirs["rate"], 3) for theirs, ours in zip(rates["echo"], rates["lucid"])],
         "tls_cpu_us_per_request": {
             kind: {end: round(median(kind, f"{end}_us"), 2) for end in ("client", "server")} for kind in rates
         },

@@ -140,9 +140,7 @@ class _Generator:
     # -- parsing -------------------------------------------------------------
 
     def _parse_record(self, record: Record, variable: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
-        if id(record) in seen:
-            raise TypeError(f"cannot compile the recursive record {record.cls.__name__}")
-        seen = (*seen, id(record))
+        seen = _inside(record, seen)
         values = []
         for subcon in record.subcons:
             value = self.name("v")
@@ -187,11 +185,7 @@ class _Generator:
         item = self.name("item")
         out.append(f"    {variable} = []")
         out.append(f"    for _ in range({count}):")
-        element: list[str] = []
-        element_run = _Run()
-        self._parse_field(subcon.element, item, element_run, element, seen)
-        self._flush_parse(element_run, element)
-        out.extend("    " + line for line in element)
+        out.extend(self._loop_body(self._parse_field, self._flush_parse, subcon.element, item, seen))
         out.append(f"        {variable}.append({item})")
 
     def _flush_parse(self, run: _Run, out: list[str]) -> None:
@@ -210,9 +204,7 @@ class _Generator:
     # -- building ------------------------------------------------------------
 
     def _build_record(self, record: Record, expression: str, run: _Run, out: list[str], seen: tuple[int, ...]) -> None:
-        if id(record) in seen:
-            raise TypeError(f"cannot compile the recursive record {record.cls.__name__}")
-        seen = (*seen, id(record))
+        seen = _inside(record, seen)
         target = _bound(self, expression, out)
         for name, subcon in zip(record.field_names, record.subcons):
             self._build_field(subcon, f"{target}.{name}", run, out, seen)
@@ -243,11 +235,22 @@ class _Generator:
         run.targets.append(f"len({items})")
         self._flush_build(run, out)
         out.append(f"    for {item} in {items}:")
-        element: list[str] = []
-        element_run = _Run()
-        self._build_field(subcon.element, item, element_run, element, seen)
-        self._flush_build(element_run, element)
-        out.extend("    " + line for line in element)
+        out.extend(self._loop_body(self._build_field, self._flush_build, subcon.element, item, seen))
+
+    def _loop_body(
+        self,
+        field: Callable[[c.Construct, str, _Run, list[str], tuple[int, ...]], None],
+        flush: Callable[[_Run, list[str]], None],
+        element: c.Construct,
+        item: str,
+        seen: tuple[int, ...],
+    ) -> list[str]:
+        """The lines that parse or build one ``element`` of a list, indented for its loop."""
+        body: list[str] = []
+        run = _Run()
+        field(element, item, run, body, seen)
+        flush(run, body)
+        return ["    " + line for line in body]
 
     def _payload(self, expression: str, encoding: str | None, out: list[str]) -> str:
         payload = self.name("b")
@@ -280,11 +283,10 @@ class _Generator:
             items.append(("", payload))
             return True
         if isinstance(subcon, Record):
-            if id(subcon) in seen:
-                raise TypeError(f"cannot compile the recursive record {subcon.cls.__name__}")
+            inside = _inside(subcon, seen)
             target = _bound(self, expression, out)
             return all(
-                self._plan(sub, f"{target}.{name}", items, out, (*seen, id(subcon)))
+                self._plan(sub, f"{target}.{name}", items, out, inside)
                 for name, sub in zip(subcon.field_names, subcon.subcons)
             )
         return False
@@ -310,6 +312,13 @@ class _Generator:
                 pieces.append(value)
         joined = " + ".join(pieces) if len(pieces) <= 2 else f"b''.join(({', '.join(pieces)}))"
         return [f"    length = {length}", f"    return {joined}"]
+
+
+def _inside(record: Record, seen: tuple[int, ...]) -> tuple[int, ...]:
+    """The records being compiled once inside ``record``; a record inside itself is refused."""
+    if id(record) in seen:
+        raise TypeError(f"cannot compile the recursive record {record.cls.__name__}")
+    return (*seen, id(record))
 
 
 def _after(run: _Run, out: list[str], line: str) -> None:
