@@ -108,15 +108,10 @@ def encode_frame(
 
 def decode_body(message_type: int, body: bytes) -> Any:
     """Parse ``body`` as the message ``message_type`` names; all of it, no more."""
-    return _decode_at(message_type, body, 0, len(body))
-
-
-def _decode_at(message_type: int, data: bytes, start: int, end: int) -> Any:
-    """Parse the message body in ``data[start:end]``, reading nothing outside it."""
     try:
-        return _PARSERS[message_type](data, start, end)
+        return _PARSERS[message_type](body, 0, len(body))
     except WrongLength as error:
-        raise _wrong_length(message_type, error.end, end) from None
+        raise _wrong_length(message_type, error.end, len(body)) from None
     except _PARSE_ERRORS as error:
         raise _malformed(message_type, error) from None
 
