@@ -80,6 +80,8 @@ READ_STEP = 4 * 1024 * 1024
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
+ChangeListener = Callable[[int, int, "bytes | None"], object]
+"""``listener(inode, parent, name)``: see :meth:`Inodes.on_change`."""
 Offload = Callable[..., "defer.Deferred[Any]"]
 """``offload(function, *arguments)``: run CPU-heavy work (sealing, opening) and fire with its result."""
 
@@ -634,6 +636,7 @@ class Inodes:
         )
         self._uploads = defer.DeferredSemaphore(parallel_uploads)
         self._handles: dict[int, set[FileHandle]] = {}
+        self._change_listeners: list[ChangeListener] = []
         self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
 
     def require_store(self) -> Any:
@@ -883,14 +886,40 @@ class Inodes:
         """The handles opened here and not closed yet."""
         return [handle for handles in self._handles.values() for handle in handles]
 
+    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
+        """
+        Call ``listener(inode, parent, name)`` when another client changed something; returns an unsubscribe.
+
+        ``name`` None: ``inode`` itself (attributes or content); else entry
+        ``name`` (plain) of directory ``parent`` now names ``inode`` or is gone.
+        ``inode`` 0 after a reconnect: anything may have changed meanwhile.
+        """
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener) if listener in self._change_listeners else None
+
+    def _tell_change(self, inode: int, parent: int = 0, name: bytes | None = None) -> None:
+        for listener in list(self._change_listeners):
+            listener(inode, parent, name)
+
     def _notified(self, message: Any) -> None:
-        if isinstance(message, w.Notify) and message.kind == NotifyKind.INODE_CHANGED:
+        if not isinstance(message, w.Notify):
+            return
+        if message.kind == NotifyKind.INODE_CHANGED:
             for handle in self._handles.get(message.inode, ()):
                 handle.invalidate()
+            self._tell_change(message.inode)
+        elif message.kind == NotifyKind.ENTRY_CHANGED:
+            try:
+                name = crypto.open_name(self.keys, message.parent, message.name)
+            except IntegrityError:
+                self._tell_change(message.parent)  # a name that does not open: the whole directory
+            else:
+                self._tell_change(message.inode, message.parent, name)
 
     def _reconnected(self) -> None:
         for handle in self.open_handles():
             handle.invalidate()
+        self._tell_change(0)
 
     def close(self) -> None:
         """Stop listening to the session (the handles stay as they are)."""
