@@ -110,7 +110,11 @@ class DemoMountCase(TestCase):
     def start_mount(self, name: str = "mnt", *options: str) -> MountProcess:
         """Mount the demo filespace at ``base/name`` (made if missing); unmounted in cleanup."""
         mountpoint = self.base / name
-        mountpoint.mkdir(exist_ok=True)
+        try:
+            mountpoint.mkdir()
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTCONN):  # ENOTCONN: a stale mount (--force cleans it)
+                raise
         mount = MountProcess(self.demo.config, "demo", mountpoint, self.base / f"{name}.log", *options)
         self.addCleanup(mount.stop)
         mount.wait_until_mounted()
