@@ -21,6 +21,7 @@ the reactor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -38,8 +39,9 @@ import llfuse
 from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
 
+from lucidlink import fuse_locks
 from lucidlink.errors import LucidError
-from lucidlink.protocol.messages import Attributes, FileKind
+from lucidlink.protocol.messages import Attributes, FileKind, LockKind, LockType
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +118,20 @@ class Bridge:
 
     def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
         with self.released():
-            try:
-                return self.wait(function, *arguments, **keywords)
-            except LucidError as error:
-                log.debug("%s: %s", getattr(function, "__name__", function), error)
-                raise llfuse.FUSEError(errno_of(error)) from None
-            except llfuse.FUSEError:
-                raise
-            except Exception:
-                log.exception("unexpected failure of %s", getattr(function, "__name__", function))
-                raise llfuse.FUSEError(errno.EIO) from None
+            return self.translated(function, *arguments, **keywords)
 
+    def translated(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        """Run ``function`` on the reactor and wait, errors as ``FUSEError`` (the llfuse lock is not touched)."""
+        try:
+            return self.wait(function, *arguments, **keywords)
+        except LucidError as error:
+            log.debug("%s: %s", getattr(function, "__name__", function), error)
+            raise llfuse.FUSEError(errno_of(error)) from None
+        except llfuse.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected failure of %s", getattr(function, "__name__", function))
+            raise llfuse.FUSEError(errno.EIO) from None
 
     def wait(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
         """Run ``function`` on the reactor; its result, or its error raised here."""
@@ -208,9 +213,10 @@ def _quietly(invalidate: Callable[..., None], *arguments: Any) -> None:
 
 @dataclass
 class _Directory:
-    """An open directory: its entries as read by ``opendir``, ``.`` and ``..`` first."""
+    """An open directory: its entries as read by ``opendir``, ``.`` and ``..`` first, and its attributes."""
 
     entries: list[tuple[bytes, Attributes]]
+    attributes: Attributes
 
 
 class FilespaceOperations(llfuse.Operations):
@@ -306,7 +312,15 @@ class FilespaceOperations(llfuse.Operations):
         return self._looked_up(self._call("lookup", parent_inode, name))
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
-        return self._entry(self._call("getattr", inode))
+        try:
+            return self._entry(self._call("getattr", inode))
+        except llfuse.FUSEError as error:
+            # The server keeps no removed directory for its open descriptors; a local filesystem
+            # shows it with no links.
+            held = [d.attributes for d in self._directories.values() if d.attributes.inode == inode]
+            if error.errno != errno.ENOENT or not held:
+                raise
+            return self._entry(dataclasses.replace(held[-1], nlink=0))
 
     def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> llfuse.EntryAttributes:
         changes: dict[str, Any] = {}
@@ -322,7 +336,11 @@ class FilespaceOperations(llfuse.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        return self._entry(self._call("setattr", inode, **changes))
+        attributes = self._call("setattr", inode, **changes)
+        for directory in self._directories.values():
+            if directory.attributes.inode == inode:
+                directory.attributes = attributes
+        return self._entry(attributes)
 
     def opendir(self, inode: int, ctx: Any) -> int:
         here = self._call("getattr", inode)
@@ -330,7 +348,7 @@ class FilespaceOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOTDIR)
         entries = self._call("readdir", inode)
         number = next(self._numbers)
-        self._directories[number] = _Directory([(b".", here), (b"..", here), *entries])
+        self._directories[number] = _Directory([(b".", here), (b"..", here), *entries], here)
         return number
 
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
@@ -452,6 +470,19 @@ class FilespaceOperations(llfuse.Operations):
                 log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
         self._directories.clear()
 
+    # -- locks (called by lucidlink.fuse_locks on llfuse's threads, without its lock) ---
+
+    def lock(self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int, end: int,
+             wait: bool) -> None:
+        """Take, change or release a lock of the kernel's lock owner ``owner``."""
+        self.bridge.translated(self.inodes.lock, inode, owner, kind, lock_type, start, end, wait)
+
+    def test_lock(self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int,
+                  end: int) -> tuple[LockType, int, int]:
+        """The type and range of the first lock in the way of this one (type UNLOCK: none)."""
+        state = self.bridge.translated(self.inodes.test_lock, inode, owner, kind, lock_type, start, end)
+        return state.lock_type, state.start, state.end
+
     # -- extended attributes -----------------------------------------------------
 
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
@@ -482,6 +513,12 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
     with contextlib.ExitStack() as stack:
         llfuse.init(operations, mountpoint, mount_options(filespace))
         stack.callback(llfuse.close, unmount=True)
+        try:
+            locks = fuse_locks.install(operations)
+        except fuse_locks.NotInstalled as why:
+            log.warning("flock and fcntl locks stay local to this mount: %s", why)
+        else:
+            stack.callback(lambda: locks)  # the callbacks live until llfuse.close
         stack.callback(operations.close_all)
         operations.kernel.start()
         stack.callback(operations.kernel.stop)

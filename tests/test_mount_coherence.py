@@ -1,14 +1,19 @@
 """
 The adapter's own bookkeeping, without a mount: descriptors of one file see
-each other's writes (as on a local filesystem), and the kernel's lookup
-counts decide which inodes a reconnect invalidates.
+each other's writes (as on a local filesystem), the kernel's lookup counts
+decide which inodes a reconnect invalidates, an open removed directory still
+has attributes, and the lock operations refuse clearly what they cannot use.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from pathlib import Path
 from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.client_helpers import MemoryFilespaceCase
 from tests.test_mount import Context, SynchronousBridge
@@ -16,9 +21,17 @@ from tests.test_mount import Context, SynchronousBridge
 try:
     import llfuse
 
+    from lucidlink import fuse_locks
     from lucidlink.mount import FilespaceOperations
 except ImportError:
     llfuse = None
+
+
+class Fields:
+    """What ``setattr`` is asked to change: the mode only (llfuse's own SetattrFields is read-only)."""
+
+    update_mode = True
+    update_uid = update_gid = update_size = update_atime = update_mtime = False
 
 
 class AdapterCoherenceTests(MemoryFilespaceCase):
@@ -60,3 +73,55 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         self.ops.forget([(made.st_ino, 1)])
         self.assertNotIn(made.st_ino, known())
         self.assertTrue(self.ops.kernel.settle())  # not running (not mounted): nothing to wait for
+
+    def test_removed_open_directory(self) -> None:
+        """A directory removed while open keeps its attributes (as last changed here) with no links."""
+        ctx = Context()
+        made = self.ops.mkdir(llfuse.ROOT_INODE, b"d", stat.S_IFDIR | 0o755, ctx)
+        fh = self.ops.opendir(made.st_ino, ctx)
+        attributes = llfuse.EntryAttributes()
+        attributes.st_mode = stat.S_IFDIR | 0o700
+        fields = Fields()
+        self.ops.setattr(made.st_ino, attributes, fields, None, ctx)
+        self.ops.rmdir(llfuse.ROOT_INODE, b"d", ctx)
+        gone = self.ops.getattr(made.st_ino)
+        self.assertEqual((gone.st_mode, gone.st_nlink), (stat.S_IFDIR | 0o700, 0))
+        self.ops.releasedir(fh)
+        with self.assertRaises(llfuse.FUSEError) as caught:
+            self.ops.getattr(made.st_ino)
+        self.assertEqual(caught.exception.errno, errno.ENOENT)
+
+
+class FuseLocksTests(SynchronousTestCase):
+    """:mod:`lucidlink.fuse_locks` adds nothing, and says why, when things are not as it expects."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def test_not_elf(self) -> None:
+        """A file that is not a 64-bit ELF object is refused by name."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"#!/bin/sh\n")
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks._symbols(str(path), {"anything"})
+        self.assertIn("not a 64-bit little-endian ELF file", str(caught.exception))
+
+    def test_missing_symbols(self) -> None:
+        """Symbols llfuse's module does not have are named."""
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks._symbols(llfuse.__file__, {"PyInit_llfuse", "no_such_symbol"})
+        self.assertIn("lacks the symbols no_such_symbol", str(caught.exception))
+
+    def test_before_init(self) -> None:
+        """Without ``llfuse.init`` there is no session to add operations to."""
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks.install(None)  # type: ignore[arg-type]
+        self.assertIn("no session", str(caught.exception))
+
+    def test_ranges(self) -> None:
+        """``l_len`` 0 runs to the end of the file; a negative start or length is EINVAL."""
+        self.assertEqual(fuse_locks._range(fuse_locks.Flock(0, 0, 10, 0, 0)), (10, fuse_locks.LOCK_END))
+        self.assertEqual(fuse_locks._range(fuse_locks.Flock(0, 0, 10, 5, 0)), (10, 14))
+        with self.assertRaises(llfuse.FUSEError) as caught:
+            fuse_locks._range(fuse_locks.Flock(0, 0, -1, 5, 0))
+        self.assertEqual(caught.exception.errno, errno.EINVAL)

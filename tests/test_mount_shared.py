@@ -8,9 +8,10 @@ desktops would run them): what one does, the other sees.
   timeout (the metadata server's notifications make it sooner); the content of
   a file the other mount holds open changes under it once the change is
   committed (its kernel's pages are dropped).
-- Locks: ``flock`` and ``fcntl`` byte-range locks contend between mounts.
-  They do not yet: llfuse 1.x has no lock operations, so each kernel keeps
-  locks to itself (marked ``todo`` below, see docs/decisions.rst).
+- Locks: ``flock`` and ``fcntl`` byte-range locks contend between mounts
+  (EWOULDBLOCK / EAGAIN, ``F_GETLK`` names the holder's range), a blocked
+  ``flock`` waits until the holder lets go, and locks end when their
+  descriptor is closed and when the holder's mount dies.
 - Concurrent writers: to different files, all data arrives; to one file,
   writes to different bytes are all kept, and where both wrote the same bytes
   the later close wins.  The earlier writer gets no error: its close
@@ -27,6 +28,7 @@ import fcntl
 import hashlib
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +39,6 @@ from tests.mount_helpers import DemoMountCase
 
 SEEN_WITHIN = ATTRIBUTE_TIMEOUT + 2.0
 """Seconds within which one mount must see another's change (the kernel's timeout, and slack for a busy machine)."""
-
-LOCKS_TODO = (
-    "llfuse 1.x has no lock or flock operations, so each kernel keeps flock and fcntl locks to itself"
-    " and two mounts do not contend (docs/decisions.rst)"
-)
 
 
 def eventually(check: Callable[[], Any], within: float = SEEN_WITHIN) -> float:
@@ -144,38 +141,56 @@ class TwoMountsTests(DemoMountCase):
         self.check_flock()
         self.check_fcntl_locks()
 
-    test_locks_contend_between_mounts.todo = LOCKS_TODO  # type: ignore[attr-defined]
-
     def check_flock(self) -> None:
-        """An exclusive flock on one mount makes the other's non-blocking flock fail; closing releases it."""
+        """Exclusive flock against either kind; shared ones agree; a blocked flock waits; close releases."""
         (self.a / "locked").write_bytes(b"")
         holder = os.open(self.a / "locked", os.O_RDWR)
-        try:
-            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            other = os.open(self.b / "locked", os.O_RDWR)
-            try:
-                self.assertErrno(errno.EWOULDBLOCK, fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.close(holder)
-                holder = -1
-                eventually(lambda: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB))
-            finally:
-                os.close(other)
-        finally:
-            if holder >= 0:
-                os.close(holder)
+        other = os.open(self.b / "locked", os.O_RDWR)
+        self.addCleanup(os.close, other)
+        fcntl.flock(holder, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)        # shared and shared: both granted
+        self.assertErrno(errno.EWOULDBLOCK, fcntl.flock, holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)        # upgraded once the other let go
+        self.assertErrno(errno.EWOULDBLOCK, fcntl.flock, other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        same_mount = os.open(self.a / "locked", os.O_RDONLY)      # another open file on the holder's mount
+        self.addCleanup(os.close, same_mount)
+        self.assertErrno(errno.EWOULDBLOCK, fcntl.flock, same_mount, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        granted = threading.Event()
+        waiting = threading.Thread(target=lambda: (fcntl.flock(other, fcntl.LOCK_EX), granted.set()), daemon=True)
+        waiting.start()
+        self.assertFalse(granted.wait(0.5), "a blocking flock was granted while another mount held the lock")
+        os.close(holder)                                          # the last close of the holder's file
+        self.assertTrue(granted.wait(SEEN_WITHIN), "closing the holder did not release its flock")
+        waiting.join(5)
+        fcntl.flock(other, fcntl.LOCK_UN)
 
     def check_fcntl_locks(self) -> None:
-        """Byte-range locks: overlapping ones conflict (EAGAIN) across mounts; a dead mount's are released."""
+        """Byte ranges conflict across mounts where they overlap; F_GETLK tells; close and death release."""
         dying = self.start_mount("dying").mountpoint
         (self.a / "ranges").write_bytes(bytes(100))
         holder = os.open(dying / "ranges", os.O_RDWR)
         other = os.open(self.b / "ranges", os.O_RDWR)
         self.addCleanup(os.close, other)
-        fcntl.lockf(holder, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
-        fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)  # bytes 50-59: no overlap
+        fcntl.lockf(holder, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)      # bytes 0-9
+        fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)      # bytes 50-59: no overlap
         with self.assertRaises(OSError) as caught:
             fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 5)
         self.assertIn(caught.exception.errno, (errno.EAGAIN, errno.EACCES))
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 5, 1, 0)
+        lock_type, _, start, length, _ = struct.unpack("hhqqi", fcntl.fcntl(other, fcntl.F_GETLK, query))
+        self.assertEqual((lock_type, start, length), (fcntl.F_WRLCK, 0, 10))
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 20, 10, 0)
+        self.assertEqual(struct.unpack("hhqqi", fcntl.fcntl(other, fcntl.F_GETLK, query))[0], fcntl.F_UNLCK)
+
+        # Closing a descriptor gives back its process's locks on the file.
+        second = os.open(self.a / "ranges", os.O_RDWR)
+        fcntl.lockf(second, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 70)
+        os.close(second)
+        fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 70)
+        fcntl.lockf(other, fcntl.LOCK_UN, 5, 70)
+
         # The holder's mount dies: its locks end with its session.
         self.mounts["dying"].kill()
         eventually(lambda: fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 5), within=30)

@@ -66,7 +66,16 @@ from lucidlink.errors import (
     TooManyLinks,
 )
 from lucidlink.protocol import messages as w
-from lucidlink.protocol.messages import Attributes, ChunkRef, FileKind, NotifyKind, SetAttrField, XattrFlags
+from lucidlink.protocol.messages import (
+    Attributes,
+    ChunkRef,
+    FileKind,
+    LockKind,
+    LockType,
+    NotifyKind,
+    SetAttrField,
+    XattrFlags,
+)
 
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
@@ -77,6 +86,10 @@ MAX_SYMLINK_FOLLOWS = 40
 MAX_FILE_SIZE = 2**63 - 1
 MAX_COMMIT_ATTEMPTS = 16
 READ_STEP = 4 * 1024 * 1024
+LOCK_END = 2**64 - 1
+"""The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
+LOCK_WAIT_TIMEOUT = 24 * 3600.0
+"""Seconds a lock request that waits for a conflicting lock may take."""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
@@ -847,6 +860,28 @@ class Inodes:
     def statfs(self) -> defer.Deferred[w.FsStats]:
         """The filespace's totals (``FsStats``)."""
         return self.session.call(w.StatFs())
+
+    # -- advisory locks ------------------------------------------------------------------
+
+    def lock(
+        self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END,
+        wait: bool = False,
+    ) -> defer.Deferred[None]:
+        """
+        Take, change or release (``UNLOCK``) ``owner``'s lock on bytes ``[start, end]`` of ``inode``.
+
+        ``owner`` is a number of this client's choosing (the kernel's lock
+        owner).  On a conflict: ``Locked`` (EAGAIN) at once, or with ``wait``
+        the answer comes once the lock is granted.
+        """
+        request = w.Lock(inode, owner, kind, lock_type, start, end, wait)
+        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(lambda _: None)
+
+    def test_lock(
+        self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END
+    ) -> defer.Deferred[w.LockState]:
+        """The first lock that stands in the way of ``owner`` taking this one (``lock_type`` UNLOCK: none)."""
+        return self.session.call(w.LockTest(inode, owner, kind, lock_type, start, end))
 
     # -- chunks and handles ------------------------------------------------------------
 
