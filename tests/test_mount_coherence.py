@@ -2,7 +2,8 @@
 The adapter's own bookkeeping, without a mount: descriptors of one file see
 each other's writes (as on a local filesystem), the kernel's lookup counts
 decide which inodes a reconnect invalidates, an open removed directory still
-has attributes, and the lock operations refuse clearly what they cannot use.
+has attributes, the lock operations refuse clearly what they cannot use, and
+the core tells the mount what other clients changed.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.client_helpers import MemoryFilespaceCase
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase, deferLater
 from tests.test_mount import Context, SynchronousBridge
 
 try:
@@ -125,3 +129,42 @@ class FuseLocksTests(SynchronousTestCase):
         with self.assertRaises(llfuse.FUSEError) as caught:
             fuse_locks._range(fuse_locks.Flock(0, 0, -1, 5, 0))
         self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+
+class ChangeListenerTests(ClientTestCase):
+    """``Inodes.on_change`` (what the mount invalidates the kernel's caches by), over a real server."""
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_are_told(self) -> Generator[Deferred[Any], Any, None]:
+        """Another session's new entry, removal and write reach the listener with plain names."""
+        writer = yield self.filespace()
+        watcher = yield self.filespace()
+        told: list[tuple[int, int, bytes | None]] = []
+        unsubscribe = watcher.inodes.on_change(lambda *change: told.append(change))
+        root = writer.root_inode
+        yield writer.write_file("/new.txt", b"hello")
+        made = yield writer.stat("/new.txt")
+
+        @defer.inlineCallbacks
+        def until(change: tuple[int, int, bytes | None]) -> Generator[Deferred[Any], Any, None]:
+            for _ in range(200):
+                if change in told:
+                    return
+                yield deferLater(0.01)
+            self.fail(f"{change} was not told; told {told}")
+
+        yield until((made.inode, root, b"new.txt"))
+        yield until((root, 0, None))
+        yield until((made.inode, 0, None))
+        yield writer.remove("/new.txt")
+        told.clear()
+        yield writer.mkdir("/later")
+        yield until((root, 0, None))
+        self.meta.drop_connections()  # what was said meanwhile is lost: after the reconnect, everything
+        yield watcher.stat("/")
+        yield until((0, 0, None))
+        unsubscribe()
+        told.clear()
+        yield writer.mkdir("/unheard")
+        yield deferLater(0.2)
+        self.assertEqual(told, [])
