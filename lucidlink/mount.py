@@ -11,6 +11,13 @@ takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
 ``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
 table (:data:`ERRNO`) lives here and nowhere else.
 
+What another client changes reaches the kernel through :class:`KernelCaches`
+(its caches of attributes, entries and pages are dropped, from a thread that
+never holds the llfuse lock); descriptors of one file on this mount see each
+other's writes (:meth:`FilespaceOperations._coherent`); ``flock`` and
+``fcntl`` locks go to the metadata server through
+:mod:`lucidlink.fuse_locks`, which adds the lock operations llfuse lacks.
+
 :func:`serve` mounts and tears down in order (an ``ExitStack``): once
 llfuse's loop ends (unmount or signal), open handles are closed (their
 buffered writes stored and the chunk maps committed) before the filesystem
