@@ -16,7 +16,9 @@ Everything it relies on is checked first (the symbols, the table found by its
 content, the three slots empty); when something does not look as expected it
 installs nothing and says why, and locks stay local to the mount.  The
 callbacks run on llfuse's worker threads without llfuse's lock, and call a
-:class:`LockRequests` (the mount's), which raises ``llfuse.FUSEError``.
+:class:`LockRequests` (the mount's), which raises ``llfuse.FUSEError``.  A
+request that may wait asks again until granted rather than queueing on the
+server, so that a signalled process or an unmount ends the wait.
 
 Layouts are libfuse 2.9's on Linux x86_64 and aarch64 (LP64): ``struct
 fuse_file_info``, ``struct flock`` and the order of ``fuse_lowlevel_ops``.
@@ -31,6 +33,7 @@ import fcntl
 import logging
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -48,6 +51,8 @@ _SLOTS = {"flush": 17, "release": 18, "getlk": 31, "setlk": 32, "flock": 39}
 _TABLE_SLOTS = 41
 _PROBE = 8 * 8
 """Bytes of llfuse's table looked for in the session's copy (its first eight pointers)."""
+FIRST_RETRY, LAST_RETRY = 0.01, 0.25
+"""Seconds between the attempts of a lock request that waits (doubling from the first to the last)."""
 _FLOCK_RELEASE = 1 << 4
 """``fuse_file_info.flock_release``: the fifth of the bit fields after ``writepage``."""
 
@@ -99,9 +104,10 @@ class NotInstalled(Exception):
 class InstalledLocks:
     """The callbacks written into the session's table (kept alive here) and the locks taken through them."""
 
-    def __init__(self, requests: LockRequests, libfuse: Any, flush: int, release: int) -> None:
+    def __init__(self, requests: LockRequests, libfuse: Any, session: int, flush: int, release: int) -> None:
         self.requests = requests
         self._libfuse = libfuse
+        self._session = session
         self._llfuse_flush = _FILE_CALL(flush)
         self._llfuse_release = _FILE_CALL(release)
         self._posix_owners: set[tuple[int, int]] = set()
@@ -148,7 +154,7 @@ class InstalledLocks:
         def work() -> None:
             start, end = _range(wanted)
             lock_type = _TYPES[wanted.l_type]
-            self.requests.lock(inode, owner, LockKind.POSIX, lock_type, start, end, bool(sleep))
+            self._take(request, inode, owner, LockKind.POSIX, lock_type, start, end, bool(sleep))
             if lock_type != LockType.UNLOCK:
                 self._posix_owners.add((inode, owner))
 
@@ -162,13 +168,35 @@ class InstalledLocks:
                 lock_type = LockType.UNLOCK
             else:
                 lock_type = LockType.WRITE if operation & fcntl.LOCK_EX else LockType.READ
-            self.requests.lock(inode, owner, LockKind.FLOCK, lock_type, 0, LOCK_END, not operation & fcntl.LOCK_NB)
+            self._take(request, inode, owner, LockKind.FLOCK, lock_type, 0, LOCK_END, not operation & fcntl.LOCK_NB)
             if lock_type == LockType.UNLOCK:
                 self._flock_owners.discard((inode, owner))
             else:
                 self._flock_owners.add((inode, owner))
 
         self._answer(request, work)
+
+    def _take(self, request: int, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int,
+              end: int, wait: bool) -> None:
+        """
+        Take the lock; with ``wait``, ask again until it is granted.
+
+        The asking stops with EINTR when the waiting process is signalled
+        (the kernel interrupts the request) or the mount ends; the server
+        holds no queued request that could be granted after nobody waits.
+        """
+        delay = FIRST_RETRY
+        while True:
+            try:
+                self.requests.lock(inode, owner, kind, lock_type, start, end, False)
+                return
+            except llfuse.FUSEError as error:
+                if not wait or error.errno != errno.EAGAIN:
+                    raise
+            if self._libfuse.fuse_req_interrupted(request) or self._libfuse.fuse_session_exited(self._session):
+                raise llfuse.FUSEError(errno.EINTR)
+            time.sleep(delay)
+            delay = min(delay * 2, LAST_RETRY)
 
     def _flush_then_unlock(self, request: int, inode: int, info: Any) -> None:
         self._give_back(self._posix_owners, inode, info.contents.lock_owner, LockKind.POSIX)
@@ -245,6 +273,8 @@ def install(requests: LockRequests) -> InstalledLocks:
     libfuse.fuse_session_data.argtypes = [ctypes.c_void_p]
     libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     libfuse.fuse_reply_lock.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    libfuse.fuse_req_interrupted.argtypes = [ctypes.c_void_p]
+    libfuse.fuse_session_exited.argtypes = [ctypes.c_void_p]
     data = libfuse.fuse_session_data(session)
     probe = ctypes.string_at(base + symbols[table_symbol], _PROBE)
     offset = ctypes.string_at(data, 1024).find(probe)
@@ -258,7 +288,7 @@ def install(requests: LockRequests) -> InstalledLocks:
         raise NotInstalled("llfuse has lock operations already")
     if not (table[_SLOTS["flush"]] and table[_SLOTS["release"]]):
         raise NotInstalled("llfuse has no flush or release operation")
-    installed = InstalledLocks(requests, libfuse, table[_SLOTS["flush"]], table[_SLOTS["release"]])
+    installed = InstalledLocks(requests, libfuse, session, table[_SLOTS["flush"]], table[_SLOTS["release"]])
     for slot, callback in installed.callbacks.items():
         table[_SLOTS[slot]] = ctypes.cast(callback, ctypes.c_void_p).value
     return installed

@@ -10,7 +10,8 @@ desktops would run them): what one does, the other sees.
   committed (its kernel's pages are dropped).
 - Locks: ``flock`` and ``fcntl`` byte-range locks contend between mounts
   (EWOULDBLOCK / EAGAIN, ``F_GETLK`` names the holder's range), a blocked
-  ``flock`` waits until the holder lets go, and locks end when their
+  ``flock`` waits until the holder lets go (or the waiter is interrupted),
+  and locks end when their
   descriptor is closed and when the holder's mount dies.
 - Concurrent writers: to different files, all data arrives; to one file,
   writes to different bytes are all kept, and where both wrote the same bytes
@@ -29,6 +30,8 @@ import hashlib
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -156,6 +159,19 @@ class TwoMountsTests(DemoMountCase):
         same_mount = os.open(self.a / "locked", os.O_RDONLY)      # another open file on the holder's mount
         self.addCleanup(os.close, same_mount)
         self.assertErrno(errno.EWOULDBLOCK, fcntl.flock, same_mount, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        # A process waiting for the lock can be interrupted (and leaves nothing queued behind).
+        waiter = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); print('waiting', flush=True);"
+            " fcntl.flock(fd, fcntl.LOCK_EX)"
+        ), str(self.b / "locked")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: waiter.poll() is None and (waiter.kill(), waiter.wait(10)))
+        self.assertEqual(waiter.stdout.readline(), b"waiting\n")  # type: ignore[union-attr]
+        time.sleep(0.3)
+        self.assertIsNone(waiter.poll(), "a blocking flock was granted while another mount held the lock")
+        waiter.send_signal(signal.SIGINT)
+        self.assertNotEqual(waiter.wait(10), 0)
+        waiter.stdout.close()  # type: ignore[union-attr]
 
         granted = threading.Event()
         waiting = threading.Thread(target=lambda: (fcntl.flock(other, fcntl.LOCK_EX), granted.set()), daemon=True)
