@@ -37,9 +37,16 @@ SKIP = _why_no_fuse()
 """Why real mounts cannot be tested here, or None."""
 
 
+def is_mounted(mountpoint: Path) -> bool:
+    """Whether something is mounted at ``mountpoint``, a stale FUSE mount too (``os.path.ismount`` misses those)."""
+    target = os.path.abspath(mountpoint).encode()
+    with open("/proc/self/mounts", "rb") as mounts:
+        return any(line.split()[1].replace(b"\\040", b" ") == target for line in mounts if line.strip())
+
+
 def unmount_lazily(mountpoint: Path) -> None:
     """Detach whatever is mounted at ``mountpoint`` (nothing blocks on it afterwards)."""
-    if os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
 
 

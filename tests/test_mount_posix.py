@@ -20,7 +20,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from tests.demo_helpers import RunningDemo, lucid
-from tests.mount_helpers import SKIP, DemoMountCase
+from tests.mount_helpers import SKIP, DemoMountCase, is_mounted, unmount_lazily
 
 
 class MountTests(DemoMountCase):
@@ -199,7 +199,7 @@ class MountTests(DemoMountCase):
         self.assertEqual(self.mount.stop(signal.SIGTERM), 0, self.mount.log_text())
         with self.assertRaises(OSError):
             os.close(fd)
-        self.assertFalse(os.path.ismount(self.mnt))
+        self.assertFalse(is_mounted(self.mnt))
         self.assertEqual(self.lucid_cat("/dirty.txt"), b"not yet stored" * 1000)
 
         def refused(mountpoint: Path, *options: str) -> str:
@@ -227,7 +227,7 @@ class MountTests(DemoMountCase):
         again = self.start_mount("mnt", "--force")
         self.assertIn("README.txt", os.listdir(self.mnt))
         self.assertEqual(again.stop(signal.SIGINT), 0, again.log_text())
-        self.assertFalse(os.path.ismount(self.mnt))
+        self.assertFalse(is_mounted(self.mnt))
 
         # In the background: the command returns once mounted; `fusermount -u` ends the process.
         env = dict(os.environ, LUCID_CONFIG=str(self.demo.config))
@@ -248,8 +248,7 @@ class MountTests(DemoMountCase):
         self.assertEqual(self.lucid_cat("/background.txt"), b"from the background")
 
     def unmount_background(self) -> None:
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
+        unmount_lazily(self.mnt)
         pid = getattr(self, "background", None)
         if pid is not None and os.path.exists(f"/proc/{pid}"):
             deadline = time.monotonic() + 30
@@ -272,11 +271,7 @@ class DemoMountTests(TestCase):
         base.mkdir()
         mnt = base / "demo" / "mnt"
 
-        def unmount_if_left() -> None:
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
-
-        self.addCleanup(unmount_if_left)
+        self.addCleanup(unmount_lazily, mnt)
         demo = RunningDemo(base / "demo", mount=True)
         self.addCleanup(demo.stop)
         demo.wait_until_ready()
