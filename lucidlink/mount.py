@@ -11,6 +11,13 @@ takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
 ``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
 table (:data:`ERRNO`) lives here and nowhere else.
 
+What another client changes reaches the kernel through :class:`KernelCaches`
+(its caches of attributes, entries and pages are dropped, from a thread that
+never holds the llfuse lock); descriptors of one file on this mount see each
+other's writes (:meth:`FilespaceOperations._coherent`); ``flock`` and
+``fcntl`` locks go to the metadata server through
+:mod:`lucidlink.fuse_locks`, which adds the lock operations llfuse lacks.
+
 :func:`serve` mounts and tears down in order (an ``ExitStack``): once
 llfuse's loop ends (unmount or signal), open handles are closed (their
 buffered writes stored and the chunk maps committed) before the filesystem
@@ -21,14 +28,17 @@ the reactor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
 import os
+import queue
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +46,9 @@ import llfuse
 from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
 
+from lucidlink import fuse_locks
 from lucidlink.errors import LucidError
-from lucidlink.protocol.messages import Attributes, FileKind
+from lucidlink.protocol.messages import Attributes, FileKind, LockKind, LockType
 
 log = logging.getLogger(__name__)
 
@@ -108,31 +119,111 @@ class Bridge:
         self.reactor = reactor
         self.locked = False
 
-    def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
-        released = llfuse.lock_released if self.locked else contextlib.nullcontext()
-        with released:
-            try:
-                return self.wait(function, *arguments, **keywords)
-            except LucidError as error:
-                log.debug("%s: %s", getattr(function, "__name__", function), error)
-                raise llfuse.FUSEError(errno_of(error)) from None
-            except llfuse.FUSEError:
-                raise
-            except Exception:
-                log.exception("unexpected failure of %s", getattr(function, "__name__", function))
-                raise llfuse.FUSEError(errno.EIO) from None
+    def released(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which the llfuse lock is released (if callers hold it)."""
+        return llfuse.lock_released if self.locked else contextlib.nullcontext()
 
+    def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        with self.released():
+            return self.translated(function, *arguments, **keywords)
+
+    def translated(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        """Run ``function`` on the reactor and wait, errors as ``FUSEError`` (the llfuse lock is not touched)."""
+        try:
+            return self.wait(function, *arguments, **keywords)
+        except LucidError as error:
+            log.debug("%s: %s", getattr(function, "__name__", function), error)
+            raise llfuse.FUSEError(errno_of(error)) from None
+        except llfuse.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected failure of %s", getattr(function, "__name__", function))
+            raise llfuse.FUSEError(errno.EIO) from None
 
     def wait(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
         """Run ``function`` on the reactor; its result, or its error raised here."""
         return blockingCallFromThread(self.reactor, defer.maybeDeferred, function, *arguments, **keywords)
 
 
+class KernelCaches:
+    """
+    Drops what the kernel caches of an inode (attributes, entries, pages) once it changed elsewhere.
+
+    :meth:`changed` (an :meth:`~lucidlink.client.filespace.Inodes.on_change`
+    listener, so called on the reactor) only queues; a thread of its own calls
+    ``llfuse.invalidate_*``, never holding llfuse's lock: the kernel may make
+    an invalidation wait for pages that a read being served holds, and that
+    read needs the lock.  ``known()`` lists the inodes the kernel holds, all
+    of which a reconnect (notifications missed) drops.
+    """
+
+    def __init__(self, known: Callable[[], Iterable[int]]) -> None:
+        self._known = known
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start carrying out invalidations (only while mounted)."""
+        self._thread = threading.Thread(target=self._run, name="lucid-invalidate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Carry out what is queued, then stop."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def changed(self, inode: int, parent: int = 0, name: bytes | None = None) -> None:
+        """Queue the invalidation a change calls for (see ``Inodes.on_change``)."""
+        self._queue.put((inode, parent, name))
+
+    def drop_pages(self, inode: int) -> None:
+        """Queue dropping ``inode``'s attributes and pages."""
+        self._queue.put((inode, 0, None))
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is carried out (at once when not running)."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            inode, parent, name = item
+            if name is not None:
+                _quietly(llfuse.invalidate_entry, parent, name)
+                _quietly(llfuse.invalidate_inode, parent, True)
+            elif inode:
+                _quietly(llfuse.invalidate_inode, inode)
+            else:
+                for known in list(self._known()):
+                    _quietly(llfuse.invalidate_inode, known)
+
+
+def _quietly(invalidate: Callable[..., None], *arguments: Any) -> None:
+    """Invalidate, ignoring what the kernel does not hold (ENOENT) and a mount going away."""
+    try:
+        invalidate(*arguments)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN, errno.ENODEV):
+            log.warning("could not invalidate the kernel's cache: %s", os.strerror(error.errno or errno.EIO))
+
+
 @dataclass
 class _Directory:
-    """An open directory: its entries as read by ``opendir``, ``.`` and ``..`` first."""
+    """An open directory: its entries as read by ``opendir``, ``.`` and ``..`` first, and its attributes."""
 
     entries: list[tuple[bytes, Attributes]]
+    attributes: Attributes
 
 
 class FilespaceOperations(llfuse.Operations):
@@ -152,11 +243,24 @@ class FilespaceOperations(llfuse.Operations):
         self._numbers = itertools.count(1)
         self._files: dict[int, Any] = {}
         self._directories: dict[int, _Directory] = {}
+        self._handles_of: dict[int, set[Any]] = {}
+        """The open file handles of each inode."""
+        self._lookups: Counter[int] = Counter()
+        """The kernel's lookup count of each inode it holds."""
+        self._cached_version: dict[int, int] = {}
+        """The chunk map version whose content the kernel's page cache of an inode may hold."""
+        self.kernel = KernelCaches(lambda: list(self._lookups))
 
     # -- translation -------------------------------------------------------------
 
     def _call(self, name: str, *arguments: Any, **keywords: Any) -> Any:
         return self.bridge.call(getattr(self.inodes, name), *arguments, **keywords)
+
+    def _looked_up(self, attributes: Attributes) -> llfuse.EntryAttributes:
+        """An entry the kernel will hold (and ``forget``) by its inode number."""
+        entry = self._entry(attributes)
+        self._lookups[attributes.inode] += 1
+        return entry
 
     def _entry(self, attributes: Attributes) -> llfuse.EntryAttributes:
         entry = llfuse.EntryAttributes()
@@ -186,19 +290,44 @@ class FilespaceOperations(llfuse.Operations):
     def _keep(self, handle: Any) -> int:
         number = next(self._numbers)
         self._files[number] = handle
+        self._handles_of.setdefault(handle.inode, set()).add(handle)
         return number
+
+    def _coherent(self, fh: int) -> Any:
+        """
+        The handle ``fh``, once every other open handle of its file has stored its buffered writes.
+
+        Each handle of the core buffers its own writes; a local filesystem
+        shows a write through one descriptor to a read through another at
+        once, and lets the later of two writes to the same bytes win.  So
+        before a handle reads or writes, the others' writes are committed
+        (and this handle reads the chunk map again).
+        """
+        handle = self._file(fh)
+        for other in list(self._handles_of.get(handle.inode, ())):
+            if other is not handle and other.pending:
+                self.bridge.call(other.flush)
+        return handle
 
     # -- the tree ----------------------------------------------------------------
 
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
         if name == b".":
-            return self.getattr(parent_inode)
+            return self._looked_up(self._call("getattr", parent_inode))
         if name == b"..":
             raise llfuse.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
-        return self._entry(self._call("lookup", parent_inode, name))
+        return self._looked_up(self._call("lookup", parent_inode, name))
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
-        return self._entry(self._call("getattr", inode))
+        try:
+            return self._entry(self._call("getattr", inode))
+        except llfuse.FUSEError as error:
+            # The server keeps no removed directory for its open descriptors; a local filesystem
+            # shows it with no links.
+            held = [d.attributes for d in self._directories.values() if d.attributes.inode == inode]
+            if error.errno != errno.ENOENT or not held:
+                raise
+            return self._entry(dataclasses.replace(held[-1], nlink=0))
 
     def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> llfuse.EntryAttributes:
         changes: dict[str, Any] = {}
@@ -214,7 +343,11 @@ class FilespaceOperations(llfuse.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        return self._entry(self._call("setattr", inode, **changes))
+        attributes = self._call("setattr", inode, **changes)
+        for directory in self._directories.values():
+            if directory.attributes.inode == inode:
+                directory.attributes = attributes
+        return self._entry(attributes)
 
     def opendir(self, inode: int, ctx: Any) -> int:
         here = self._call("getattr", inode)
@@ -222,7 +355,7 @@ class FilespaceOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOTDIR)
         entries = self._call("readdir", inode)
         number = next(self._numbers)
-        self._directories[number] = _Directory([(b".", here), (b"..", here), *entries])
+        self._directories[number] = _Directory([(b".", here), (b"..", here), *entries], here)
         return number
 
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
@@ -240,7 +373,7 @@ class FilespaceOperations(llfuse.Operations):
         pass
 
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> llfuse.EntryAttributes:
-        return self._entry(self._call("mkdir", parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid))
+        return self._looked_up(self._call("mkdir", parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid))
 
     def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._call("rmdir", parent_inode, name)
@@ -253,16 +386,22 @@ class FilespaceOperations(llfuse.Operations):
         self._call("rename", parent_inode_old, name_old, parent_inode_new, name_new, 0)
 
     def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> llfuse.EntryAttributes:
-        return self._entry(self._call("link", inode, new_parent_inode, new_name))
+        return self._looked_up(self._call("link", inode, new_parent_inode, new_name))
 
     def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> llfuse.EntryAttributes:
-        return self._entry(self._call("symlink", parent_inode, name, target, ctx.uid, ctx.gid))
+        return self._looked_up(self._call("symlink", parent_inode, name, target, ctx.uid, ctx.gid))
 
     def readlink(self, inode: int, ctx: Any) -> bytes:
         return self._call("readlink", inode)  # type: ignore[no-any-return]
 
     def forget(self, inode_list: Any) -> None:
-        pass  # the core keeps no lookup counts; the server keeps open files alive
+        for inode, count in inode_list:
+            left = self._lookups[inode] - count
+            if left > 0:
+                self._lookups[inode] = left
+            else:
+                del self._lookups[inode]
+                self._cached_version.pop(inode, None)
 
     def statfs(self, ctx: Any) -> llfuse.StatvfsData:
         totals = self._call("statfs")
@@ -285,16 +424,30 @@ class FilespaceOperations(llfuse.Operations):
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
-        return number, self.getattr(handle.inode)
+        try:
+            attributes = self._call("getattr", handle.inode)
+        except llfuse.FUSEError:
+            self.release(number)
+            raise
+        self._cached_version[handle.inode] = handle.version
+        return number, self._looked_up(attributes)
 
     def open(self, inode: int, flags: int, ctx: Any) -> int:
-        return self._keep(self._call("open", inode, flags))
+        """Open; close-to-open: pages the kernel kept of another version of the file are dropped first."""
+        handle = self._call("open", inode, flags)
+        cached = self._cached_version.get(inode)
+        if cached is not None and cached != handle.version:
+            self.kernel.drop_pages(inode)
+        self._cached_version[inode] = handle.version
+        with self.bridge.released():
+            self.kernel.settle()  # also carries out notifications that came before the open's answer
+        return self._keep(handle)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.bridge.call(self._file(fh).read, off, size)  # type: ignore[no-any-return]
+        return self.bridge.call(self._coherent(fh).read, off, size)  # type: ignore[no-any-return]
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
+        return self.bridge.call(self._coherent(fh).write, off, buf)  # type: ignore[no-any-return]
 
     def flush(self, fh: int) -> None:
         self.bridge.call(self._file(fh).flush)
@@ -305,7 +458,15 @@ class FilespaceOperations(llfuse.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            self.bridge.call(handle.close)
+            others = self._handles_of.get(handle.inode, set())
+            others.discard(handle)
+            if not others:
+                self._handles_of.pop(handle.inode, None)
+            try:
+                self.bridge.call(handle.close)
+            finally:
+                if handle.inode in self._cached_version:
+                    self._cached_version[handle.inode] = max(self._cached_version[handle.inode], handle.version)
 
     def close_all(self) -> None:
         """Close every open file (storing buffered writes): the filesystem goes away."""
@@ -315,6 +476,19 @@ class FilespaceOperations(llfuse.Operations):
             except llfuse.FUSEError as error:
                 log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
         self._directories.clear()
+
+    # -- locks (called by lucidlink.fuse_locks on llfuse's threads, without its lock) ---
+
+    def lock(self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int, end: int,
+             wait: bool) -> None:
+        """Take, change or release a lock of the kernel's lock owner ``owner``."""
+        self.bridge.translated(self.inodes.lock, inode, owner, kind, lock_type, start, end, wait)
+
+    def test_lock(self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int,
+                  end: int) -> tuple[LockType, int, int]:
+        """The type and range of the first lock in the way of this one (type UNLOCK: none)."""
+        state = self.bridge.translated(self.inodes.test_lock, inode, owner, kind, lock_type, start, end)
+        return state.lock_type, state.start, state.end
 
     # -- extended attributes -----------------------------------------------------
 
@@ -346,7 +520,17 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
     with contextlib.ExitStack() as stack:
         llfuse.init(operations, mountpoint, mount_options(filespace))
         stack.callback(llfuse.close, unmount=True)
+        try:
+            locks = fuse_locks.install(operations)
+        except fuse_locks.NotInstalled as why:
+            log.warning("flock and fcntl locks stay local to this mount: %s", why)
+        else:
+            stack.callback(lambda: locks)  # the callbacks live until llfuse.close
         stack.callback(operations.close_all)
+        operations.kernel.start()
+        stack.callback(operations.kernel.stop)
+        unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
+        stack.callback(operations.bridge.wait, unsubscribe)
         ready()
         operations.bridge.locked = True
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,98 +20,16 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from tests.demo_helpers import RunningDemo, lucid
+from tests.mount_helpers import SKIP, DemoMountCase, is_mounted, unmount_lazily
 
 
-def _why_no_fuse() -> str | None:
-    if not Path("/dev/fuse").exists():
-        return "/dev/fuse is missing: FUSE mounts cannot be tested here"
-    try:
-        import llfuse  # noqa: F401
-    except ImportError:
-        return "llfuse is not installed (pip install 'lucidlink[fuse]'): FUSE mounts cannot be tested here"
-    if os.getuid() != 0 and shutil.which("fusermount") is None:
-        return "fusermount is missing: FUSE mounts cannot be made by this user"
-    return None
-
-
-SKIP = _why_no_fuse()
-
-
-class MountProcess:
-    """``lucid-mount FILESPACE MOUNTPOINT --foreground`` until :meth:`stop`."""
-
-    def __init__(self, config: Path, filespace: str, mountpoint: Path, log: Path, *options: str) -> None:
-        self.mountpoint = mountpoint
-        self.log = log
-        self._log = log.open("wb")
-        env = dict(os.environ, LUCID_CONFIG=str(config))
-        env.pop("LUCID_PASSPHRASE", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lucidlink.cli.mount", filespace, str(mountpoint), "--foreground", *options],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
-        )
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_until_mounted(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not (b" mounted at " in self.log.read_bytes() and os.path.ismount(self.mountpoint)):
-            if self.process.poll() is not None:
-                raise AssertionError(f"lucid-mount exited with {self.process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not mounted after {timeout} s:\n{self.log_text()}")
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        """Signal the process and wait for it; unmount lazily and kill it if it lingers."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.process.poll() is None:
-            self.process.kill()  # ends its FUSE connection, so nothing below blocks on the mount
-            self.process.wait(10)
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True, timeout=30)
-        self._log.close()
-        return self.process.returncode
-
-
-class MountTests(TestCase):
+class MountTests(DemoMountCase):
     """A demo filespace mounted under a temporary folder."""
 
-    timeout = 600
-    if SKIP:
-        skip = SKIP
-
     def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
+        super().setUp()
         self.mnt = self.base / "mnt"
-        self.mnt.mkdir()
         self.mount = self.start_mount()
-
-    def start_mount(self, *options: str) -> MountProcess:
-        mount = MountProcess(self.demo.config, "demo", self.mnt, self.base / "mount.log", *options)
-        self.addCleanup(mount.stop)
-        mount.wait_until_mounted()
-        return mount
-
-    def assertErrno(self, number: int, function: object, *arguments: object) -> None:
-        with self.assertRaises(OSError) as caught:
-            function(*arguments)  # type: ignore[operator]
-        self.assertEqual(caught.exception.errno, number, f"{errno.errorcode[caught.exception.errno]}")
-
-    def lucid_cat(self, path: str) -> bytes:
-        result = lucid(self.demo.config, "cat", f"demo:{path}")
-        self.assertEqual(result.returncode, 0, result.stderr.decode())
-        return result.stdout
 
     def test_posix_behaviour(self) -> None:
         """Files, directories, links and xattrs behave as on a local filesystem."""
@@ -282,7 +199,7 @@ class MountTests(TestCase):
         self.assertEqual(self.mount.stop(signal.SIGTERM), 0, self.mount.log_text())
         with self.assertRaises(OSError):
             os.close(fd)
-        self.assertFalse(os.path.ismount(self.mnt))
+        self.assertFalse(is_mounted(self.mnt))
         self.assertEqual(self.lucid_cat("/dirty.txt"), b"not yet stored" * 1000)
 
         def refused(mountpoint: Path, *options: str) -> str:
@@ -307,10 +224,10 @@ class MountTests(TestCase):
         mount.process.wait(30)
         self.assertErrno(errno.ENOTCONN, os.listdir, self.mnt)
         self.assertIn("fusermount -u", refused(self.mnt))
-        again = self.start_mount("--force")
+        again = self.start_mount("mnt", "--force")
         self.assertIn("README.txt", os.listdir(self.mnt))
         self.assertEqual(again.stop(signal.SIGINT), 0, again.log_text())
-        self.assertFalse(os.path.ismount(self.mnt))
+        self.assertFalse(is_mounted(self.mnt))
 
         # In the background: the command returns once mounted; `fusermount -u` ends the process.
         env = dict(os.environ, LUCID_CONFIG=str(self.demo.config))
@@ -331,8 +248,7 @@ class MountTests(TestCase):
         self.assertEqual(self.lucid_cat("/background.txt"), b"from the background")
 
     def unmount_background(self) -> None:
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
+        unmount_lazily(self.mnt)
         pid = getattr(self, "background", None)
         if pid is not None and os.path.exists(f"/proc/{pid}"):
             deadline = time.monotonic() + 30
@@ -355,11 +271,7 @@ class DemoMountTests(TestCase):
         base.mkdir()
         mnt = base / "demo" / "mnt"
 
-        def unmount_if_left() -> None:
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
-
-        self.addCleanup(unmount_if_left)
+        self.addCleanup(unmount_lazily, mnt)
         demo = RunningDemo(base / "demo", mount=True)
         self.addCleanup(demo.stop)
         demo.wait_until_ready()

@@ -66,7 +66,16 @@ from lucidlink.errors import (
     TooManyLinks,
 )
 from lucidlink.protocol import messages as w
-from lucidlink.protocol.messages import Attributes, ChunkRef, FileKind, NotifyKind, SetAttrField, XattrFlags
+from lucidlink.protocol.messages import (
+    Attributes,
+    ChunkRef,
+    FileKind,
+    LockKind,
+    LockType,
+    NotifyKind,
+    SetAttrField,
+    XattrFlags,
+)
 
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
@@ -77,9 +86,15 @@ MAX_SYMLINK_FOLLOWS = 40
 MAX_FILE_SIZE = 2**63 - 1
 MAX_COMMIT_ATTEMPTS = 16
 READ_STEP = 4 * 1024 * 1024
+LOCK_END = 2**64 - 1
+"""The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
+LOCK_WAIT_TIMEOUT = 24 * 3600.0
+"""Seconds a lock request that waits for a conflicting lock may take."""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
+ChangeListener = Callable[[int, int, "bytes | None"], object]
+"""``listener(inode, parent, name)``: see :meth:`Inodes.on_change`."""
 Offload = Callable[..., "defer.Deferred[Any]"]
 """``offload(function, *arguments)``: run CPU-heavy work (sealing, opening) and fire with its result."""
 
@@ -634,6 +649,7 @@ class Inodes:
         )
         self._uploads = defer.DeferredSemaphore(parallel_uploads)
         self._handles: dict[int, set[FileHandle]] = {}
+        self._change_listeners: list[ChangeListener] = []
         self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
 
     def require_store(self) -> Any:
@@ -845,6 +861,28 @@ class Inodes:
         """The filespace's totals (``FsStats``)."""
         return self.session.call(w.StatFs())
 
+    # -- advisory locks ------------------------------------------------------------------
+
+    def lock(
+        self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END,
+        wait: bool = False,
+    ) -> defer.Deferred[None]:
+        """
+        Take, change or release (``UNLOCK``) ``owner``'s lock on bytes ``[start, end]`` of ``inode``.
+
+        ``owner`` is a number of this client's choosing (the kernel's lock
+        owner).  On a conflict: ``Locked`` (EAGAIN) at once, or with ``wait``
+        the answer comes once the lock is granted.
+        """
+        request = w.Lock(inode, owner, kind, lock_type, start, end, wait)
+        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(lambda _: None)
+
+    def test_lock(
+        self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END
+    ) -> defer.Deferred[w.LockState]:
+        """The first lock that stands in the way of ``owner`` taking this one (``lock_type`` UNLOCK: none)."""
+        return self.session.call(w.LockTest(inode, owner, kind, lock_type, start, end))
+
     # -- chunks and handles ------------------------------------------------------------
 
     def upload(self, inode: int, index: int, chunk: _Dirty) -> defer.Deferred[None]:
@@ -883,14 +921,40 @@ class Inodes:
         """The handles opened here and not closed yet."""
         return [handle for handles in self._handles.values() for handle in handles]
 
+    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
+        """
+        Call ``listener(inode, parent, name)`` when another client changed something; returns an unsubscribe.
+
+        ``name`` None: ``inode`` itself (attributes or content); else entry
+        ``name`` (plain) of directory ``parent`` now names ``inode`` or is gone.
+        ``inode`` 0 after a reconnect: anything may have changed meanwhile.
+        """
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener) if listener in self._change_listeners else None
+
+    def _tell_change(self, inode: int, parent: int = 0, name: bytes | None = None) -> None:
+        for listener in list(self._change_listeners):
+            listener(inode, parent, name)
+
     def _notified(self, message: Any) -> None:
-        if isinstance(message, w.Notify) and message.kind == NotifyKind.INODE_CHANGED:
+        if not isinstance(message, w.Notify):
+            return
+        if message.kind == NotifyKind.INODE_CHANGED:
             for handle in self._handles.get(message.inode, ()):
                 handle.invalidate()
+            self._tell_change(message.inode)
+        elif message.kind == NotifyKind.ENTRY_CHANGED:
+            try:
+                name = crypto.open_name(self.keys, message.parent, message.name)
+            except IntegrityError:
+                self._tell_change(message.parent)  # a name that does not open: the whole directory
+            else:
+                self._tell_change(message.inode, message.parent, name)
 
     def _reconnected(self) -> None:
         for handle in self.open_handles():
             handle.invalidate()
+        self._tell_change(0)
 
     def close(self) -> None:
         """Stop listening to the session (the handles stay as they are)."""

@@ -1,0 +1,170 @@
+"""
+The adapter's own bookkeeping, without a mount: descriptors of one file see
+each other's writes (as on a local filesystem), the kernel's lookup counts
+decide which inodes a reconnect invalidates, an open removed directory still
+has attributes, the lock operations refuse clearly what they cannot use, and
+the core tells the mount what other clients changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase, deferLater
+from tests.test_mount import Context, SynchronousBridge
+
+try:
+    import llfuse
+
+    from lucidlink import fuse_locks
+    from lucidlink.mount import FilespaceOperations
+except ImportError:
+    llfuse = None
+
+
+class Fields:
+    """What ``setattr`` is asked to change: the mode only (llfuse's own SetattrFields is read-only)."""
+
+    update_mode = True
+    update_uid = update_gid = update_size = update_atime = update_mtime = False
+
+
+class AdapterCoherenceTests(MemoryFilespaceCase):
+    """:class:`FilespaceOperations` over an in-memory filespace."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def setUp(self) -> Any:
+        done = super().setUp()
+        done.addCallback(lambda _: setattr(self, "ops", FilespaceOperations(self.fs.inodes, SynchronousBridge(None))))
+        return done
+
+    def test_descriptors_see_each_others_writes(self) -> None:
+        """A write through one descriptor is read through another at once; of two writes, the later wins."""
+        ctx = Context()
+        first, entry = self.ops.create(llfuse.ROOT_INODE, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, ctx)
+        second = self.ops.open(entry.st_ino, os.O_RDWR, ctx)
+        self.ops.write(first, 5, b"abc")
+        self.assertEqual(self.ops.read(second, 0, 100), b"\0\0\0\0\0abc")
+        self.ops.write(second, 0, b"XY")
+        self.ops.write(first, 1, b"1")  # after the second's write of the same byte: this one must win
+        self.assertEqual(self.ops.read(second, 0, 100), b"X1\0\0\0abc")
+        self.ops.release(second)
+        self.ops.release(first)
+        third = self.ops.open(entry.st_ino, os.O_RDONLY, ctx)
+        self.assertEqual(self.ops.read(third, 0, 100), b"X1\0\0\0abc")
+        self.ops.release(third)
+
+    def test_lookup_counts(self) -> None:
+        """An inode stays known to the kernel until ``forget`` takes back every lookup of it."""
+        ctx = Context()
+        made = self.ops.mkdir(llfuse.ROOT_INODE, b"d", stat.S_IFDIR | 0o755, ctx)
+        self.ops.lookup(llfuse.ROOT_INODE, b"d", ctx)
+        known = self.ops.kernel._known
+        self.assertIn(made.st_ino, known())
+        self.ops.forget([(made.st_ino, 1)])
+        self.assertIn(made.st_ino, known())
+        self.ops.forget([(made.st_ino, 1)])
+        self.assertNotIn(made.st_ino, known())
+        self.assertTrue(self.ops.kernel.settle())  # not running (not mounted): nothing to wait for
+
+    def test_removed_open_directory(self) -> None:
+        """A directory removed while open keeps its attributes (as last changed here) with no links."""
+        ctx = Context()
+        made = self.ops.mkdir(llfuse.ROOT_INODE, b"d", stat.S_IFDIR | 0o755, ctx)
+        fh = self.ops.opendir(made.st_ino, ctx)
+        attributes = llfuse.EntryAttributes()
+        attributes.st_mode = stat.S_IFDIR | 0o700
+        fields = Fields()
+        self.ops.setattr(made.st_ino, attributes, fields, None, ctx)
+        self.ops.rmdir(llfuse.ROOT_INODE, b"d", ctx)
+        gone = self.ops.getattr(made.st_ino)
+        self.assertEqual((gone.st_mode, gone.st_nlink), (stat.S_IFDIR | 0o700, 0))
+        self.ops.releasedir(fh)
+        with self.assertRaises(llfuse.FUSEError) as caught:
+            self.ops.getattr(made.st_ino)
+        self.assertEqual(caught.exception.errno, errno.ENOENT)
+
+
+class FuseLocksTests(SynchronousTestCase):
+    """:mod:`lucidlink.fuse_locks` adds nothing, and says why, when things are not as it expects."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def test_not_elf(self) -> None:
+        """A file that is not a 64-bit ELF object is refused by name."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"#!/bin/sh\n")
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks._symbols(str(path), {"anything"})
+        self.assertIn("not a 64-bit little-endian ELF file", str(caught.exception))
+
+    def test_missing_symbols(self) -> None:
+        """Symbols llfuse's module does not have are named."""
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks._symbols(llfuse.__file__, {"PyInit_llfuse", "no_such_symbol"})
+        self.assertIn("lacks the symbols no_such_symbol", str(caught.exception))
+
+    def test_before_init(self) -> None:
+        """Without ``llfuse.init`` there is no session to add operations to."""
+        with self.assertRaises(fuse_locks.NotInstalled) as caught:
+            fuse_locks.install(None)  # type: ignore[arg-type]
+        self.assertIn("no session", str(caught.exception))
+
+    def test_ranges(self) -> None:
+        """``l_len`` 0 runs to the end of the file; a negative start or length is EINVAL."""
+        self.assertEqual(fuse_locks._range(fuse_locks.Flock(0, 0, 10, 0, 0)), (10, fuse_locks.LOCK_END))
+        self.assertEqual(fuse_locks._range(fuse_locks.Flock(0, 0, 10, 5, 0)), (10, 14))
+        with self.assertRaises(llfuse.FUSEError) as caught:
+            fuse_locks._range(fuse_locks.Flock(0, 0, -1, 5, 0))
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+
+class ChangeListenerTests(ClientTestCase):
+    """``Inodes.on_change`` (what the mount invalidates the kernel's caches by), over a real server."""
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_are_told(self) -> Generator[Deferred[Any], Any, None]:
+        """Another session's new entry, removal and write reach the listener with plain names."""
+        writer = yield self.filespace()
+        watcher = yield self.filespace()
+        told: list[tuple[int, int, bytes | None]] = []
+        unsubscribe = watcher.inodes.on_change(lambda *change: told.append(change))
+        root = writer.root_inode
+        yield writer.write_file("/new.txt", b"hello")
+        made = yield writer.stat("/new.txt")
+
+        @defer.inlineCallbacks
+        def until(change: tuple[int, int, bytes | None]) -> Generator[Deferred[Any], Any, None]:
+            for _ in range(200):
+                if change in told:
+                    return
+                yield deferLater(0.01)
+            self.fail(f"{change} was not told; told {told}")
+
+        yield until((made.inode, root, b"new.txt"))
+        yield until((root, 0, None))
+        yield until((made.inode, 0, None))
+        yield writer.remove("/new.txt")
+        told.clear()
+        yield writer.mkdir("/later")
+        yield until((root, 0, None))
+        self.meta.drop_connections()  # what was said meanwhile is lost: after the reconnect, everything
+        yield watcher.stat("/")
+        yield until((0, 0, None))
+        unsubscribe()
+        told.clear()
+        yield writer.mkdir("/unheard")
+        yield deferLater(0.2)
+        self.assertEqual(told, [])

@@ -1,0 +1,284 @@
+"""
+Random sequences of file operations, applied to a real mount and to a plain
+local directory, must give the same results: the same return values, the same
+errno, the same contents and the same stat fields (type, permission bits,
+size, link count).
+
+Hypothesis's stateful testing chooses the operations: create and open with
+every flag that matters, writes at offsets around chunk boundaries and far
+past the end (sparse files), truncation, reads, renames over existing names,
+unlinking open files, directories, hard and symbolic links, chmod, listings.
+Every example works in a fresh folder of one mount; the numbers of examples
+and steps are bounded so the whole test takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+from lucidlink.crypto import DEFAULT_CHUNK_SIZE
+from tests.mount_helpers import DemoMountCase
+
+CHUNK = DEFAULT_CHUNK_SIZE
+PATHS = ["f0", "f1", "d0", "d0/f0", "d0/d1", "l0"]
+"""Every name an operation may touch; most operations meet existing and missing names alike."""
+LINK_TARGETS = ["f0", "d0", "d0/f0", "l0", "missing"]
+OFFSETS = [0, 1, 4095, 4096, 131072 - 3, CHUNK - 2, CHUNK, 3 * CHUNK + 5, 2**33 + 1]
+SIZES = [0, 3, 4096, CHUNK - 1, CHUNK + 1, 2**33 + 7]
+OPEN_FLAGS = [
+    os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    os.O_RDWR | os.O_CREAT | os.O_EXCL, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_APPEND | os.O_CREAT,
+    os.O_RDONLY | os.O_DIRECTORY,
+]
+MODES = [0o600, 0o644, 0o755, 0o400, 0o000]
+WHOLE_READ_LIMIT = 16 * CHUNK
+"""Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
+
+payloads = st.one_of(
+    st.binary(min_size=1, max_size=3000),
+    st.builds(lambda size, byte: bytes([byte]) * size, st.sampled_from([65536, 200_000]), st.integers(1, 255)),
+)
+
+Outcome = tuple[str, Any]
+
+
+def outcome(function: Callable[..., Any], *arguments: Any) -> Outcome:
+    """``("ok", result)`` or ``("errno", name)``: what a call did, comparable across filesystems."""
+    try:
+        return ("ok", function(*arguments))
+    except OSError as error:
+        return ("errno", os.strerror(error.errno or 0))
+
+
+def stat_fields(result: os.stat_result) -> tuple[int, ...]:
+    """The stat fields that must match: type, permission bits, link count, and size (not of directories)."""
+    size = -1 if stat.S_ISDIR(result.st_mode) else result.st_size
+    return (stat.S_IFMT(result.st_mode), stat.S_IMODE(result.st_mode), result.st_nlink, size)
+
+
+class MountVersusLocal(RuleBasedStateMachine):
+    """The same operations on the mount (``mounted``) and on a local directory (``local``)."""
+
+    mount_root: Path
+    runs = itertools.count()
+    handles = Bundle("handles")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mounted = self.mount_root / f"run-{next(self.runs)}"
+        self.mounted.mkdir()
+        self._local = tempfile.TemporaryDirectory(prefix="lucid-stateful-")
+        self.local = Path(self._local.name)
+        os.chmod(self.local, stat.S_IMODE(os.stat(self.mounted).st_mode))
+        self.open: dict[int, tuple[int, int]] = {}
+        self._numbers = itertools.count()
+
+    # -- comparing ---------------------------------------------------------------
+
+    def both(self, what: str, function: Callable[[Path], Any]) -> Outcome:
+        """Run ``function(root)`` under both roots; they must agree."""
+        here, there = outcome(function, self.mounted), outcome(function, self.local)
+        assert here == there, f"{what}: the mount gave {_short(here)}, a local directory {_short(there)}"
+        return here
+
+    def both_handles(self, what: str, number: int, function: Callable[[int], Any]) -> Outcome:
+        mounted, local = self.open[number]
+        here, there = outcome(function, mounted), outcome(function, local)
+        assert here == there, f"{what}: the mount gave {_short(here)}, a local directory {_short(there)}"
+        return here
+
+    @initialize(content=payloads)
+    def populate(self, content: bytes) -> None:
+        """Start from a file in a directory and one beside it, so that most operations meet something."""
+        for root in (self.mounted, self.local):
+            os.mkdir(root / "d0")
+            (root / "d0" / "f0").write_bytes(content)
+            (root / "f0").write_bytes(content[::-1])
+
+    @initialize(target=handles, flags=st.sampled_from([os.O_RDWR, os.O_RDWR | os.O_APPEND, os.O_RDONLY]))
+    def open_first(self, flags: int) -> Any:
+        """Two descriptors of one file from the start (one read-write), so their coherence is tested."""
+        opened = [self._open("f0", os.O_RDWR, 0o644), self._open("f0", flags, 0o644)]
+        return multiple(*[number for number in opened if number is not None])
+
+    # -- by path -----------------------------------------------------------------
+
+    @rule(target=handles, path=st.sampled_from(PATHS), flags=st.sampled_from(OPEN_FLAGS),
+          mode=st.sampled_from([0o644, 0o600]))
+    def open_file(self, path: str, flags: int, mode: int) -> Any:
+        number = self._open(path, flags, mode)
+        return multiple() if number is None else number
+
+    def _open(self, path: str, flags: int, mode: int) -> int | None:
+        """Open ``path`` under both roots: the number of the pair of descriptors, or None if both failed alike."""
+        opened = [outcome(os.open, root / path, flags, mode) for root in (self.mounted, self.local)]
+        kinds = [kind for kind, _ in opened]
+        if kinds == ["ok", "ok"]:
+            number = next(self._numbers)
+            self.open[number] = (opened[0][1], opened[1][1])
+            return number
+        for kind, fd in opened:
+            if kind == "ok":
+                os.close(fd)
+        assert opened[0] == opened[1], f"open {path} {flags:#o}: the mount gave {opened[0]}, locally {opened[1]}"
+        return None
+
+    @rule(path=st.sampled_from(PATHS), data=payloads)
+    def write_whole(self, path: str, data: bytes) -> None:
+        self.both(f"write {path}", lambda root: (root / path).write_bytes(data))
+
+    @rule(path=st.sampled_from(PATHS))
+    def read_whole(self, path: str) -> None:
+        self.both(f"read {path}", lambda root: _content(root / path))
+
+    @rule(path=st.sampled_from(PATHS), size=st.sampled_from(SIZES))
+    def truncate(self, path: str, size: int) -> None:
+        self.both(f"truncate {path} {size}", lambda root: os.truncate(root / path, size))
+
+    @rule(source=st.sampled_from(PATHS), destination=st.sampled_from(PATHS))
+    def rename(self, source: str, destination: str) -> None:
+        self.both(f"rename {source} {destination}", lambda root: os.rename(root / source, root / destination))
+
+    @rule(path=st.sampled_from(PATHS))
+    def unlink(self, path: str) -> None:
+        self.both(f"unlink {path}", lambda root: os.unlink(root / path))
+
+    @rule(path=st.sampled_from(PATHS))
+    def mkdir(self, path: str) -> None:
+        self.both(f"mkdir {path}", lambda root: os.mkdir(root / path, 0o755))
+
+    @rule(path=st.sampled_from(PATHS))
+    def rmdir(self, path: str) -> None:
+        self.both(f"rmdir {path}", lambda root: os.rmdir(root / path))
+
+    @rule(source=st.sampled_from(PATHS), destination=st.sampled_from(PATHS))
+    def link(self, source: str, destination: str) -> None:
+        self.both(f"link {source} {destination}", lambda root: os.link(root / source, root / destination))
+
+    @rule(pointing_at=st.sampled_from(LINK_TARGETS), path=st.sampled_from(PATHS))
+    def symlink(self, pointing_at: str, path: str) -> None:
+        self.both(f"symlink {pointing_at} {path}", lambda root: os.symlink(pointing_at, root / path))
+
+    @rule(path=st.sampled_from(PATHS))
+    def readlink(self, path: str) -> None:
+        self.both(f"readlink {path}", lambda root: os.readlink(root / path))
+
+    @rule(path=st.sampled_from(PATHS), mode=st.sampled_from(MODES))
+    def chmod(self, path: str, mode: int) -> None:
+        self.both(f"chmod {path} {mode:o}", lambda root: os.chmod(root / path, mode))
+
+    @rule(path=st.sampled_from(["", *PATHS]))
+    def listdir(self, path: str) -> None:
+        self.both(f"listdir {path!r}", lambda root: sorted(os.listdir(root / path)))
+
+    @rule(path=st.sampled_from(PATHS), follow=st.booleans())
+    def stat(self, path: str, follow: bool) -> None:
+        self.both(f"stat {path}", lambda root: stat_fields(os.stat(root / path, follow_symlinks=follow)))
+
+    # -- by descriptor -----------------------------------------------------------
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), data=payloads)
+    def pwrite(self, number: int, offset: int, data: bytes) -> None:
+        self.both_handles(f"pwrite {len(data)} bytes at {offset}", number, lambda fd: os.pwrite(fd, data, offset))
+
+    @rule(number=handles, data=payloads)
+    def write(self, number: int, data: bytes) -> None:
+        self.both_handles(f"write {len(data)} bytes", number, lambda fd: os.write(fd, data))
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), size=st.sampled_from([1, 4096, 70000]))
+    def pread(self, number: int, offset: int, size: int) -> None:
+        self.both_handles(f"pread {size} bytes at {offset}", number, lambda fd: os.pread(fd, size, offset))
+
+    @rule(number=handles, size=st.sampled_from(SIZES))
+    def ftruncate(self, number: int, size: int) -> None:
+        self.both_handles(f"ftruncate {size}", number, lambda fd: os.ftruncate(fd, size))
+
+    @rule(number=handles)
+    def fstat(self, number: int) -> None:
+        self.both_handles("fstat", number, lambda fd: stat_fields(os.fstat(fd)))
+
+    @rule(number=handles)
+    def fsync(self, number: int) -> None:
+        self.both_handles("fsync", number, os.fsync)
+
+    @rule(number=consumes(handles))
+    def close(self, number: int) -> None:
+        self.both_handles("close", number, os.close)
+        del self.open[number]
+
+    # -- the end of an example -----------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            for number in list(self.open):
+                self.both_handles("close at the end", number, os.close)
+                del self.open[number]
+            for path in ["", *PATHS]:
+                self.stat(path, follow=False)
+                self.listdir(path)
+                self.read_whole(path)
+        finally:
+            for mounted, local in self.open.values():
+                for fd in (mounted, local):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._local.cleanup()
+
+
+def _content(path: Path) -> Any:
+    """A file's bytes; of a large (sparse) one, the bytes around each offset of interest."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= WHOLE_READ_LIMIT:
+            return os.pread(fd, size + 1, 0)
+        return [(offset, os.pread(fd, 8192, max(0, offset - 4096))) for offset in [*OFFSETS, *SIZES, size]]
+    finally:
+        os.close(fd)
+
+
+def _short(result: Outcome) -> str:
+    text = repr(result)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class StatefulMountTests(DemoMountCase):
+    """A mount behaves as a local directory under random sequences of operations."""
+
+    def test_mount_matches_local_directory(self) -> None:
+        """Results, errno, contents and stat fields match a local directory, step after step."""
+        mount = self.start_mount()
+        MountVersusLocal.mount_root = mount.mountpoint
+        run_state_machine_as_test(
+            MountVersusLocal,
+            settings=settings(
+                max_examples=int(os.environ.get("LUCID_STATEFUL_EXAMPLES", "25")),
+                stateful_step_count=int(os.environ.get("LUCID_STATEFUL_STEPS", "30")),
+                deadline=None,
+                database=None,
+                report_multiple_bugs=False,
+                # Shrinking a long sequence over a mount takes minutes: asked for, not by default.
+                phases=[phase for phase in Phase if phase != Phase.shrink or os.environ.get("LUCID_STATEFUL_SHRINK")],
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
