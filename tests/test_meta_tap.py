@@ -20,6 +20,7 @@ from lucidlink.discovery import tap as discovery_tap
 from lucidlink.meta import tap
 from lucidlink.meta.bootstrap import TOKEN_FILE_NAME, read_token
 from lucidlink.meta.config import ConfigError, identity_for, load_config
+from lucidlink.meta.guardian import State
 from lucidlink.meta.server import MetaServer, client_endpoint_for
 from lucidlink.protocol.messages import (
     Bootstrap,
@@ -249,6 +250,16 @@ class LoopbackServerTests(TestCase):
         port = yield self.server.listeners[0].when_listening()
         self.address = f"tcp:127.0.0.1:{port.getHost().port}"
         self.data_dir = self.directory / "data" / FILESPACE
+        yield self.serving()
+
+    @defer.inlineCallbacks
+    def serving(self) -> Any:
+        """Fire once the server's first check is done and it serves its database."""
+        for _ in range(200):
+            if self.server.guardian is not None and self.server.guardian.state is State.SERVING:
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"the server never served; its guardian is {self.server.guardian and self.server.guardian.state}")
 
     @defer.inlineCallbacks
     def connect(self, address: str | None = None) -> Any:
@@ -320,6 +331,7 @@ class LoopbackServerTests(TestCase):
         self.assertTrue(connection._lost or connection.closing)
         self.server.startService()
         port = yield self.server.listeners[0].when_listening()
+        yield self.serving()
         again = yield self.connect(f"tcp:127.0.0.1:{port.getHost().port}")
         self.assertEqual(again.welcome.status, ServerStatus.SERVING)
         yield again.request(Login("admin", credentials("admin").login_secret))

@@ -156,12 +156,14 @@ class Snapshotter:
         self._loop.start(self.interval, now=False)
 
     @defer.inlineCallbacks
-    def stop(self) -> Any:
+    def stop(self, final: bool = True) -> Any:
+        """Stop taking snapshots; take a last one unless ``final`` is false (a damaged database)."""
         if self._loop.running:
             self._loop.stop()
         if self._running is not None:
             yield self._running
-        yield self.snapshot()
+        if final:
+            yield self.snapshot()
 
     @defer.inlineCallbacks
     def snapshot(self) -> Any:
