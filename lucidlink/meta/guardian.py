@@ -53,7 +53,7 @@ from lucidlink.protocol.connection import IResponder, ServerConnection
 from lucidlink.protocol.messages import ServerStatus
 
 DATABASE_NAME = "metadata.sqlite3"
-RESTORING_RETRY_MS = 1000
+RESTORING_RETRY_MS = 500
 """What clients are told to wait before asking again while the server restores."""
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
@@ -80,7 +80,7 @@ class Health:
 
 def read_only(database: Path) -> sqlite3.Connection:
     """A read-only connection of its own to ``database`` (never creates it)."""
-    return sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, isolation_level=None)
+    return sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None)
 
 
 def quick_check(database: Path) -> str:
@@ -572,6 +572,10 @@ class Guardian:
                        f"{done.seq} is restored in {self.database}; serving it would write over the history "
                        f"the store still holds. Check with `{self.command_hint.replace(' restore ', ' verify ')}`")
             return
+        if not done.seq:
+            self._halt(f"the object store holds no journal record of {self.filespace}, so there is nothing to "
+                       f"restore from; the rebuilt database is empty and is not served (check the `store` URL)")
+            return
         health = check_database(self.database)
         if not health.ok:
             self._halt(f"the restored database fails its check ({health.problem}); the newest snapshot may be "
@@ -579,11 +583,15 @@ class Guardian:
             return
         _log.info("{summary} in {seconds:.2f} s ({entries} entries)", summary=done.summary, seconds=done.seconds,
                   entries=done.entries)
-        if before and done.seq is not None and before > done.seq:
-            _log.warn("{filespace}: {lost} acknowledged records were lost (durability={durability}): the damaged "
+        if before and done.seq is not None and before > done.seq and self.durability == "async":
+            _log.warn("{filespace}: {lost} acknowledged records were lost (durability=async): the damaged "
                       "database had reached seq {before}, the object store held them up to seq {seq}",
-                      filespace=self.filespace, lost=before - done.seq, durability=self.durability, before=before,
-                      seq=done.seq)
+                      filespace=self.filespace, lost=before - done.seq, before=before, seq=done.seq)
+        elif before and done.seq is not None and before > done.seq:
+            _log.warn("{filespace}: no acknowledged record was lost, but {lost} records whose shipment never "
+                      "completed (their writers were told to retry) are gone: the damaged database had reached "
+                      "seq {before}, the object store held them up to seq {seq}",
+                      filespace=self.filespace, lost=before - done.seq, before=before, seq=done.seq)
         elif before:
             _log.info("{filespace}: no acknowledged record was lost: the damaged database had reached seq {before}, "
                       "restored to seq {seq}", filespace=self.filespace, before=before, seq=done.seq)

@@ -36,11 +36,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from lucidlink.discovery.announcer import Announcer
 from lucidlink.discovery.shedding import ConnectionCap
+from lucidlink.errors import LucidError
 from lucidlink.listening import EndpointListener
 from lucidlink.meta import bootstrap
 from lucidlink.meta.config import MetaConfig
 from lucidlink.meta.guardian import DATABASE_NAME, RESTORING_RETRY_MS, Gate, Guardian, State, check_database
-from lucidlink.meta.journal import Journal
+from lucidlink.meta.journal import Journal, verify_chain
 from lucidlink.meta.service import MetadataResponder
 from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.snapshots import Snapshotter
@@ -173,7 +174,7 @@ class MetaServer(MultiService):
         shipper, self.shipper = self.shipper, None
         if shipper is not None:
             try:
-                yield shipper.stop()
+                yield shipper.stop(final=not damaged or self._tail_verifies(shipper))
             except Exception as error:  # a damaged database may fail the last shipment; the restore decides
                 self.log.warn("the last shipment of {filespace} failed: {error}", filespace=self.config.filespace,
                               error=str(error))
@@ -191,6 +192,18 @@ class MetaServer(MultiService):
             except sqlite3.Error as error:
                 self.log.warn("closing the database of {filespace}: {error}", filespace=self.config.filespace,
                               error=str(error))
+
+    def _tail_verifies(self, shipper: Shipper) -> bool:
+        """Whether the records the store lacks still chain in a damaged database (then they are worth shipping)."""
+        try:
+            first = shipper.shipped_seq
+            verify_chain(shipper.journal.entries(after=first), shipper.journal.hash_at(first), first)
+        except (sqlite3.Error, LucidError) as error:
+            self.log.error("the journal of {filespace} after seq {seq} cannot be read back intact ({error}); "
+                           "those records are not shipped", filespace=self.config.filespace,
+                           seq=shipper.shipped_seq, error=str(error))
+            return False
+        return True
 
     def _database_error(self, error: Exception) -> None:
         if self.guardian is not None:
