@@ -42,6 +42,7 @@ from lucidlink.objectstore.local import LocalObjectStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import ServerStatus
 from lucidlink.protocol.network import connect_tls
+from lucidlink.supervise import SupervisedProcess, twistd_command
 from tests.client_helpers import (
     ADMIN,
     ADMIN_PASSPHRASE,
@@ -118,11 +119,11 @@ class MetaProcess:
 
     @defer.inlineCallbacks
     def wait_status(self, status: tuple[ServerStatus, ...], timeout: float = 20.0) -> Any:
+        """Fire once a new connection is welcomed with one of ``status``; fail if this test's process dies."""
         deadline = time.monotonic() + timeout
         seen = None
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.process.poll() is not None:
+            if self.process is not None and self.process.process.poll() is not None:
                 raise AssertionError(f"lucid-meta exited with {self.process.process.returncode}:\n{self.log_text()}")
             try:
                 connection = yield connect_tls(reactor, self.address, self.ca_file, identity_for(FILESPACE),
@@ -355,6 +356,38 @@ class KillTests(FaultTestCase):
         yield self.meta.start()
         after = yield dump_filespace(self.reader)
         self.assertEqual(after, before)
+
+
+class SupervisedTests(FaultTestCase):
+    """Under a supervisor, as the demo runs it (pid file and log in the data folder): no one restarts it by hand."""
+
+    @defer.inlineCallbacks
+    def test_supervisor_brings_it_back(self) -> Any:
+        """Killed with its data folder gone, the supervisor restarts it and it restores by itself."""
+        self.meta.stop()
+        data = self.meta.data_dir
+        supervisor = SupervisedProcess(
+            reactor, "lucid-meta",
+            twistd_command("-n", f"--pidfile={data / 'twistd.pid'}", "lucid-meta", "--filespace", FILESPACE,
+                           "--config", str(self.meta.config)),
+            data / "meta.log",
+        )
+        supervisor.start()
+        self.addCleanup(supervisor.stop)
+        yield self.meta.wait_status((ServerStatus.SERVING,))
+        yield self.write(3)
+        before = yield dump_filespace(self.reader)
+        for damage in (self.meta.delete_data, self.meta.truncate):
+            pid = supervisor.pid
+            assert pid is not None
+            damage()
+            os.kill(pid, signal.SIGKILL)
+            while supervisor.pid in (None, pid):
+                yield sleep(0.05)
+            yield self.meta.wait_status((ServerStatus.SERVING,))
+            self.assertEqual((yield dump_filespace(self.reader)), before)
+        self.assertEqual(supervisor.restarts, 2)
+        self.assertIn("serving again", (data / "meta.log").read_text())
 
 
 class SyncDamageTests(FaultTestCase):

@@ -174,6 +174,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("[meta] store: '/srv/o' is not an object store URL", self.refusal(store="/srv/o"))
         self.assertIn("ship_interval", self.refusal(store="file:///srv/o", ship_interval="0"))
 
+    def test_check_keys(self) -> None:
+        """check_interval (default 10 s) and auto_restore (default on) are read; bad values are refused."""
+        config = load_config(write_config(self.directory), FILESPACE)
+        self.assertEqual((config.check_interval, config.auto_restore), (10.0, True))
+        config = load_config(write_config(self.directory, check_interval="0.5", auto_restore="false"), FILESPACE)
+        self.assertEqual((config.check_interval, config.auto_restore), (0.5, False))
+        self.assertIn("[meta] auto_restore: 'maybe' is not true or false", self.refusal(auto_restore="maybe"))
+        self.assertIn("[meta] check_interval: -1 must be more than zero", self.refusal(check_interval="-1"))
+
     def test_bad_filespace_name(self) -> None:
         """A filespace name that cannot be part of a TLS name is refused."""
         with self.assertRaises(ConfigError):
@@ -378,6 +387,33 @@ class ShippingServerTests(LoopbackServerTests):
             original.close()
             restored.close()
         self.server.startService()  # for the cleanup's stopService
+
+
+class DamagedServerTests(ShippingServerTests):
+    """The same server, told not to restore by itself: damage found while it runs is announced and refused."""
+
+    def server_keys(self) -> dict[str, str]:
+        return {**super().server_keys(), "auto_restore": "false"}
+
+    @defer.inlineCallbacks
+    def test_damage_is_announced(self) -> Any:
+        """The data folder gone under the server: discovery says restoring, clients are told to wait and retry."""
+        import shutil
+
+        before = yield self.connect()
+        pushed: list[Any] = []
+        before.on_push = pushed.append
+        shutil.rmtree(self.data_dir)
+        assert self.server.guardian is not None
+        yield self.server.guardian.check()
+        self.assertEqual(self.server.status(), ServerStatus.RESTORING)
+        yield self.resolve(ServerStatus.RESTORING)
+        self.assertIn(ServerStatus.RESTORING, [message.status for message in pushed if hasattr(message, "status")])
+        again = yield self.connect()
+        self.assertEqual(again.welcome.status, ServerStatus.RESTORING)
+        refused = yield self.assertFailure(again.request(Login("admin", credentials("admin").login_secret)),
+                                           errors.Restoring)
+        self.assertTrue(refused.retryable)
 
 
 class ExampleConfigTests(SynchronousTestCase):
