@@ -5,8 +5,10 @@ Keeping a metadata server honest about its database: health checks, the
 The checks (:func:`check_database`) look at the database file from the
 outside, with a connection of their own, so that what the server's own
 connection keeps in its page cache cannot hide damage on the disk: the file
-is there, its header is an SQLite header whose page size and length add up,
-``PRAGMA quick_check`` passes, and the journal's head can be read.
+is there, SQLite can open it (its header is sound) and its length is a
+whole number of pages, ``PRAGMA quick_check`` passes, and the journal's
+head can be read.  They touch the file only through SQLite (see
+:func:`check_database`).
 :func:`store_head` says how far the object store's journal reaches; a local
 head behind it means the disk lost acknowledged changes.
 
@@ -38,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,8 +57,8 @@ from lucidlink.protocol.messages import ServerStatus
 DATABASE_NAME = "metadata.sqlite3"
 RESTORING_RETRY_MS = 500
 """What clients are told to wait before asking again while the server restores."""
-SQLITE_MAGIC = b"SQLite format 3\x00"
-_HEADER_SIZE = 100
+SECOND_LOOK_DELAY = 0.2
+"""Seconds between a failed check and the second one that confirms the damage."""
 
 _log = Logger()
 
@@ -79,8 +81,16 @@ class Health:
 
 
 def read_only(database: Path) -> sqlite3.Connection:
-    """A read-only connection of its own to ``database`` (never creates it)."""
-    return sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    """A connection of its own to ``database`` that never creates it and never writes.
+
+    Opened read-write (``mode=rw``) with ``query_only`` on rather than
+    ``mode=ro``: a read-only connection to a WAL database that another
+    process writes can fail with "disk I/O error" when it cannot take the
+    locks the wal-index needs, which would look like damage.
+    """
+    db = sqlite3.connect(f"{database.absolute().as_uri()}?mode=rw", uri=True, isolation_level=None)
+    db.execute("PRAGMA query_only = ON")
+    return db
 
 
 def quick_check(database: Path) -> str:
@@ -98,29 +108,21 @@ def quick_check(database: Path) -> str:
     return "ok" if rows == ["ok"] else "; ".join(rows[:3])
 
 
-def header_problem(database: Path) -> str:
-    """What is wrong with the file's SQLite header and length ("" when nothing is)."""
-    try:
-        size = database.stat().st_size
-        with open(database, "rb") as file:
-            header = file.read(_HEADER_SIZE)
-    except OSError as error:
-        return f"cannot read {database}: {error.strerror or error}"
+def size_problem(database: Path) -> str:
+    """What is wrong with the file's length for its page size ("" when nothing is, or it cannot be told)."""
+    size = database.stat().st_size
     if size == 0:
         return f"{database} is empty (truncated to 0 bytes)"
-    if len(header) < _HEADER_SIZE or not header.startswith(SQLITE_MAGIC):
-        return f"{database} does not start with an SQLite header"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
-        return f"{database} has a damaged header (page size {page_size})"
+    try:
+        db = read_only(database)
+        try:
+            page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        return f"{database} cannot be opened: {error}"
     if size % page_size:
         return f"{database} is truncated: {size} bytes is not a whole number of {page_size}-byte pages"
-    pages = int.from_bytes(header[28:32], "big")
-    valid_for = int.from_bytes(header[92:96], "big")
-    change_counter = int.from_bytes(header[24:28], "big")
-    if pages and valid_for == change_counter and size < pages * page_size:
-        return f"{database} is truncated: {size} bytes, its header says {pages * page_size}"
     return ""
 
 
@@ -136,9 +138,14 @@ def local_head(database: Path) -> int:
 
 def check_database(database: Path) -> Health:
     """Check ``database`` from the outside: present, a sound header, ``quick_check``, a readable journal head."""
+    # Never open the file other than through SQLite: closing any descriptor of it would drop the POSIX locks
+    # the server's own connection holds, and another process could then delete its write-ahead log.
     if not database.exists():
         return Health(f"no database at {database}", missing=True)
-    problem = header_problem(database)
+    try:
+        problem = size_problem(database)
+    except OSError as error:
+        return Health(f"cannot look at {database}: {error.strerror or error}")
     if problem:
         return Health(problem)
     checked = quick_check(database)
@@ -459,6 +466,8 @@ class Guardian:
     @defer.inlineCallbacks
     def _first_check(self) -> Any:
         health = check_database(self.database)
+        if not health.ok and not health.missing:
+            health = yield self._second_look(health)
         if health.missing:
             held = 0
             if self.object_store is not None:
@@ -521,11 +530,25 @@ class Guardian:
         if self.state is not State.SERVING:
             return
         if not health.ok:
+            health = yield self._second_look(health)
+        if self.state is not State.SERVING:
+            return
+        if not health.ok:
             yield self._damaged(health.problem)
         elif held is not None and health.head < held:
             yield self._damaged(self._behind(health.head, held))
         else:
             self.known_head = max(self.known_head, health.head)
+
+    @defer.inlineCallbacks
+    def _second_look(self, first: Health) -> Any:
+        """Check again a moment later: a restore is not started on one look that may have raced a writer."""
+        _log.warn("{filespace}: the database check failed ({problem}); checking again", filespace=self.filespace,
+                  problem=first.problem)
+        yield task.deferLater(self.reactor, SECOND_LOOK_DELAY, lambda: None)
+        health = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), check_database,
+                                                 self.database)
+        return health
 
     @defer.inlineCallbacks
     def _damaged(self, problem: str) -> Any:
