@@ -554,9 +554,16 @@ class StoreOutageTests(FaultTestCase):
         # What was answered during the outage reached the store once it came back: a lost disk loses none of it.
         before = yield dump_filespace(self.reader)
         self.assertEqual(before["/"]["attributes"]["mode"] & 0o7777, 0o750)
+        # The disk lost while the store is away too: it waits for the store rather than start a new filespace.
         self.meta.kill()
         self.meta.delete_data()
-        yield self.meta.start()
+        self.meta.objects.rename(away)
+        try:
+            yield self.meta.start((ServerStatus.RESTORING,))
+            yield self.meta.wait_log("the object store cannot be listed")
+        finally:
+            away.rename(self.meta.objects)
+        yield self.meta.wait_status((ServerStatus.SERVING,))
         self.assertEqual((yield dump_filespace(self.reader)), before)
 
 

@@ -353,6 +353,7 @@ class ShippingServerTests(LoopbackServerTests):
 
     def server_keys(self) -> dict[str, str]:
         self.objects = (self.directory / "objects").resolve()
+        self.objects.mkdir(parents=True, exist_ok=True)  # a new store, as an operator makes it
         return {"store": f"file://{self.objects}", "snapshot_interval": "3600"}
 
     @defer.inlineCallbacks

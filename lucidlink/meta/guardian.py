@@ -351,6 +351,9 @@ class DatabaseOwner(Protocol):
 class Guardian:
     """Checks the database of one filespace and restores it (see the module).
 
+    ``open_object_store`` returns the object store journal segments and
+    snapshots are in, opening it the first time (it raises LucidError while
+    the store cannot be opened); None when the journal is not shipped.
     ``shipped`` is a function giving the last sequence the object store is
     known to hold while serving (the shipper's), or None; ``on_status`` is
     called whenever :attr:`state` changes.  ``command_hint`` is the
@@ -365,7 +368,7 @@ class Guardian:
         *,
         filespace: str,
         data_dir: Path,
-        object_store: Any = None,
+        open_object_store: Callable[[], Any] | None = None,
         auto_restore: bool = True,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         durability: str = "off",
@@ -378,7 +381,7 @@ class Guardian:
         self.reactor = reactor
         self.filespace = filespace
         self.data_dir = data_dir
-        self.object_store = object_store
+        self.open_object_store = open_object_store
         self.auto_restore = auto_restore
         self.check_interval = check_interval
         self.durability = durability
@@ -470,9 +473,9 @@ class Guardian:
             health = yield self._second_look(health)
         if health.missing:
             held = 0
-            if self.object_store is not None:
+            if self.open_object_store is not None:
                 try:
-                    held = yield store_head(self.object_store, self.filespace)
+                    held = yield store_head(self.open_object_store(), self.filespace)
                 except LucidError as error:
                     # Creating a new database over a history the store may hold would fork it: wait for the store.
                     self.problem = f"no database and the object store cannot be listed ({error})"
@@ -492,15 +495,22 @@ class Guardian:
 
     @defer.inlineCallbacks
     def _open_and_check_head(self) -> Any:
+        if self.open_object_store is not None:
+            try:
+                self.open_object_store()  # shipping starts with the database: the store must be there first
+            except LucidError as error:
+                _log.error("{filespace}: cannot open the object store ({error}); will try again in {interval} s",
+                           filespace=self.filespace, error=str(error), interval=self.check_interval)
+                return
         try:
             responder = self.owner.open_database()
         except sqlite3.DatabaseError as error:
             yield self.owner.close_database("the metadata server found its database damaged", True)
             yield self._damaged(f"cannot open {self.database}: {error}")
             return
-        if self.object_store is not None:
+        if self.open_object_store is not None:
             try:
-                held = yield store_head(self.object_store, self.filespace)
+                held = yield store_head(self.open_object_store(), self.filespace)
             except LucidError as error:
                 _log.warn("{filespace}: cannot list the object store to compare journal heads ({error}); serving",
                           filespace=self.filespace, error=str(error))
@@ -561,7 +571,7 @@ class Guardian:
             yield self.owner.close_database("the metadata server is restoring its database", True)
         except Exception:
             _log.failure("{filespace}: closing the damaged database", filespace=self.filespace)
-        if self.object_store is None:
+        if self.open_object_store is None:
             self._halt("there is no object store to restore from (no `store` in the config); the damaged "
                        f"database stays at {self.database} for an operator")
             return
@@ -581,7 +591,7 @@ class Guardian:
         before = self.known_head
         _log.info("{filespace}: restoring the database from the object store", filespace=self.filespace)
         try:
-            done = yield install_restored(self.reactor, self.object_store, self.filespace, self.data_dir)
+            done = yield install_restored(self.reactor, self.open_object_store(), self.filespace, self.data_dir)
         except (LucidError, OSError, sqlite3.Error) as error:
             _log.error("{filespace}: the restore failed ({error}); trying again in {interval} s",
                        filespace=self.filespace, error=str(error), interval=self.check_interval)

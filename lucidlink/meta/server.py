@@ -106,16 +106,14 @@ class MetaServer(MultiService):
     def startService(self) -> None:
         config = self.config
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if config.store is None or config.durability == "off":
+        shipped = config.store is not None and config.durability != "off"
+        if not shipped:
             self.log.warn("the journal of {filespace} is not shipped (no store, or durability=off): "
                           "a lost disk loses its metadata", filespace=config.filespace)
-        else:
-            from lucidlink.objectstore import open_store
-
-            self.object_store = open_store(config.store, self.reactor, create=config.store.startswith("file:"))
         self.guardian = Guardian(
             self, self.gate, self.reactor, filespace=config.filespace, data_dir=config.data_dir,
-            object_store=self.object_store, auto_restore=config.auto_restore, check_interval=config.check_interval,
+            open_object_store=self._open_object_store if shipped else None,
+            auto_restore=config.auto_restore, check_interval=config.check_interval,
             durability=config.durability, shipped=self._shipped, on_status=self._status_changed,
             command_hint=f"lucid-meta restore --filespace {config.filespace} --config {config.path} "
                          f"--data-dir {config.data_dir}",
@@ -204,6 +202,23 @@ class MetaServer(MultiService):
                            seq=shipper.shipped_seq, error=str(error))
             return False
         return True
+
+    def _open_object_store(self) -> Any:
+        """The object store of the journal, opened the first time (raises LucidError while it cannot be).
+
+        A missing ``file://`` folder is made only when a database is here to
+        fill it: with neither, an empty new folder would pass for a store
+        without history, and the server would start a new filespace where
+        it should have restored one.
+        """
+        if self.object_store is None:
+            from lucidlink.objectstore import open_store
+
+            url = self.config.store
+            assert url is not None
+            create = url.startswith("file:") and (self.config.data_dir / DATABASE_NAME).exists()
+            self.object_store = open_store(url, self.reactor, create=create)
+        return self.object_store
 
     def _database_error(self, error: Exception) -> None:
         if self.guardian is not None:
