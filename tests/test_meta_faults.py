@@ -36,7 +36,7 @@ from lucidlink.client.resolver import Resolver
 from lucidlink.client.session import initialise_filespace, open_session
 from lucidlink.meta import bootstrap
 from lucidlink.meta.config import identity_for
-from lucidlink.meta.guardian import DATABASE_NAME, Gate, check_database
+from lucidlink.meta.guardian import DATABASE_NAME, Gate, Guardian, State, check_database
 from lucidlink.meta.segments import parse_segment_key
 from lucidlink.objectstore.local import LocalObjectStore
 from lucidlink.protocol import messages as w
@@ -48,6 +48,7 @@ from tests.client_helpers import (
     ADMIN_PASSPHRASE,
     FILESPACE,
     SMALL_CHUNK,
+    MemoryObjectStore,
     cheap_kdf,
     fast_backoff,
     make_certificates,
@@ -696,6 +697,67 @@ class GateTests(SynchronousTestCase):
         self.gate.welcome(connection, self.hello)
         self.gate.connection_ended(connection, errors.ConnectionClosed("bye"))
         self.assertEqual(responder.ended, [connection])
+
+
+class GuardianTests(TestCase):
+    """The guardian's decisions at start, with a stand-in server and an object store in memory."""
+
+    class Owner:
+        def __init__(self) -> None:
+            self.opened = 0
+            self.closed: list[tuple[str, bool]] = []
+
+        def open_database(self) -> str:
+            self.opened += 1
+            return "responder"
+
+        def close_database(self, reason: str, damaged: bool) -> None:
+            self.closed.append((reason, damaged))
+
+    def guardian(self, objects: Any = None, **options: Any) -> Guardian:
+        self.folder = Path(self.mktemp()).absolute()
+        self.owner = self.Owner()
+        self.gate = Gate(FILESPACE, "test", lambda error: None)
+        guardian = Guardian(self.owner, self.gate, reactor, filespace=FILESPACE, data_dir=self.folder,
+                            open_object_store=(lambda: objects) if objects is not None else None,
+                            check_interval=3600, **options)
+        self.addCleanup(guardian.stop)
+        return guardian
+
+    @defer.inlineCallbacks
+    def test_new_filespace(self) -> Any:
+        """No database and nothing in the store: a new filespace, served."""
+        guardian = self.guardian(MemoryObjectStore())
+        yield self.started(guardian)
+        self.assertEqual((guardian.state, self.owner.opened, self.gate.serving), (State.SERVING, 1, "responder"))
+
+    @defer.inlineCallbacks
+    def test_damaged_with_empty_store(self) -> Any:
+        """A damaged database and a store without its journal: nothing is served, and the log says why."""
+        guardian = self.guardian(MemoryObjectStore())
+        self.damage()
+        yield self.started(guardian)
+        self.assertEqual((guardian.state, self.owner.opened), (State.HALTED, 0))
+        self.assertIn("nothing to restore from", guardian.problem)
+        self.assertIsNone(self.gate.serving)
+        self.assertFalse(check_database(self.folder / DATABASE_NAME).ok, "the damaged database is left in place")
+
+    @defer.inlineCallbacks
+    def test_damaged_without_store(self) -> Any:
+        guardian = self.guardian(None)
+        self.damage()
+        yield self.started(guardian)
+        self.assertEqual(guardian.state, State.HALTED)
+        self.assertIn("no object store", guardian.problem)
+        self.assertTrue(self.folder.joinpath(DATABASE_NAME).exists(), "the damaged database is left for a person")
+
+    def damage(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.joinpath(DATABASE_NAME).write_bytes(os.urandom(3 * BLOCK))
+
+    def started(self, guardian: Guardian) -> Deferred[None]:
+        guardian.start()
+        return guardian._idle()
 
 
 class HealthCheckTests(SynchronousTestCase):

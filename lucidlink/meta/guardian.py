@@ -582,6 +582,7 @@ class Guardian:
         yield self._restore()
 
     def _halt(self, text: str) -> None:
+        self.problem = text
         _log.error("{filespace}: NOT SERVING: {text}", filespace=self.filespace, text=text)
         self.gate.stop_serving(f"the metadata server's database is damaged and waits for an operator ({text})")
         self._set(State.HALTED)
@@ -591,7 +592,14 @@ class Guardian:
         before = self.known_head
         _log.info("{filespace}: restoring the database from the object store", filespace=self.filespace)
         try:
-            done = yield install_restored(self.reactor, self.open_object_store(), self.filespace, self.data_dir)
+            object_store = self.open_object_store()
+            held = yield store_head(object_store, self.filespace)
+            if not held:
+                # Checked before anything is replaced: an empty database here would start as a new filespace.
+                self._halt(f"the object store holds no journal record of {self.filespace}, so there is nothing to "
+                           f"restore from; the damaged database stays at {self.database} (check the `store` URL)")
+                return
+            done = yield install_restored(self.reactor, object_store, self.filespace, self.data_dir)
         except (LucidError, OSError, sqlite3.Error) as error:
             _log.error("{filespace}: the restore failed ({error}); trying again in {interval} s",
                        filespace=self.filespace, error=str(error), interval=self.check_interval)
@@ -604,10 +612,6 @@ class Guardian:
             self._halt(f"the journal in the object store is damaged: {done.summary}. Every record up to seq "
                        f"{done.seq} is restored in {self.database}; serving it would write over the history "
                        f"the store still holds. Check with `{self.command_hint.replace(' restore ', ' verify ')}`")
-            return
-        if not done.seq:
-            self._halt(f"the object store holds no journal record of {self.filespace}, so there is nothing to "
-                       f"restore from; the rebuilt database is empty and is not served (check the `store` URL)")
             return
         health = check_database(self.database)
         if not health.ok:
