@@ -757,7 +757,7 @@ class GuardianTests(TestCase):
 
     def started(self, guardian: Guardian) -> Deferred[None]:
         guardian.start()
-        return guardian._idle()
+        return guardian.idle()
 
 
 class HealthCheckTests(SynchronousTestCase):

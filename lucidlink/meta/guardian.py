@@ -418,7 +418,7 @@ class Guardian:
         """Stop checking; waits for a check or restore in progress."""
         if self._loop.running:
             self._loop.stop()
-        yield self._idle()
+        yield self.idle()
         self._set(State.STOPPED)
 
     def check(self) -> defer.Deferred[Any]:
@@ -448,9 +448,9 @@ class Guardian:
                 busy.callback(None)
 
             defer.maybeDeferred(step).addBoth(done)
-        return self._idle()
+        return self.idle()
 
-    def _idle(self) -> defer.Deferred[None]:
+    def idle(self) -> defer.Deferred[None]:
         """Fires once no check or restore runs."""
         waiter: defer.Deferred[None] = defer.Deferred()
         if self._busy is None:
