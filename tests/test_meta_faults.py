@@ -14,6 +14,7 @@ it was.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -21,12 +22,14 @@ import shutil
 import signal
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lucidlink import crypto, errors
@@ -34,10 +37,13 @@ from lucidlink.client.endpoint_cache import EndpointCache, Location
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.resolver import Resolver
 from lucidlink.client.session import initialise_filespace, open_session
-from lucidlink.meta import bootstrap
+from lucidlink.meta import bootstrap, snapshots
+from lucidlink.meta import mutations as m
 from lucidlink.meta.config import identity_for
 from lucidlink.meta.guardian import DATABASE_NAME, Gate, Guardian, State, check_database
 from lucidlink.meta.segments import parse_segment_key
+from lucidlink.meta.shipper import Shipper
+from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore.local import LocalObjectStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import ServerStatus
@@ -54,6 +60,7 @@ from tests.client_helpers import (
     make_certificates,
 )
 from tests.filespace_dump import dump_filespace
+from tests.meta_helpers import initialise_record
 from tests.processes import ServiceProcess, free_port, wait_for_port
 
 CHECK_INTERVAL = 0.3
@@ -758,6 +765,48 @@ class GuardianTests(TestCase):
     def started(self, guardian: Guardian) -> Deferred[None]:
         guardian.start()
         return guardian.idle()
+
+
+class DamagedSnapshotTests(SynchronousTestCase):
+    """A snapshot taken of a database already damaged on disk: its checksum is right, its pages are not."""
+
+    def test_restore_skips_it(self) -> None:
+        """The restore falls back to the journal instead of rebuilding on a snapshot that fails quick_check."""
+        clock = Clock()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        store = MetadataStore(folder / "original.sqlite3", clock)
+        self.addCleanup(store.close)
+        objects = MemoryObjectStore()
+        shipper = Shipper(store, objects, clock, filespace=FILESPACE, durability="async")
+        self.successResultOf(shipper.start())
+        self.addCleanup(shipper.stop)
+        store.apply(initialise_record())
+        for n in range(40):
+            store.apply(m.MakeDirectory(ROOT_INODE, b"d%d" % n, 0o755, n, 0))
+        while shipper.pending():
+            clock.advance(shipper.ship_interval)
+        database = snapshots.database_bytes(store)
+        head = snapshots._head_of(database)
+        damaged = None
+        for page in range(1, len(database) // BLOCK):
+            candidate = bytearray(database)
+            candidate[page * BLOCK:(page + 1) * BLOCK] = bytes(BLOCK)
+            if snapshots._head_of(bytes(candidate)) == head and snapshots.check_serialized(bytes(candidate)) != "ok":
+                damaged = bytes(candidate)
+                break
+        assert damaged is not None, "no page whose damage quick_check sees"
+        data = zlib.compress(damaged)
+        manifest = snapshots.Manifest(FILESPACE, head[0], head[1], hashlib.sha256(data).digest(), len(data),
+                                      len(damaged), 0)
+        objects.objects[snapshots.snapshot_key(FILESPACE, head[0])] = data
+        objects.objects[snapshots.manifest_key(FILESPACE, head[0])] = manifest.to_bytes()
+        result = self.successResultOf(snapshots.restore(objects, FILESPACE, folder / "restored.sqlite3"))
+        self.assertIsNone(result.snapshot_seq, "the damaged snapshot was not used")
+        self.assertEqual((result.seq, result.complete), (head[0], True))
+        restored = MetadataStore(folder / "restored.sqlite3", clock)
+        self.addCleanup(restored.close)
+        self.assertEqual(restored.dump(), store.dump())
 
 
 class HealthCheckTests(SynchronousTestCase):

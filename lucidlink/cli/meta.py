@@ -51,7 +51,7 @@ from lucidlink.meta.segments import (
     salvage_segment,
     segment_prefix,
 )
-from lucidlink.meta.snapshots import Manifest, snapshot_key, snapshot_prefix
+from lucidlink.meta.snapshots import Manifest, check_serialized, snapshot_key, snapshot_prefix
 
 PROG = "lucid-meta"
 PIDFILE_NAME = "twistd.pid"
@@ -209,8 +209,12 @@ def _check_snapshot(object_store: Any, filespace: str, key: str) -> Any:
     data = yield object_store.get(snapshot_key(filespace, manifest.seq))
     if len(data) != manifest.size or hashlib.sha256(data).digest() != manifest.sha256:
         raise CommandFailed(f"snapshot at seq {manifest.seq} does not match its manifest's size and checksum")
-    if _database_head(zlib.decompress(data)) != (manifest.seq, manifest.hash):
+    database = zlib.decompress(data)
+    if _database_head(database) != (manifest.seq, manifest.hash):
         raise CommandFailed(f"snapshot at seq {manifest.seq} does not end where its manifest says")
+    checked = check_serialized(database)
+    if checked != "ok":
+        raise CommandFailed(f"snapshot at seq {manifest.seq} fails quick_check: {checked}")
     return manifest
 
 
