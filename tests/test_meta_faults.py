@@ -37,6 +37,7 @@ from lucidlink.client.endpoint_cache import EndpointCache, Location
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.resolver import Resolver
 from lucidlink.client.session import initialise_filespace, open_session
+from lucidlink.errors import IntegrityError
 from lucidlink.meta import bootstrap, snapshots
 from lucidlink.meta import mutations as m
 from lucidlink.meta.config import identity_for
@@ -807,6 +808,29 @@ class DamagedSnapshotTests(SynchronousTestCase):
         restored = MetadataStore(folder / "restored.sqlite3", clock)
         self.addCleanup(restored.close)
         self.assertEqual(restored.dump(), store.dump())
+
+
+    def test_none_taken_of_a_damaged_database(self) -> None:
+        """The snapshotter refuses to store a snapshot of a database that fails quick_check."""
+        clock = Clock()
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = MetadataStore(path, clock)
+        store.apply(initialise_record())
+        for n in range(60):
+            store.apply(m.MakeDirectory(ROOT_INODE, b"d%d" % n, 0o755, n, 0))
+        store.close()
+        size = path.stat().st_size
+        with open(path, "r+b") as file:
+            for page in range(2, size // BLOCK):
+                file.seek(page * BLOCK)
+                file.write(bytes(BLOCK))
+        store = MetadataStore(path, clock)
+        self.addCleanup(store.close)
+        objects = MemoryObjectStore()
+        failure = self.failureResultOf(snapshots.take_snapshot(store, objects, FILESPACE, clock), IntegrityError)
+        self.assertIn("fails quick_check", str(failure.value))
+        self.assertEqual(objects.objects, {})
 
 
 class HealthCheckTests(SynchronousTestCase):

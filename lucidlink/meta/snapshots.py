@@ -139,6 +139,9 @@ def check_serialized(database: bytes) -> str:
 def take_snapshot(store: MetadataStore, object_store: Any, filespace: str, clock: IReactorTime) -> Any:
     """Store a snapshot of ``store`` and fire with its :class:`Manifest` (or None if one exists at this seq)."""
     database = database_bytes(store)
+    checked = check_serialized(database)
+    if checked != "ok":
+        raise IntegrityError(f"the database fails quick_check ({checked}); no snapshot is taken of it")
     seq, chain = _head_of(database)
     data = zlib.compress(database, 6)
     manifest = Manifest(filespace, seq, chain, hashlib.sha256(data).digest(), len(data), len(database),
