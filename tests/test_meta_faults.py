@@ -602,7 +602,7 @@ class CorruptSegmentTests(FaultTestCase):
         self.assertIsNotNone(found, self.meta.log_text()[-3000:])
         assert found is not None
         reached = int(found.group(1))
-        self.assertTrue(first - 1 <= reached < last, (first, last, reached))
+        self.assertTrue(first - 1 <= reached <= last, (first, last, reached))  # the damage may spare every record
         self.assertIn(victim.name, found.group(2))
         self.assertEqual(check_database(self.meta.database).head, reached)
         # Clients are told to wait, not refused.
