@@ -641,6 +641,3 @@ class Guardian:
         self._serve(responder)
         _log.info("{filespace}: serving again", filespace=self.filespace)
 
-
-__all__ = ["DATABASE_NAME", "Gate", "Guardian", "Health", "Restored", "State", "check_database",
-           "install_restored", "quick_check", "store_head"]
