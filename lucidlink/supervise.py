@@ -47,7 +47,8 @@ class _Child(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason)
+        # Not the Failure itself: a child that died unasked has no one waiting, and an unhandled Failure is logged.
+        self.ended.callback(None)
         self.owner._ended(self, reason)
 
 
@@ -83,6 +84,9 @@ class SupervisedProcess:
 
     def _spawn(self) -> None:
         self._restart_call = None
+        # The folder may be gone with a lost disk (the demo keeps the metadata server's log and pid file in its
+        # data folder); the child must come back all the same.
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_file = self.log_path.open("ab")
         child = _Child(self, log_file)
         self._child = child

@@ -20,6 +20,7 @@ from lucidlink.discovery import tap as discovery_tap
 from lucidlink.meta import tap
 from lucidlink.meta.bootstrap import TOKEN_FILE_NAME, read_token
 from lucidlink.meta.config import ConfigError, identity_for, load_config
+from lucidlink.meta.guardian import State
 from lucidlink.meta.server import MetaServer, client_endpoint_for
 from lucidlink.protocol.messages import (
     Bootstrap,
@@ -173,6 +174,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("[meta] store: '/srv/o' is not an object store URL", self.refusal(store="/srv/o"))
         self.assertIn("ship_interval", self.refusal(store="file:///srv/o", ship_interval="0"))
 
+    def test_check_keys(self) -> None:
+        """check_interval (default 10 s) and auto_restore (default on) are read; bad values are refused."""
+        config = load_config(write_config(self.directory), FILESPACE)
+        self.assertEqual((config.check_interval, config.auto_restore), (10.0, True))
+        config = load_config(write_config(self.directory, check_interval="0.5", auto_restore="false"), FILESPACE)
+        self.assertEqual((config.check_interval, config.auto_restore), (0.5, False))
+        self.assertIn("[meta] auto_restore: 'maybe' is not true or false", self.refusal(auto_restore="maybe"))
+        self.assertIn("[meta] check_interval: -1 must be more than zero", self.refusal(check_interval="-1"))
+
     def test_bad_filespace_name(self) -> None:
         """A filespace name that cannot be part of a TLS name is refused."""
         with self.assertRaises(ConfigError):
@@ -249,6 +259,16 @@ class LoopbackServerTests(TestCase):
         port = yield self.server.listeners[0].when_listening()
         self.address = f"tcp:127.0.0.1:{port.getHost().port}"
         self.data_dir = self.directory / "data" / FILESPACE
+        yield self.serving()
+
+    @defer.inlineCallbacks
+    def serving(self) -> Any:
+        """Fire once the server's first check is done and it serves its database."""
+        for _ in range(200):
+            if self.server.guardian is not None and self.server.guardian.state is State.SERVING:
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"the server never served; its guardian is {self.server.guardian and self.server.guardian.state}")
 
     @defer.inlineCallbacks
     def connect(self, address: str | None = None) -> Any:
@@ -320,6 +340,7 @@ class LoopbackServerTests(TestCase):
         self.assertTrue(connection._lost or connection.closing)
         self.server.startService()
         port = yield self.server.listeners[0].when_listening()
+        yield self.serving()
         again = yield self.connect(f"tcp:127.0.0.1:{port.getHost().port}")
         self.assertEqual(again.welcome.status, ServerStatus.SERVING)
         yield again.request(Login("admin", credentials("admin").login_secret))
@@ -332,6 +353,7 @@ class ShippingServerTests(LoopbackServerTests):
 
     def server_keys(self) -> dict[str, str]:
         self.objects = (self.directory / "objects").resolve()
+        self.objects.mkdir(parents=True, exist_ok=True)  # a new store, as an operator makes it
         return {"store": f"file://{self.objects}", "snapshot_interval": "3600"}
 
     @defer.inlineCallbacks
@@ -366,6 +388,33 @@ class ShippingServerTests(LoopbackServerTests):
             original.close()
             restored.close()
         self.server.startService()  # for the cleanup's stopService
+
+
+class DamagedServerTests(ShippingServerTests):
+    """The same server, told not to restore by itself: damage found while it runs is announced and refused."""
+
+    def server_keys(self) -> dict[str, str]:
+        return {**super().server_keys(), "auto_restore": "false"}
+
+    @defer.inlineCallbacks
+    def test_damage_is_announced(self) -> Any:
+        """The data folder gone under the server: discovery says restoring, clients are told to wait and retry."""
+        import shutil
+
+        before = yield self.connect()
+        pushed: list[Any] = []
+        before.on_push = pushed.append
+        shutil.rmtree(self.data_dir)
+        assert self.server.guardian is not None
+        yield self.server.guardian.check()
+        self.assertEqual(self.server.status(), ServerStatus.RESTORING)
+        yield self.resolve(ServerStatus.RESTORING)
+        self.assertIn(ServerStatus.RESTORING, [message.status for message in pushed if hasattr(message, "status")])
+        again = yield self.connect()
+        self.assertEqual(again.welcome.status, ServerStatus.RESTORING)
+        refused = yield self.assertFailure(again.request(Login("admin", credentials("admin").login_secret)),
+                                           errors.Restoring)
+        self.assertTrue(refused.retryable)
 
 
 class ExampleConfigTests(SynchronousTestCase):

@@ -30,7 +30,6 @@ import hashlib
 import os
 import sqlite3
 import sys
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from twisted.internet import defer
 from lucidlink.errors import Busy, LucidError
 from lucidlink.inifile import read_section
 from lucidlink.meta.config import DEFAULT_DATA_ROOT, SECTION, ConfigError
+from lucidlink.meta.guardian import DATABASE_NAME, Restored, install_restored, quick_check, read_only
 from lucidlink.meta.journal import GENESIS_HASH, ChainError, Entry, verify_chain
 from lucidlink.meta.segments import (
     SegmentError,
@@ -51,8 +51,7 @@ from lucidlink.meta.segments import (
     salvage_segment,
     segment_prefix,
 )
-from lucidlink.meta.server import DATABASE_NAME
-from lucidlink.meta.snapshots import Manifest, restore, snapshot_key, snapshot_prefix
+from lucidlink.meta.snapshots import Manifest, check_serialized, snapshot_key, snapshot_prefix
 
 PROG = "lucid-meta"
 PIDFILE_NAME = "twistd.pid"
@@ -144,28 +143,9 @@ def running_server(data_dir: Path) -> str | None:
     return None
 
 
-def _read_only(database: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, isolation_level=None)
-
-
-def quick_check(database: Path) -> str:
-    """"ok", or what ``PRAGMA quick_check`` (or opening) says is wrong with ``database``."""
-    try:
-        db = _read_only(database)
-    except sqlite3.Error as error:
-        return str(error)
-    try:
-        rows = [row[0] for row in db.execute("PRAGMA quick_check")]
-    except sqlite3.Error as error:
-        return str(error)
-    finally:
-        db.close()
-    return "ok" if rows == ["ok"] else "; ".join(rows[:3])
-
-
 def local_journal(database: Path) -> tuple[int, bytes]:
     """Verify the whole journal chain of ``database``; its head.  Raises ChainError or sqlite3.Error."""
-    db = _read_only(database)
+    db = read_only(database)
     try:
         rows = db.execute("SELECT seq, time_ns, record, hash FROM journal ORDER BY seq")
         return verify_chain((Entry(s, t, bytes(r), bytes(h)) for s, t, r, h in rows), GENESIS_HASH, 0)
@@ -176,20 +156,12 @@ def local_journal(database: Path) -> tuple[int, bytes]:
 def local_hash_at(database: Path, seq: int) -> bytes | None:
     if seq == 0:
         return GENESIS_HASH
-    db = _read_only(database)
+    db = read_only(database)
     try:
         row = db.execute("SELECT hash FROM journal WHERE seq = ?", (seq,)).fetchone()
     finally:
         db.close()
     return bytes(row[0]) if row else None
-
-
-def count_inodes(database: Path) -> int:
-    db = _read_only(database)
-    try:
-        return int(db.execute("SELECT count(*) FROM inodes").fetchone()[0])
-    finally:
-        db.close()
 
 
 # -- verify -----------------------------------------------------------------------
@@ -237,8 +209,12 @@ def _check_snapshot(object_store: Any, filespace: str, key: str) -> Any:
     data = yield object_store.get(snapshot_key(filespace, manifest.seq))
     if len(data) != manifest.size or hashlib.sha256(data).digest() != manifest.sha256:
         raise CommandFailed(f"snapshot at seq {manifest.seq} does not match its manifest's size and checksum")
-    if _database_head(zlib.decompress(data)) != (manifest.seq, manifest.hash):
+    database = zlib.decompress(data)
+    if _database_head(database) != (manifest.seq, manifest.hash):
         raise CommandFailed(f"snapshot at seq {manifest.seq} does not end where its manifest says")
+    checked = check_serialized(database)
+    if checked != "ok":
+        raise CommandFailed(f"snapshot at seq {manifest.seq} fails quick_check: {checked}")
     return manifest
 
 
@@ -381,19 +357,6 @@ def _compare_heads(report: Report, database: Path, local: tuple[int, bytes], sto
 # -- restore ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Restored:
-    """What one filespace's restore did."""
-
-    filespace: str
-    seq: int | None = None
-    entries: int | None = None
-    seconds: float = 0.0
-    error: str = ""
-    summary: str = ""
-    kept: Path | None = None
-
-
 @defer.inlineCallbacks
 def restore_filespace(reactor: Any, object_store: Any, filespace: str, data_dir: Path,
                       to_seq: int | None = None, force: bool = False) -> Any:
@@ -407,7 +370,6 @@ def restore_filespace(reactor: Any, object_store: Any, filespace: str, data_dir:
     A restore stopped at a damaged segment still installs what it rebuilt;
     ``error`` says where it stopped.
     """
-    started = reactor.seconds()
     running = running_server(data_dir)
     if running is not None:
         raise Busy(f"{filespace}: a server is running on {data_dir} ({running}); stop it first")
@@ -417,36 +379,15 @@ def restore_filespace(reactor: Any, object_store: Any, filespace: str, data_dir:
         if checked == "ok":
             raise CommandFailed(f"{filespace}: {database} exists and passes quick_check; give --force to replace "
                                 "it (it is kept beside as metadata.sqlite3.before-restore-<time>)")
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(reactor.seconds()))
-    scratch = data_dir / f".{DATABASE_NAME}.restoring-{stamp}"
-    for leftover in (scratch, Path(f"{scratch}-wal"), Path(f"{scratch}-shm")):
-        leftover.unlink(missing_ok=True)
-    result = yield restore(object_store, filespace, scratch, to_seq=to_seq, clock=reactor)
-    kept = None
-    try:
+
+    def still_stopped() -> None:
         running = running_server(data_dir)
         if running is not None:
             raise Busy(f"{filespace}: a server started on {data_dir} during the restore ({running}); "
                        "nothing was replaced")
-        if database.exists():
-            kept = data_dir / f"{DATABASE_NAME}.before-restore-{stamp}"
-            count = 1
-            while kept.exists():  # never overwrite a database kept by an earlier restore
-                count += 1
-                kept = data_dir / f"{DATABASE_NAME}.before-restore-{stamp}-{count}"
-            for suffix in ("", "-wal", "-shm"):
-                old = Path(f"{database}{suffix}")
-                if old.exists():
-                    os.replace(old, f"{kept}{suffix}")
-        os.replace(scratch, database)
-    except BaseException:
-        scratch.unlink(missing_ok=True)
-        raise
-    entries = count_inodes(database)
-    return Restored(filespace, result.seq, entries, reactor.seconds() - started,
-                    "" if result.complete else f"stopped at seq {result.seq}: {result.problem}",
-                    f"{filespace}: {result.summary}", kept)
+
+    done = yield install_restored(reactor, object_store, filespace, data_dir, to_seq, before_install=still_stopped)
+    return done
 
 
 @defer.inlineCallbacks

@@ -40,11 +40,12 @@ KEYS = frozenset({
     "data_dir", "listen", "advertise", "certificate", "private_key", "server_id",
     "discovery", "discovery_ca", "discovery_identity", "registration_secret", "registration_secret_file",
     "heartbeat_interval", "max_connections",
-    "store", "durability", "ship_interval", "snapshot_interval",
+    "store", "durability", "ship_interval", "snapshot_interval", "check_interval", "auto_restore",
 })
 DURABILITY_MODES = ("sync", "async", "off")
 DEFAULT_SHIP_INTERVAL = 1.0
 DEFAULT_SNAPSHOT_INTERVAL = 3600.0
+DEFAULT_CHECK_INTERVAL = 10.0
 
 
 class ConfigError(usage.UsageError):
@@ -88,6 +89,10 @@ class MetaConfig:
     """sync, async or off (the default without ``store``; sync is the default with it)."""
     ship_interval: float = DEFAULT_SHIP_INTERVAL
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
+    check_interval: float = DEFAULT_CHECK_INTERVAL
+    """Seconds between checks of the database and its journal head."""
+    auto_restore: bool = True
+    """Whether a damaged database is restored from the store without an operator."""
 
     @property
     def identity(self) -> str:
@@ -148,6 +153,8 @@ class _Reader:
             durability=self.durability(),
             ship_interval=self.number("ship_interval", DEFAULT_SHIP_INTERVAL),
             snapshot_interval=self.number("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
+            check_interval=self.number("check_interval", DEFAULT_CHECK_INTERVAL),
+            auto_restore=self.boolean("auto_restore", True),
         )
 
     # -- kinds of value ------------------------------------------------------------
@@ -172,6 +179,14 @@ class _Reader:
         if not math.isfinite(value) or value <= 0:
             raise self.fail(key, f"{text} must be more than zero")
         return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        text = self.text(key).lower()
+        if not text:
+            return default
+        if text not in configparser.ConfigParser.BOOLEAN_STATES:
+            raise self.fail(key, f"{text!r} is not true or false")
+        return configparser.ConfigParser.BOOLEAN_STATES[text]
 
     def integer(self, key: str, default: int) -> int:
         text = self.text(key)

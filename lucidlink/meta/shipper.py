@@ -146,8 +146,11 @@ class Shipper:
         self._schedule(0)
 
     @defer.inlineCallbacks
-    def stop(self) -> Any:
-        """Stop the timers and make a last attempt to ship everything (failures are logged)."""
+    def stop(self, final: bool = True) -> Any:
+        """Stop the timers and make a last attempt to ship everything (failures are logged).
+
+        ``final=False`` skips that last attempt (a damaged database's records are not to be trusted).
+        """
         self._closing = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -157,7 +160,7 @@ class Shipper:
         self._window = self._retry = None
         if self._uploading is not None:
             yield self._uploading
-        if self._started and not self._diverged and self.pending() > 0:
+        if final and self._started and not self._diverged and self.pending() > 0:
             try:
                 yield self._upload()
             except LucidError as error:

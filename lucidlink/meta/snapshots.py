@@ -16,7 +16,9 @@ hash after it.  Both objects are written create-only; a manifest exists only
 for a complete snapshot, so a half-written one is never chosen.
 
 :func:`restore` rebuilds a database from the newest snapshot at or before the
-target whose data matches its manifest, then replays every later segment
+target whose data matches its manifest and passes ``PRAGMA quick_check`` (a
+snapshot taken of a database already damaged on disk has a right checksum
+and wrong pages), then replays every later segment
 through the store (each record must land at its own sequence with its own
 hash), and stops at the last record whose chain verifies if a segment is
 damaged or missing, saying which sequence it reached.
@@ -120,10 +122,26 @@ def _head_of(database: bytes) -> tuple[int, bytes]:
     return (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
 
 
+def check_serialized(database: bytes) -> str:
+    """"ok", or what ``PRAGMA quick_check`` says is wrong with the serialized ``database``."""
+    copy = sqlite3.connect(":memory:")
+    try:
+        copy.deserialize(database)
+        rows = [row[0] for row in copy.execute("PRAGMA quick_check")]
+    except sqlite3.Error as error:
+        return str(error)
+    finally:
+        copy.close()
+    return "ok" if rows == ["ok"] else "; ".join(rows[:3])
+
+
 @defer.inlineCallbacks
 def take_snapshot(store: MetadataStore, object_store: Any, filespace: str, clock: IReactorTime) -> Any:
     """Store a snapshot of ``store`` and fire with its :class:`Manifest` (or None if one exists at this seq)."""
     database = database_bytes(store)
+    checked = check_serialized(database)
+    if checked != "ok":
+        raise IntegrityError(f"the database fails quick_check ({checked}); no snapshot is taken of it")
     seq, chain = _head_of(database)
     data = zlib.compress(database, 6)
     manifest = Manifest(filespace, seq, chain, hashlib.sha256(data).digest(), len(data), len(database),
@@ -156,12 +174,14 @@ class Snapshotter:
         self._loop.start(self.interval, now=False)
 
     @defer.inlineCallbacks
-    def stop(self) -> Any:
+    def stop(self, final: bool = True) -> Any:
+        """Stop taking snapshots; take a last one unless ``final`` is false (a damaged database)."""
         if self._loop.running:
             self._loop.stop()
         if self._running is not None:
             yield self._running
-        yield self.snapshot()
+        if final:
+            yield self.snapshot()
 
     @defer.inlineCallbacks
     def snapshot(self) -> Any:
@@ -221,6 +241,10 @@ def _newest_snapshot(object_store: Any, filespace: str, to_seq: int | None) -> A
             database = zlib.decompress(data)
             if _head_of(database) != (manifest.seq, manifest.hash):
                 raise IntegrityError(f"snapshot at seq {manifest.seq} does not end where its manifest says")
+            checked = check_serialized(database)
+            if checked != "ok":
+                # Taken from a database already damaged on disk: its checksum is right, its pages are not.
+                raise IntegrityError(f"snapshot at seq {manifest.seq} fails quick_check: {checked}")
         except (IntegrityError, NotFound, zlib.error) as error:
             _log.warn("skipping snapshot {key}: {error}", key=key, error=str(error))
             continue
