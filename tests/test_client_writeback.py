@@ -277,3 +277,20 @@ class WriteBackTests(ClientTestCase):
         yield closing
         self.assertEqual(self.pending(), [])
         self.assertEqual((yield (yield self.filespace()).read_file("/outage.bin")), pattern(3 * CHUNK, 6))
+
+    @defer.inlineCallbacks
+    def test_live_clients_keep_their_own_writes(self) -> Generator[Deferred[Any], Any, None]:
+        """Two clients on one cache folder take separate slots; only a dead one's writes are taken over."""
+        first = yield self.client()
+        second = yield self.client()
+        assert first.local_folder is not None and second.local_folder is not None
+        self.assertNotEqual(first.local_folder.slot, second.local_folder.slot)
+        handle = yield first.open_path("/live.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"still being written")
+        self.assertEqual((yield second.recover()), [], "a live client's journal is not replayed")
+        self.assertEqual(len(self.pending()), 1)
+        yield self.crash(first)
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/live.bin")), b"still being written")
+        self.assertEqual(self.pending(), [])

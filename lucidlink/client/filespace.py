@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lucidlink import crypto
+from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
@@ -993,49 +994,54 @@ class Inodes:
     # -- writes left by an earlier run ------------------------------------------------
 
     @defer.inlineCallbacks
-    def recover(self) -> Generator[defer.Deferred[Any], Any, list[Recovery]]:
+    def recover(
+        self, journals: WriteBackJournals | None = None
+    ) -> Generator[defer.Deferred[Any], Any, list[Recovery]]:
         """
         Commit the writes an earlier run journaled and did not commit (see :mod:`lucidlink.client.writeback`).
 
-        Each journal is replayed onto its file if the file's chunk map is
-        still at the journal's base version, and committed with that version
-        expected; otherwise it is kept in the conflicts folder.  Fires with
-        what became of each journal.
+        Each journal in ``journals`` (default: this client's) is replayed onto
+        its file if the file's chunk map is still at the journal's base
+        version, and committed with that version expected; otherwise it is
+        kept in the conflicts folder.  Fires with what became of each journal.
         """
         outcomes: list[Recovery] = []
-        if self.journals is None:
+        journals = journals or self.journals
+        if journals is None:
             return outcomes
-        for found in self.journals.pending():
+        for found in journals.pending():
             if isinstance(found, tuple):
                 path, error = found
-                outcomes.append(Recovery(path, 0, False, self.journals.keep(path, str(error)), str(error)))
+                outcomes.append(Recovery(path, 0, False, journals.keep(path, str(error)), str(error)))
                 continue
+
+            def keep(reason: str, found: PendingJournal = found) -> Recovery:
+                return Recovery(found.path, found.inode, False, journals.keep(found.path, reason), reason)
+
             try:
-                outcome = yield self._recover(found)
+                outcome = yield self._recover(found, keep)
             except Conflict as error:
-                outcome = self._keep(found, str(error))
+                outcome = keep(str(error))
             except (NotFound, IntegrityError, BadFileHandle, NotPermitted, InvalidArgument) as error:
-                outcome = self._keep(found, f"inode {found.inode} could not take its writes back: {error}")
+                outcome = keep(f"inode {found.inode} could not take its writes back: {error}")
             outcomes.append(outcome)
         return outcomes
 
-    def _keep(self, journal: PendingJournal, reason: str) -> Recovery:
-        return Recovery(journal.path, journal.inode, False, self.journals.keep(journal.path, reason), reason)  # type: ignore[union-attr]
-
     @defer.inlineCallbacks
-    def _recover(self, journal: PendingJournal) -> Generator[defer.Deferred[Any], Any, Recovery]:
+    def _recover(
+        self, journal: PendingJournal, keep: Callable[[str], Recovery]
+    ) -> Generator[defer.Deferred[Any], Any, Recovery]:
         try:
             handle = yield self.open(journal.inode, os.O_WRONLY)
         except NotFound:
-            return self._keep(journal, f"inode {journal.inode} no longer exists")
+            return keep(f"inode {journal.inode} no longer exists")
         try:
             if handle.version != journal.version:
                 done = yield handle.holds(journal.last_commit)
                 if done:
                     journal.remove()
                     return Recovery(journal.path, journal.inode, True, None, "committed before the restart")
-                return self._keep(
-                    journal,
+                return keep(
                     f"inode {journal.inode} changed since these writes were made (its chunk map was at version"
                     f" {journal.version}, now {handle.version}); they were not merged",
                 )
@@ -1133,17 +1139,17 @@ class Filespace:
         self.session = session
         self.store = store
         self.cache: ChunkCache | None = None
+        self.local_folder: CacheFolder | None = None
         journals = None
         if cache_dir is not None:
             if session.keys is None:
                 raise InvalidArgument("the session is not logged in")
             if read_ahead < 0:
                 raise InvalidArgument(f"read-ahead is a number of chunks, not {read_ahead}")
-            self.local_folder = Path(cache_dir) / session.filespace_id.hex()
-            chunks_folder = self.local_folder / "chunks"
-            capacity = cache_size if cache_size is not None else default_capacity(chunks_folder)
-            self.cache = ChunkCache(chunks_folder, capacity)
-            journals = WriteBackJournals(self.local_folder / "writeback", session.keys)
+            self.local_folder = CacheFolder(Path(cache_dir) / session.filespace_id.hex())
+            capacity = cache_size if cache_size is not None else default_capacity(self.local_folder.chunks)
+            self.cache = ChunkCache(self.local_folder.chunks, capacity)
+            journals = WriteBackJournals(self.local_folder.writeback, session.keys)
         self.inodes = Inodes(
             session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload,
             cache=self.cache, read_ahead=read_ahead, journals=journals,
@@ -1386,9 +1392,22 @@ class Filespace:
         finally:
             yield handle.close()
 
-    def recover(self) -> defer.Deferred[list[Recovery]]:
-        """Commit the writes an earlier run left uncommitted (see :meth:`Inodes.recover`)."""
-        return self.inodes.recover()
+    @defer.inlineCallbacks
+    def recover(self) -> Generator[defer.Deferred[Any], Any, list[Recovery]]:
+        """
+        Commit the writes earlier runs left uncommitted (see :meth:`Inodes.recover`).
+
+        Those of this slot of the cache folder, and of the slots of other
+        client processes that died (see :mod:`lucidlink.client.cache_folder`).
+        """
+        outcomes: list[Recovery] = []
+        if self.local_folder is None or self.inodes.journals is None:
+            return outcomes
+        outcomes.extend((yield self.inodes.recover()))
+        with self.local_folder.orphans() as folders:
+            for folder in folders:
+                outcomes.extend((yield self.inodes.recover(WriteBackJournals(folder, self.inodes.keys))))
+        return outcomes
 
     def close(self) -> None:
         """Stop listening to the session and close the cache; close handles first (they store buffered writes)."""
@@ -1396,4 +1415,6 @@ class Filespace:
         if self.cache is not None:
             self.cache.close()
             self.cache = None
+        if self.local_folder is not None:
+            self.local_folder.close()
 
