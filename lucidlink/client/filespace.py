@@ -20,13 +20,19 @@ together.  It has two levels:
 A :class:`FileHandle` reads and writes a file by chunks.  Reading a chunk
 fetches only the sealed blocks that hold the range (a ranged get of
 :func:`~lucidlink.crypto.sealed_range_for`), opened with the object's
-``object_length``; holes, and bytes past a chunk's ``length``, read as zeros.
+``object_length``, through the :class:`~lucidlink.client.chunk_reader.ChunkReader`
+and its on-disk :class:`~lucidlink.client.chunk_cache.ChunkCache`; holes, and
+bytes past a chunk's ``length``, read as zeros.  A handle read in order has
+the next chunks fetched ahead (:mod:`lucidlink.client.readahead`).
 Writes are buffered per chunk (a partial overwrite of an existing chunk reads
-it first) and stored on :meth:`FileHandle.flush` (and ``close``, and
-whenever more than ``max_dirty`` bytes are buffered): each changed chunk is
-sealed into a new object with a random id, stored create-only under
-:func:`chunk_object_key`, a bounded number at once, and then the chunk map
-is committed against the version the handle last saw.  If another writer
+it first) and, with a cache folder, journaled sealed on disk
+(:mod:`lucidlink.client.writeback`); a chunk the writer has filled and moved
+past is stored in the background.  :meth:`FileHandle.flush` (and ``close``,
+and a write that finds more than ``max_dirty`` bytes buffered) stores the
+rest: each changed chunk is sealed into a new object with a random id,
+stored create-only under :func:`chunk_object_key`, a bounded number at once,
+and then the chunk map is committed against the version the handle last saw
+(and the journal removed).  If another writer
 committed meanwhile (``Conflict``), the handle reads the map again and
 rebases: each of its chunks that the other writer changed is rebuilt from the
 other writer's content with this handle's written byte ranges laid over it,
