@@ -182,21 +182,14 @@ class ChunkCache:
         """
         Keep ``sealed``, the bytes of the object from offset ``start`` (whole sealed blocks).
 
-        ``object_length`` is the object's plaintext length (as chunk maps give it).
+        ``object_length`` is the object's plaintext length (as chunk maps give
+        it).  The same as :meth:`write_sealed` then :meth:`record`.
         """
-        count = crypto.block_count(object_length)
-        first = (start - crypto.CHUNK_HEADER_SIZE) // crypto.SEALED_BLOCK_SIZE if start else 0
-        end = start + len(sealed)
-        blocks = [
-            block for block in range(first, count)
-            if _block_span(object_length, block)[0] >= start and sum(_block_span(object_length, block)) <= end
-        ]
-        if not blocks:
-            return
-        entry = self._entries.get(object_id)
-        if entry is not None and (entry.object_length != object_length or len(entry.blocks) != count):
-            self.drop(object_id)
-            entry = None
+        self.write_sealed(object_id, start, sealed)
+        self.record(object_id, object_length, start, len(sealed))
+
+    def write_sealed(self, object_id: bytes, start: int, sealed: bytes | memoryview) -> None:
+        """Write an object's bytes from ``start`` into its file (any thread; pin first); :meth:`record` them next."""
         path = self.path_of(object_id)
         path.parent.mkdir(exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -207,15 +200,33 @@ class ChunkCache:
                 written += os.pwrite(descriptor, view[written:], start + written)
         finally:
             os.close(descriptor)
+
+    def record(self, object_id: bytes, object_length: int, start: int, length: int) -> None:
+        """Note in the index that the object's file holds its whole sealed blocks in ``[start, start + length)``."""
+        count = crypto.block_count(object_length)
+        first = (start - crypto.CHUNK_HEADER_SIZE) // crypto.SEALED_BLOCK_SIZE if start else 0
+        end = start + length
+        blocks = []
+        for block in range(first, count):
+            block_start, block_length = _block_span(object_length, block)
+            if block_start + block_length > end:
+                break
+            if block_start >= start:
+                blocks.append((block, block_length))
+        if not blocks:
+            return
+        entry = self._entries.get(object_id)
+        if entry is not None and (entry.object_length != object_length or len(entry.blocks) != count):
+            self.drop(object_id)
+            entry = None
         if entry is None:
             entry = _Entry(object_length, bytearray(count), 0)
             self._entries[object_id] = entry
-        for block in blocks:
+        for block, block_length in blocks:
             if not entry.blocks[block]:
                 entry.blocks[block] = 1
-                added = _block_span(object_length, block)[1]
-                entry.bytes += added
-                self.size += added
+                entry.bytes += block_length
+                self.size += block_length
         self._entries.move_to_end(object_id)
         self._clock += 1
         self._db.execute(

@@ -105,10 +105,15 @@ class ChunkReader:
             plain = yield self.offload(
                 crypto.open_range, self.keys, inode, index, low, top - low, sealed, object_length
             )
-            if cache is not None:
-                cache.store(object_id, object_length, sealed_range.object_start, sealed)
-        finally:
+        except BaseException:
             self._end_fetch(object_id, done)
+            raise
+        if cache is None:
+            self._end_fetch(object_id, done)
+        else:
+            # The reader has its bytes now; readers waiting on this fetch find them cached once kept.
+            kept = self._keep(object_id, object_length, sealed_range.object_start, sealed)
+            kept.addBoth(lambda _: self._end_fetch(object_id, done))
         return plain
 
     @defer.inlineCallbacks
@@ -211,10 +216,27 @@ class ChunkReader:
             return
         start = crypto.CHUNK_HEADER_SIZE
         sealed = yield self._get(inode, index, object_id, start, crypto.sealed_chunk_size(object_length) - start)
-        self.cache.store(object_id, object_length, start, sealed)
+        yield self._keep(object_id, object_length, start, sealed)
         self.prefetched += 1
 
-    def remember(self, object_id: bytes, object_length: int, sealed: bytes) -> None:
+    def remember(self, object_id: bytes, object_length: int, sealed: bytes) -> defer.Deferred[None]:
         """Keep a whole sealed object this client has just stored (so reading it back is local)."""
-        if self.cache is not None:
-            self.cache.store(object_id, object_length, 0, sealed)
+        if self.cache is None:
+            return defer.succeed(None)
+        return self._keep(object_id, object_length, 0, sealed)
+
+    @defer.inlineCallbacks
+    def _keep(
+        self, object_id: bytes, object_length: int, start: int, sealed: bytes
+    ) -> Generator[defer.Deferred[Any], Any, None]:
+        """Write fetched bytes into the cache (the file in the offload pool, then the index here)."""
+        cache = self.cache
+        assert cache is not None
+        cache.pin(object_id)
+        try:
+            yield self.offload(cache.write_sealed, object_id, start, sealed)
+            cache.record(object_id, object_length, start, len(sealed))
+        except OSError as error:
+            self.log.warn("could not keep chunk object {id} in the cache: {error}", id=object_id.hex(), error=error)
+        finally:
+            cache.unpin(object_id)

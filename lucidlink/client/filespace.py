@@ -993,7 +993,7 @@ class Inodes:
                 yield store.put(chunk_object_key(self.filespace_id, object_id), sealed, create_only=True)
             except AlreadyExists:
                 continue  # 128 random bits met an existing object: draw again
-            self.chunks.remember(object_id, len(data), sealed)
+            yield self.chunks.remember(object_id, len(data), sealed)
             return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
 
