@@ -294,3 +294,24 @@ class WriteBackTests(ClientTestCase):
         self.assertTrue(outcome.committed, str(outcome))
         self.assertEqual((yield second.read_file("/live.bin")), b"still being written")
         self.assertEqual(self.pending(), [])
+
+    @defer.inlineCallbacks
+    def test_unreachable_servers_leave_writes_pending(self) -> Generator[Deferred[Any], Any, None]:
+        """A recovery that cannot reach the metadata server keeps the writes pending for the next try."""
+        first = yield self.client()
+        handle = yield first.open_path("/later.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"to be committed later")
+        yield self.crash(first)
+        session = yield self.login(deadline=0.5)
+        second = Filespace(session, self.objects, cache_dir=self.base / "cache")
+        self.addCleanup(second.close)
+        yield self.meta.stop()
+        (outcome,) = yield second.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIsNone(outcome.kept)
+        self.assertIn("stay pending", str(outcome))
+        self.assertEqual(len(self.pending()), 1)
+        yield self.meta.start()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/later.bin")), b"to be committed later")

@@ -66,16 +66,22 @@ from lucidlink.client.writeback import Committing, Journal, PendingJournal, Trun
 from lucidlink.errors import (
     AlreadyExists,
     BadFileHandle,
+    Busy,
     Conflict,
+    ConnectionClosed,
     FileTooLarge,
     IntegrityError,
     InvalidArgument,
     IsADirectory,
+    LucidError,
     NotADirectory,
     NotFound,
     NotPermitted,
     NotSupported,
+    RequestTimeout,
+    Restoring,
     TooManyLinks,
+    Unavailable,
 )
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import Attributes, ChunkRef, FileKind, NotifyKind, SetAttrField, XattrFlags
@@ -89,6 +95,8 @@ MAX_SYMLINK_FOLLOWS = 40
 MAX_FILE_SIZE = 2**63 - 1
 MAX_COMMIT_ATTEMPTS = 16
 READ_STEP = 4 * 1024 * 1024
+_UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
+"""Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
@@ -154,7 +162,8 @@ class Recovery:
     def __str__(self) -> str:
         if self.committed:
             return f"writes to inode {self.inode} left by an earlier run: {self.reason}"
-        return f"writes to inode {self.inode} left by an earlier run were NOT committed: {self.reason}; kept in {self.kept}"
+        kept = f"; kept in {self.kept}" if self.kept is not None else ""
+        return f"writes to inode {self.inode} left by an earlier run were NOT committed: {self.reason}{kept}"
 
 
 @dataclass(eq=False)
@@ -1028,7 +1037,12 @@ class Inodes:
                 outcome = yield self._recover(found, keep)
             except Conflict as error:
                 outcome = keep(str(error))
-            except (NotFound, IntegrityError, BadFileHandle, NotPermitted, InvalidArgument) as error:
+            except _UNREACHABLE as error:
+                outcome = Recovery(
+                    found.path, found.inode, False, None,
+                    f"the servers could not be reached ({error}); they stay pending for the next mount",
+                )
+            except LucidError as error:
                 outcome = keep(f"inode {found.inode} could not take its writes back: {error}")
             outcomes.append(outcome)
         return outcomes

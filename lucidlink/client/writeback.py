@@ -109,6 +109,7 @@ class Journal:
         self.version = version
         self.size = 0
         self._records = 0
+        self._named = False
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._append(_HEADER.pack(MAGIC, inode, version))
 
@@ -146,9 +147,16 @@ class Journal:
         self._record(RecordKind.COMMITTING, body)
 
     def sync(self) -> None:
-        """Make what is recorded durable (before a commit is attempted)."""
+        """Make what is recorded durable (before a commit is attempted), the journal's name the first time."""
         if self._descriptor is not None:
             os.fsync(self._descriptor)
+            if not self._named:
+                folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+                self._named = True
 
     def close(self) -> None:
         """Close the file and leave it (for the next mount to replay)."""
