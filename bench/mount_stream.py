@@ -1,8 +1,9 @@
 """
 Benchmark: streaming one large file through ``lucid-mount``, and the mount's memory while it does.
 
-Real processes: ``lucid demo DIR --no-mount`` (discovery, a metadata server,
-a local-directory object store) and ``lucid-mount --foreground`` on it.
+Real processes (run from the checkout, ``PYTHONPATH=.``): ``lucid demo DIR
+--no-mount`` (discovery, a metadata server, a local-directory object store)
+and ``lucid-mount --foreground`` on it.
 Phases, each on a fresh mount (so the kernel's page cache of the mount is
 gone and every byte crosses FUSE):
 
@@ -37,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.demo_helpers import RunningDemo
+
 MIB = 1024 * 1024
 RSS_LIMIT = 300 * MIB
 PIECE = MIB
@@ -48,40 +51,10 @@ def parse_size(text: str) -> int:
     return parse(text)
 
 
-class Demo:
-    """``lucid demo DIR --no-mount`` until :meth:`stop`."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.config = folder / "client.ini"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(folder), "--no-mount"],
-            stdout=subprocess.PIPE, stderr=open(folder.parent / "demo.log", "wb"),  # noqa: SIM115
-        )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + 180
-        for line in self.process.stdout:
-            if line.strip() == b"ready":
-                return
-            if time.monotonic() > deadline:
-                break
-        self.stop()
-        raise SystemExit(f"the demo did not start; see {folder.parent / 'demo.log'}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
 class Mount:
     """``lucid-mount demo MOUNTPOINT --foreground`` with a cache folder, memory sampled while it runs."""
 
-    def __init__(self, demo: Demo, mountpoint: Path, cache: Path, cache_size: str, read_ahead: int) -> None:
+    def __init__(self, demo: RunningDemo, mountpoint: Path, cache: Path, cache_size: str, read_ahead: int) -> None:
         self.mountpoint = mountpoint
         self.log = mountpoint.parent / "mount.log"
         env = dict(os.environ, LUCID_CONFIG=str(demo.config))
@@ -167,7 +140,8 @@ def main() -> int:
     cache_size = args.cache_size or str(size + size // 10)
     base = args.dir or Path(tempfile.mkdtemp(prefix="lucid-mount-stream-"))
     base.mkdir(parents=True, exist_ok=True)
-    demo = Demo(base / "demo")
+    demo = RunningDemo(base / "demo")
+    demo.wait_until_ready()
     rows: list[tuple[str, float, int]] = []
     problems: list[str] = []
     try:

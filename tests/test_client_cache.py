@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink import crypto, errors
@@ -24,7 +25,7 @@ from lucidlink.client.config import parse_size
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.readahead import STREAK, SequentialReads
 from lucidlink.objectstore.faults import FaultyObjectStore
-from tests.client_helpers import ClientTestCase
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
 
 KEYS = crypto.FilespaceKeys(bytes(32), bytes(16))
 CHUNK = 4 * crypto.BLOCK_SIZE
@@ -411,3 +412,47 @@ class ReadAheadTests(ClientTestCase):
         self.assertEqual(b"".join(pieces), self.content)
         self.assertEqual(fs.inodes.chunks.prefetched, 0)
         self.assertEqual(store.most_in_flight, 1)
+
+
+class ReadAheadLatencyTests(MemoryFilespaceCase):
+    """
+    On a store one second away (an injected clock), a sequential reader waits
+    about a round trip per ``read_ahead`` chunks, not one per chunk or per block.
+    """
+
+    chunk_size = CHUNK
+    CHUNKS = 16
+
+    @defer.inlineCallbacks
+    def waited(self, read_ahead: int) -> Generator[Deferred[Any], Any, float]:
+        """Seconds of store latency a reader of the whole file, 16 KiB at a time, spent waiting."""
+        clock = Clock()
+        store = FaultyObjectStore(self.objects, clock=clock)
+        store.set_delay(1.0)
+        memory, self.objects = self.objects, store
+        try:
+            fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()), read_ahead=read_ahead)
+        finally:
+            self.objects = memory
+        self.addCleanup(fs.close)
+        handle = self.now(fs.open_path("/stream.bin"))
+        waited = 0.0
+        pieces = []
+        for offset in range(0, len(self.content), 16 * 1024):
+            reading = handle.read(offset, 16 * 1024)
+            while not reading.called:
+                clock.advance(0.25)
+                waited += 0.25
+            pieces.append(self.now(reading))
+        self.assertEqual(b"".join(pieces), self.content)
+        return waited
+
+    @defer.inlineCallbacks
+    def test_streaming_waits_per_read_ahead_not_per_chunk(self) -> Generator[Deferred[Any], Any, None]:
+        """Without read-ahead every block costs a round trip; with 4, about one per 4 chunks."""
+        self.content = random.Random(8).randbytes(self.CHUNKS * CHUNK)
+        self.now(self.fs.write_file("/stream.bin", self.content))
+        without = yield self.waited(read_ahead=0)
+        with_four = yield self.waited(read_ahead=4)
+        self.assertGreaterEqual(without, self.CHUNKS * CHUNK // crypto.BLOCK_SIZE)
+        self.assertLessEqual(with_four, self.CHUNKS / 4 + 2, (without, with_four))

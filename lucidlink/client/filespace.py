@@ -565,7 +565,6 @@ class FileHandle:
             expected = self.version
             if self._journal is not None:
                 self._journal.committing(expected, size, refs)
-                self._journal.sync()
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
                 return w.ChunkMapCommit(self.inode, self._server.id, expected, size, refs, 0)
@@ -691,7 +690,9 @@ class FileHandle:
         finally:
             self.closed = True
             if self._journal is not None:
-                self._journal.close()  # its writes could not be committed: the next mount replays them
+                # Its writes could not be committed: the next mount replays them.
+                self._journal.sync()
+                self._journal.close()
                 self._journal = None
             self._inodes.forget(self)
             yield self._inodes.session.release_handle(self._server)

@@ -12,6 +12,13 @@ is not (someone else changed the file meanwhile) or the file is gone, the
 journal is moved to ``writeback/conflicts/`` with a note saying why, and the
 mount says so; nothing is merged blindly.
 
+A journal is written without ``fsync`` while its handle works: it is there
+for the next run if this process dies, and a commit usually removes it
+within seconds, so streaming writes seldom cost the disk twice.  A journal
+left behind because its commit failed is synced first.  (A machine that
+loses power loses what no ``fsync`` of the program made durable, as with any
+local file; an ``fsync`` of the program commits to the servers.)
+
 The data in a journal is sealed with the file's key (the AES-256-GCM key of
 the file's chunk, :meth:`~lucidlink.crypto.FilespaceKeys.chunk_cipher`), a
 random nonce per record, and associated data that binds the record to its
@@ -147,7 +154,7 @@ class Journal:
         self._record(RecordKind.COMMITTING, body)
 
     def sync(self) -> None:
-        """Make what is recorded durable (before a commit is attempted), the journal's name the first time."""
+        """Make what is recorded durable, and the journal's name the first time."""
         if self._descriptor is not None:
             os.fsync(self._descriptor)
             if not self._named:
