@@ -456,3 +456,60 @@ class ReadAheadLatencyTests(MemoryFilespaceCase):
         with_four = yield self.waited(read_ahead=4)
         self.assertGreaterEqual(without, self.CHUNKS * CHUNK // crypto.BLOCK_SIZE)
         self.assertLessEqual(with_four, self.CHUNKS / 4 + 2, (without, with_four))
+
+
+class CacheSettingsTests(SynchronousTestCase):
+    """``--cache-dir``, ``--cache-size`` and ``--read-ahead``: option, then environment, then file, then default."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.config = self.base / "client.ini"
+        self.environ = {"HOME": str(self.base / "home")}
+
+    def load(self, text: str = "", **overrides: Any) -> Any:
+        from lucidlink.client.config import load_config
+
+        self.config.write_text("[client]\n" + text)
+        return load_config(self.config, overrides=overrides, environ=self.environ)
+
+    def test_sources(self) -> None:
+        """Defaults, the file, the environment and the command line, each over the last."""
+        config = self.load()
+        self.assertEqual((config.cache_size, config.read_ahead), (None, 4))
+        config = self.load("cache_size = 2G\nread_ahead = 8\ncache_dir = here\n")
+        self.assertEqual((config.cache_size, config.read_ahead, config.cache_dir), (2 * 1024**3, 8, self.base / "here"))
+        self.environ.update(LUCID_CACHE_SIZE="300M", LUCID_READ_AHEAD="0")
+        config = self.load("cache_size = 2G\nread_ahead = 8\n")
+        self.assertEqual((config.cache_size, config.read_ahead), (300 * 1024**2, 0))
+        config = self.load("cache_size = 2G\n", cache_size="1T", read_ahead="2")
+        self.assertEqual((config.cache_size, config.read_ahead), (1024**4, 2))
+
+    def test_errors_name_their_source(self) -> None:
+        """A bad value is refused, saying which setting and where it came from."""
+        with self.assertRaises(errors.InvalidArgument) as caught:
+            self.load("cache_size = lots\n")
+        self.assertIn(f"cache_size from [client] of {self.config}", str(caught.exception))
+        self.assertIn("'lots' is not a size", str(caught.exception))
+        self.environ["LUCID_READ_AHEAD"] = "-1"
+        with self.assertRaises(errors.InvalidArgument) as caught:
+            self.load()
+        self.assertIn("read_ahead from LUCID_READ_AHEAD: -1 is negative", str(caught.exception))
+        with self.assertRaises(errors.InvalidArgument) as caught:
+            self.load(read_ahead="four")
+        self.assertIn("read_ahead from the command line", str(caught.exception))
+
+    def test_mount_options(self) -> None:
+        """``lucid-mount`` reads its cache options through the same settings."""
+        from lucidlink.cli import mount as cli_mount
+
+        self.config.write_text("[client]\ncache_size = 5G\n")
+        args = cli_mount.build_parser().parse_args([
+            "demo", str(self.base), "--config", str(self.config), "--cache-dir", str(self.base / "c"),
+            "--read-ahead", "6",
+        ])
+        settings = cli_mount.cache_settings(args)
+        self.assertEqual(settings, cli_mount.CacheSettings(self.base / "c", 5 * 1024**3, 6))
+        args.cache_size = "5 bananas"
+        with self.assertRaises(errors.InvalidArgument):
+            cli_mount.cache_settings(args)
