@@ -8,12 +8,15 @@ against a real metadata server on loopback and a local object store.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,7 +27,7 @@ from lucidlink.client.filespace import Filespace
 from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
 from lucidlink.objectstore.faults import FaultyObjectStore
 from lucidlink.protocol.messages import ChunkRef
-from tests.client_helpers import ClientTestCase
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
 
 KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
 CHUNK = 2 * crypto.BLOCK_SIZE
@@ -315,3 +318,53 @@ class WriteBackTests(ClientTestCase):
         (outcome,) = yield second.recover()
         self.assertTrue(outcome.committed, str(outcome))
         self.assertEqual((yield second.read_file("/later.bin")), b"to be committed later")
+
+
+NAMES = (f"replayed-{number}".encode() for number in itertools.count())
+steps = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 4 * CHUNK), st.integers(1, 2 * CHUNK + 10), st.integers(0, 99)),
+    st.tuples(st.just("truncate"), st.integers(0, 4 * CHUNK)),
+    st.tuples(st.just("flush")),
+), max_size=10)
+
+
+class ReplayModelTests(MemoryFilespaceCase):
+    """Whatever a handle did before its client died, the next client's replay leaves the file as a bytearray would be."""
+
+    chunk_size = CHUNK
+
+    @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
+    @given(st.binary(max_size=3 * CHUNK), steps)
+    def test_replay_matches_model(self, initial: bytes, changes: list[tuple[Any, ...]]) -> None:
+        """Random writes, cuts and flushes, then a crash and a recovery: the file holds them all."""
+        cache_dir = Path(self.mktemp())
+        name = next(NAMES)
+        first = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
+        handle = self.now(first.inodes.create(1, name, 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        self.now(handle.write(0, initial))
+        self.now(handle.flush())
+        model = bytearray(initial)
+        for step in changes:
+            if step[0] == "write":
+                _, offset, length, seed = step
+                data = pattern(length, seed)
+                self.now(handle.write(offset, data))
+                model.extend(bytes(max(0, offset - len(model))))
+                model[offset : offset + length] = data
+            elif step[0] == "truncate":
+                self.now(handle.truncate(step[1]))
+                del model[step[1] :]
+                model.extend(bytes(step[1] - len(model)))
+            else:
+                self.now(handle.flush())
+        if handle._journal is not None:
+            handle._journal.close()  # the client dies here
+        first.close()
+
+        second = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
+        outcomes = self.now(second.recover())
+        self.assertTrue(all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
+        reader = self.now(second.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 6 * CHUNK)), bytes(model))
+        self.now(reader.close())
+        second.close()

@@ -529,7 +529,7 @@ class FileHandle:
         if truncated_to is not None and -(-self.size // chunk_size) > -(-truncated_to // chunk_size):
             # Cut, then grown past the cut's last chunk: a commit only trims past its own size, so
             # the chunks the cut dropped are dropped by a commit of the cut size first.
-            expected, committed = yield self._commit(lambda: ([], truncated_to))
+            expected, committed = yield self._commit(lambda: ([], truncated_to), final=False)
             self._committed([], expected, committed, keep_pending=True)
         refs: list[ChunkRef] = []
 
@@ -558,12 +558,19 @@ class FileHandle:
         chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
 
     @defer.inlineCallbacks
-    def _commit(self, prepare: Callable[[], Any]) -> Generator[defer.Deferred[Any], Any, tuple[int, Any]]:
-        """Commit what ``prepare()`` gives (refs and size), rebasing on Conflict: (expected version, answer)."""
+    def _commit(
+        self, prepare: Callable[[], Any], final: bool = True
+    ) -> Generator[defer.Deferred[Any], Any, tuple[int, Any]]:
+        """
+        Commit what ``prepare()`` gives (refs and size), rebasing on Conflict: (expected version, answer).
+
+        ``final``: the commit leaves nothing pending, so the journal notes it
+        first (a replay that finds it done knows the journal is done).
+        """
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             refs, size = yield defer.maybeDeferred(prepare)
             expected = self.version
-            if self._journal is not None:
+            if self._journal is not None and final:
                 self._journal.committing(expected, size, refs)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
