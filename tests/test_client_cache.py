@@ -8,12 +8,15 @@ client core, a real metadata server on loopback and a local object store.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -240,7 +243,7 @@ class CachedReadTests(ClientTestCase):
         fs = yield self.cached(first_store, read_ahead=0)
         self.assertEqual((yield self.read_all(fs)), self.content)
         self.assertTrue(first_store.reads())
-        fs.close()
+        yield fs.close()
 
         store = ConcurrencyCountingStore(self.objects)
         again = yield self.cached(store)
@@ -513,3 +516,54 @@ class CacheSettingsTests(SynchronousTestCase):
         args.cache_size = "5 bananas"
         with self.assertRaises(errors.InvalidArgument):
             cli_mount.cache_settings(args)
+
+
+model_steps = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 6 * CHUNK), st.integers(1, 2 * CHUNK), st.integers(0, 99)),
+    st.tuples(st.just("truncate"), st.integers(0, 6 * CHUNK)),
+    st.tuples(st.just("read"), st.integers(0, 7 * CHUNK), st.integers(0, 2 * CHUNK)),
+    st.tuples(st.just("flush-and-stream")),
+), max_size=12)
+
+
+class CachedModelTests(MemoryFilespaceCase):
+    """Through the cache, the journal and read-ahead, a file still behaves like a bytearray."""
+
+    chunk_size = CHUNK
+
+    @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
+    @given(model_steps)
+    def test_file_matches_model(self, steps: list[tuple[Any, ...]]) -> None:
+        """Writes, cuts, reads, and after each flush a reader that streams the file from its start."""
+        fs = Filespace(self.fs.session, self.objects, cache_dir=Path(self.mktemp()), cache_size=3 * CHUNK,
+                       read_ahead=2, offload=self.fs.inodes.offload)
+        self.addCleanup(fs.close)
+        handle = self.now(fs.inodes.create(1, next(NAMES), 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        model = bytearray()
+        for step in steps:
+            if step[0] == "write":
+                _, offset, length, seed = step
+                data = random.Random(seed).randbytes(length)
+                self.now(handle.write(offset, data))
+                model.extend(bytes(max(0, offset - len(model))))
+                model[offset : offset + length] = data
+            elif step[0] == "truncate":
+                self.now(handle.truncate(step[1]))
+                del model[step[1] :]
+                model.extend(bytes(step[1] - len(model)))
+            elif step[0] == "read":
+                _, offset, length = step
+                self.assertEqual(self.now(handle.read(offset, length)), bytes(model[offset : offset + length]))
+            else:
+                self.now(handle.flush())
+                reader = self.now(fs.inodes.open(handle.inode, os.O_RDONLY))
+                pieces = [self.now(reader.read(at, 16 * 1024)) for at in range(0, len(model) + 1, 16 * 1024)]
+                self.assertEqual(b"".join(pieces), bytes(model))
+                self.now(reader.close())
+            assert fs.cache is not None
+            self.assertLessEqual(fs.cache.size, 3 * CHUNK + crypto.SEALED_BLOCK_SIZE * 4)
+        self.now(handle.close())
+        self.now(fs.close())
+
+
+NAMES = (f"cached-{number}".encode() for number in itertools.count())

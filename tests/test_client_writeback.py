@@ -124,7 +124,7 @@ class WriteBackTests(ClientTestCase):
         for handle in fs.inodes.open_handles():
             if handle._journal is not None:
                 handle._journal.close()
-        fs.close()
+        yield fs.close()
         yield fs.session.close()
 
     def pending(self) -> list[Path]:
@@ -359,7 +359,7 @@ class ReplayModelTests(MemoryFilespaceCase):
                 self.now(handle.flush())
         if handle._journal is not None:
             handle._journal.close()  # the client dies here
-        first.close()
+        self.now(first.close())
 
         second = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
         outcomes = self.now(second.recover())
@@ -367,4 +367,4 @@ class ReplayModelTests(MemoryFilespaceCase):
         reader = self.now(second.inodes.open(handle.inode))
         self.assertEqual(self.now(reader.read(0, 6 * CHUNK)), bytes(model))
         self.now(reader.close())
-        second.close()
+        self.now(second.close())

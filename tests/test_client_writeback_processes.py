@@ -125,7 +125,7 @@ class WriteBackProcessTests(TestCase):
                 yield handle.write(half, data[half:])
                 yield handle.close()  # waits for the demo to start the metadata server again
             finally:
-                cached.close()
+                yield cached.close()
 
         yield with_filespace(reactor, args, "demo", work)
         self.assertEqual(self.ok("cat", "demo:/outage.bin"), data)

@@ -53,7 +53,7 @@ def main(reactor: Any, command: str, filespace: str, *rest: str) -> defer.Deferr
     @defer.inlineCallbacks
     def recover(fs: Any) -> Generator[defer.Deferred[Any], Any, None]:
         cached = yield cli_mount.cached_filespace(fs, _settings())
-        cached.close()
+        yield cached.close()
         print("recovered", flush=True)
 
     return with_filespace(reactor, _session_args(), filespace, {"write": write, "recover": recover}[command])

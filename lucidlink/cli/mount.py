@@ -280,7 +280,7 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
         try:
             yield release
         finally:
-            cached.close()
+            yield cached.close()
 
     def log_in() -> None:
         done = with_filespace(reactor, _session_args(args), args.filespace, work)

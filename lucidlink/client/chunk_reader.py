@@ -19,6 +19,7 @@ for that fetch instead of asking the store a second time.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -74,6 +75,7 @@ class ChunkReader:
         self.read_ahead = read_ahead if cache is not None else 0
         self._prefetches = defer.DeferredSemaphore(max(1, read_ahead))
         self._fetching: dict[bytes, list[tuple[int, int, defer.Deferred[None]]]] = {}
+        self._keeping: set[defer.Deferred[None]] = set()
         self.prefetched = 0
         """Whole objects fetched ahead so far."""
 
@@ -225,18 +227,31 @@ class ChunkReader:
             return defer.succeed(None)
         return self._keep(object_id, object_length, 0, sealed)
 
+    def _keep(self, object_id: bytes, object_length: int, start: int, sealed: bytes) -> defer.Deferred[None]:
+        """Write fetched bytes into the cache (the file in the offload pool, then the index here)."""
+        keeping = self._write_into_cache(object_id, object_length, start, sealed)
+        if not keeping.called:
+            self._keeping.add(keeping)
+            keeping.addBoth(lambda result: (self._keeping.discard(keeping), result)[1])
+        return keeping
+
     @defer.inlineCallbacks
-    def _keep(
+    def idle(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Fires once nothing is being written into the cache (before the cache is closed)."""
+        while self._keeping:
+            yield defer.DeferredList(list(self._keeping))
+
+    @defer.inlineCallbacks
+    def _write_into_cache(
         self, object_id: bytes, object_length: int, start: int, sealed: bytes
     ) -> Generator[defer.Deferred[Any], Any, None]:
-        """Write fetched bytes into the cache (the file in the offload pool, then the index here)."""
         cache = self.cache
         assert cache is not None
         cache.pin(object_id)
         try:
             yield self.offload(cache.write_sealed, object_id, start, sealed)
             cache.record(object_id, object_length, start, len(sealed))
-        except OSError as error:
+        except (OSError, sqlite3.Error) as error:
             self.log.warn("could not keep chunk object {id} in the cache: {error}", id=object_id.hex(), error=error)
         finally:
             cache.unpin(object_id)

@@ -1010,7 +1010,7 @@ class Inodes:
                 yield store.put(chunk_object_key(self.filespace_id, object_id), sealed, create_only=True)
             except AlreadyExists:
                 continue  # 128 random bits met an existing object: draw again
-            yield self.chunks.remember(object_id, len(data), sealed)
+            self.chunks.remember(object_id, len(data), sealed)  # in the background: the upload is done
             return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
 
@@ -1437,12 +1437,21 @@ class Filespace:
                 outcomes.extend((yield self.inodes.recover(WriteBackJournals(folder, self.inodes.keys))))
         return outcomes
 
-    def close(self) -> None:
-        """Stop listening to the session and close the cache; close handles first (they store buffered writes)."""
+    def close(self) -> defer.Deferred[None]:
+        """
+        Stop listening to the session, and close the cache once what is being written into it is written.
+
+        Close handles first (their ``close`` stores buffered writes).
+        """
         self.inodes.close()
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
-        if self.local_folder is not None:
-            self.local_folder.close()
+        cache, self.cache = self.cache, None
+        folder = self.local_folder
+
+        def closed(_: object) -> None:
+            if cache is not None:
+                cache.close()
+            if folder is not None:
+                folder.close()
+
+        return self.inodes.chunks.idle().addCallback(closed)
 
