@@ -103,6 +103,7 @@ class ChunkCache:
         self._pins: dict[bytes, int] = {}
         self._touched: set[bytes] = set()
         self._clock = 0
+        self._closed = False
         self.size = 0
         """Bytes held."""
         self.hits = 0
@@ -265,5 +266,8 @@ class ChunkCache:
 
     def close(self) -> None:
         """Write the recency the index does not have yet and close it."""
+        if self._closed:
+            return
         self._save_touches()
         self._db.close()
+        self._closed = True

@@ -1448,6 +1448,8 @@ class Filespace:
         folder = self.local_folder
 
         def closed(_: object) -> None:
+            self.inodes.chunks.cache = None  # a read after this fetches, as without a cache
+            self.inodes.chunks.read_ahead = 0
             if cache is not None:
                 cache.close()
             if folder is not None:
