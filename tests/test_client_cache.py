@@ -28,6 +28,7 @@ from lucidlink.client.config import parse_size
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.readahead import STREAK, SequentialReads
 from lucidlink.objectstore.faults import FaultyObjectStore
+from tests.cache_helpers import change
 from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
 
 KEYS = crypto.FilespaceKeys(bytes(32), bytes(16))
@@ -541,16 +542,9 @@ class CachedModelTests(MemoryFilespaceCase):
         handle = self.now(fs.inodes.create(1, next(NAMES), 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
         model = bytearray()
         for step in steps:
-            if step[0] == "write":
-                _, offset, length, seed = step
-                data = random.Random(seed).randbytes(length)
-                self.now(handle.write(offset, data))
-                model.extend(bytes(max(0, offset - len(model))))
-                model[offset : offset + length] = data
-            elif step[0] == "truncate":
-                self.now(handle.truncate(step[1]))
-                del model[step[1] :]
-                model.extend(bytes(step[1] - len(model)))
+            changed = change(handle, model, step)
+            if changed is not None:
+                self.now(changed)
             elif step[0] == "read":
                 _, offset, length = step
                 self.assertEqual(self.now(handle.read(offset, length)), bytes(model[offset : offset + length]))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,11 @@ from lucidlink.client.filespace import Filespace
 from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
 from lucidlink.objectstore.faults import FaultyObjectStore
 from lucidlink.protocol.messages import ChunkRef
+from tests.cache_helpers import change, pattern
 from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
 
 KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
 CHUNK = 2 * crypto.BLOCK_SIZE
-
-
-def pattern(length: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(length)
 
 
 class JournalTests(SynchronousTestCase):
@@ -345,18 +341,7 @@ class ReplayModelTests(MemoryFilespaceCase):
         self.now(handle.flush())
         model = bytearray(initial)
         for step in changes:
-            if step[0] == "write":
-                _, offset, length, seed = step
-                data = pattern(length, seed)
-                self.now(handle.write(offset, data))
-                model.extend(bytes(max(0, offset - len(model))))
-                model[offset : offset + length] = data
-            elif step[0] == "truncate":
-                self.now(handle.truncate(step[1]))
-                del model[step[1] :]
-                model.extend(bytes(step[1] - len(model)))
-            else:
-                self.now(handle.flush())
+            self.now(change(handle, model, step) or handle.flush())
         if handle._journal is not None:
             handle._journal.close()  # the client dies here
         self.now(first.close())

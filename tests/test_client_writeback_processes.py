@@ -20,27 +20,17 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
 
 from lucidlink.cli.common import with_filespace
-from tests.demo_helpers import RunningDemo, lucid
-from tests.writeback_client import pattern
+from tests.cache_helpers import DemoCase, pattern
+from tests.demo_helpers import lucid
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
 
-class WriteBackProcessTests(TestCase):
+class WriteBackProcessTests(DemoCase):
     """One demo per test; clients and the metadata server die and come back."""
-
-    timeout = 600
-
-    def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
 
     def client(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         """Run a client process (``tests.writeback_client``) with the demo's config, to its end."""

@@ -15,9 +15,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from twisted.trial.unittest import TestCase
-
-from tests.demo_helpers import RunningDemo, lucid
+from tests.cache_helpers import DemoCase
+from tests.demo_helpers import lucid
 from tests.test_mount_posix import SKIP, MountProcess
 
 MIB = 1024 * 1024
@@ -28,19 +27,14 @@ def cached_bytes(cache: Path) -> int:
     return sum(path.stat().st_blocks * 512 for path in cache.rglob("chunks/objects/*/*"))
 
 
-class MountCacheTests(TestCase):
+class MountCacheTests(DemoCase):
     """A demo filespace mounted with a small cache in a folder of the test's own."""
 
-    timeout = 600
     if SKIP:
         skip = SKIP
 
     def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
+        super().setUp()
         self.mnt = self.base / "mnt"
         self.mnt.mkdir()
         self.addCleanup(self.unmount_stale)

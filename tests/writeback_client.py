@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -25,11 +24,7 @@ from twisted.internet import defer, task
 
 from lucidlink.cli import mount as cli_mount
 from lucidlink.cli.common import with_filespace
-
-
-def pattern(size: int, seed: int) -> bytes:
-    """The bytes the writer writes (and a test expects back)."""
-    return random.Random(seed).randbytes(size)
+from tests.cache_helpers import pattern
 
 
 def _session_args() -> argparse.Namespace:
