@@ -288,11 +288,14 @@ class WriteBackTests(ClientTestCase):
         yield handle.write(0, b"still being written")
         self.assertEqual((yield second.recover()), [], "a live client's journal is not replayed")
         self.assertEqual(len(self.pending()), 1)
+        first_chunks = first.local_folder.chunks
+        self.assertTrue(first_chunks.is_dir())
         yield self.crash(first)
         (outcome,) = yield second.recover()
         self.assertTrue(outcome.committed, str(outcome))
         self.assertEqual((yield second.read_file("/live.bin")), b"still being written")
         self.assertEqual(self.pending(), [])
+        self.assertFalse(first_chunks.exists(), "the dead slot's cache is removed")
 
     @defer.inlineCallbacks
     def test_unreachable_servers_leave_writes_pending(self) -> Generator[Deferred[Any], Any, None]:

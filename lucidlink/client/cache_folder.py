@@ -8,13 +8,14 @@ slot's ``lock`` file, held until it closes or dies), so one mount after
 another reuses slot 1 and finds its cache, while two mounts at once never
 share an index or replay each other's live journals.  The slots of
 processes that died can be taken by the next client to commit the writes
-they left (:meth:`CacheFolder.orphans`).
+they left (:meth:`CacheFolder.orphans`), and their chunk caches are removed.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,16 +66,22 @@ class CacheFolder:
 
     @contextmanager
     def orphans(self) -> Iterator[list[Path]]:
-        """The write-back folders of slots no live process holds, locked (so not taken) while in use."""
+        """
+        The write-back folders of the other slots no live process holds, locked (so not taken) while in use.
+
+        Their chunk caches are removed: one process's cache is bound by its
+        size, the disk would not be if every dead slot kept its own.
+        """
         taken: list[tuple[Path, int]] = []
         try:
             for slot in sorted(self.root.iterdir()):
-                if slot == self.slot or not slot.name.isdigit() or not (slot / "writeback").is_dir():
+                if slot == self.slot or not slot.name.isdigit():
                     continue
                 descriptor = _try_lock(slot)
                 if descriptor is not None:
-                    taken.append((slot / "writeback", descriptor))
-            yield [folder for folder, _ in taken]
+                    taken.append((slot, descriptor))
+                    shutil.rmtree(slot / "chunks", ignore_errors=True)
+            yield [slot / "writeback" for slot, _ in taken if (slot / "writeback").is_dir()]
         finally:
             for _, descriptor in taken:
                 os.close(descriptor)
