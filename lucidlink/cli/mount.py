@@ -9,6 +9,13 @@ unmounted (``fusermount -u MOUNTPOINT``) or the process gets SIGINT or
 SIGTERM; either way open files are closed first, so every buffered write is
 stored and committed, and the mount point is left unmounted.
 
+Chunks read and written are kept, sealed, in a local cache (``--cache-dir``,
+one folder per filespace, at most ``--cache-size`` bytes, surviving
+remounts); a file read in order has the next ``--read-ahead`` chunks fetched
+ahead of it.  Writes are journaled there, sealed, until committed; writes a
+crash or an outage left uncommitted are committed when the filespace is
+mounted next (or, if the file changed meanwhile, kept and reported).
+
 Without ``--foreground`` it goes to the background once the mount is up
 (the exit status says whether it came up).  ``--hard`` (the default) makes
 metadata calls wait and retry for as long as the servers are away;
@@ -25,7 +32,8 @@ import queue
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from lucidlink.cli.common import DEFAULT_TIMEOUT
+from lucidlink.client.config import load_config
 from lucidlink.errors import LucidError
 
 FUSE_DEVICE = Path("/dev/fuse")
@@ -70,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --soft: how long to keep trying (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--force", action="store_true",
                         help="clean a stale mount left at MOUNTPOINT by a crashed lucid-mount first")
+    cache = parser.add_argument_group("cache")
+    cache.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="where sealed chunks and uncommitted writes are kept"
+                            " (default: LUCID_CACHE_DIR, else the config's cache_dir, else ~/.cache/lucid)")
+    cache.add_argument("--cache-size", metavar="SIZE",
+                       help="the most the chunk cache holds, e.g. 20G or 512M"
+                            " (default: LUCID_CACHE_SIZE, the config's cache_size, else 10G or half the free space)")
+    cache.add_argument("--read-ahead", metavar="CHUNKS",
+                       help="chunks fetched ahead, in parallel, of a file read in order; 0 for none"
+                            " (default: LUCID_READ_AHEAD, the config's read_ahead, else 4)")
     return parser
 
 
@@ -129,6 +148,47 @@ def check_mountpoint(mountpoint: Path, force: bool = False) -> Path:
 
 
 # -- mounting ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where and how much the mount caches, every source applied."""
+
+    folder: Path
+    size: int | None
+    read_ahead: int
+
+
+def cache_settings(args: argparse.Namespace) -> CacheSettings:
+    """The cache options, the environment and the config file, in that order (errors name the source)."""
+    config = load_config(args.config, overrides={
+        "cache_dir": args.cache_dir, "cache_size": args.cache_size, "read_ahead": args.read_ahead,
+    })
+    return CacheSettings(config.cache_dir, config.cache_size, config.read_ahead)
+
+
+@defer.inlineCallbacks
+def cached_filespace(fs: Any, settings: CacheSettings) -> Generator[defer.Deferred[Any], Any, Any]:
+    """
+    ``fs`` again, with its local cache, and the writes an earlier run left uncommitted committed.
+
+    Each journal left behind is reported on stderr: committed, or kept and why not.
+    """
+    from lucidlink.client.filespace import Filespace
+
+    cached = Filespace(
+        fs.session, fs.store, uid=fs.uid, gid=fs.gid,
+        cache_dir=settings.folder, cache_size=settings.size, read_ahead=settings.read_ahead,
+    )
+    fs.close()
+    try:
+        recovered = yield cached.recover()
+    except BaseException:
+        cached.close()
+        raise
+    for outcome in recovered:
+        print(f"{PROGRAM}: {outcome}", file=sys.stderr, flush=True)
+    return cached
 
 
 def _session_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -201,6 +261,7 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
         raise MountRefused("--timeout goes with --soft (with --hard, calls wait for as long as it takes)")
     check_fuse()
     mountpoint = check_mountpoint(args.mountpoint, force=args.force)
+    settings = cache_settings(args)
 
     from twisted.internet import reactor as global_reactor
 
@@ -212,9 +273,14 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
     ended: queue.Queue[Any] = queue.Queue()
     release: defer.Deferred[None] = defer.Deferred()
 
-    def work(fs: Any) -> defer.Deferred[None]:
-        opened.put(fs)
-        return release
+    @defer.inlineCallbacks
+    def work(fs: Any) -> Generator[defer.Deferred[Any], Any, None]:
+        cached = yield cached_filespace(fs, settings)
+        opened.put(cached)
+        try:
+            yield release
+        finally:
+            yield cached.close()
 
     def log_in() -> None:
         done = with_filespace(reactor, _session_args(args), args.filespace, work)
@@ -295,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_mount(args, ready=_say_mounted(args))
         check_fuse()
         check_mountpoint(args.mountpoint, force=args.force)
+        cache_settings(args)
         args.force = False
         args.passphrase = ask_passphrase(args)
         return in_background(args)

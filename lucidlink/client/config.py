@@ -27,7 +27,15 @@ setting (in the file)  environment                 default
 ``cache_dir``          ``LUCID_CACHE_DIR``         ``~/.cache/lucid`` (``$XDG_CACHE_HOME/lucid``)
 ``passphrase_file``    ``LUCID_PASSPHRASE_FILE``   none
 ``store``              ``LUCID_STORE``             none: commands that read or write data need it
+``cache_size``         ``LUCID_CACHE_SIZE``        10 GiB, or half the cache disk's free space if less
+``read_ahead``         ``LUCID_READ_AHEAD``        4 (chunks)
 =====================  ==========================  ==================================
+
+``cache_size`` is how many bytes of sealed chunks ``lucid-mount`` keeps in
+``cache_dir`` (per filespace): a number of bytes, or with a suffix ``K``,
+``M``, ``G``, ``T`` (powers of 1024; ``KiB``, ``GB``... are read the same).
+``read_ahead`` is how many chunks are fetched ahead of a sequential reader
+(0 turns read-ahead off).
 
 ``store`` is the object store URL where chunks live (``file:///srv/lucid``);
 each client may reach it with its own credentials.
@@ -51,12 +59,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD
 from lucidlink.errors import InvalidArgument, NotFound
 
 SECTION = "client"
 CONFIG_ENVIRONMENT_VARIABLE = "LUCID_CONFIG"
 DEFAULT_DISCOVERY_IDENTITY = "discovery.lucid"
 """The TLS identity discovery instances present unless configured otherwise."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes from ``"20G"``, ``"512MiB"``, ``"1.5T"`` or ``"4096"`` (suffixes are powers of 1024)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise InvalidArgument(f"{text.strip()!r} is not a size: give bytes, or a number with K, M, G or T (20G)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise InvalidArgument(f"a size must be more than zero bytes, not {text.strip()!r}")
+    return size
+
+
+def parse_count(text: str) -> int:
+    """A whole number, zero or more."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"{text.strip()!r} is not a whole number") from None
+    if value < 0:
+        raise InvalidArgument(f"{value} is negative")
+    return value
 
 
 @dataclass(frozen=True)
@@ -73,6 +108,9 @@ class ClientConfig:
     cache_dir: Path
     passphrase_file: Path | None
     store: str | None = None
+    cache_size: int | None = None
+    """Bytes of chunk cache; None: :func:`~lucidlink.client.chunk_cache.default_capacity`."""
+    read_ahead: int = DEFAULT_READ_AHEAD
 
     def require_store(self) -> str:
         """The object store URL; raise if it is not configured anywhere."""
@@ -131,6 +169,14 @@ def _endpoints(value: str, base: Path | None) -> tuple[str, ...]:
     return tuple(part for part in re.split(r"[\s,]+", value) if part)
 
 
+def _size(value: str, base: Path | None) -> int:
+    return parse_size(value)
+
+
+def _count(value: str, base: Path | None) -> int:
+    return parse_count(value)
+
+
 SETTINGS = (
     _Setting("discovery", _endpoints),
     _Setting("ca", _path),
@@ -140,6 +186,8 @@ SETTINGS = (
     _Setting("cache_dir", _path),
     _Setting("passphrase_file", _path),
     _Setting("store", _text),
+    _Setting("cache_size", _size),
+    _Setting("read_ahead", _count),
 )
 
 
@@ -172,14 +220,21 @@ def load_config(
     for setting in SETTINGS:
         given = overrides.get(setting.name)
         from_environment = environ.get(setting.environment_variable, "").strip()
-        if given is not None and given != [] and given != ():
-            values[setting.name] = _from_command_line(setting, given)
-        elif from_environment:
-            values[setting.name] = setting.parse(from_environment, None)
-        elif from_file and setting.name in from_file:
-            values[setting.name] = setting.parse(from_file[setting.name], base)
-        else:
-            values[setting.name] = None
+        try:
+            if given is not None and given != [] and given != ():
+                values[setting.name] = _from_command_line(setting, given)
+            elif from_environment:
+                values[setting.name] = setting.parse(from_environment, None)
+            elif from_file and setting.name in from_file:
+                values[setting.name] = setting.parse(from_file[setting.name], base)
+            else:
+                values[setting.name] = None
+        except InvalidArgument as error:
+            source = (
+                "the command line" if given is not None and given != [] and given != ()
+                else setting.environment_variable if from_environment else f"[{SECTION}] of {path}"
+            )
+            raise InvalidArgument(f"{setting.name} from {source}: {error}") from None
 
     home = Path(environ.get("HOME") or Path.home())
     return ClientConfig(
@@ -192,6 +247,8 @@ def load_config(
         cache_dir=values["cache_dir"] or _xdg(environ, "XDG_CACHE_HOME", home / ".cache") / "lucid",
         passphrase_file=values["passphrase_file"],
         store=values["store"] or None,
+        cache_size=values["cache_size"],
+        read_ahead=DEFAULT_READ_AHEAD if values["read_ahead"] is None else values["read_ahead"],
     )
 
 
@@ -236,6 +293,8 @@ def _read_config_file(path: Path, named_by: str | None) -> dict[str, str] | None
 def _from_command_line(setting: _Setting, given: Any) -> Any:
     if isinstance(given, (list, tuple)):
         given = ",".join(given)
+    if isinstance(given, int):
+        return given
     return setting.parse(str(given), None)
 
 

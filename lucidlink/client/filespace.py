@@ -20,13 +20,19 @@ together.  It has two levels:
 A :class:`FileHandle` reads and writes a file by chunks.  Reading a chunk
 fetches only the sealed blocks that hold the range (a ranged get of
 :func:`~lucidlink.crypto.sealed_range_for`), opened with the object's
-``object_length``; holes, and bytes past a chunk's ``length``, read as zeros.
+``object_length``, through the :class:`~lucidlink.client.chunk_reader.ChunkReader`
+and its on-disk :class:`~lucidlink.client.chunk_cache.ChunkCache`; holes, and
+bytes past a chunk's ``length``, read as zeros.  A handle read in order has
+the next chunks fetched ahead (:mod:`lucidlink.client.readahead`).
 Writes are buffered per chunk (a partial overwrite of an existing chunk reads
-it first) and stored on :meth:`FileHandle.flush` (and ``close``, and
-whenever more than ``max_dirty`` bytes are buffered): each changed chunk is
-sealed into a new object with a random id, stored create-only under
-:func:`chunk_object_key`, a bounded number at once, and then the chunk map
-is committed against the version the handle last saw.  If another writer
+it first) and, with a cache folder, journaled sealed on disk
+(:mod:`lucidlink.client.writeback`); a chunk the writer has filled and moved
+past is stored in the background.  :meth:`FileHandle.flush` (and ``close``,
+and a write that finds more than ``max_dirty`` bytes buffered) stores the
+rest: each changed chunk is sealed into a new object with a random id,
+stored create-only under :func:`chunk_object_key`, a bounded number at once,
+and then the chunk map is committed against the version the handle last saw
+(and the journal removed).  If another writer
 committed meanwhile (``Conflict``), the handle reads the map again and
 rebases: each of its chunks that the other writer changed is rebuilt from the
 other writer's content with this handle's written byte ranges laid over it,
@@ -42,6 +48,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -49,21 +56,32 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lucidlink import crypto
+from lucidlink.client.cache_folder import CacheFolder
+from lucidlink.client.chunk_cache import ChunkCache, default_capacity
+from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
+from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
+from lucidlink.client.writeback import Committing, Journal, PendingJournal, Truncate, Write, WriteBackJournals
 from lucidlink.errors import (
     AlreadyExists,
     BadFileHandle,
+    Busy,
     Conflict,
+    ConnectionClosed,
     FileTooLarge,
     IntegrityError,
     InvalidArgument,
     IsADirectory,
+    LucidError,
     NotADirectory,
     NotFound,
     NotPermitted,
     NotSupported,
+    RequestTimeout,
+    Restoring,
     TooManyLinks,
+    Unavailable,
 )
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import (
@@ -90,6 +108,8 @@ LOCK_END = 2**64 - 1
 """The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
 LOCK_WAIT_TIMEOUT = 24 * 3600.0
 """Seconds a lock request that waits for a conflicting lock may take."""
+_UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
+"""Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
@@ -97,11 +117,6 @@ ChangeListener = Callable[[int, int, "bytes | None"], object]
 """``listener(inode, parent, name)``: see :meth:`Inodes.on_change`."""
 Offload = Callable[..., "defer.Deferred[Any]"]
 """``offload(function, *arguments)``: run CPU-heavy work (sealing, opening) and fire with its result."""
-
-
-def chunk_object_key(filespace_id: bytes, object_id: bytes) -> str:
-    """The object store key of a chunk object: under the filespace's id, so filespaces can share a store."""
-    return f"{filespace_id.hex()}/chunks/{object_id.hex()}"
 
 
 def is_writable(flags: int) -> bool:
@@ -148,6 +163,24 @@ def _covers(ranges: list[list[int]], start: int, end: int) -> bool:
     return end <= start or any(a <= start and end <= b for a, b in ranges)
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """What became of a write-back journal left by an earlier run."""
+
+    journal: Path
+    inode: int
+    committed: bool
+    kept: Path | None
+    """Where the journal was kept, when its writes could not be committed."""
+    reason: str
+
+    def __str__(self) -> str:
+        if self.committed:
+            return f"writes to inode {self.inode} left by an earlier run: {self.reason}"
+        kept = f"; kept in {self.kept}" if self.kept is not None else ""
+        return f"writes to inode {self.inode} left by an earlier run were NOT committed: {self.reason}{kept}"
+
+
 @dataclass(eq=False)
 class _Dirty:
     """A chunk changed by a handle and not yet committed."""
@@ -160,6 +193,12 @@ class _Dirty:
     """The byte ranges this handle wrote, which a rebase lays over another writer's content."""
     object_id: bytes | None = None
     """The stored object holding ``data``, once sealed and stored."""
+    generation: int = 0
+    """Counts changes to ``data``: an upload begun before the last change does not hold it."""
+
+    def changed(self) -> None:
+        self.object_id = None
+        self.generation += 1
 
 
 class FileHandle:
@@ -189,6 +228,13 @@ class FileHandle:
         self._truncated_to: int | None = None
         self._grown_to = 0
         self._lock = defer.DeferredLock()
+        self._reads = SequentialReads(self._chunk_size, inodes.chunks.read_ahead)
+        self._uploading: dict[int, defer.Deferred[None]] = {}
+        self._journal: Journal | None = None
+        self.replaying = False
+        """Set while a journal left by an earlier run is replayed onto this handle (nothing is journaled)."""
+        self.rebase_on_conflict = True
+        """False: a commit that meets another writer's fails with Conflict instead of merging."""
 
     def __repr__(self) -> str:
         return f"<FileHandle of inode {self.inode}, size {self.size}>"
@@ -222,6 +268,9 @@ class FileHandle:
         if clean:
             yield self._load(clean[0], clean[-1])
             end = min(offset + size, self.size)
+        ahead = self._reads.observe(offset, size, self.size)
+        if ahead:
+            self._read_ahead(ahead)
         pieces = []
         for index in range(first, last + 1):
             start = index * chunk_size
@@ -237,6 +286,19 @@ class FileHandle:
                 pieces.append(self._fetch(index, entry, low, high, self._visible_length(index, entry)))
         parts = yield _gather(pieces)
         return b"".join(parts)
+
+    def _read_ahead(self, indices: range) -> None:
+        """Fetch the committed chunks ``indices`` into the cache in the background."""
+
+        @defer.inlineCallbacks
+        def fetch() -> Generator[defer.Deferred[Any], Any, None]:
+            yield self._load(indices[0], indices[-1])
+            for index in indices:
+                entry = self._map.get(index)
+                if entry is not None and entry.object_id and index not in self._dirty:
+                    self._inodes.chunks.prefetch(self.inode, index, entry.object_id, entry.object_length)
+
+        fetch().addErrback(lambda failure: None)  # the reader itself fetches what it needs
 
     def _visible_length(self, index: int, entry: ChunkRef | None) -> int:
         """
@@ -261,18 +323,8 @@ class FileHandle:
         if entry is None or low >= visible:
             return bytes(high - low)
         top = min(high, visible)
-        sealed_range = crypto.sealed_range_for(low, top - low, entry.object_length)
-        store = self._inodes.require_store()
-        key = chunk_object_key(self._inodes.filespace_id, entry.object_id)
-        try:
-            sealed = yield store.get_range(key, sealed_range.object_start, sealed_range.object_length)
-        except NotFound:
-            raise IntegrityError(
-                f"chunk {index} of inode {self.inode} (object {key}) is missing from the object store"
-            ) from None
-        plain = yield self._inodes.offload(
-            crypto.open_range, self._inodes.keys, self.inode, index, low, top - low, sealed, entry.object_length
-        )
+        self._inodes.require_store()
+        plain = yield self._inodes.chunks.read(self.inode, index, entry.object_id, entry.object_length, low, top)
         return plain + bytes(high - top)
 
     @defer.inlineCallbacks
@@ -354,17 +406,59 @@ class FileHandle:
             low = here - index * chunk_size
             high = min(chunk_size, low + length - position)
             chunk = yield self._dirty_chunk(index, low, high)
+            piece = view[position : position + high - low]
+            if self._journaling:
+                self._journaled().write(index, low, piece)
             if low > len(chunk.data):
                 chunk.data.extend(bytes(low - len(chunk.data)))
-            chunk.data[low:high] = view[position : position + high - low]
+            chunk.data[low:high] = piece
             _add_range(chunk.written, low, high)
-            chunk.object_id = None
+            chunk.changed()
             position += high - low
         self.size = max(self.size, offset + length)
         self._grown_to = max(self._grown_to, offset + length)
+        self._upload_finished_chunks(offset // chunk_size, (offset + length) // chunk_size)
         if self.buffered > self._inodes.max_dirty:
             yield self._flush_locked()
         return length
+
+    @property
+    def _journaling(self) -> bool:
+        return self._inodes.journals is not None and not self.replaying
+
+    def _journaled(self) -> Journal:
+        """The journal of this handle's uncommitted changes, begun with the first of them."""
+        if self._journal is None:
+            assert self._inodes.journals is not None
+            self._journal = self._inodes.journals.begin(self.inode, self.version)
+        return self._journal
+
+    def _upload_finished_chunks(self, first: int, current: int) -> None:
+        """
+        Store, in the background, the full chunks from ``first`` up to (not with) ``current``.
+
+        A sequential writer has moved past them; when the next flush comes,
+        they are stored already (unless written again meanwhile).
+        """
+        for index in range(first, current):
+            chunk = self._dirty.get(index)
+            if (chunk is None or chunk.object_id is not None or index in self._uploading
+                    or len(chunk.data) != self._chunk_size):
+                continue
+            generation = chunk.generation
+
+            def stored(object_id: bytes, index: int = index, chunk: _Dirty = chunk, generation: int = generation) -> None:
+                if self._dirty.get(index) is chunk and chunk.generation == generation:
+                    chunk.object_id = object_id
+
+            uploading = self._inodes.upload(self.inode, index, bytes(chunk.data)).addCallback(stored)
+            self._uploading[index] = uploading
+
+            def ended(result: Any, index: int = index, uploading: defer.Deferred[None] = uploading) -> None:
+                if self._uploading.get(index) is uploading:
+                    del self._uploading[index]  # a failed upload is tried again by the flush
+
+            uploading.addBoth(ended)
 
     @defer.inlineCallbacks
     def _dirty_chunk(self, index: int, low: int, high: int) -> Generator[defer.Deferred[Any], Any, _Dirty]:
@@ -404,6 +498,8 @@ class FileHandle:
             raise FileTooLarge(f"a file holds at most {MAX_FILE_SIZE} bytes")
         if self._stale and not self.pending:
             yield self._load(0, 0)
+        if self._journaling:
+            self._journaled().truncate(size)
         chunk_size = self._chunk_size
         if size < self.size:
             kept_chunks = -(-size // chunk_size)
@@ -417,7 +513,7 @@ class FileHandle:
                 if chunk is not None:
                     del chunk.data[keep:]
                     _clip_ranges(chunk.written, keep)
-                    chunk.object_id = None
+                    chunk.changed()
                 else:
                     yield self._load(index, index)
                     entry = self._map.get(index)
@@ -448,14 +544,15 @@ class FileHandle:
         if truncated_to is not None and -(-self.size // chunk_size) > -(-truncated_to // chunk_size):
             # Cut, then grown past the cut's last chunk: a commit only trims past its own size, so
             # the chunks the cut dropped are dropped by a commit of the cut size first.
-            expected, committed = yield self._commit(lambda: ([], truncated_to))
+            expected, committed = yield self._commit(lambda: ([], truncated_to), final=False)
             self._committed([], expected, committed, keep_pending=True)
         refs: list[ChunkRef] = []
 
         @defer.inlineCallbacks
         def prepare() -> Generator[defer.Deferred[Any], Any, tuple[list[ChunkRef], int]]:
+            yield defer.DeferredList(list(self._uploading.values()))
             yield _gather([
-                self._inodes.upload(self.inode, index, chunk)
+                self._upload(index, chunk)
                 for index, chunk in sorted(self._dirty.items())
                 if chunk.object_id is None and chunk.data
             ])
@@ -467,13 +564,29 @@ class FileHandle:
 
         expected, committed = yield self._commit(prepare)
         self._committed(refs, expected, committed)
+        if self._journal is not None:
+            self._journal.remove()
+            self._journal = None
 
     @defer.inlineCallbacks
-    def _commit(self, prepare: Callable[[], Any]) -> Generator[defer.Deferred[Any], Any, tuple[int, Any]]:
-        """Commit what ``prepare()`` gives (refs and size), rebasing on Conflict: (expected version, answer)."""
+    def _upload(self, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
+        chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
+
+    @defer.inlineCallbacks
+    def _commit(
+        self, prepare: Callable[[], Any], final: bool = True
+    ) -> Generator[defer.Deferred[Any], Any, tuple[int, Any]]:
+        """
+        Commit what ``prepare()`` gives (refs and size), rebasing on Conflict: (expected version, answer).
+
+        ``final``: the commit leaves nothing pending, so the journal notes it
+        first (a replay that finds it done knows the journal is done).
+        """
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             refs, size = yield defer.maybeDeferred(prepare)
             expected = self.version
+            if self._journal is not None and final:
+                self._journal.committing(expected, size, refs)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
                 return w.ChunkMapCommit(self.inode, self._server.id, expected, size, refs, 0)
@@ -481,6 +594,10 @@ class FileHandle:
             try:
                 committed = yield self._inodes.session.call(commit)
             except Conflict:
+                if not self.rebase_on_conflict:
+                    raise Conflict(
+                        f"inode {self.inode} changed since version {expected}; its writes here were not merged"
+                    ) from None
                 if attempt == MAX_COMMIT_ATTEMPTS:
                     raise Conflict(
                         f"inode {self.inode} kept changing; its chunk map could not be committed"
@@ -549,13 +666,29 @@ class FileHandle:
                 if start > len(rebuilt):
                     rebuilt.extend(bytes(start - len(rebuilt)))
                 rebuilt[start:end] = chunk.data[start:end]
-            chunk.data, chunk.base, chunk.object_id = rebuilt, now, None
+            chunk.data, chunk.base = rebuilt, now
+            chunk.changed()
         self.version = version
         if self._truncated_to is None:
             self.size = max(size, self._grown_to)
         self._map = dict(entries)
         self._windows = set(windows)
         self._map_version = version
+
+    @defer.inlineCallbacks
+    def holds(self, commit: Committing | None) -> Generator[defer.Deferred[Any], Any, bool]:
+        """Whether the file's chunk map is now what ``commit`` made (or would have made) it."""
+        if commit is None:
+            return False
+        windows = {ref.index // CHUNKMAP_WINDOW for ref in commit.refs} or {0}
+        _, size, entries = yield self._read_map(windows)
+        if size != commit.size:
+            return False
+        for ref in commit.refs:
+            entry = entries.get(ref.index)
+            if (entry.object_id if entry is not None else b"") != ref.object_id:
+                return False
+        return True
 
     @defer.inlineCallbacks
     def truncate_at_open(self) -> Generator[defer.Deferred[Any], Any, None]:
@@ -578,6 +711,11 @@ class FileHandle:
             yield self.flush()
         finally:
             self.closed = True
+            if self._journal is not None:
+                # Its writes could not be committed: the next mount replays them.
+                self._journal.sync()
+                self._journal.close()
+                self._journal = None
             self._inodes.forget(self)
             yield self._inodes.session.release_handle(self._server)
 
@@ -621,6 +759,9 @@ class Inodes:
 
     :param offload: runs sealing and opening of chunks (default: the
         reactor's thread pool; tests pass a synchronous one).
+    :param cache: the local chunk cache (None: every read fetches, and there is no read-ahead).
+    :param read_ahead: chunks fetched ahead of a sequential reader.
+    :param journals: where uncommitted writes are journaled (None: in memory only).
     """
 
     def __init__(
@@ -631,6 +772,9 @@ class Inodes:
         max_dirty: int = DEFAULT_MAX_DIRTY,
         parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
         offload: Offload | None = None,
+        cache: ChunkCache | None = None,
+        read_ahead: int = DEFAULT_READ_AHEAD,
+        journals: WriteBackJournals | None = None,
     ) -> None:
         if session.keys is None:
             raise InvalidArgument("the session is not logged in")
@@ -648,6 +792,8 @@ class Inodes:
             )
         )
         self._uploads = defer.DeferredSemaphore(parallel_uploads)
+        self.chunks = ChunkReader(self.require_store, self.keys, self.filespace_id, self.offload, cache, read_ahead)
+        self.journals = journals
         self._handles: dict[int, set[FileHandle]] = {}
         self._change_listeners: list[ChangeListener] = []
         self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
@@ -885,23 +1031,99 @@ class Inodes:
 
     # -- chunks and handles ------------------------------------------------------------
 
-    def upload(self, inode: int, index: int, chunk: _Dirty) -> defer.Deferred[None]:
-        """Seal ``chunk`` into a new object and store it (a bounded number at once)."""
-        return self._uploads.run(self._seal_and_put, inode, index, chunk)
+    def upload(self, inode: int, index: int, data: bytes) -> defer.Deferred[bytes]:
+        """Seal ``data`` as chunk ``index`` of ``inode`` into a new object and store it; fires with its id.
+
+        A bounded number run at once; the sealed object is kept in the chunk cache too.
+        """
+        return self._uploads.run(self._seal_and_put, inode, index, data)
 
     @defer.inlineCallbacks
-    def _seal_and_put(self, inode: int, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
+    def _seal_and_put(self, inode: int, index: int, data: bytes) -> Generator[defer.Deferred[Any], Any, bytes]:
         store = self.require_store()
-        sealed = yield self.offload(crypto.seal_chunk, self.keys, inode, index, bytes(chunk.data))
+        sealed = yield self.offload(crypto.seal_chunk, self.keys, inode, index, data)
         for _ in range(3):
             object_id = crypto.new_chunk_id()
             try:
                 yield store.put(chunk_object_key(self.filespace_id, object_id), sealed, create_only=True)
             except AlreadyExists:
                 continue  # 128 random bits met an existing object: draw again
-            chunk.object_id = object_id
-            return
+            self.chunks.remember(object_id, len(data), sealed)  # in the background: the upload is done
+            return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
+
+    # -- writes left by an earlier run ------------------------------------------------
+
+    @defer.inlineCallbacks
+    def recover(
+        self, journals: WriteBackJournals | None = None
+    ) -> Generator[defer.Deferred[Any], Any, list[Recovery]]:
+        """
+        Commit the writes an earlier run journaled and did not commit (see :mod:`lucidlink.client.writeback`).
+
+        Each journal in ``journals`` (default: this client's) is replayed onto
+        its file if the file's chunk map is still at the journal's base
+        version, and committed with that version expected; otherwise it is
+        kept in the conflicts folder.  Fires with what became of each journal.
+        """
+        outcomes: list[Recovery] = []
+        journals = journals or self.journals
+        if journals is None:
+            return outcomes
+        for found in journals.pending():
+            if isinstance(found, tuple):
+                path, error = found
+                outcomes.append(Recovery(path, 0, False, journals.keep(path, str(error)), str(error)))
+                continue
+
+            def keep(reason: str, found: PendingJournal = found) -> Recovery:
+                return Recovery(found.path, found.inode, False, journals.keep(found.path, reason), reason)
+
+            try:
+                outcome = yield self._recover(found, keep)
+            except Conflict as error:
+                outcome = keep(str(error))
+            except _UNREACHABLE as error:
+                outcome = Recovery(
+                    found.path, found.inode, False, None,
+                    f"the servers could not be reached ({error}); they stay pending for the next mount",
+                )
+            except LucidError as error:
+                outcome = keep(f"inode {found.inode} could not take its writes back: {error}")
+            outcomes.append(outcome)
+        return outcomes
+
+    @defer.inlineCallbacks
+    def _recover(
+        self, journal: PendingJournal, keep: Callable[[str], Recovery]
+    ) -> Generator[defer.Deferred[Any], Any, Recovery]:
+        try:
+            handle = yield self.open(journal.inode, os.O_WRONLY)
+        except NotFound:
+            return keep(f"inode {journal.inode} no longer exists")
+        try:
+            if handle.version != journal.version:
+                done = yield handle.holds(journal.last_commit)
+                if done:
+                    journal.remove()
+                    return Recovery(journal.path, journal.inode, True, None, "committed before the restart")
+                return keep(
+                    f"inode {journal.inode} changed since these writes were made (its chunk map was at version"
+                    f" {journal.version}, now {handle.version}); they were not merged",
+                )
+            handle.replaying = True
+            handle.rebase_on_conflict = False
+            for record in journal.records:
+                if isinstance(record, Write):
+                    yield handle.write(record.index * self.chunk_size + record.offset, record.data)
+                elif isinstance(record, Truncate):
+                    yield handle.truncate(record.size)
+            yield handle.flush()
+        finally:
+            handle.replaying = False
+            yield handle.close()
+        journal.remove()
+        return Recovery(journal.path, journal.inode, True, None, "committed")
 
     def changed_here(self, handle: FileHandle) -> None:
         """``handle`` committed: this client's other handles of the file read the map again."""
@@ -985,6 +1207,11 @@ class Filespace:
 
     ``store`` may be None for work that touches no file data (listing,
     users); ``uid``/``gid`` (default: this process's) own what paths create.
+
+    ``cache_dir``: keep chunks (at most ``cache_size`` bytes, default
+    :func:`~lucidlink.client.chunk_cache.default_capacity`) and the journals
+    of uncommitted writes in ``cache_dir/<filespace id>/``; without it
+    nothing is kept on disk and there is no read-ahead.
     """
 
     def __init__(
@@ -997,10 +1224,28 @@ class Filespace:
         max_dirty: int = DEFAULT_MAX_DIRTY,
         parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
         offload: Offload | None = None,
+        cache_dir: Path | None = None,
+        cache_size: int | None = None,
+        read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> None:
         self.session = session
         self.store = store
-        self.inodes = Inodes(session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload)
+        self.cache: ChunkCache | None = None
+        self.local_folder: CacheFolder | None = None
+        journals = None
+        if cache_dir is not None:
+            if session.keys is None:
+                raise InvalidArgument("the session is not logged in")
+            if read_ahead < 0:
+                raise InvalidArgument(f"read-ahead is a number of chunks, not {read_ahead}")
+            self.local_folder = CacheFolder(Path(cache_dir) / session.filespace_id.hex())
+            capacity = cache_size if cache_size is not None else default_capacity(self.local_folder.chunks)
+            self.cache = ChunkCache(self.local_folder.chunks, capacity)
+            journals = WriteBackJournals(self.local_folder.writeback, session.keys)
+        self.inodes = Inodes(
+            session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload,
+            cache=self.cache, read_ahead=read_ahead, journals=journals,
+        )
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
 
@@ -1239,7 +1484,40 @@ class Filespace:
         finally:
             yield handle.close()
 
-    def close(self) -> None:
-        """Stop listening to the session; close handles first (their ``close`` stores buffered writes)."""
+    @defer.inlineCallbacks
+    def recover(self) -> Generator[defer.Deferred[Any], Any, list[Recovery]]:
+        """
+        Commit the writes earlier runs left uncommitted (see :meth:`Inodes.recover`).
+
+        Those of this slot of the cache folder, and of the slots of other
+        client processes that died (see :mod:`lucidlink.client.cache_folder`).
+        """
+        outcomes: list[Recovery] = []
+        if self.local_folder is None or self.inodes.journals is None:
+            return outcomes
+        outcomes.extend((yield self.inodes.recover()))
+        with self.local_folder.orphans() as folders:
+            for folder in folders:
+                outcomes.extend((yield self.inodes.recover(WriteBackJournals(folder, self.inodes.keys))))
+        return outcomes
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Stop listening to the session, and close the cache once what is being written into it is written.
+
+        Close handles first (their ``close`` stores buffered writes).
+        """
         self.inodes.close()
+        cache, self.cache = self.cache, None
+        folder = self.local_folder
+
+        def closed(_: object) -> None:
+            self.inodes.chunks.cache = None  # a read after this fetches, as without a cache
+            self.inodes.chunks.read_ahead = 0
+            if cache is not None:
+                cache.close()
+            if folder is not None:
+                folder.close()
+
+        return self.inodes.chunks.idle().addCallback(closed)
 

@@ -1,0 +1,273 @@
+"""
+The chunk cache: sealed chunk objects on local disk, LRU, bounded in bytes.
+
+Chunk objects are immutable and named by random ids, so a cached copy never
+goes stale: the cache is keyed by object id and needs no invalidation.  It
+holds ciphertext only, exactly the bytes of the object store; a read opens
+(authenticates and decrypts) just the 64 KiB blocks it needs, so a cache
+entry altered on disk fails its AES-GCM tag and is dropped and fetched again,
+never returned.
+
+Each cached object is one sparse file, ``objects/XY/<id hex>``, written at
+the object's own offsets; the index (SQLite, ``index.sqlite3``) says which
+sealed blocks of it are present, its size, and when it was last used.
+Entries are evicted whole, least recently used first, once the cache holds
+more than ``capacity`` bytes (an entry being read is pinned meanwhile).  The
+index is loaded at open and kept in memory; a file the index does not know
+(left by a crash between writing the file and the index) is removed at open.
+A crash can leave an index that claims blocks the disk lost: those fail
+their tags and are fetched again.
+
+The index and the set of entries are the reactor thread's; the file reads of
+:meth:`ChunkCache.read_sealed` may run in any thread (on a pinned entry).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lucidlink import crypto
+from lucidlink.errors import InvalidArgument
+
+INDEX_NAME = "index.sqlite3"
+OBJECTS_FOLDER = "objects"
+GIB = 1024**3
+DEFAULT_CAPACITY = 10 * GIB
+"""The cache size when none is given and the disk has room for it."""
+MINIMUM_DEFAULT_CAPACITY = 256 * 1024**2
+TOUCHES_PER_SAVE = 256
+"""Recency updates kept in memory before they are written to the index."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id BLOB PRIMARY KEY,
+    object_length INTEGER NOT NULL,
+    blocks BLOB NOT NULL,
+    bytes INTEGER NOT NULL,
+    used INTEGER NOT NULL
+)
+"""
+
+
+def default_capacity(folder: Path) -> int:
+    """10 GiB, or half the free space of the disk that holds ``folder`` when that is less (at least 256 MiB)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return max(MINIMUM_DEFAULT_CAPACITY, min(DEFAULT_CAPACITY, free // 2))
+
+
+def _block_span(object_length: int, block: int) -> tuple[int, int]:
+    """Where sealed block ``block`` lies in an object of ``object_length`` plaintext bytes: (start, length)."""
+    start = crypto.CHUNK_HEADER_SIZE + block * crypto.SEALED_BLOCK_SIZE
+    plain = min(crypto.BLOCK_SIZE, object_length - block * crypto.BLOCK_SIZE)
+    return start, max(0, plain) + crypto.BLOCK_OVERHEAD
+
+
+@dataclass(eq=False)
+class _Entry:
+    object_length: int
+    blocks: bytearray
+    """One byte per sealed block: 1 when the file holds it."""
+    bytes: int
+
+    def has(self, first: int, last: int) -> bool:
+        return all(self.blocks[first : last + 1]) and last < len(self.blocks)
+
+
+class ChunkCache:
+    """
+    Sealed chunk objects in ``folder``, at most ``capacity`` bytes of them (see the module).
+
+    :param capacity: bytes; the least recently used entries go beyond it.
+    """
+
+    def __init__(self, folder: Path, capacity: int) -> None:
+        if capacity <= 0:
+            raise InvalidArgument(f"a chunk cache holds a positive number of bytes, not {capacity}")
+        self.folder = Path(folder)
+        self.capacity = capacity
+        self.objects = self.folder / OBJECTS_FOLDER
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._pins: dict[bytes, int] = {}
+        self._touched: set[bytes] = set()
+        self._clock = 0
+        self._closed = False
+        self.size = 0
+        """Bytes held."""
+        self.hits = 0
+        self.misses = 0
+        self._load()
+        self._evict()
+
+    def __repr__(self) -> str:
+        return f"<ChunkCache {self.folder}: {self.size} of {self.capacity} bytes>"
+
+    def _load(self) -> None:
+        rows = self._db.execute("SELECT id, object_length, blocks, bytes, used FROM objects ORDER BY used").fetchall()
+        for object_id, object_length, blocks, size, used in rows:
+            if not self.path_of(object_id).is_file():
+                self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
+                continue
+            self._entries[bytes(object_id)] = _Entry(object_length, bytearray(blocks), size)
+            self.size += size
+            self._clock = max(self._clock, used)
+        known = {object_id.hex() for object_id in self._entries}
+        for subfolder in self.objects.iterdir():
+            for path in subfolder.iterdir() if subfolder.is_dir() else ():
+                if path.name not in known:
+                    path.unlink(missing_ok=True)
+
+    def path_of(self, object_id: bytes) -> Path:
+        """The file that holds (or would hold) object ``object_id``."""
+        name = object_id.hex()
+        return self.objects / name[:2] / name
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, object_id: object) -> bool:
+        return object_id in self._entries
+
+    # -- reading -------------------------------------------------------------------
+
+    def has(self, object_id: bytes, first_block: int, last_block: int) -> bool:
+        """Whether sealed blocks ``first_block`` to ``last_block`` of the object are cached."""
+        entry = self._entries.get(object_id)
+        return entry is not None and entry.has(first_block, last_block)
+
+    def pin(self, object_id: bytes) -> None:
+        """Keep the entry from eviction until :meth:`unpin` (while a thread reads its file)."""
+        self._pins[object_id] = self._pins.get(object_id, 0) + 1
+
+    def unpin(self, object_id: bytes) -> None:
+        left = self._pins.get(object_id, 0) - 1
+        if left > 0:
+            self._pins[object_id] = left
+        else:
+            self._pins.pop(object_id, None)
+            self._evict()
+
+    def touch(self, object_id: bytes) -> None:
+        """The entry was used now: last in line for eviction."""
+        if object_id in self._entries:
+            self._entries.move_to_end(object_id)
+            self._touched.add(object_id)
+            self.hits += 1
+            if len(self._touched) >= TOUCHES_PER_SAVE:
+                self._save_touches()
+
+    def read_sealed(self, object_id: bytes, start: int, length: int) -> bytes:
+        """
+        Bytes ``[start, start + length)`` of a cached object's file (any thread; pin first).
+
+        Fewer bytes than asked (a file cut short) come back as they are: opening them fails.
+        """
+        with open(self.path_of(object_id), "rb") as file:
+            return os.pread(file.fileno(), length, start)
+
+    # -- storing ---------------------------------------------------------------------
+
+    def store(self, object_id: bytes, object_length: int, start: int, sealed: bytes | memoryview) -> None:
+        """
+        Keep ``sealed``, the bytes of the object from offset ``start`` (whole sealed blocks).
+
+        ``object_length`` is the object's plaintext length (as chunk maps give
+        it).  The same as :meth:`write_sealed` then :meth:`record`.
+        """
+        self.write_sealed(object_id, start, sealed)
+        self.record(object_id, object_length, start, len(sealed))
+
+    def write_sealed(self, object_id: bytes, start: int, sealed: bytes | memoryview) -> None:
+        """Write an object's bytes from ``start`` into its file (any thread; pin first); :meth:`record` them next."""
+        path = self.path_of(object_id)
+        path.parent.mkdir(exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(sealed)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(descriptor, view[written:], start + written)
+        finally:
+            os.close(descriptor)
+
+    def record(self, object_id: bytes, object_length: int, start: int, length: int) -> None:
+        """Note in the index that the object's file holds its whole sealed blocks in ``[start, start + length)``."""
+        count = crypto.block_count(object_length)
+        first = (start - crypto.CHUNK_HEADER_SIZE) // crypto.SEALED_BLOCK_SIZE if start else 0
+        end = start + length
+        blocks = []
+        for block in range(first, count):
+            block_start, block_length = _block_span(object_length, block)
+            if block_start + block_length > end:
+                break
+            if block_start >= start:
+                blocks.append((block, block_length))
+        if not blocks:
+            return
+        entry = self._entries.get(object_id)
+        if entry is not None and (entry.object_length != object_length or len(entry.blocks) != count):
+            self.drop(object_id)
+            entry = None
+        if entry is None:
+            entry = _Entry(object_length, bytearray(count), 0)
+            self._entries[object_id] = entry
+        for block, block_length in blocks:
+            if not entry.blocks[block]:
+                entry.blocks[block] = 1
+                entry.bytes += block_length
+                self.size += block_length
+        self._entries.move_to_end(object_id)
+        self._clock += 1
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects (id, object_length, blocks, bytes, used) VALUES (?, ?, ?, ?, ?)",
+            (object_id, object_length, bytes(entry.blocks), entry.bytes, self._clock),
+        )
+        self._touched.discard(object_id)
+        self._evict(keep=object_id)
+
+    def drop(self, object_id: bytes) -> None:
+        """Forget an entry and remove its file (it was found damaged, or is evicted)."""
+        entry = self._entries.pop(object_id, None)
+        if entry is not None:
+            self.size -= entry.bytes
+        self._touched.discard(object_id)
+        self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
+        self.path_of(object_id).unlink(missing_ok=True)
+
+    def _evict(self, keep: bytes | None = None) -> None:
+        if self.size <= self.capacity:
+            return
+        for object_id in list(self._entries):
+            if self.size <= self.capacity:
+                break
+            if object_id != keep and object_id not in self._pins:
+                self.drop(object_id)
+
+    def _save_touches(self) -> None:
+        touched, self._touched = self._touched, set()
+        rows = []
+        for object_id in self._entries:  # in recency order
+            if object_id in touched:
+                self._clock += 1
+                rows.append((self._clock, object_id))
+        self._db.executemany("UPDATE objects SET used = ? WHERE id = ?", rows)
+
+    def close(self) -> None:
+        """Write the recency the index does not have yet and close it."""
+        if self._closed:
+            return
+        self._save_touches()
+        self._db.close()
+        self._closed = True

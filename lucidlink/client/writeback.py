@@ -1,0 +1,290 @@
+"""
+Write-back journals: a handle's uncommitted writes on local disk, sealed, so that nothing is lost.
+
+A file handle that writes keeps its changes in memory and, record by record,
+in a journal file under the cache folder (``writeback/pending/``), from its
+first change after a commit until the next commit succeeds; then the
+journal is removed.  A lost connection, a restarted metadata server or a
+restarted client therefore loses no buffered write: on the next mount the
+journals left behind are replayed onto the file and committed, provided the
+file's chunk map is still at the version the journal started from.  If it
+is not (someone else changed the file meanwhile) or the file is gone, the
+journal is moved to ``writeback/conflicts/`` with a note saying why, and the
+mount says so; nothing is merged blindly.
+
+A journal is written without ``fsync`` while its handle works: it is there
+for the next run if this process dies, and a commit usually removes it
+within seconds, so streaming writes seldom cost the disk twice.  A journal
+left behind because its commit failed is synced first.  (A machine that
+loses power loses what no ``fsync`` of the program made durable, as with any
+local file; an ``fsync`` of the program commits to the servers.)
+
+The data in a journal is sealed with the file's key (the AES-256-GCM key of
+the file's chunk, :meth:`~lucidlink.crypto.FilespaceKeys.chunk_cipher`), a
+random nonce per record, and associated data that binds the record to its
+inode, chunk, offset and place in the journal; so the cache folder holds
+no plaintext, and a record altered or moved is detected.
+
+Journal format (version 1)::
+
+    journal = magic "LUCIDWB1" || inode (u64) || base version (u64) || record...
+    record  = kind (u8) || body length (u32) || body
+    WRITE       body = chunk index (u64) || offset in chunk (u32) || nonce (12) || ciphertext || tag
+    TRUNCATE    body = size (u64)
+    COMMITTING  body = expected version (u64) || size (u64) || (index (u64) || object id (16) || length (u64))...
+
+A record cut short at the end (a crash while appending) ends the journal.
+``COMMITTING`` is written just before a commit is sent, so that a journal
+whose commit did succeed (the client died before removing it) is recognised
+on replay and not reported as a conflict.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import re
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lucidlink import crypto
+from lucidlink.errors import IntegrityError
+from lucidlink.protocol.messages import ChunkRef
+
+MAGIC = b"LUCIDWB1"
+_HEADER = struct.Struct(">8sQQ")
+_RECORD = struct.Struct(">BI")
+_WRITE = struct.Struct(">QI")
+_SIZE = struct.Struct(">Q")
+_COMMITTING = struct.Struct(">QQ")
+_REF = struct.Struct(">Q16sQ")
+_AD = struct.Struct(">QQIQ")
+_LABEL = b"lucidlink write-back v1\x00"
+_NONCE_SIZE = 12
+PENDING = "pending"
+CONFLICTS = "conflicts"
+_NAME = re.compile(r"^(\d+)-(\d+)\.journal$")
+
+
+class RecordKind(enum.IntEnum):
+    WRITE = 1
+    TRUNCATE = 2
+    COMMITTING = 3
+
+
+@dataclass(frozen=True)
+class Write:
+    """Bytes written at ``offset`` of chunk ``index``."""
+
+    index: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Truncate:
+    size: int
+
+
+@dataclass(frozen=True)
+class Committing:
+    """A commit about to be sent: against ``expected``, of ``refs`` and ``size``."""
+
+    expected: int
+    size: int
+    refs: tuple[ChunkRef, ...]
+
+
+Record = Write | Truncate | Committing
+
+
+def _associated_data(inode: int, index: int, offset: int, number: int) -> bytes:
+    return _LABEL + _AD.pack(inode, index, offset, number)
+
+
+class Journal:
+    """One handle's journal file (see the module): appended to, synced, removed once committed."""
+
+    def __init__(self, path: Path, keys: crypto.FilespaceKeys, inode: int, version: int) -> None:
+        self.path = path
+        self.keys = keys
+        self.inode = inode
+        self.version = version
+        self.size = 0
+        self._records = 0
+        self._named = False
+        self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self._append(_HEADER.pack(MAGIC, inode, version))
+
+    def __repr__(self) -> str:
+        return f"<Journal {self.path.name} of inode {self.inode}>"
+
+    def _append(self, data: bytes) -> None:
+        if self._descriptor is None:
+            raise IntegrityError(f"the write-back journal {self.path} is closed")
+        view = memoryview(data)
+        while view:
+            written = os.write(self._descriptor, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def _record(self, kind: RecordKind, body: bytes) -> None:
+        self._append(_RECORD.pack(kind, len(body)) + body)
+        self._records += 1
+
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        """Record ``data`` written at ``offset`` of chunk ``index``, sealed."""
+        nonce = os.urandom(_NONCE_SIZE)
+        sealed = self.keys.chunk_cipher(self.inode, index).encrypt(
+            nonce, bytes(data), _associated_data(self.inode, index, offset, self._records)
+        )
+        self._record(RecordKind.WRITE, _WRITE.pack(index, offset) + nonce + sealed)
+
+    def truncate(self, size: int) -> None:
+        self._record(RecordKind.TRUNCATE, _SIZE.pack(size))
+
+    def committing(self, expected: int, size: int, refs: list[ChunkRef]) -> None:
+        body = _COMMITTING.pack(expected, size) + b"".join(
+            _REF.pack(ref.index, ref.object_id.ljust(16, b"\0"), ref.length) for ref in refs
+        )
+        self._record(RecordKind.COMMITTING, body)
+
+    def sync(self) -> None:
+        """Make what is recorded durable, and the journal's name the first time."""
+        if self._descriptor is not None:
+            os.fsync(self._descriptor)
+            if not self._named:
+                folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+                self._named = True
+
+    def close(self) -> None:
+        """Close the file and leave it (for the next mount to replay)."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def remove(self) -> None:
+        """Everything recorded is committed: the journal goes."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class PendingJournal:
+    """A journal left by an earlier run, read back."""
+
+    path: Path
+    inode: int
+    version: int
+    written: float
+    """When the journal was last written (seconds since the epoch)."""
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def last_commit(self) -> Committing | None:
+        """The commit that was about to be sent when the journal ended, if it ended so."""
+        return self.records[-1] if self.records and isinstance(self.records[-1], Committing) else None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: Path, keys: crypto.FilespaceKeys) -> PendingJournal:
+    """Read a journal back, opening its writes; IntegrityError if it is damaged (not merely cut short)."""
+    data = path.read_bytes()
+    if len(data) < _HEADER.size:
+        raise IntegrityError(f"the write-back journal {path} is too short to have a header")
+    magic, inode, version = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise IntegrityError(f"{path} is not a write-back journal this lucidlink can read")
+    journal = PendingJournal(path, inode, version, path.stat().st_mtime)
+    position = _HEADER.size
+    for number in itertools.count():
+        if position + _RECORD.size > len(data):
+            break
+        kind, length = _RECORD.unpack_from(data, position)
+        body = data[position + _RECORD.size : position + _RECORD.size + length]
+        if len(body) < length:
+            break  # cut short by a crash while appending
+        position += _RECORD.size + length
+        journal.records.append(_parse(keys, inode, kind, body, number, path))
+    return journal
+
+
+def _parse(keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, number: int, path: Path) -> Record:
+    where = f"record {number} of the write-back journal {path}"
+    try:
+        if kind == RecordKind.WRITE:
+            index, offset = _WRITE.unpack_from(body)
+            nonce = body[_WRITE.size : _WRITE.size + _NONCE_SIZE]
+            sealed = body[_WRITE.size + _NONCE_SIZE :]
+            try:
+                data = keys.chunk_cipher(inode, index).decrypt(
+                    nonce, sealed, _associated_data(inode, index, offset, number)
+                )
+            except Exception:
+                raise IntegrityError(f"{where} was altered or does not belong there") from None
+            return Write(index, offset, data)
+        if kind == RecordKind.TRUNCATE:
+            return Truncate(_SIZE.unpack(body)[0])
+        if kind == RecordKind.COMMITTING:
+            expected, size = _COMMITTING.unpack_from(body)
+            refs = tuple(
+                ChunkRef(index, b"" if object_id == bytes(16) else object_id, length, length)
+                for index, object_id, length in _REF.iter_unpack(body[_COMMITTING.size :])
+            )
+            return Committing(expected, size, refs)
+    except struct.error:
+        raise IntegrityError(f"{where} is malformed") from None
+    raise IntegrityError(f"{where} has unknown kind {kind}")
+
+
+class WriteBackJournals:
+    """The write-back journals of one filespace, in ``folder`` (``pending/`` and ``conflicts/``)."""
+
+    def __init__(self, folder: Path, keys: crypto.FilespaceKeys) -> None:
+        self.folder = Path(folder)
+        self.keys = keys
+        self.pending_folder = self.folder / PENDING
+        self.conflicts_folder = self.folder / CONFLICTS
+        self.pending_folder.mkdir(parents=True, exist_ok=True)
+        self.conflicts_folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(match.group(1)) for match in map(_NAME.match, self._names()) if match]
+        self._numbers = itertools.count(max(numbers, default=0) + 1)
+
+    def _names(self) -> list[str]:
+        return [path.name for folder in (self.pending_folder, self.conflicts_folder) for path in folder.iterdir()]
+
+    def begin(self, inode: int, version: int) -> Journal:
+        """A new journal for changes to ``inode`` made on top of chunk map ``version``."""
+        return Journal(self.pending_folder / f"{next(self._numbers)}-{inode}.journal", self.keys, inode, version)
+
+    def pending_paths(self) -> list[Path]:
+        """The journals left behind, oldest first."""
+        found = [(int(match.group(1)), path) for path in self.pending_folder.iterdir()
+                 if (match := _NAME.match(path.name))]
+        return [path for _, path in sorted(found)]
+
+    def pending(self) -> Iterator[PendingJournal | tuple[Path, IntegrityError]]:
+        """Each journal left behind, read back (or, if damaged, its path and the error), oldest first."""
+        for path in self.pending_paths():
+            try:
+                yield read_journal(path, self.keys)
+            except IntegrityError as error:
+                yield path, error
+
+    def keep(self, path: Path, reason: str) -> Path:
+        """Move a journal that cannot be committed to ``conflicts/``, with a note of why; its new path."""
+        kept = self.conflicts_folder / path.name
+        os.replace(path, kept)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        kept.with_suffix(".why").write_text(f"{stamp} UTC: {reason}\n", encoding="utf-8")
+        return kept

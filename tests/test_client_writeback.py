@@ -1,0 +1,358 @@
+"""
+Write-back: a handle's uncommitted writes journaled on local disk (sealed),
+full chunks stored in the background, and the writes a dead client left
+behind committed by the next one, unless the file changed meanwhile (then
+kept, and said so).  The journal on its own, then the real client core
+against a real metadata server on loopback and a local object store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink import crypto, errors
+from lucidlink.client import writeback
+from lucidlink.client.filespace import Filespace
+from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
+from lucidlink.objectstore.faults import FaultyObjectStore
+from lucidlink.protocol.messages import ChunkRef
+from tests.cache_helpers import change, pattern
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
+
+KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
+CHUNK = 2 * crypto.BLOCK_SIZE
+
+
+class JournalTests(SynchronousTestCase):
+    """The journal file: what goes in comes back, sealed; damage is detected, a torn end is not damage."""
+
+    def setUp(self) -> None:
+        self.journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+
+    def test_round_trip(self) -> None:
+        """Writes, truncations and commit marks come back in order; the writes were sealed on disk."""
+        secret = pattern(5000, 1)
+        journal = self.journals.begin(inode=42, version=7)
+        journal.write(3, 100, secret)
+        journal.truncate(12345)
+        journal.committing(7, 12345, [ChunkRef(3, b"\x05" * 16, 5100, 5100), ChunkRef(4, b"", 0, 0)])
+        journal.sync()
+        journal.close()
+        self.assertNotIn(secret[:32], journal.path.read_bytes())
+        (found,) = list(self.journals.pending())
+        assert not isinstance(found, tuple)
+        self.assertEqual((found.inode, found.version), (42, 7))
+        self.assertEqual(found.records, [
+            Write(3, 100, secret), Truncate(12345),
+            Committing(7, 12345, (ChunkRef(3, b"\x05" * 16, 5100, 5100), ChunkRef(4, b"", 0, 0))),
+        ])
+        self.assertEqual(found.last_commit, found.records[-1])
+
+    def test_torn_end_is_ignored(self) -> None:
+        """A record cut short by a crash while appending ends the journal; what came before stands."""
+        journal = self.journals.begin(1, 1)
+        journal.write(0, 0, b"kept")
+        journal.write(0, 4, b"torn")
+        journal.close()
+        journal.path.write_bytes(journal.path.read_bytes()[:-3])
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"kept")])
+
+    def test_damage_is_detected(self) -> None:
+        """An altered byte, or records moved to another file's journal, fail to open."""
+        journal = self.journals.begin(1, 1)
+        journal.write(0, 0, b"some data")
+        journal.close()
+        data = bytearray(journal.path.read_bytes())
+        data[-3] ^= 1
+        journal.path.write_bytes(bytes(data))
+        with self.assertRaises(errors.IntegrityError):
+            read_journal(journal.path, KEYS)
+        other = self.journals.begin(2, 1)
+        other.close()
+        data[-3] ^= 1
+        other.path.write_bytes(other.path.read_bytes() + bytes(data[len(other.path.read_bytes()) :]))
+        with self.assertRaises(errors.IntegrityError):
+            read_journal(other.path, KEYS)
+        (first, second) = list(self.journals.pending())
+        self.assertIsInstance(first, tuple)
+        self.assertIsInstance(second, tuple)
+
+    def test_keep_and_numbering(self) -> None:
+        """Kept journals move to conflicts/ with a note; new journals never reuse a number."""
+        journal = self.journals.begin(5, 1)
+        journal.close()
+        kept = self.journals.keep(journal.path, "because")
+        self.assertEqual(kept.parent.name, writeback.CONFLICTS)
+        self.assertIn("because", kept.with_suffix(".why").read_text())
+        again = WriteBackJournals(self.journals.folder, KEYS)
+        self.assertEqual(again.pending_paths(), [])
+        fresh = again.begin(5, 1)
+        fresh.close()
+        self.assertNotEqual(fresh.path.name, journal.path.name)
+
+
+class WriteBackTests(ClientTestCase):
+    """The client core with a cache folder: journals, background stores, and recovery by the next client."""
+
+    chunk_size = CHUNK
+
+    @defer.inlineCallbacks
+    def client(self, store: Any = None, **options: Any) -> Generator[Deferred[Any], Any, Filespace]:
+        """A client with the cache folder every client of this test shares (one machine, run after run)."""
+        session = yield self.login()
+        fs = Filespace(session, store or self.objects, cache_dir=self.base / "cache", **options)
+        self.addCleanup(fs.close)
+        return fs
+
+    @defer.inlineCallbacks
+    def crash(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """The client dies: its session ends, its handles are never closed, its memory is gone."""
+        for handle in fs.inodes.open_handles():
+            if handle._journal is not None:
+                handle._journal.close()
+        yield fs.close()
+        yield fs.session.close()
+
+    def pending(self) -> list[Path]:
+        return sorted((self.base / "cache").rglob("pending/*.journal"))
+
+    @defer.inlineCallbacks
+    def test_writes_survive_a_client_restart(self) -> Generator[Deferred[Any], Any, None]:
+        """Writes a dead client never committed are committed by the next one, as they were."""
+        first = yield self.client()
+        yield first.write_file("/old.bin", pattern(3 * CHUNK, 1))
+        expected = bytearray(pattern(3 * CHUNK, 1))
+        handle = yield first.open_path("/old.bin", os.O_RDWR)
+        yield handle.write(CHUNK - 10, b"x" * 20)
+        yield handle.truncate(2 * CHUNK + 5)
+        yield handle.write(4 * CHUNK, b"tail")
+        expected[CHUNK - 10 : CHUNK + 10] = b"x" * 20
+        del expected[2 * CHUNK + 5 :]
+        expected.extend(bytes(4 * CHUNK - len(expected)) + b"tail")
+        made = yield first.open_path("/new.bin", os.O_WRONLY | os.O_CREAT)
+        yield made.write(0, pattern(5 * CHUNK + 7, 2))
+        self.assertEqual(len(self.pending()), 2)
+        yield self.crash(first)
+
+        reader = yield self.filespace()
+        self.assertEqual((yield reader.stat("/new.bin")).size, 0, "nothing was committed before the crash")
+
+        second = yield self.client()
+        outcomes = yield second.recover()
+        self.assertEqual([outcome.committed for outcome in outcomes], [True, True], [str(o) for o in outcomes])
+        self.assertEqual(self.pending(), [])
+        self.assertEqual((yield reader.read_file("/old.bin")), bytes(expected))
+        self.assertEqual((yield reader.read_file("/new.bin")), pattern(5 * CHUNK + 7, 2))
+        self.assertEqual((yield second.recover()), [])
+
+    @defer.inlineCallbacks
+    def test_changed_file_keeps_the_journal(self) -> Generator[Deferred[Any], Any, None]:
+        """If someone changed the file meanwhile, the writes are not merged: kept, and the reason given."""
+        first = yield self.client()
+        yield first.write_file("/shared.bin", b"original")
+        handle = yield first.open_path("/shared.bin", os.O_RDWR)
+        yield handle.write(0, b"mine")
+        yield self.crash(first)
+        other = yield self.filespace()
+        yield other.write_file("/shared.bin", b"theirs, committed meanwhile")
+
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIn("changed since these writes were made", outcome.reason)
+        self.assertIn("NOT committed", str(outcome))
+        assert outcome.kept is not None
+        self.assertTrue(outcome.kept.exists())
+        self.assertIn("changed since", outcome.kept.with_suffix(".why").read_text())
+        kept = read_journal(outcome.kept, second.session.keys)
+        self.assertEqual(kept.records, [Write(0, 0, b"mine")])
+        self.assertEqual((yield other.read_file("/shared.bin")), b"theirs, committed meanwhile")
+        self.assertEqual(self.pending(), [])
+
+    @defer.inlineCallbacks
+    def test_removed_file_keeps_the_journal(self) -> Generator[Deferred[Any], Any, None]:
+        """A file removed meanwhile cannot take the writes: kept, saying so."""
+        first = yield self.client()
+        yield first.write_file("/gone.bin", b"original")
+        handle = yield first.open_path("/gone.bin", os.O_RDWR)
+        yield handle.write(3, b"more")
+        yield self.crash(first)
+        yield (yield self.filespace()).remove("/gone.bin")
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIn("no longer exists", outcome.reason)
+
+    @defer.inlineCallbacks
+    def test_commit_before_the_crash_is_recognised(self) -> Generator[Deferred[Any], Any, None]:
+        """A journal whose commit went through (the client died before removing it) is not a conflict."""
+        first = yield self.client()
+        self.patch(writeback.Journal, "remove", writeback.Journal.close)
+        yield first.write_file("/done.bin", pattern(2 * CHUNK + 3, 4))
+        self.assertEqual(len(self.pending()), 1)
+        yield self.crash(first)
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed)
+        self.assertIn("committed before the restart", outcome.reason)
+        self.assertEqual((yield second.read_file("/done.bin")), pattern(2 * CHUNK + 3, 4))
+
+    @defer.inlineCallbacks
+    def test_damaged_journal_is_kept(self) -> Generator[Deferred[Any], Any, None]:
+        """A journal altered on disk is not replayed: kept, naming the damage."""
+        first = yield self.client()
+        handle = yield first.open_path("/f.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"data" * 100)
+        yield self.crash(first)
+        (path,) = self.pending()
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 1
+        path.write_bytes(bytes(data))
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIn("altered", outcome.reason)
+        self.assertEqual((yield second.stat("/f.bin")).size, 0)
+
+    @defer.inlineCallbacks
+    def test_full_chunks_are_stored_in_the_background(self) -> Generator[Deferred[Any], Any, None]:
+        """A sequential writer's finished chunks are stored before the flush; the flush stores the rest."""
+        store = FaultyObjectStore(self.objects)
+        fs = yield self.client(store)
+        handle = yield fs.open_path("/seq.bin", os.O_WRONLY | os.O_CREAT)
+        data = pattern(6 * CHUNK + 100, 5)
+        for offset in range(0, len(data), 32 * 1024):
+            yield handle.write(offset, data[offset : offset + 32 * 1024])
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        puts_before_flush = [key for operation, key in store.calls if operation == "put"]
+        self.assertEqual(len(puts_before_flush), 6, "the six full chunks, not the unfinished seventh")
+        yield handle.close()
+        puts = [key for operation, key in store.calls if operation == "put"]
+        self.assertEqual(len(puts), 7)
+        self.assertEqual((yield fs.read_file("/seq.bin")), data)
+        self.assertEqual(self.pending(), [])
+        self.assertEqual(len(fs.cache), 7, "what was stored is cached: reading it back is local")
+
+    @defer.inlineCallbacks
+    def test_rewritten_chunk_is_stored_again(self) -> Generator[Deferred[Any], Any, None]:
+        """A chunk written again while its background store runs is stored again with its new content."""
+        store = FaultyObjectStore(self.objects, clock=reactor)
+        fs = yield self.client(store)
+        handle = yield fs.open_path("/again.bin", os.O_RDWR | os.O_CREAT)
+        store.set_delay(0.2)
+        yield handle.write(0, b"a" * CHUNK + b"b")  # chunk 0 is full: its store begins
+        yield handle.write(5, b"changed")
+        store.heal()
+        yield handle.close()
+        expected = b"a" * 5 + b"changed" + b"a" * (CHUNK - 12) + b"b"
+        self.assertEqual((yield fs.read_file("/again.bin")), expected)
+        other = yield self.filespace()
+        self.assertEqual((yield other.read_file("/again.bin")), expected)
+
+    @defer.inlineCallbacks
+    def test_writes_wait_out_a_metadata_outage(self) -> Generator[Deferred[Any], Any, None]:
+        """With the metadata server gone, close waits; once it is back everything is committed."""
+        session = yield self.login(deadline=None)
+        fs = Filespace(session, self.objects, cache_dir=self.base / "cache")
+        self.addCleanup(fs.close)
+        handle = yield fs.open_path("/outage.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, pattern(3 * CHUNK, 6))
+        yield self.meta.stop()
+        closing = handle.close()
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(closing.called, "close returns only once the chunk map is committed")
+        self.assertEqual(len(self.pending()), 1)
+        yield self.meta.start()
+        yield closing
+        self.assertEqual(self.pending(), [])
+        self.assertEqual((yield (yield self.filespace()).read_file("/outage.bin")), pattern(3 * CHUNK, 6))
+
+    @defer.inlineCallbacks
+    def test_live_clients_keep_their_own_writes(self) -> Generator[Deferred[Any], Any, None]:
+        """Two clients on one cache folder take separate slots; only a dead one's writes are taken over."""
+        first = yield self.client()
+        second = yield self.client()
+        assert first.local_folder is not None and second.local_folder is not None
+        self.assertNotEqual(first.local_folder.slot, second.local_folder.slot)
+        handle = yield first.open_path("/live.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"still being written")
+        self.assertEqual((yield second.recover()), [], "a live client's journal is not replayed")
+        self.assertEqual(len(self.pending()), 1)
+        first_chunks = first.local_folder.chunks
+        self.assertTrue(first_chunks.is_dir())
+        yield self.crash(first)
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/live.bin")), b"still being written")
+        self.assertEqual(self.pending(), [])
+        self.assertFalse(first_chunks.exists(), "the dead slot's cache is removed")
+
+    @defer.inlineCallbacks
+    def test_unreachable_servers_leave_writes_pending(self) -> Generator[Deferred[Any], Any, None]:
+        """A recovery that cannot reach the metadata server keeps the writes pending for the next try."""
+        first = yield self.client()
+        handle = yield first.open_path("/later.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"to be committed later")
+        yield self.crash(first)
+        session = yield self.login(deadline=0.5)
+        second = Filespace(session, self.objects, cache_dir=self.base / "cache")
+        self.addCleanup(second.close)
+        yield self.meta.stop()
+        (outcome,) = yield second.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIsNone(outcome.kept)
+        self.assertIn("stay pending", str(outcome))
+        self.assertEqual(len(self.pending()), 1)
+        yield self.meta.start()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/later.bin")), b"to be committed later")
+
+
+NAMES = (f"replayed-{number}".encode() for number in itertools.count())
+steps = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 4 * CHUNK), st.integers(1, 2 * CHUNK + 10), st.integers(0, 99)),
+    st.tuples(st.just("truncate"), st.integers(0, 4 * CHUNK)),
+    st.tuples(st.just("flush")),
+), max_size=10)
+
+
+class ReplayModelTests(MemoryFilespaceCase):
+    """Whatever a handle did before its client died, the next client's replay leaves the file as a bytearray would be."""
+
+    chunk_size = CHUNK
+
+    @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
+    @given(st.binary(max_size=3 * CHUNK), steps)
+    def test_replay_matches_model(self, initial: bytes, changes: list[tuple[Any, ...]]) -> None:
+        """Random writes, cuts and flushes, then a crash and a recovery: the file holds them all."""
+        cache_dir = Path(self.mktemp())
+        name = next(NAMES)
+        first = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
+        handle = self.now(first.inodes.create(1, name, 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        self.now(handle.write(0, initial))
+        self.now(handle.flush())
+        model = bytearray(initial)
+        for step in changes:
+            self.now(change(handle, model, step) or handle.flush())
+        if handle._journal is not None:
+            handle._journal.close()  # the client dies here
+        self.now(first.close())
+
+        second = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
+        outcomes = self.now(second.recover())
+        self.assertTrue(all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
+        reader = self.now(second.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 6 * CHUNK)), bytes(model))
+        self.now(reader.close())
+        self.now(second.close())
