@@ -12,12 +12,10 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 from pathlib import Path
 
-from tests.cache_helpers import DemoCase
 from tests.demo_helpers import lucid
-from tests.test_mount_posix import SKIP, MountProcess
+from tests.mount_helpers import DemoMountCase, MountProcess
 
 MIB = 1024 * 1024
 
@@ -27,33 +25,18 @@ def cached_bytes(cache: Path) -> int:
     return sum(path.stat().st_blocks * 512 for path in cache.rglob("chunks/objects/*/*"))
 
 
-class MountCacheTests(DemoCase):
+class MountCacheTests(DemoMountCase):
     """A demo filespace mounted with a small cache in a folder of the test's own."""
-
-    if SKIP:
-        skip = SKIP
 
     def setUp(self) -> None:
         super().setUp()
         self.mnt = self.base / "mnt"
-        self.mnt.mkdir()
-        self.addCleanup(self.unmount_stale)
         self.cache = self.base / "cache"
 
-    def unmount_stale(self) -> None:
-        """Detach a mount a killed process left (``ismount`` cannot see it: stat fails on it)."""
-        with open("/proc/mounts") as mounts:
-            if any(line.split()[1] == str(self.mnt) for line in mounts if len(line.split()) > 1):
-                subprocess.run(["fusermount", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
-
-    def start_mount(self, *options: str) -> MountProcess:
-        mount = MountProcess(
-            self.demo.config, "demo", self.mnt, self.base / "mount.log",
-            "--cache-dir", str(self.cache), "--cache-size", "12M", "--read-ahead", "2", *options,
+    def start_mount(self, *options: str) -> MountProcess:  # type: ignore[override]
+        return super().start_mount(
+            "mnt", "--cache-dir", str(self.cache), "--cache-size", "12M", "--read-ahead", "2", *options
         )
-        self.addCleanup(mount.stop)
-        mount.wait_until_mounted()
-        return mount
 
     def test_cache_is_bounded_and_survives_a_remount(self) -> None:
         """Written and read through the mount, the cache stays within its size and serves the next mount."""
