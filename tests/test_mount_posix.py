@@ -91,12 +91,16 @@ class MountTests(TestCase):
     def setUp(self) -> None:
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
+        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
         self.addCleanup(self.demo.stop)
         self.demo.wait_until_ready()
         self.mnt = self.base / "mnt"
         self.mnt.mkdir()
         self.mount = self.start_mount()
+
+    def store_url(self) -> str | None:
+        """The demo's object store: its own local folder (tests/test_s3_system.py runs these on S3)."""
+        return None
 
     def start_mount(self, *options: str) -> MountProcess:
         mount = MountProcess(self.demo.config, "demo", self.mnt, self.base / "mount.log", *options)
