@@ -30,9 +30,10 @@ Bodies are checked both ways.  A PUT carries the body's CRC32
 (``x-amz-checksum-crc32``, which S3 stores and checks) besides the signed
 SHA-256; a whole GET asks for the stored checksum (``x-amz-checksum-mode``)
 and checks the body against it, or, for an object stored without one,
-against its ETag where that is the body's MD5 (:func:`body_check`).  Large
-bodies are hashed in the reactor's thread pool (zlib and hashlib let go of
-the GIL), so the reactor serves other requests meanwhile.
+against its ETag where that is the body's MD5 (:func:`body_check`), hashing
+it piece by piece as it arrives.  A large body to put is hashed in the
+reactor's thread pool (zlib and hashlib let go of the GIL), so the reactor
+serves other requests meanwhile.
 
 Beyond :class:`~lucidlink.objectstore.interface.IObjectStore`, the store
 offers :meth:`S3ObjectStore.delete_many` (S3's batch delete).
@@ -379,13 +380,26 @@ def _content_md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
+class CRC32:
+    """zlib's CRC32 with hashlib's ``update`` and ``digest`` (big-endian, as S3 writes it)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def _base64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
 def crc32_checksum(data: bytes) -> str:
     """S3's ``x-amz-checksum-crc32`` of ``data``: its CRC32, big-endian, in base64."""
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
-
-
-def _sha256_checksum(data: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+    return _base64(zlib.crc32(data).to_bytes(4, "big"))
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -396,21 +410,36 @@ def _md5_hex(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-_CHECKSUMS: dict[str, Callable[[bytes], str]] = {
-    "x-amz-checksum-crc32": crc32_checksum,
-    "x-amz-checksum-sha256": _sha256_checksum,
+_CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "x-amz-checksum-crc32": CRC32,
+    "x-amz-checksum-sha256": hashlib.sha256,
 }
 """The full-object checksums S3 may store that this module can compute (not CRC32C or CRC64NVME)."""
 
 
 @dataclass(frozen=True)
 class BodyCheck:
-    """How to check a whole object's body: what to compute over it and what it must come to."""
+    """
+    How to check a whole object's body: a running hash fed as the body
+    arrives (``new()``, hashlib's ``update`` and ``digest``), and what its
+    digest, written as ``encode`` writes it, must come to.
+    """
 
     name: str
     """What is compared, for error messages (a header's name)."""
-    digest: Callable[[bytes], str]
+    new: Callable[[], Any]
+    encode: Callable[[bytes], str]
     expected: str
+
+    def matches(self, running: Any) -> bool:
+        """Whether the running hash, fed the whole body, gives the expected value."""
+        return self.encode(running.digest()) == self.expected
+
+    def digest(self, body: bytes) -> str:
+        """The value of a whole body, written as the header writes it."""
+        running = self.new()
+        running.update(body)
+        return self.encode(running.digest())
 
 
 def body_check(headers: dict[str, str]) -> BodyCheck | None:
@@ -422,10 +451,10 @@ def body_check(headers: dict[str, str]) -> BodyCheck | None:
     encrypted with KMS or a customer key).  None when neither can check it.
     """
     if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() == "FULL_OBJECT":
-        for name, digest in _CHECKSUMS.items():
+        for name, new in _CHECKSUMS.items():
             value = headers.get(name, "")
             if value and "-" not in value:  # "value-N" is a checksum of part checksums
-                return BodyCheck(name, digest, value)
+                return BodyCheck(name, new, _base64, value)
     match = _SINGLE_PART_ETAG.fullmatch(headers.get("etag", ""))
     encrypted = (
         headers.get("x-amz-server-side-encryption", "").startswith("aws:kms")
@@ -433,7 +462,7 @@ def body_check(headers: dict[str, str]) -> BodyCheck | None:
     )
     if match is None or encrypted:
         return None
-    return BodyCheck("ETag (MD5)", _md5_hex, match.group(1).lower())
+    return BodyCheck("ETag (MD5)", hashlib.md5, bytes.hex, match.group(1).lower())
 
 
 def _parse_iso(text: str) -> float:
@@ -847,21 +876,22 @@ class S3ObjectStore:
                 allow_redirects=False,
                 unbuffered=True,
             )
-            reader = BodyReader(response.length if isinstance(response.length, int) else None)
-            response.deliverBody(reader)
-            content = await reader.done
             received = {
                 name.decode("latin-1").lower(): values[-1].decode("latin-1")
                 for name, values in response.headers.getAllRawHeaders()
             }
+            check = body_check(received) if check_body and response.code == 200 else None
+            running = check.new() if check is not None else None
+            reader = BodyReader(response.length if isinstance(response.length, int) else None, running)
+            response.deliverBody(reader)
+            content = await reader.done
             if (
                 method != "HEAD"
                 and "content-length" in received
                 and int(received["content-length"]) != len(content)
             ):
                 raise _Retry(f"a body of {received['content-length']} bytes arrived with {len(content)}")
-            check = body_check(received) if check_body and response.code == 200 else None
-            if check is not None and await self._in_thread(check.digest, content) != check.expected:
+            if check is not None and not check.matches(running):
                 raise _Corrupt(f"a body arrived altered: it does not match its {check.name}")
             return Answer(response.code, received, content)
 
