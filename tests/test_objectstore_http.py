@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, ResponseDone
 
-from lucidlink.objectstore.http import BODY_READ_SIZE, BodyReader, BytesProducer, Endpoints
+from lucidlink.objectstore.http import BODY_READ_SIZE, LATE_WRITE_SIZE, BodyReader, BytesProducer, Endpoints
 
 
 class SocketTransport:
@@ -155,9 +155,9 @@ class BytesProducerTests(SynchronousTestCase):
 
     def test_written_after_two_turns(self) -> None:
         turns, consumer = ReactorTurns(), Consumer()
-        body = b"x" * 1000
+        body = b"x" * LATE_WRITE_SIZE
         producer = BytesProducer(body, turns)
-        self.assertEqual(producer.length, 1000)
+        self.assertEqual(producer.length, LATE_WRITE_SIZE)
         finished = producer.startProducing(consumer)
         self.assertNoResult(finished)
         turns.turn()  # the reactor writes the request's headers to the socket in this turn
@@ -171,17 +171,18 @@ class BytesProducerTests(SynchronousTestCase):
     def test_with_a_clock(self) -> None:
         """On a task.Clock (which runs what it schedules at once) the body is written when time advances."""
         clock, consumer = Clock(), Consumer()
-        finished = BytesProducer(b"body", clock).startProducing(consumer)
+        body = b"y" * LATE_WRITE_SIZE
+        finished = BytesProducer(body, clock).startProducing(consumer)
         self.assertEqual(consumer.written, [])
         clock.advance(0)
-        self.assertEqual(consumer.written, [b"body"])
+        self.assertEqual(consumer.written, [body])
         self.successResultOf(finished)
 
     def test_stopped_before_writing(self) -> None:
         """A request abandoned before its body went out writes nothing, and its Deferred never fires."""
         for before in (0, 1):
             turns, consumer = ReactorTurns(), Consumer()
-            producer = BytesProducer(b"body", turns)
+            producer = BytesProducer(b"z" * LATE_WRITE_SIZE, turns)
             finished = producer.startProducing(consumer)
             for _ in range(before):
                 turns.turn()
@@ -191,9 +192,12 @@ class BytesProducerTests(SynchronousTestCase):
             self.assertEqual(consumer.written, [])
             self.assertNoResult(finished)
 
-    def test_empty_body_at_once(self) -> None:
-        consumer = Consumer()
-        self.successResultOf(BytesProducer(b"", ReactorTurns()).startProducing(consumer))
+    def test_small_body_at_once(self) -> None:
+        """A small body (a journal segment, a manifest) costs little to copy and is written without delay."""
+        for body in (b"", b"segment", b"s" * (LATE_WRITE_SIZE - 1)):
+            consumer = Consumer()
+            self.successResultOf(BytesProducer(body, ReactorTurns()).startProducing(consumer))
+            self.assertEqual(consumer.written, [body])
 
 
 class EndpointsTests(SynchronousTestCase):

@@ -10,8 +10,8 @@ the reactor's one thread when every body is a 4 MiB chunk:
   turns, not sixty-four.  The larger reads start only once the headers are
   parsed: Twisted's header parser copies the rest of its buffer for every
   header line.
-- :class:`BytesProducer` hands a request body to the connection after the
-  request's headers have gone out, so the transport sends the body from
+- :class:`BytesProducer` hands a large request body to the connection
+  after the request's headers have gone out, so the transport sends the body from
   the caller's own ``bytes`` instead of first joining it with the headers
   into one new buffer.
 - :class:`Endpoints` connects straight to an IP address (a test server, a
@@ -41,6 +41,8 @@ from zope.interface import implementer
 
 BODY_READ_SIZE = 512 * 1024
 """Bytes asked of the socket per read while a response body streams."""
+LATE_WRITE_SIZE = 128 * 1024
+"""Request bodies at least this large wait for the headers to go out (smaller ones are cheap to copy)."""
 
 
 def _socket_transport(transport: Any) -> Any:
@@ -104,11 +106,12 @@ class BytesProducer:
     """
     A request body already in memory, written to the connection in one piece.
 
-    The body is written two reactor turns after the request starts: by then
-    the reactor has written the request's headers to the socket, so the
-    transport's buffer holds the body alone and sends it without copying.
-    Should the headers still be waiting, the body is only copied once, as
-    it would have been anyway.
+    A body of :data:`LATE_WRITE_SIZE` bytes or more is written two reactor
+    turns after the request starts: by then the reactor has written the
+    request's headers to the socket, so the transport's buffer holds the
+    body alone and sends it without copying.  Should the headers still be
+    waiting, the body is only copied once, as it would have been anyway.
+    A smaller body is written at once, adding no latency.
     """
 
     def __init__(self, body: bytes, clock: Any) -> None:
@@ -128,7 +131,7 @@ class BytesProducer:
         def after_one_turn() -> None:
             self._pending = self._clock.callLater(0, write)
 
-        if not self.body:
+        if len(self.body) < LATE_WRITE_SIZE:
             consumer.write(self.body)
             finished.callback(None)
         else:
