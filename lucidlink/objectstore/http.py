@@ -11,9 +11,9 @@ the reactor's one thread when every body is a 4 MiB chunk:
   parsed: Twisted's header parser copies the rest of its buffer for every
   header line.
 - :class:`BytesProducer` hands a large request body to the connection
-  after the request's headers have gone out, so the transport sends the body from
-  the caller's own ``bytes`` instead of first joining it with the headers
-  into one new buffer.
+  after the request's headers have gone out, so the transport sends the
+  body from the caller's own ``bytes`` instead of first joining it with
+  the headers into one new buffer.
 - :class:`Endpoints` connects straight to an IP address (a test server, a
   MinIO on loopback), without a name lookup in the reactor's thread pool
   for every new connection; host names go through ``HostnameEndpoint``.
