@@ -6,7 +6,6 @@ IP addresses connected to without a name lookup.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -65,16 +64,6 @@ class BodyReaderTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(reader.done), b"abcdef")
         self.assertNotIn("bufferSize", vars(tcp))
         self.assertEqual(tcp.bufferSize, SocketTransport.bufferSize)
-
-    def test_hashed_as_it_comes(self) -> None:
-        running = hashlib.sha256()
-        reader = BodyReader(6, running)
-        reader.makeConnection(BodyTransport(SocketTransport()))  # type: ignore[arg-type]
-        reader.dataReceived(b"abc")
-        self.assertEqual(running.digest(), hashlib.sha256(b"abc").digest())
-        reader.dataReceived(b"def")
-        reader.connectionLost(Failure(ResponseDone()))
-        self.assertEqual(running.digest(), hashlib.sha256(self.successResultOf(reader.done)).digest())
 
     def test_read_size_bounded_by_length(self) -> None:
         tcp = SocketTransport()

@@ -4,10 +4,9 @@ HTTP plumbing of the S3 store, tuned for multi-megabyte bodies.
 Twisted's HTTP client handles any body size, but its defaults cost CPU on
 the reactor's one thread when every body is a 4 MiB chunk:
 
-- :class:`BodyReader` collects a response body, hashing it as it comes,
-  and reads the socket in :data:`BODY_READ_SIZE` pieces while the body
-  streams (instead of 64 KiB), so a 4 MiB body takes a handful of reactor
-  turns, not sixty-four.  The larger reads start only once the headers are
+- :class:`BodyReader` collects a response body, reading the socket in
+  :data:`BODY_READ_SIZE` pieces while the body streams (instead of 64 KiB),
+  so a 4 MiB body takes a handful of reactor turns, not sixty-four.  The larger reads start only once the headers are
   parsed: Twisted's header parser copies the rest of its buffer for every
   header line.
 - :class:`BytesProducer` hands a large request body to the connection
@@ -58,14 +57,11 @@ class BodyReader(Protocol):
     Collects a response body; ``done`` fires with its bytes or fails with why it stopped.
 
     ``length`` (the Content-Length, if known) bounds the socket reads made
-    for it; ``running_hash`` (hashlib's ``update``), if given, is fed each
-    piece as it arrives, while it is still in the CPU's cache.  Cancelling
-    ``done`` aborts the connection.
+    for it.  Cancelling ``done`` aborts the connection.
     """
 
-    def __init__(self, length: int | None = None, running_hash: Any = None) -> None:
+    def __init__(self, length: int | None = None) -> None:
         self.length = length
-        self.running_hash = running_hash
         self.parts: list[bytes] = []
         self.done: Deferred[bytes] = Deferred(self._cancel)
         self._reader: Any = None
@@ -86,8 +82,6 @@ class BodyReader(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.parts.append(data)
-        if self.running_hash is not None:
-            self.running_hash.update(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._reader is not None:

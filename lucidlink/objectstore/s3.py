@@ -30,10 +30,9 @@ Bodies are checked both ways.  A PUT carries the body's CRC32
 (``x-amz-checksum-crc32``, which S3 stores and checks) besides the signed
 SHA-256; a whole GET asks for the stored checksum (``x-amz-checksum-mode``)
 and checks the body against it, or, for an object stored without one,
-against its ETag where that is the body's MD5 (:func:`body_check`), hashing
-it piece by piece as it arrives.  A large body to put is hashed in the
-reactor's thread pool (zlib and hashlib let go of the GIL), so the reactor
-serves other requests meanwhile.
+against its ETag where that is the body's MD5 (:func:`body_check`).  Large
+bodies are hashed in the reactor's thread pool (zlib and hashlib let go of
+the GIL), so the reactor serves other requests meanwhile.
 
 Beyond :class:`~lucidlink.objectstore.interface.IObjectStore`, the store
 offers :meth:`S3ObjectStore.delete_many` (S3's batch delete).
@@ -420,8 +419,8 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 @dataclass(frozen=True)
 class BodyCheck:
     """
-    How to check a whole object's body: a running hash fed as the body
-    arrives (``new()``, hashlib's ``update`` and ``digest``), and what its
+    How to check a whole object's body: the hash to compute over it
+    (``new()``, with hashlib's ``update`` and ``digest``), and what its
     digest, written as ``encode`` writes it, must come to.
     """
 
@@ -430,10 +429,6 @@ class BodyCheck:
     new: Callable[[], Any]
     encode: Callable[[bytes], str]
     expected: str
-
-    def matches(self, running: Any) -> bool:
-        """Whether the running hash, fed the whole body, gives the expected value."""
-        return self.encode(running.digest()) == self.expected
 
     def digest(self, body: bytes) -> str:
         """The value of a whole body, written as the header writes it."""
@@ -880,9 +875,7 @@ class S3ObjectStore:
                 name.decode("latin-1").lower(): values[-1].decode("latin-1")
                 for name, values in response.headers.getAllRawHeaders()
             }
-            check = body_check(received) if check_body and response.code == 200 else None
-            running = check.new() if check is not None else None
-            reader = BodyReader(response.length if isinstance(response.length, int) else None, running)
+            reader = BodyReader(response.length if isinstance(response.length, int) else None)
             response.deliverBody(reader)
             content = await reader.done
             if (
@@ -891,7 +884,8 @@ class S3ObjectStore:
                 and int(received["content-length"]) != len(content)
             ):
                 raise _Retry(f"a body of {received['content-length']} bytes arrived with {len(content)}")
-            if check is not None and not check.matches(running):
+            check = body_check(received) if check_body and response.code == 200 else None
+            if check is not None and await self._in_thread(check.digest, content) != check.expected:
                 raise _Corrupt(f"a body arrived altered: it does not match its {check.name}")
             return Answer(response.code, received, content)
 
