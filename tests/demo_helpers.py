@@ -27,16 +27,20 @@ def lucid(config: Path, *arguments: str, environment: dict[str, str] | None = No
 
 
 class RunningDemo:
-    """``lucid demo DIR`` in the background until :meth:`stop`; ``mount``: let it mount ``DIR/mnt`` too."""
+    """
+    ``lucid demo DIR`` in the background until :meth:`stop`; ``mount``: let it mount ``DIR/mnt`` too;
+    ``store``: an object store URL instead of the demo's own local folder.
+    """
 
-    def __init__(self, directory: Path, mount: bool = False) -> None:
+    def __init__(self, directory: Path, mount: bool = False, store: str | None = None) -> None:
         self.directory = directory
         self.output: list[bytes] = []
         self.config = directory / "client.ini"
         self.log_path = directory.parent / f"{directory.name}.out"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(directory), *([] if mount else ["--no-mount"])],
+            [sys.executable, "-m", "lucidlink.cli.main", "demo", str(directory), *([] if mount else ["--no-mount"]),
+             *(["--store", store] if store else [])],
             stdout=subprocess.PIPE, stderr=self._log,
         )
 

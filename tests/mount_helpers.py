@@ -110,9 +110,13 @@ class DemoMountCase(TestCase):
     def setUp(self) -> None:
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
+        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
         self.addCleanup(self.demo.stop)
         self.demo.wait_until_ready()
+
+    def store_url(self) -> str | None:
+        """The demo's object store: None for its own local folder (tests/test_s3_system.py runs mounts on S3)."""
+        return None
 
     def start_mount(self, name: str = "mnt", *options: str) -> MountProcess:
         """Mount the demo filespace at ``base/name`` (made if missing); unmounted in cleanup."""

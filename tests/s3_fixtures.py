@@ -1,6 +1,9 @@
 """
 A real S3 server on loopback for tests: ``moto_server``, one per test process.
 
+:class:`S3StoreMixin` runs a whole integration test class on it, mixed in
+before the class (tests/test_s3_system.py).
+
 Starting moto takes over a second, so the first test that asks starts it on
 a free 127.0.0.1 port and later tests share it, each in a bucket of its own
 (:func:`new_bucket`).  It is stopped by its PID when the test process exits
@@ -25,6 +28,7 @@ from typing import Any
 
 from botocore.credentials import Credentials
 from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink.client.backoff import Backoff
 from lucidlink.objectstore.s3 import S3Location, S3ObjectStore
@@ -241,3 +245,73 @@ def wait(seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+def isolate_credentials(case: SynchronousTestCase, environment: dict[str, str]) -> None:
+    """
+    Make botocore's chain see only ``environment`` until ``case`` ends: no ~/.aws files, no instance metadata.
+
+    Processes the test starts inherit the same environment.
+    """
+    names = [name for name in os.environ if name.startswith("AWS_")]
+    saved = {name: os.environ[name] for name in names}
+    for name in names:
+        del os.environ[name]
+    os.environ.update(
+        {
+            "AWS_CONFIG_FILE": "/nonexistent/lucid-test/config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/lucid-test/credentials",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **environment,
+        }
+    )
+
+    def restore() -> None:
+        for name in [name for name in os.environ if name.startswith("AWS_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+
+    case.addCleanup(restore)
+
+
+class S3StoreMixin:
+    """
+    Runs an integration test class on the S3 backend, for a class whose
+    ``store_url()`` names the object store its servers and commands use.
+
+    Each test gets a bucket of its own on the test process's one
+    ``moto_server``, a key prefix in it, and the test credentials in the
+    environment (so processes the test starts find them through botocore's
+    chain, as a deployment would).
+    """
+
+    s3_prefix = "lucid/store"
+
+    def store_url(self) -> str:
+        url: str | None = getattr(self, "_s3_store_url", None)
+        if url is None:
+            assert isinstance(self, SynchronousTestCase), "S3StoreMixin goes before a trial TestCase"
+            self.moto = shared_moto()
+            self.s3_bucket = new_bucket(self.moto)
+            isolate_credentials(self, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+            url = f"s3://{self.s3_bucket}/{self.s3_prefix}?endpoint={self.moto.endpoint}&region={REGION}"
+            self._s3_store_url = url
+        return url
+
+    def keys_in_bucket(self) -> list[str]:
+        """Every key under the store's prefix (without it), as an S3 client other than ours sees them."""
+        pages = (
+            self.moto.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.s3_bucket, Prefix=f"{self.s3_prefix}/")
+        )
+        return sorted(
+            item["Key"][len(self.s3_prefix) + 1 :] for page in pages for item in page.get("Contents", [])
+        )
+
+    def assertStoredInBucket(self, *parts: str) -> None:
+        """Some key under the store's prefix contains each of ``parts`` (the test ran on S3, not a folder)."""
+        assert isinstance(self, SynchronousTestCase)
+        keys = self.keys_in_bucket()
+        for part in parts:
+            self.assertTrue(any(part in key for key in keys), f"no key with {part!r} among {keys}")

@@ -90,8 +90,12 @@ class LucidMetaTests(TestCase):
 
     def write_config(self, data_dir: str, name: str = "lucid-meta.ini") -> Path:
         path = self.folder / name
-        path.write_text(f"[meta]\ndata_dir = {data_dir}\nlisten = tcp:0\nstore = {self.root.as_uri()}\n")
+        path.write_text(f"[meta]\ndata_dir = {data_dir}\nlisten = tcp:0\nstore = {self.store_url()}\n")
         return path
+
+    def store_url(self) -> str:
+        """The store the commands read (tests/test_s3_system.py mirrors ``root`` into S3 instead)."""
+        return self.root.as_uri()
 
     def data_dir(self, filespace: str = FILESPACE) -> Path:
         return self.folder / "data" / filespace

@@ -352,9 +352,13 @@ class ShippingServerTests(LoopbackServerTests):
     """The same server with a local object store and durability=sync: every test above, and shipping."""
 
     def server_keys(self) -> dict[str, str]:
-        self.objects = (self.directory / "objects").resolve()
-        self.objects.mkdir(parents=True, exist_ok=True)  # a new store, as an operator makes it
-        return {"store": f"file://{self.objects}", "snapshot_interval": "3600"}
+        return {"store": self.store_url(), "snapshot_interval": "3600"}
+
+    def store_url(self) -> str:
+        """The server's object store, a folder made as an operator makes it (tests/test_s3_system.py runs these on S3)."""
+        objects = (self.directory / "objects").resolve()
+        objects.mkdir(parents=True, exist_ok=True)
+        return objects.as_uri()
 
     @defer.inlineCallbacks
     def test_writes_are_shipped_and_restorable(self) -> Any:
@@ -362,8 +366,10 @@ class ShippingServerTests(LoopbackServerTests):
         from lucidlink.meta.server import DATABASE_NAME
         from lucidlink.meta.snapshots import restore
         from lucidlink.meta.store import MetadataStore
-        from lucidlink.objectstore.local import LocalObjectStore
+        from lucidlink.objectstore import open_store
 
+        objects = open_store(self.store_url(), reactor)
+        self.addCleanup(objects.close)
         connection = yield self.connect()
         token = read_token(self.data_dir / TOKEN_FILE_NAME)
         yield connection.request(Bootstrap(token, "admin", credentials("admin"), CHUNK_SIZE, FILESPACE_ID, b""))
@@ -372,11 +378,9 @@ class ShippingServerTests(LoopbackServerTests):
         shipper = self.server.shipper
         assert shipper is not None
         self.assertEqual(shipper.pending(), 0, "the answer came after the upload")
-        self.assertTrue(list((self.objects / FILESPACE / "journal").iterdir()))
+        self.assertTrue((yield objects.list(f"{FILESPACE}/journal/")))
         yield self.server.stopService()
-        self.assertTrue(list((self.objects / FILESPACE / "snapshots").iterdir()))
-        objects = LocalObjectStore(self.objects, reactor)
-        self.addCleanup(objects.close)
+        self.assertTrue((yield objects.list(f"{FILESPACE}/snapshots/")))
         target = self.directory / "restored.sqlite3"
         result = yield restore(objects, FILESPACE, target)
         self.assertTrue(result.complete, result.summary)

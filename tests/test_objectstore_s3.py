@@ -7,12 +7,15 @@ resets, stalls, truncated and corrupted bodies that must be.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from botocore.credentials import Credentials
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -20,13 +23,22 @@ from twisted.web.server import Site
 
 from lucidlink import errors, tls
 from lucidlink.objectstore import open_store
-from lucidlink.objectstore.s3 import Answer, S3ObjectStore, error_for, parse_url, retryable
+from lucidlink.objectstore.s3 import (
+    Answer,
+    S3ObjectStore,
+    body_check,
+    crc32_checksum,
+    error_for,
+    parse_url,
+    retryable,
+)
 from tests.objectstore_behaviour import ObjectStoreBehaviourMixin
 from tests.processes import free_port
 from tests.s3_fixtures import (
     ACCESS_KEY,
     AUTH_BUCKET,
     SECRET_KEY,
+    isolate_credentials,
     make_store,
     new_bucket,
     shared_auth_moto,
@@ -35,30 +47,31 @@ from tests.s3_fixtures import (
 from tests.s3_proxy import FaultyS3Proxy
 
 
-def _isolate_credentials(case: SynchronousTestCase, environment: dict[str, str]) -> None:
-    """Make botocore's chain see only ``environment``: no ~/.aws files, no instance metadata."""
-    names = [name for name in os.environ if name.startswith("AWS_")]
-    saved = {name: os.environ[name] for name in names}
-    for name in names:
-        del os.environ[name]
-    os.environ.update(
-        {
-            "AWS_CONFIG_FILE": "/nonexistent/lucid-test/config",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/lucid-test/credentials",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            **environment,
-        }
-    )
+class MotoBehaviourMixin(ObjectStoreBehaviourMixin):
+    """
+    The IObjectStore contract against moto, which falls short of S3 in one place.
 
-    def restore() -> None:
-        for name in [name for name in os.environ if name.startswith("AWS_")]:
-            del os.environ[name]
-        os.environ.update(saved)
+    moto checks ``If-None-Match: *`` and then stores the object, in two
+    steps on its request threads, so two concurrent create-only puts can
+    both win there (seen under load); AWS S3 and MinIO decide atomically.
+    Against moto the race is checked for what the client decides: at least
+    one writer wins, every other fails with AlreadyExists, and the object
+    holds a winner's bytes.
+    """
 
-    case.addCleanup(restore)
+    async def test_concurrent_create_only_one_wins(self) -> None:
+        store = self.store
+        attempts = [store.put("race", f"writer {n}".encode(), create_only=True) for n in range(6)]
+        results = await DeferredList(attempts, consumeErrors=True)
+        winners = [n for n, (ok, _) in enumerate(results) if ok]
+        self.assertTrue(winners)
+        for ok, outcome in results:
+            if not ok:
+                outcome.trap(errors.AlreadyExists)
+        self.assertIn(await store.get("race"), [f"writer {n}".encode() for n in winners])
 
 
-class S3BehaviourTests(ObjectStoreBehaviourMixin, TestCase):
+class S3BehaviourTests(MotoBehaviourMixin, TestCase):
     """The S3 store keeps the whole IObjectStore contract, against moto."""
 
     def make_store(self) -> S3ObjectStore:
@@ -66,7 +79,7 @@ class S3BehaviourTests(ObjectStoreBehaviourMixin, TestCase):
         return make_store(reactor, moto.endpoint, new_bucket(moto))
 
 
-class S3PrefixedBehaviourTests(ObjectStoreBehaviourMixin, TestCase):
+class S3PrefixedBehaviourTests(MotoBehaviourMixin, TestCase):
     """Under a key prefix, the store behaves as if it had the bucket to itself."""
 
     def make_store(self) -> S3ObjectStore:
@@ -173,6 +186,48 @@ class S3ErrorTests(SynchronousTestCase):
             self.assertFalse(retryable(Answer(status, {}, f"<Error><Code>{code}</Code></Error>".encode())))
 
 
+class S3BodyCheckTests(SynchronousTestCase):
+    """Which headers of a whole object's answer check its body, and how."""
+
+    body = b"the object's bytes"
+
+    def test_stored_checksum_first(self) -> None:
+        """A full-object CRC32 or SHA-256 S3 stored with the object is preferred to the ETag."""
+        etag = f'"{hashlib.md5(self.body).hexdigest()}"'
+        check = body_check({"x-amz-checksum-crc32": crc32_checksum(self.body), "etag": etag})
+        assert check is not None
+        self.assertEqual((check.name, check.digest(self.body)), ("x-amz-checksum-crc32", check.expected))
+        self.assertEqual(crc32_checksum(b"hello world"), "DUoRhQ==")  # as S3 and botocore compute it
+        sha256 = base64.b64encode(hashlib.sha256(self.body).digest()).decode()
+        check = body_check({"x-amz-checksum-sha256": sha256, "x-amz-checksum-type": "FULL_OBJECT"})
+        assert check is not None
+        self.assertEqual(check.digest(self.body), sha256)
+
+    def test_etag_when_no_usable_checksum(self) -> None:
+        """Without a checksum this module computes (or with a composite one), a single-part MD5 ETag checks."""
+        etag = f'"{hashlib.md5(self.body).hexdigest()}"'
+        for headers in [
+            {"etag": etag},
+            {"etag": etag, "x-amz-checksum-crc64nvme": "AAAAAAAAAAA="},
+            {"etag": etag, "x-amz-checksum-crc32": "AAAAAA==-3"},
+            {"etag": etag, "x-amz-checksum-crc32": "AAAAAA==", "x-amz-checksum-type": "COMPOSITE"},
+        ]:
+            check = body_check(headers)
+            assert check is not None
+            self.assertEqual((check.name, check.digest(self.body)), ("ETag (MD5)", check.expected), headers)
+
+    def test_nothing_to_check(self) -> None:
+        """A multipart ETag, or one under KMS or customer-key encryption, is not an MD5: nothing checks."""
+        md5 = hashlib.md5(self.body).hexdigest()
+        for headers in [
+            {},
+            {"etag": f'"{md5}-4"'},
+            {"etag": f'"{md5}"', "x-amz-server-side-encryption": "aws:kms"},
+            {"etag": f'"{md5}"', "x-amz-server-side-encryption-customer-algorithm": "AES256"},
+        ]:
+            self.assertIsNone(body_check(headers), headers)
+
+
 class S3StoreTests(TestCase):
     """What only S3 does: pagination, batch deletes, buckets and credentials, against moto."""
 
@@ -205,6 +260,27 @@ class S3StoreTests(TestCase):
         self.assertEqual([info.key for info in await store.list()], ["keep"])
         await self.assertFailure(store.delete_many(["ok", "../bad"]), errors.InvalidArgument)
 
+    async def test_put_stores_crc32(self) -> None:
+        """A put sends the body's CRC32, which S3 keeps with the object and gives back."""
+        store = self.store()
+        data = os.urandom(300 * 1024)  # hashed in the thread pool
+        await store.put("c/big", data)
+        head = self.moto.client().head_object(Bucket=self.bucket, Key="c/big", ChecksumMode="ENABLED")
+        self.assertEqual(head["ChecksumCRC32"], crc32_checksum(data))
+
+    async def test_stored_checksum_mismatch(self) -> None:
+        """A body that does not match the checksum stored with it is never passed on: IntegrityError."""
+        # moto keeps a stated checksum without checking it (AWS would refuse this put with BadDigest).
+        self.moto.client().put_object(
+            Bucket=self.bucket,
+            Key="lies",
+            Body=b"some bytes",
+            ChecksumCRC32="AAAAAA==",
+            ChecksumAlgorithm="CRC32",
+        )
+        failure = await self.assertFailure(self.store(attempts=2).get("lies"), errors.IntegrityError)
+        self.assertIn("x-amz-checksum-crc32", str(failure))
+
     async def test_no_such_bucket(self) -> None:
         """A missing bucket is NotFound naming the bucket, for reads, writes and listings."""
         store = make_store(reactor, self.moto.endpoint, "no-such-bucket-here")
@@ -215,7 +291,7 @@ class S3StoreTests(TestCase):
 
     async def test_credentials_from_environment(self) -> None:
         """open_store finds credentials in the environment and works."""
-        _isolate_credentials(self, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+        isolate_credentials(self, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
         store = open_store(f"s3://{self.bucket}/env?endpoint={self.moto.endpoint}&region=us-east-1", reactor)
         self.addCleanup(store.close)
         self.assertIsInstance(store, S3ObjectStore)
@@ -225,7 +301,7 @@ class S3StoreTests(TestCase):
 
     def test_no_credentials(self) -> None:
         """With no credentials anywhere, opening says how to provide them."""
-        _isolate_credentials(self, {})
+        isolate_credentials(self, {})
         with self.assertRaises(errors.AuthenticationFailed) as caught:
             open_store(f"s3://{self.bucket}?endpoint={self.moto.endpoint}", reactor)
         self.assertIn("AWS_ACCESS_KEY_ID", str(caught.exception))
@@ -334,12 +410,39 @@ class S3RetryTests(TestCase):
         self.assertEqual(self.attempts(), 4)
 
     async def test_corrupted_body_retried(self) -> None:
-        """A body that does not match its MD5 ETag is retried; if it stays wrong, IntegrityError."""
+        """A body that does not match its stored CRC32 is retried; if it stays wrong, IntegrityError."""
         self.proxy.corrupt_next(1)
         self.assertEqual(await self.store.get("k"), b"the object's bytes" * 100)
         self.assertEqual(self.attempts(), 2)
         self.proxy.corrupt_next(4)
-        await self.assertFailure(self.store.get("k"), errors.IntegrityError)
+        failure = await self.assertFailure(self.store.get("k"), errors.IntegrityError)
+        self.assertIn("x-amz-checksum-crc32", str(failure))
+
+    async def test_corrupted_body_without_checksum(self) -> None:
+        """An object stored without a checksum (another tool put it) is checked against its MD5 ETag."""
+        import boto3
+        from botocore.config import Config
+
+        plain = boto3.client(
+            "s3",
+            endpoint_url=self.moto.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=Config(request_checksum_calculation="when_required"),
+        )
+        plain.put_object(Bucket=self.bucket, Key="plain", Body=b"no checksum stored" * 50)
+        self.assertNotIn(
+            "x-amz-checksum-crc32",
+            plain.head_object(Bucket=self.bucket, Key="plain", ChecksumMode="ENABLED")["ResponseMetadata"][
+                "HTTPHeaders"
+            ],
+        )
+        self.proxy.corrupt_next(1)
+        self.assertEqual(await self.store.get("plain"), b"no checksum stored" * 50)
+        self.proxy.corrupt_next(4)
+        failure = await self.assertFailure(self.store.get("plain"), errors.IntegrityError)
+        self.assertIn("ETag (MD5)", str(failure))
 
     async def test_not_implemented_conditional_falls_back(self) -> None:
         """A server that answers If-None-Match with 501 gets HEAD then PUT from then on, with a warning."""

@@ -24,8 +24,15 @@ with full jitter (:class:`~lucidlink.client.backoff.Backoff`).  4xx
 answers are not retried (but for the few S3 uses for passing conditions:
 429, ``RequestTimeout``, ``ConditionalRequestConflict``; see
 ``docs/decisions.rst``); they become lucidlink errors that say what was
-refused (:func:`error_for`).  Large bodies are hashed (MD5, SHA-256) in the
-reactor's thread pool, so the reactor serves other requests meanwhile.
+refused (:func:`error_for`).
+
+Bodies are checked both ways.  A PUT carries the body's CRC32
+(``x-amz-checksum-crc32``, which S3 stores and checks) besides the signed
+SHA-256; a whole GET asks for the stored checksum (``x-amz-checksum-mode``)
+and checks the body against it, or, for an object stored without one,
+against its ETag where that is the body's MD5 (:func:`body_check`).  Large
+bodies are hashed in the reactor's thread pool (zlib and hashlib let go of
+the GIL), so the reactor serves other requests meanwhile.
 
 Beyond :class:`~lucidlink.objectstore.interface.IObjectStore`, the store
 offers :meth:`S3ObjectStore.delete_many` (S3's batch delete).
@@ -38,6 +45,7 @@ import builtins
 import hashlib
 import ipaddress
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -51,8 +59,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from treq.client import HTTPClient
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -62,16 +69,15 @@ from twisted.web.client import (
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
-    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from lucidlink import errors
 from lucidlink.client.backoff import Backoff
+from lucidlink.objectstore.http import BodyReader, BytesProducer, Endpoints
 from lucidlink.objectstore.interface import IObjectStore, ObjectInfo, check_key, check_prefix
 
 _T = TypeVar("_T")
@@ -280,8 +286,6 @@ class Answer:
     body: bytes
     attempt: int = 0
     """0 for the answer to the first attempt, 1 for the first retry's, ..."""
-    md5: str | None = None
-    """The hex MD5 of the body, when it was computed on the way in."""
 
 
 def parse_error(body: bytes) -> tuple[str, str, dict[str, str]]:
@@ -356,31 +360,8 @@ class _Retry(Exception):
     """An attempt that failed in a way that may pass next time."""
 
 
-class _Body(Protocol):
-    """Collects a response body; its Deferred fires with the bytes or fails with why it stopped."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        producer = getattr(self.transport, "_producer", None)
-        abort = getattr(producer, "abortConnection", None)
-        if abort is not None:
-            abort()
-        elif self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
+_CHECKSUM_MODE = {"x-amz-checksum-mode": "ENABLED"}
+"""Asks S3 to send an object's stored checksum with it."""
 
 
 class _KnownPayloadAuth(S3SigV4Auth):
@@ -394,30 +375,89 @@ class _KnownPayloadAuth(S3SigV4Auth):
         return self._payload_hash
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory, written to the connection in one go."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def _content_md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+class CRC32:
+    """zlib's CRC32 with hashlib's ``update`` and ``digest`` (big-endian, as S3 writes it)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def _base64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def crc32_checksum(data: bytes) -> str:
+    """S3's ``x-amz-checksum-crc32`` of ``data``: its CRC32, big-endian, in base64."""
+    return _base64(zlib.crc32(data).to_bytes(4, "big"))
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+_CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "x-amz-checksum-crc32": CRC32,
+    "x-amz-checksum-sha256": hashlib.sha256,
+}
+"""The full-object checksums S3 may store that this module can compute (not CRC32C or CRC64NVME)."""
+
+
+@dataclass(frozen=True)
+class BodyCheck:
+    """
+    How to check a whole object's body: the hash to compute over it
+    (``new()``, with hashlib's ``update`` and ``digest``), and what its
+    digest, written as ``encode`` writes it, must come to.
+    """
+
+    name: str
+    """What is compared, for error messages (a header's name)."""
+    new: Callable[[], Any]
+    encode: Callable[[bytes], str]
+    expected: str
+
+    def digest(self, body: bytes) -> str:
+        """The value of a whole body, written as the header writes it."""
+        running = self.new()
+        running.update(body)
+        return self.encode(running.digest())
+
+
+def body_check(headers: dict[str, str]) -> BodyCheck | None:
+    """
+    How the headers of a whole object's answer let its body be checked.
+
+    A full-object checksum S3 stored with the object comes first; then the
+    ETag, where it is the MD5 of the body (a single-part object not
+    encrypted with KMS or a customer key).  None when neither can check it.
+    """
+    if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() == "FULL_OBJECT":
+        for name, new in _CHECKSUMS.items():
+            value = headers.get(name, "")
+            if value and "-" not in value:  # "value-N" is a checksum of part checksums
+                return BodyCheck(name, new, _base64, value)
+    match = _SINGLE_PART_ETAG.fullmatch(headers.get("etag", ""))
+    encrypted = (
+        headers.get("x-amz-server-side-encryption", "").startswith("aws:kms")
+        or "x-amz-server-side-encryption-customer-algorithm" in headers
+    )
+    if match is None or encrypted:
+        return None
+    return BodyCheck("ETag (MD5)", hashlib.md5, bytes.hex, match.group(1).lower())
 
 
 def _parse_iso(text: str) -> float:
@@ -459,7 +499,8 @@ class S3ObjectStore:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_connections
         self._pool.cachedConnectionTimeout = 120
-        self._http = HTTPClient(Agent(reactor, connectTimeout=min(location.timeout, 30.0), pool=self._pool))
+        endpoints = Endpoints(reactor, connect_timeout=min(location.timeout, 30.0))
+        self._http = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool))
         self._closed = False
         if not location.conditional:
             self._warn_fallback()
@@ -486,7 +527,7 @@ class S3ObjectStore:
 
     def put(self, key: str, data: bytes, create_only: bool = False) -> Deferred[None]:
         try:
-            body = bytes(memoryview(data).cast("B"))
+            body = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
         except TypeError:
             return fail(errors.InvalidArgument(f"object {key!r} must be bytes, not {type(data).__name__}"))
         return self._start(check_key, key, self._put, body, create_only)
@@ -537,10 +578,17 @@ class S3ObjectStore:
         def accept(answer: Answer) -> bytes:
             if answer.status != 200:
                 raise error_for(answer, "get", key, self.location)
-            self._check_etag(answer, key)
             return answer.body
 
-        return await self._call("get", key, "GET", self.location.object_url(key), accept=accept)
+        return await self._call(
+            "get",
+            key,
+            "GET",
+            self.location.object_url(key),
+            headers=_CHECKSUM_MODE,
+            accept=accept,
+            check_body=True,
+        )
 
     async def _get_range(self, key: str, start: int, length: int) -> bytes:
         if length == 0:
@@ -550,8 +598,7 @@ class S3ObjectStore:
         def accept(answer: Answer) -> bytes:
             if answer.status == 416:  # the object exists and starts before `start`
                 return b""
-            if answer.status == 200:  # a server that ignores Range sends the whole object
-                self._check_etag(answer, key)
+            if answer.status == 200:  # a server that ignores Range sends the whole object (checked)
                 return answer.body[start : start + length]
             if answer.status != 206:
                 raise error_for(answer, "get", key, self.location)
@@ -563,16 +610,16 @@ class S3ObjectStore:
                 raise _Retry(f"range {content_range!r} came with {len(answer.body)} bytes")
             return answer.body
 
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        headers = {"Range": f"bytes={start}-{start + length - 1}", **_CHECKSUM_MODE}
         return await self._call(
-            "get", key, "GET", self.location.object_url(key), headers=headers, accept=accept
+            "get", key, "GET", self.location.object_url(key), headers=headers, accept=accept, check_body=True
         )
 
     async def _put(self, key: str, body: bytes, create_only: bool) -> None:
-        md5, payload_hash = await self._digests(body)
-        digest = md5.hex()
+        checksum, payload_hash = await self._digests(body)
         headers = {
-            "Content-MD5": base64.b64encode(md5).decode("ascii"),
+            "x-amz-checksum-crc32": checksum,
+            "x-amz-sdk-checksum-algorithm": "CRC32",
             "Content-Type": "application/octet-stream",
         }
         if create_only and not self.location.conditional:
@@ -611,7 +658,7 @@ class S3ObjectStore:
             return await self._put(key, body, create_only)
         if not stored:
             info_etag = await self._etag(key)
-            if info_etag != digest:
+            if info_etag != await self._in_thread(_md5_hex, body):
                 raise errors.AlreadyExists(f"object {key!r} already exists in {self.location}")
 
     async def _etag(self, key: str) -> str | None:
@@ -740,19 +787,6 @@ class S3ObjectStore:
 
     # One request, with retries
 
-    def _check_etag(self, answer: Answer, key: str) -> None:
-        """Where the ETag is the MD5 of a single-part, unencrypted object, the body must match it."""
-        match = _SINGLE_PART_ETAG.fullmatch(answer.headers.get("etag", ""))
-        encryption = answer.headers.get("x-amz-server-side-encryption", "")
-        if (
-            match is None
-            or encryption.startswith("aws:kms")
-            or "x-amz-server-side-encryption-customer-algorithm" in (answer.headers)
-        ):
-            return
-        if (answer.md5 or hashlib.md5(answer.body).hexdigest()) != match.group(1).lower():
-            raise _Corrupt(f"object {key!r} arrived altered (its MD5 is not its ETag)")
-
     async def _call(
         self,
         operation: str,
@@ -764,17 +798,20 @@ class S3ObjectStore:
         headers: dict[str, str] | None = None,
         body: bytes = b"",
         payload_hash: str | None = None,
+        check_body: bool = False,
     ) -> _T:
         """
         Make a request until ``accept`` takes its answer, or it has failed ``attempts`` times.
 
         ``accept`` sees every answer that is not a retryable error; it returns
-        the result, raises a LucidError (final) or raises _Retry.
+        the result, raises a LucidError (final) or raises _Retry.  With
+        ``check_body``, a 200 answer's body is checked against its stored
+        checksum or ETag (:func:`body_check`) before ``accept`` sees it.
         """
         attempt = 0
         while True:
             try:
-                answer = await self._attempt(method, url, dict(headers or {}), body, payload_hash)
+                answer = await self._attempt(method, url, dict(headers or {}), body, payload_hash, check_body)
                 answer.attempt = attempt
                 if retryable(answer):
                     code, message, _ = parse_error(answer.body)
@@ -814,7 +851,13 @@ class S3ObjectStore:
             attempt += 1
 
     async def _attempt(
-        self, method: str, url: str, headers: dict[str, str], body: bytes, payload_hash: str | None = None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        payload_hash: str | None = None,
+        check_body: bool = False,
     ) -> Answer:
         """One signed request and its whole answer, within the timeout."""
         signed = self._sign(method, url, headers, body, payload_hash)
@@ -824,27 +867,27 @@ class S3ObjectStore:
                 method,
                 url,
                 headers=signed,
-                data=_BytesProducer(body) if body or method in ("PUT", "POST") else None,
+                data=BytesProducer(body, self._reactor) if body or method in ("PUT", "POST") else None,
                 allow_redirects=False,
                 unbuffered=True,
             )
-            reader = _Body()
-            response.deliverBody(reader)
-            content = await reader.done
             received = {
                 name.decode("latin-1").lower(): values[-1].decode("latin-1")
                 for name, values in response.headers.getAllRawHeaders()
             }
+            reader = BodyReader(response.length if isinstance(response.length, int) else None)
+            response.deliverBody(reader)
+            content = await reader.done
             if (
                 method != "HEAD"
                 and "content-length" in received
                 and int(received["content-length"]) != len(content)
             ):
                 raise _Retry(f"a body of {received['content-length']} bytes arrived with {len(content)}")
-            md5 = None
-            if method == "GET" and response.code == 200 and "etag" in received:
-                md5 = await self._md5(content)
-            return Answer(response.code, received, content, md5=md5)
+            check = body_check(received) if check_body and response.code == 200 else None
+            if check is not None and await self._in_thread(check.digest, content) != check.expected:
+                raise _Corrupt(f"a body arrived altered: it does not match its {check.name}")
+            return Answer(response.code, received, content)
 
         attempt = Deferred.fromCoroutine(exchange())
         attempt.addTimeout(self.location.timeout, self._reactor)
@@ -862,31 +905,21 @@ class S3ObjectStore:
         signer.add_auth(request)
         return {name: value for name, value in request.headers.items()}
 
-    def _in_pool(self, size: int) -> bool:
-        return size >= THREAD_HASHING_THRESHOLD and hasattr(self._reactor, "getThreadPool")
+    async def _in_thread(self, digest: Callable[[bytes], str], body: bytes) -> str:
+        """``digest(body)``; for a large body in the reactor's thread pool, leaving the reactor free."""
+        if len(body) < THREAD_HASHING_THRESHOLD or not hasattr(self._reactor, "getThreadPool"):
+            return digest(body)
+        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), digest, body)
 
-    async def _md5(self, body: bytes) -> str:
-        """The hex MD5 of a body that arrived; a large one is hashed in a thread."""
-        if not self._in_pool(len(body)):
-            return hashlib.md5(body).hexdigest()
-        return await deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), lambda: hashlib.md5(body).hexdigest()
-        )
-
-    async def _digests(self, body: bytes) -> tuple[bytes, str]:
+    async def _digests(self, body: bytes) -> tuple[str, str]:
         """
-        The MD5 (for Content-MD5 and the ETag) and hex SHA-256 (for SigV4) of a body to put.
+        The CRC32 (``x-amz-checksum-crc32``) and hex SHA-256 (for SigV4) of a body to put.
 
-        A large body is hashed in two threads of the reactor's pool at once
-        (hashlib lets go of the GIL), so the reactor goes on serving other
-        requests meanwhile.
+        A large body is hashed in two threads of the reactor's pool at once.
         """
-        if not self._in_pool(len(body)):
-            return hashlib.md5(body).digest(), hashlib.sha256(body).hexdigest()
-        pool = self._reactor.getThreadPool()
-        md5 = deferToThreadPool(self._reactor, pool, lambda: hashlib.md5(body).digest())
-        sha256 = deferToThreadPool(self._reactor, pool, lambda: hashlib.sha256(body).hexdigest())
-        return await md5, await sha256
+        crc32 = Deferred.fromCoroutine(self._in_thread(crc32_checksum, body))
+        sha256 = Deferred.fromCoroutine(self._in_thread(_sha256_hex, body))
+        return await crc32, await sha256
 
 
 class _Corrupt(_Retry):
