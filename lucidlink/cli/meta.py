@@ -48,11 +48,10 @@ from lucidlink.meta.segments import (
     SegmentError,
     parse_segment,
     parse_segment_key,
-    salvage_segment,
     segment_prefix,
 )
 from lucidlink.meta.server import DATABASE_NAME
-from lucidlink.meta.snapshots import Manifest, restore, snapshot_key, snapshot_prefix
+from lucidlink.meta.snapshots import Manifest, restore, seq_at_time, snapshot_key, snapshot_prefix
 
 PROG = "lucid-meta"
 PIDFILE_NAME = "twistd.pid"
@@ -447,31 +446,6 @@ def restore_filespace(reactor: Any, object_store: Any, filespace: str, data_dir:
     return Restored(filespace, result.seq, entries, reactor.seconds() - started,
                     "" if result.complete else f"stopped at seq {result.seq}: {result.problem}",
                     f"{filespace}: {result.summary}", kept)
-
-
-@defer.inlineCallbacks
-def seq_at_time(object_store: Any, filespace: str, time_ns: int) -> Any:
-    """The last journal record written at or before ``time_ns`` (records carry their time); fires with its seq.
-
-    Reads the segments in order until the first record written later, or a
-    damaged or missing segment (a restore stops there anyway).
-    """
-    infos = yield object_store.list(segment_prefix(filespace))
-    spans = sorted((span, info.key) for info in infos if (span := parse_segment_key(filespace, info.key)))
-    seq, chain = 0, GENESIS_HASH
-    for (first, last), key in spans:
-        if last <= seq:
-            continue
-        if first > seq + 1:
-            break
-        salvage = salvage_segment((yield object_store.get(key)), seq, chain)
-        for entry in salvage.entries:
-            if entry.time_ns > time_ns:
-                return seq
-            seq, chain = entry.seq, entry.hash
-        if salvage.problem:
-            break
-    return seq
 
 
 @defer.inlineCallbacks
