@@ -140,15 +140,23 @@ def take_snapshot(store: MetadataStore, object_store: Any, filespace: str, clock
 
 
 class Snapshotter:
-    """Takes a snapshot every ``interval`` seconds when the journal moved, and on :meth:`stop`."""
+    """Takes a snapshot every ``interval`` seconds when the journal moved, and on :meth:`stop`.
+
+    With ``prune_retention`` (seconds) it also prunes the store after each
+    new snapshot (:mod:`lucidlink.meta.prune`), keeping that much history; a
+    store that refuses to delete is logged, never fatal.
+    """
 
     def __init__(self, store: MetadataStore, object_store: Any, filespace: str, clock: IReactorTime,
-                 interval: float = DEFAULT_SNAPSHOT_INTERVAL) -> None:
+                 interval: float = DEFAULT_SNAPSHOT_INTERVAL, prune_retention: float | None = None) -> None:
         self.store = store
         self.object_store = object_store
         self.filespace = filespace
         self.clock = clock
         self.interval = interval
+        self.prune_retention = prune_retention
+        self.last_pruned: Any = None
+        """The :class:`~lucidlink.meta.prune.Pruned` of the last pruning, if any."""
         self.last_seq: int | None = None
         self.taken = 0
         self._loop = LoopingCall(self.snapshot)
@@ -186,7 +194,19 @@ class Snapshotter:
         self.last_seq = seq
         if manifest is not None:
             self.taken += 1
+            if self.prune_retention is not None and self._loop.running:  # not at stop: it would only delay it
+                yield self._prune()
         return manifest
+
+    @defer.inlineCallbacks
+    def _prune(self) -> Any:
+        from lucidlink.meta.prune import prune
+
+        try:
+            self.last_pruned = yield prune(self.object_store, self.filespace, self.prune_retention,
+                                           self.clock.seconds())
+        except LucidError as error:
+            _log.warn("pruning {filespace} failed: {error}", filespace=self.filespace, error=str(error))
 
 
 @dataclass(frozen=True)
@@ -209,19 +229,24 @@ class RestoreResult:
         return text if self.complete else f"{text}; stopped there: {self.problem}"
 
 
-def manifest_seq(filespace: str, key: str) -> int | None:
-    """The sequence in the name of snapshot manifest ``key``, or None if ``key`` is not one."""
+def snapshot_object_seq(filespace: str, key: str, suffixes: tuple[str, ...] = (".manifest", ".db.z")) -> int | None:
+    """The sequence in the name of a snapshot object (manifest or data) ``key``, or None if it is not one."""
     prefix = snapshot_prefix(filespace)
-    name = key[len(prefix):] if key.startswith(prefix) else ""
-    stem = name.removesuffix(".manifest")
-    return int(stem) if stem != name and len(stem) == SEQ_DIGITS and stem.isdigit() else None
+    if not key.startswith(prefix):
+        return None
+    name = key[len(prefix):]
+    for suffix in suffixes:
+        stem = name.removesuffix(suffix)
+        if stem != name and len(stem) == SEQ_DIGITS and stem.isdigit():
+            return int(stem)
+    return None
 
 
 @defer.inlineCallbacks
 def manifests(object_store: Any, filespace: str) -> Any:
     """Every snapshot manifest of ``filespace`` in the store, newest first: ``[(seq, key)]``."""
     infos = yield object_store.list(snapshot_prefix(filespace))
-    found = [(seq, info.key) for info in infos if (seq := manifest_seq(filespace, info.key)) is not None]
+    found = [(seq, info.key) for info in infos if (seq := snapshot_object_seq(filespace, info.key, (".manifest",))) is not None]
     return sorted(found, reverse=True)
 
 
