@@ -206,3 +206,26 @@ class RestoreTests(SynchronousTestCase):
     def test_target_must_not_exist(self) -> None:
         (self.folder / "there").write_bytes(b"")
         self.failureResultOf(restore(self.objects, FILESPACE, self.folder / "there"), InvalidArgument)
+
+
+class ReplayTransactionTests(SynchronousTestCase):
+    """A restore replays a segment's records in one transaction: each record is a savepoint of it."""
+
+    def test_refused_mutation_inside_a_transaction_undoes_only_itself(self) -> None:
+        from lucidlink.errors import AlreadyExists
+
+        clock = Clock()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        store = MetadataStore(folder / "db.sqlite3", clock)
+        self.addCleanup(store.close)
+        store.apply(initialise_record())
+        store._db.execute("BEGIN IMMEDIATE")
+        store.apply(m.MakeDirectory(ROOT_INODE, b"kept", 0o755, 0, 0))
+        with self.assertRaises(AlreadyExists):
+            store.apply(m.MakeDirectory(ROOT_INODE, b"kept", 0o755, 0, 0))
+        self.assertTrue(store._db.in_transaction, "the caller's transaction is still open")
+        store.apply(m.MakeDirectory(ROOT_INODE, b"also", 0o755, 0, 0))
+        store._db.execute("COMMIT")
+        names = [name for name, _ in store.readdir(ROOT_INODE)[0]]
+        self.assertEqual(sorted(names), [b"also", b"kept"])

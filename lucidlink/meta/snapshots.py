@@ -40,7 +40,7 @@ from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import Logger
 
 from lucidlink.errors import AlreadyExists, IntegrityError, InvalidArgument, LucidError, NotFound
-from lucidlink.meta.journal import GENESIS_HASH, Journal
+from lucidlink.meta.journal import GENESIS_HASH, Entry, Journal
 from lucidlink.meta.segments import parse_segment_key, salvage_segment, segment_prefix
 from lucidlink.meta.store import MetadataStore
 
@@ -451,11 +451,7 @@ def _replay(object_store: Any, filespace: str, journal: Journal, to_seq: int | N
                 problem = f"no segment holds seq {seq + 1} (the next one, {key}, starts at {first})"
                 break
             salvage = salvage_segment(data, seq, chain)
-            for entry in salvage.entries:
-                if to_seq is not None and entry.seq > to_seq:
-                    break
-                journal.replay(entry)
-                seq, chain = entry.seq, entry.hash
+            seq, chain = _replay_entries(journal, salvage.entries, to_seq, seq, chain)
             if salvage.problem:
                 problem = f"{key} is damaged ({salvage.problem}); the last good record is seq {seq}"
                 break
@@ -464,6 +460,24 @@ def _replay(object_store: Any, filespace: str, journal: Journal, to_seq: int | N
     if to_seq is not None and seq < to_seq and not problem:
         problem = f"the journal ends at seq {seq}, before seq {to_seq}"
     return seq, chain, problem
+
+
+def _replay_entries(journal: Journal, entries: list[Entry], to_seq: int | None, seq: int,
+                    chain: bytes) -> tuple[int, bytes]:
+    """Replay ``entries`` (up to ``to_seq``) in one transaction: one commit a segment, not one a record."""
+    db = journal.store._db  # type: ignore[union-attr]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for entry in entries:
+            if to_seq is not None and entry.seq > to_seq:
+                break
+            journal.replay(entry)
+            seq, chain = entry.seq, entry.hash
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return seq, chain
 
 
 @defer.inlineCallbacks
