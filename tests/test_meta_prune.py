@@ -365,6 +365,20 @@ class PruneCommandTests(TestCase):
         self.assertEqual(store.dump(), dump)
 
     @defer.inlineCallbacks
+    def test_verify_after_pruning(self) -> None:
+        """A pruned store restores to its head, and verify finds nothing wrong with either."""
+        status, out, err = yield self.lucid_meta("prune", "--config", str(self.config),
+                                                 "--retention", self.retention_for(1))
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertIn("deleted", out)
+        args = ["--filespace", FILESPACE, "--config", str(self.config)]
+        status, out, err = yield self.lucid_meta("restore", *args)
+        self.assertEqual((status, err), (0, ""), out)
+        status, out, err = yield self.lucid_meta("verify", *args)
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertIn("films: all is well", out)
+
+    @defer.inlineCallbacks
     def test_refused_delete_on_a_local_store(self) -> None:
         """A file:// store that will not delete: nothing deleted, the error names the credential."""
         local = LocalObjectStore(self.root, reactor)
