@@ -229,3 +229,51 @@ class ReplayTransactionTests(SynchronousTestCase):
         store._db.execute("COMMIT")
         names = [name for name, _ in store.readdir(ROOT_INODE)[0]]
         self.assertEqual(sorted(names), [b"also", b"kept"])
+
+
+class ReplayChecksTests(SynchronousTestCase):
+    """A replayed record must land at its own sequence and complete to exactly the shipped record."""
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        self.store = MetadataStore(folder / "db.sqlite3", Clock())
+        self.addCleanup(self.store.close)
+        self.journal = Journal(Clock()).install(self.store)
+
+    @staticmethod
+    def initialise() -> m.Initialise:
+        import dataclasses
+
+        return dataclasses.replace(initialise_record(), server_secret=bytes(32), time_ns=5)
+
+    def entry(self, seq: int, record: m.Mutation) -> Any:
+        from lucidlink.meta.journal import Entry, chain_hash
+
+        data = m.encode(record)
+        return Entry(seq, 5, data, chain_hash(self.journal.head()[1], seq, data))
+
+    def test_shipped_bytes_and_time_are_kept(self) -> None:
+        entry = self.entry(1, self.initialise())
+        self.journal.replay(entry)
+        self.assertEqual(self.journal.entries(), [entry])
+
+    def test_wrong_place_is_refused(self) -> None:
+        from lucidlink.meta.journal import ChainError
+
+        with self.assertRaises(ChainError) as caught:
+            self.journal.replay(self.entry(2, self.initialise()))
+        self.assertIn("replaying seq 2 gave a different record at seq 1", str(caught.exception))
+        self.assertEqual(self.journal.head()[0], 0)
+
+    def test_record_completing_differently_is_refused(self) -> None:
+        """An unlink shipped without its ``kept`` list completes with one: not the record that was shipped."""
+        from lucidlink.meta.journal import ChainError
+
+        self.journal.replay(self.entry(1, self.initialise()))
+        made = self.store.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0))
+        self.assertEqual(made.record.inode, ROOT_INODE + 1)
+        with self.assertRaises(ChainError):
+            self.journal.replay(self.entry(3, m.Rename(ROOT_INODE, b"d", ROOT_INODE, b"e", 0, kept=None,
+                                                       time_ns=7)))
+        self.assertEqual(self.journal.head()[0], 2)
