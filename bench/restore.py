@@ -271,11 +271,13 @@ def ship_tail(store: MetadataStore, objects: LocalObjectStore, source: Source, s
 
 
 @defer.inlineCallbacks
-def build_filespace(reactor: Any, folder: Path, objects: LocalObjectStore, name: str, entries: int, tail: int,
+def build_filespace(reactor: Any, folder: Path, root: Path, name: str, entries: int, tail: int,
                     segment_records: int, seed: int) -> Any:
-    """A filespace in ``objects``: a snapshot of ``entries`` entries, then ``tail`` records in segments."""
+    """A filespace in the store at ``root``: a snapshot of ``entries`` entries, then ``tail`` records in segments."""
     rng = random.Random(seed)
     clock = SettableClock(START)
+    root.mkdir()
+    objects = LocalObjectStore(root, reactor)
     store, source = build_base(folder / f"{name}.sqlite3", name, entries, 1000, rng, clock)
     try:
         started = time.perf_counter()
@@ -290,6 +292,7 @@ def build_filespace(reactor: Any, folder: Path, objects: LocalObjectStore, name:
         store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         store.close()
+        yield objects.close()
     source.files = []
     return source
 
@@ -371,13 +374,7 @@ def write_config(scratch: Path, root: Path) -> Path:
 @defer.inlineCallbacks
 def one_filespace(reactor: Any, args: argparse.Namespace, scratch: Path) -> Any:
     root = scratch / "objects-one"
-    root.mkdir()
-    objects = LocalObjectStore(root, reactor)
-    try:
-        source = yield build_filespace(reactor, scratch, objects, "big", args.entries, args.tail,
-                                       args.segment_records, 1)
-    finally:
-        yield objects.close()
+    source = yield build_filespace(reactor, scratch, root, "big", args.entries, args.tail, args.segment_records, 1)
     print(f"one: {source.entries:,} entries, snapshot at seq {source.snapshot_seq:,} "
           f"({source.timings['database_mb']:.0f} MB, {source.timings['snapshot_mb']:.0f} MB compressed), "
           f"{source.head - source.snapshot_seq:,} records in {source.segments:,} segments; built in "
@@ -413,15 +410,10 @@ def one_filespace(reactor: Any, args: argparse.Namespace, scratch: Path) -> Any:
 @defer.inlineCallbacks
 def many_filespaces(reactor: Any, args: argparse.Namespace, scratch: Path) -> Any:
     root = scratch / "objects-many"
-    root.mkdir()
     folder = scratch / "many"
     folder.mkdir()
-    objects = LocalObjectStore(root, reactor)
-    try:
-        template = yield build_filespace(reactor, folder, objects, "template", args.small_entries, args.small_tail,
-                                         args.small_segment_records, 2)
-    finally:
-        yield objects.close()
+    template = yield build_filespace(reactor, folder, root, "template", args.small_entries, args.small_tail,
+                                     args.small_segment_records, 2)
     started = time.perf_counter()
     names = [f"fs-{index:05d}" for index in range(args.filespaces)]
     for name in names:

@@ -43,6 +43,7 @@ from lucidlink.errors import AlreadyExists, IntegrityError, InvalidArgument, Luc
 from lucidlink.meta.journal import GENESIS_HASH, Entry, Journal
 from lucidlink.meta.segments import parse_segment_key, salvage_segment, segment_prefix
 from lucidlink.meta.store import MetadataStore
+from lucidlink.objectstore.local import _fsync_folder
 
 MANIFEST_FORMAT = 1
 DEFAULT_SNAPSHOT_INTERVAL = 3600.0
@@ -359,14 +360,6 @@ class _Prefetch:
         for pending in self._pending:
             pending.addErrback(lambda _: None)
         self._pending = []
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replay_mode(store: MetadataStore) -> None:
