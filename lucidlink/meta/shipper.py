@@ -246,6 +246,8 @@ class Shipper:
                       seq=self.shipped_seq)
         self.last_error = None
         self._release()
+        if self._closing:
+            return  # a released waiter stopped the shipper (and may have closed the store)
         if self.pending() > 0 and (self._waiters or self.durability == "async" or self.pending() >= self.max_records):
             # Records that arrived during the upload go in one more upload, at once.
             self._ship()
