@@ -168,6 +168,20 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(result.seq, first - 1)
         self.assertIn(f"no segment holds seq {first}", result.problem)
 
+    def test_unreadable_segment_stops_the_restore(self) -> None:
+        """A segment the store cannot give (read ahead with others) stops the restore before it, naming it."""
+        from lucidlink.objectstore.faults import FaultyObjectStore
+
+        self.work(3)
+        self.ship()
+        keys = sorted(key for key in self.objects.objects if parse_segment_key(FILESPACE, key))
+        faulty = FaultyObjectStore(self.objects)
+        faulty.fail_next(1, {"get"})
+        result = self.successResultOf(restore(faulty, FILESPACE, self.folder / "unreadable.sqlite3"))
+        self.assertEqual(result.seq, 0)
+        self.assertIn(f"cannot read {keys[0]}", result.problem)
+        self.assertEqual(len([call for call in faulty.calls if call[0] == "get"]), 4, "read four ahead")
+
     def test_corrupt_snapshot_falls_back(self) -> None:
         """A snapshot that does not match its manifest is skipped for an older one (or none)."""
         self.work(2)

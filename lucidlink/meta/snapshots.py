@@ -19,7 +19,13 @@ for a complete snapshot, so a half-written one is never chosen.
 target whose data matches its manifest, then replays every later segment
 through the store (each record must land at its own sequence with its own
 hash), and stops at the last record whose chain verifies if a segment is
-damaged or missing, saying which sequence it reached.
+damaged or missing, saying which sequence it reached.  It is built for
+speed: the snapshot is inflated straight into a scratch file, segments are
+read a few ahead, each segment's records are replayed in one transaction
+with ``synchronous=OFF``, and the result is checked (``quick_check``) and
+synced once before it is renamed into place.  :func:`seq_at_time` finds
+the record to stop at for a moment, starting from a snapshot, so it works
+on a store pruned to its retention window (:mod:`lucidlink.meta.prune`).
 """
 
 from __future__ import annotations
