@@ -13,8 +13,8 @@ record applied while an upload is in flight — goes in the same (or the next)
 single upload.  The window is 0 by default: the upload starts on the next
 reactor turn, so what arrived in the same turn shares it, and what arrives
 while it is in flight shares the next one.  A longer window only delays a
-lone writer (``bench/restore.py``: sync p50 7.7 ms without a window, 14 ms
-with one of 5 ms, in the same run; with 16 writers the same either way).
+lone writer (``bench/restore.py``: sync p50 2.5 ms without a window, 8.4 ms
+with one of 5 ms, in the same run; with 16 writers about the same).
 
 ``durability="async"``: :meth:`durable` returns at once; a segment is shipped
 every ``ship_interval`` seconds when there is anything to ship.
