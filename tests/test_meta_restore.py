@@ -168,6 +168,20 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(result.seq, first - 1)
         self.assertIn(f"no segment holds seq {first}", result.problem)
 
+    def test_unreadable_segment_stops_the_restore(self) -> None:
+        """A segment the store cannot give (read ahead with others) stops the restore before it, naming it."""
+        from lucidlink.objectstore.faults import FaultyObjectStore
+
+        self.work(3)
+        self.ship()
+        keys = sorted(key for key in self.objects.objects if parse_segment_key(FILESPACE, key))
+        faulty = FaultyObjectStore(self.objects)
+        faulty.fail_next(1, {"get"})
+        result = self.successResultOf(restore(faulty, FILESPACE, self.folder / "unreadable.sqlite3"))
+        self.assertEqual(result.seq, 0)
+        self.assertIn(f"cannot read {keys[0]}", result.problem)
+        self.assertEqual(len([call for call in faulty.calls if call[0] == "get"]), 4, "read four ahead")
+
     def test_corrupt_snapshot_falls_back(self) -> None:
         """A snapshot that does not match its manifest is skipped for an older one (or none)."""
         self.work(2)
@@ -206,3 +220,74 @@ class RestoreTests(SynchronousTestCase):
     def test_target_must_not_exist(self) -> None:
         (self.folder / "there").write_bytes(b"")
         self.failureResultOf(restore(self.objects, FILESPACE, self.folder / "there"), InvalidArgument)
+
+
+class ReplayTransactionTests(SynchronousTestCase):
+    """A restore replays a segment's records in one transaction: each record is a savepoint of it."""
+
+    def test_refused_mutation_inside_a_transaction_undoes_only_itself(self) -> None:
+        from lucidlink.errors import AlreadyExists
+
+        clock = Clock()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        store = MetadataStore(folder / "db.sqlite3", clock)
+        self.addCleanup(store.close)
+        store.apply(initialise_record())
+        store._db.execute("BEGIN IMMEDIATE")
+        store.apply(m.MakeDirectory(ROOT_INODE, b"kept", 0o755, 0, 0))
+        with self.assertRaises(AlreadyExists):
+            store.apply(m.MakeDirectory(ROOT_INODE, b"kept", 0o755, 0, 0))
+        self.assertTrue(store._db.in_transaction, "the caller's transaction is still open")
+        store.apply(m.MakeDirectory(ROOT_INODE, b"also", 0o755, 0, 0))
+        store._db.execute("COMMIT")
+        names = [name for name, _ in store.readdir(ROOT_INODE)[0]]
+        self.assertEqual(sorted(names), [b"also", b"kept"])
+
+
+class ReplayChecksTests(SynchronousTestCase):
+    """A replayed record must land at its own sequence and complete to exactly the shipped record."""
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        self.store = MetadataStore(folder / "db.sqlite3", Clock())
+        self.addCleanup(self.store.close)
+        self.journal = Journal(Clock()).install(self.store)
+
+    @staticmethod
+    def initialise() -> m.Initialise:
+        import dataclasses
+
+        return dataclasses.replace(initialise_record(), server_secret=bytes(32), time_ns=5)
+
+    def entry(self, seq: int, record: m.Mutation) -> Any:
+        from lucidlink.meta.journal import Entry, chain_hash
+
+        data = m.encode(record)
+        return Entry(seq, 5, data, chain_hash(self.journal.head()[1], seq, data))
+
+    def test_shipped_bytes_and_time_are_kept(self) -> None:
+        entry = self.entry(1, self.initialise())
+        self.journal.replay(entry)
+        self.assertEqual(self.journal.entries(), [entry])
+
+    def test_wrong_place_is_refused(self) -> None:
+        from lucidlink.meta.journal import ChainError
+
+        with self.assertRaises(ChainError) as caught:
+            self.journal.replay(self.entry(2, self.initialise()))
+        self.assertIn("replaying seq 2 gave a different record at seq 1", str(caught.exception))
+        self.assertEqual(self.journal.head()[0], 0)
+
+    def test_record_completing_differently_is_refused(self) -> None:
+        """An unlink shipped without its ``kept`` list completes with one: not the record that was shipped."""
+        from lucidlink.meta.journal import ChainError
+
+        self.journal.replay(self.entry(1, self.initialise()))
+        made = self.store.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0))
+        self.assertEqual(made.record.inode, ROOT_INODE + 1)
+        with self.assertRaises(ChainError):
+            self.journal.replay(self.entry(3, m.Rename(ROOT_INODE, b"d", ROOT_INODE, b"e", 0, kept=None,
+                                                       time_ns=7)))
+        self.assertEqual(self.journal.head()[0], 2)

@@ -79,6 +79,31 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(len(segment_puts(self.objects)), 1)
         self.assertEqual(stored_chain(self.memory, FILESPACE), [1, 2, 3, 4])
 
+    def test_waiter_that_stops_everything(self) -> None:
+        """A waiter woken by an upload may stop the shipper and close the store at once: nothing runs after."""
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        store = MetadataStore(folder / "own.sqlite3", self.clock)
+        shipper = Shipper(store, self.objects, self.clock, filespace=FILESPACE, group_window=WINDOW,
+                          durability="async")
+        self.successResultOf(shipper.start())
+        shipper.durability = "sync"  # the async tick would ship too; this wait is the only reason to ship
+        store.apply(initialise_record())
+        stopped: list[Any] = []
+
+        def shut_down(_: Any) -> None:
+            stopped.append(shipper.stop())
+            store.close()
+
+        shipper.durable().addCallback(shut_down)
+        self.clock.advance(WINDOW)
+        self.assertEqual(len(stopped), 1)
+        self.successResultOf(stopped[0])
+        import gc
+
+        gc.collect()  # an error left in a Deferred is logged when the Deferred is collected
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_records_during_an_upload_share_the_next_one(self) -> None:
         """While an upload is in flight, new records wait and then go together in one more upload."""
         shipper = self.shipper()

@@ -12,8 +12,11 @@ sequence or a moment (``--to-seq``, ``--to-time``), refusing while a server
 runs on the folder and keeping any database it replaces beside it.
 ``lucid-meta restore-all`` finds every filespace in the store and restores
 each into its data folder, several at a time, and ends with a table.
+``lucid-meta prune`` deletes the segments and snapshots older than the
+retention period that no restore in it needs (:mod:`lucidlink.meta.prune`),
+run with the store credential that may delete.
 
-Only ``data_dir`` and ``store`` of the ``[meta]`` section are read, with the
+Only ``data_dir``, ``store`` and ``retention`` of the ``[meta]`` section are read, with the
 same rules as the server (:mod:`lucidlink.meta.config`): restoring needs
 neither listen addresses nor certificates, which may not be back yet when a
 machine is rebuilt, and one shared config serves every filespace.
@@ -41,17 +44,16 @@ from twisted.internet import defer
 
 from lucidlink.errors import Busy, LucidError
 from lucidlink.inifile import read_section
-from lucidlink.meta.config import DEFAULT_DATA_ROOT, SECTION, ConfigError
+from lucidlink.meta.config import DEFAULT_DATA_ROOT, DEFAULT_RETENTION, SECTION, ConfigError, parse_duration
 from lucidlink.meta.guardian import DATABASE_NAME, Restored, install_restored, quick_check, read_only
 from lucidlink.meta.journal import GENESIS_HASH, ChainError, Entry, verify_chain
 from lucidlink.meta.segments import (
     SegmentError,
     parse_segment,
     parse_segment_key,
-    salvage_segment,
     segment_prefix,
 )
-from lucidlink.meta.snapshots import Manifest, check_serialized, snapshot_key, snapshot_prefix
+from lucidlink.meta.snapshots import Manifest, check_serialized, seq_at_time, snapshot_key, snapshot_prefix
 
 PROG = "lucid-meta"
 PIDFILE_NAME = "twistd.pid"
@@ -73,6 +75,8 @@ class Settings:
     data_dir_text: str
     """The raw ``data_dir`` value ("" when unset)."""
     store: str | None
+    retention: float = DEFAULT_RETENTION
+    """The ``retention`` key: seconds of history ``prune`` keeps."""
 
     @classmethod
     def load(cls, path: Path | str, store: str | None = None) -> Settings:
@@ -84,7 +88,13 @@ class Settings:
                               "(or give --store URL)")
         if "://" not in url:
             raise ConfigError(f"{path}: [{SECTION}] store: {url!r} is not an object store URL")
-        return cls(path, section.get("data_dir", "").strip(), url)
+        retention = DEFAULT_RETENTION
+        if section.get("retention", "").strip():
+            try:
+                retention = parse_duration(section["retention"])
+            except ValueError as error:
+                raise ConfigError(f"{path}: [{SECTION}] retention: {error}") from None
+        return cls(path, section.get("data_dir", "").strip(), url, retention)
 
     @property
     def per_filespace(self) -> bool:
@@ -391,31 +401,6 @@ def restore_filespace(reactor: Any, object_store: Any, filespace: str, data_dir:
 
 
 @defer.inlineCallbacks
-def seq_at_time(object_store: Any, filespace: str, time_ns: int) -> Any:
-    """The last journal record written at or before ``time_ns`` (records carry their time); fires with its seq.
-
-    Reads the segments in order until the first record written later, or a
-    damaged or missing segment (a restore stops there anyway).
-    """
-    infos = yield object_store.list(segment_prefix(filespace))
-    spans = sorted((span, info.key) for info in infos if (span := parse_segment_key(filespace, info.key)))
-    seq, chain = 0, GENESIS_HASH
-    for (first, last), key in spans:
-        if last <= seq:
-            continue
-        if first > seq + 1:
-            break
-        salvage = salvage_segment((yield object_store.get(key)), seq, chain)
-        for entry in salvage.entries:
-            if entry.time_ns > time_ns:
-                return seq
-            seq, chain = entry.seq, entry.hash
-        if salvage.problem:
-            break
-    return seq
-
-
-@defer.inlineCallbacks
 def filespaces_in(object_store: Any) -> Any:
     """The names of the filespaces with journal segments or snapshots in the store, sorted."""
     names = set()
@@ -530,7 +515,25 @@ def build_parser() -> argparse.ArgumentParser:
     everything.add_argument("--force", action="store_true", help="replace existing healthy databases")
     everything.add_argument("--only", action="append", type=_filespace, default=[], metavar="NAME",
                             help="restore this filespace only (repeatable; default: every one in the store)")
+    pruning = commands.add_parser(
+        "prune", help="delete journal segments and snapshots older than the retention period",
+        description="Delete the segments and snapshots of each filespace that no point in the retention window "
+                    "needs (never the newest good snapshot nor the records after it); run it with the object "
+                    "store credential that may delete.")
+    common(pruning, filespace=False)
+    pruning.add_argument("--filespace", "-f", action="append", type=_filespace, default=[], metavar="NAME",
+                         help="prune this filespace (repeatable; default: every one in the store)")
+    pruning.add_argument("--retention", type=_duration, metavar="DURATION",
+                         help="keep this much history, such as 7d or 36h (default: the config's retention, or 7d)")
+    pruning.add_argument("--dry-run", "-n", action="store_true", help="say what would be deleted; delete nothing")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _filespace(text: str) -> str:
@@ -591,6 +594,8 @@ def _command(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
             _print_restored(done, out)
             if done.error:
                 raise CommandFailed(f"{args.filespace}: the restore {done.error}")
+        elif args.command == "prune":
+            yield _prune(reactor, object_store, settings, args, out)
         else:
             results = yield restore_all(reactor, object_store, settings, args.parallel, args.force, err, args.only)
             print(summary_table(results), file=out)
@@ -602,6 +607,25 @@ def _command(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
     finally:
         yield object_store.close()
     return 0
+
+
+@defer.inlineCallbacks
+def _prune(reactor: Any, object_store: Any, settings: Settings, args: argparse.Namespace, out: TextIO) -> Any:
+    from lucidlink.meta.prune import prune
+
+    names = args.filespace or (yield filespaces_in(object_store))
+    retention = args.retention or settings.retention
+    failed = []
+    for name in names:
+        done = yield prune(object_store, name, retention, reactor.seconds(), dry_run=args.dry_run)
+        print(("would delete: " if args.dry_run and done.plan.keys else "") + done.summary, file=out)
+        if args.dry_run:
+            for key in done.plan.keys:
+                print(f"  {key}", file=out)
+        if done.error or done.plan.damaged:
+            failed.append(f"{name} ({done.error or done.plan.kept})")
+    if failed:
+        raise CommandFailed(f"{len(failed)} of {len(names)} filespaces not pruned: " + "; ".join(failed))
 
 
 def _iso(time_ns: int) -> str:

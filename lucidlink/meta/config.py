@@ -41,15 +41,35 @@ KEYS = frozenset({
     "discovery", "discovery_ca", "discovery_identity", "registration_secret", "registration_secret_file",
     "heartbeat_interval", "max_connections",
     "store", "durability", "ship_interval", "snapshot_interval", "check_interval", "auto_restore",
+    "retention", "prune",
 })
 DURABILITY_MODES = ("sync", "async", "off")
 DEFAULT_SHIP_INTERVAL = 1.0
 DEFAULT_SNAPSHOT_INTERVAL = 3600.0
 DEFAULT_CHECK_INTERVAL = 10.0
+DEFAULT_RETENTION = 7 * 86400.0
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class ConfigError(usage.UsageError):
     """The configuration file is missing, unreadable, or has a bad or missing key."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a positive number with an optional unit s, m, h or d (``7d``, ``36h``, ``90``).
+
+    :raise ValueError: saying what is wrong.
+    """
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 7d, 36h, 90m or 3600 (seconds)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text} must be more than zero")
+    return value
 
 
 def identity_for(filespace: str) -> str:
@@ -93,6 +113,10 @@ class MetaConfig:
     """Seconds between checks of the database and its journal head."""
     auto_restore: bool = True
     """Whether a damaged database is restored from the store without an operator."""
+    retention: float = DEFAULT_RETENTION
+    """Seconds of history (segments and snapshots) kept in the store for point-in-time restore."""
+    prune: bool = False
+    """Whether the server itself deletes what ``retention`` no longer needs, after each snapshot."""
 
     @property
     def identity(self) -> str:
@@ -155,6 +179,8 @@ class _Reader:
             snapshot_interval=self.number("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
             check_interval=self.number("check_interval", DEFAULT_CHECK_INTERVAL),
             auto_restore=self.boolean("auto_restore", True),
+            retention=self.duration("retention", DEFAULT_RETENTION),
+            prune=self.prune(),
         )
 
     # -- kinds of value ------------------------------------------------------------
@@ -179,6 +205,15 @@ class _Reader:
         if not math.isfinite(value) or value <= 0:
             raise self.fail(key, f"{text} must be more than zero")
         return value
+
+    def duration(self, key: str, default: float) -> float:
+        text = self.text(key)
+        if not text:
+            return default
+        try:
+            return parse_duration(text)
+        except ValueError as error:
+            raise self.fail(key, str(error)) from None
 
     def boolean(self, key: str, default: bool) -> bool:
         text = self.text(key).lower()
@@ -248,6 +283,12 @@ class _Reader:
         if mode != "off" and not store:
             raise self.fail("durability", f"{mode} needs `store`, the object store the journal is shipped to")
         return mode
+
+    def prune(self) -> bool:
+        prune = self.boolean("prune", False)
+        if prune and not self.text("store"):
+            raise self.fail("prune", "true needs `store`, the object store to prune")
+        return prune
 
     def tls_files(self) -> tuple[Path, Path]:
         certificate = self.existing_file("certificate")

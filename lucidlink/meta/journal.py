@@ -96,7 +96,7 @@ class Journal:
         self.clock = clock
         self.on_append = on_append
         self.store: MetadataStore | None = None
-        self._replaying: Entry | None = None
+        self._replaying: tuple[Entry, m.Mutation] | None = None
 
     def install(self, store: MetadataStore) -> Journal:
         """Make the ``journal`` table if missing and become ``store``'s journal hook."""
@@ -108,18 +108,20 @@ class Journal:
     # -- the hook ------------------------------------------------------------------
 
     def __call__(self, cursor: sqlite3.Cursor, record: m.Mutation, applied: Applied) -> None:
-        data = m.encode(record)
         prev_seq, prev_hash = _head(cursor)
         seq = prev_seq + 1
         replaying = self._replaying
         if replaying is not None:
-            # A restore replays a record shipped before: it must land at the same place, with the same bytes.
-            if replaying.seq != seq or replaying.record != data:
-                raise ChainError(f"replaying seq {replaying.seq} gave a different record at seq {seq}", replaying.seq)
-            time_ns, digest = replaying.time_ns, replaying.hash
+            # A restore replays a record shipped before: it must land at the same place and complete to the same
+            # record (the one decoded from the shipped bytes, which are kept as they are).
+            entry, shipped = replaying
+            if entry.seq != seq or record != shipped:
+                raise ChainError(f"replaying seq {entry.seq} gave a different record at seq {seq}", entry.seq)
+            data, time_ns, digest = entry.record, entry.time_ns, entry.hash
             if chain_hash(prev_hash, seq, data) != digest:
                 raise ChainError(f"broken chain at seq {seq}: its hash does not match its record", seq)
         else:
+            data = m.encode(record)
             time_ns = int(self.clock.seconds() * 1_000_000_000)
             digest = chain_hash(prev_hash, seq, data)
         cursor.execute("INSERT INTO journal (seq, time_ns, record, hash) VALUES (?, ?, ?, ?)",
@@ -130,9 +132,10 @@ class Journal:
     def replay(self, entry: Entry) -> Applied:
         """Apply the shipped ``entry`` to the store, keeping its sequence, time and hash."""
         assert self.store is not None, "install the journal first"
-        self._replaying = entry
+        shipped = m.decode(entry.record)
+        self._replaying = (entry, shipped)
         try:
-            return self.store.apply(m.decode(entry.record))
+            return self.store.apply(shipped)
         finally:
             self._replaying = None
 

@@ -31,6 +31,7 @@ zero-padded to 20 digits so keys sort by sequence), written create-only.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 
@@ -123,9 +124,10 @@ def _header(data: bytes) -> None:
 
 def _structure(data: bytes) -> Segment:
     _header(data)
+    stream = io.BytesIO(data[:-CHECKSUM_SIZE])
     try:
-        segment: Segment = SEGMENT.parse(data[:-CHECKSUM_SIZE])
-        used = len(SEGMENT.build(segment))
+        segment: Segment = SEGMENT.parse_stream(stream)
+        used = stream.tell()
     except (c.ConstructError, ValueError) as error:
         raise SegmentError(f"malformed segment: {error}") from None
     if used != len(data) - CHECKSUM_SIZE:

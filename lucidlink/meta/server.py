@@ -236,7 +236,7 @@ class MetaServer(MultiService):
                                durability=config.durability, ship_interval=config.ship_interval, journal=journal)
         self.shipper.start()
         self.snapshotter = Snapshotter(self.store, self.object_store, config.filespace, self.reactor,
-                                       config.snapshot_interval)
+                                       config.snapshot_interval, config.retention if config.prune else None)
         self.snapshotter.start()
 
     def _announce(self, ports: Sequence[Any]) -> None:

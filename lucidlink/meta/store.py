@@ -326,7 +326,9 @@ class MetadataStore:
 
     def _apply(self, executor: Callable[[_Transaction, Any], Any], mutation: m.Mutation) -> Applied:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        # Inside a transaction the caller opened (a restore replaying many records), a savepoint of it.
+        nested = db.in_transaction
+        db.execute("SAVEPOINT apply" if nested else "BEGIN IMMEDIATE")
         try:
             cursor = db.cursor()
             time_ns = getattr(mutation, "time_ns", None)
@@ -341,9 +343,12 @@ class MetadataStore:
             applied = Applied(record, value, tuple(tx.changes))
             if self.journal is not None:
                 self.journal(cursor, record, applied)
-            db.execute("COMMIT")
+            db.execute("RELEASE apply" if nested else "COMMIT")
         except BaseException:
-            if db.in_transaction:
+            if nested:
+                db.execute("ROLLBACK TO apply")
+                db.execute("RELEASE apply")
+            elif db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return applied
