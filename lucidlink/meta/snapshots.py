@@ -400,11 +400,10 @@ class _Prefetch:
             self._next += 1
         return self._pending.pop(0)
 
-    def cancel(self) -> None:
-        """Forget the objects still in flight (their failures too)."""
-        for pending in self._pending:
-            pending.addErrback(lambda _: None)
-        self._pending = []
+    def settle(self) -> defer.Deferred[Any]:
+        """Fires once the objects still in flight have arrived or failed (both ignored): nothing is left running."""
+        pending, self._pending = self._pending, []
+        return defer.DeferredList(pending, consumeErrors=True)
 
 
 def _replay_mode(store: MetadataStore) -> None:
@@ -494,7 +493,7 @@ def _replay(object_store: Any, filespace: str, journal: Journal, to_seq: int | N
                 problem = f"{key} is damaged ({salvage.problem}); the last good record is seq {seq}"
                 break
     finally:
-        fetch.cancel()
+        yield fetch.settle()
     if to_seq is not None and seq < to_seq and not problem:
         problem = f"the journal ends at seq {seq}, before seq {to_seq}"
     return seq, chain, problem
