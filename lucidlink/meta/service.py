@@ -284,15 +284,15 @@ class MetadataResponder:
         if len(unpublished) == 1:
             self._publish(*unpublished[0])
             return
-        notes: dict[w.Notify, set[int]] = {}
+        authors_of: dict[Change, set[int]] = {}
         for author, changes in unpublished:
             for change in changes:
-                notes.setdefault(w.Notify(change.kind, change.inode, change.parent, change.name), set()).add(author.id)
-        if not notes:
-            return
-        for session in self.sessions.values():
+                authors_of.setdefault(change, set()).add(author.id)
+        notes = [(w.Notify(change.kind, change.inode, change.parent, change.name), authors)
+                 for change, authors in authors_of.items()]
+        for session in self.sessions.values() if notes else ():
             if session.logged_in:
-                for note, authors in notes.items():
+                for note, authors in notes:
                     if session.id not in authors or len(authors) > 1:
                         session.connection.push(note)
 
