@@ -558,10 +558,19 @@ class GroupCommitServiceTests(InitialisedTestCase):
                          [b"a", b"c"])
 
     def test_a_session_sees_its_own_changes_in_order(self) -> None:
-        """A read after a change from the same session commits the group first and sees the change."""
+        """Behind a queued change, the session's next requests wait their turn and see it; others do not wait."""
         made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
         seen = self.send(self.wendy, Lookup(ROOT_INODE, b"a"))
-        self.assertEqual(self.successResultOf(made).attributes, seen.attributes)
+        moved = self.send(self.wendy, Rename(ROOT_INODE, b"a", ROOT_INODE, b"z", 0))
+        gone = self.send(self.wendy, Lookup(ROOT_INODE, b"a"))
+        self.assertRaises(errors.NotFound, self.send, self.rita, Lookup(ROOT_INODE, b"a"))
+        self.assertNoResult(seen)
+        groups = self.responder.groups
+        self.clock.advance(0)
+        self.assertEqual(self.responder.groups, groups + 1)
+        self.assertEqual(self.successResultOf(made).attributes, self.successResultOf(seen).attributes)
+        self.successResultOf(moved)
+        self.failureResultOf(gone, errors.NotFound)
         pipelined = [self.wendy.client.request(MkDir(ROOT_INODE, b"b", 0o755, 0, 0)),
                      self.wendy.client.request(Lookup(ROOT_INODE, b"b"))]
         self.flush()
@@ -594,11 +603,15 @@ class GroupCommitServiceTests(InitialisedTestCase):
         self.store._db = _FailingCommit(real)  # type: ignore[assignment]
         try:
             created = self.send(self.wendy, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY))
+            seen = self.send(self.wendy, Lookup(ROOT_INODE, b"f"))
+            opened = self.send(self.wendy, Open(ROOT_INODE, O_RDONLY))
             refused = self.send(self.other, Unlink(ROOT_INODE, b"absent"))
             self.clock.advance(0)
         finally:
             self.store._db = real
         self.failureResultOf(created, errors.NoSpace)
+        self.failureResultOf(seen, errors.NoSpace)  # it was answered from the group's rolled-back state
+        self.failureResultOf(opened, errors.NoSpace)
         self.failureResultOf(refused, errors.NotFound)
         self.assertEqual(self.store.dump(), before)
         self.assertEqual(self.wendy.server.session.handles, {})  # type: ignore[union-attr]

@@ -16,11 +16,15 @@ read everything that arrived with them) they run in arrival order inside one
 savepoint, committed with one fsync.  Only then are they answered and the
 other sessions told, in one write per connection; with a ``shipper`` only
 once the journal records are durable in the object store.  A refused request
-gets its own error; a failed commit fails every request of the group.  No
-transaction is open between reactor turns, so a read never sees a change
-that is not committed: reads are answered at once from the committed state,
-except that a request from a session that has a change waiting commits the
-group first, so each session sees its own requests in the order it sent them.
+gets its own error.
+
+No transaction is open between reactor turns, so a request answered at once
+sees committed state only.  A session's requests run in the order it sent
+them: behind a queued change, any request of the same session is queued too
+and runs inside the group, and its answer, like the changes', leaves only
+after the commit.  If the commit fails, every request of the group that had
+no error of its own fails with the commit's error (the handles it opened are
+closed again), so nothing answered ever rests on a rolled-back change.
 """
 
 from __future__ import annotations
@@ -176,10 +180,9 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
-        if grouped:
+        if grouped or session.id in self._queued_sessions:
+            # Behind its session's queued changes, a request waits its turn: each session's requests run in order.
             return self._enqueue(session, method, message)
-        if session.id in self._queued_sessions:
-            self.commit_group()  # so that this request sees the changes its session sent before it
         return self._answer_alone(session, method, message)
 
     def _answer_alone(self, session: Session, method: Answer, message: Any) -> Any:
@@ -273,6 +276,8 @@ class MetadataResponder:
                     outcome = shipped
                 if isinstance(outcome, Failure):
                     queued.answered.errback(outcome)
+                elif isinstance(outcome, defer.Deferred):  # a lock that has to wait
+                    outcome.chainDeferred(queued.answered)
                 else:
                     queued.answered.callback(outcome)
         finally:
