@@ -626,6 +626,13 @@ class GroupCommitServiceTests(InitialisedTestCase):
         inode = self.store.lookup(ROOT_INODE, b"f").inode
         self.assertFalse(self.store.held(inode))
 
+    def test_without_group_commit(self) -> None:
+        """With no group window a change is committed and answered at once."""
+        self.responder.group_window = None
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        self.assertEqual(made.attributes, self.store.lookup(ROOT_INODE, b"a"))
+        self.assertEqual(self.responder.groups, 0)
+
     def test_close_all_commits_first(self) -> None:
         """Stopping the server commits what is queued before the connections close."""
         made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))

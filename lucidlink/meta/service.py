@@ -128,7 +128,7 @@ class MetadataResponder:
         limiter: LoginLimiter | None = None,
         on_status_changed: Callable[[], object] | None = None,
         shipper: Any = None,
-        group_window: float = 0.0,
+        group_window: float | None = 0.0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -141,7 +141,8 @@ class MetadataResponder:
         self.shipper = shipper
         """A :class:`~lucidlink.meta.shipper.Shipper` whose ``durable`` a write waits on before it is answered."""
         self.group_window = group_window
-        """Seconds a change waits for others to share its commit (0: until the reactor's next turn)."""
+        """Seconds a change waits for others to share its commit (0: until the reactor's next turn; None: no
+        group commit, each change is committed and answered at once, as in-memory tests need)."""
         self._unpublished: list[tuple[Session, tuple[Change, ...]]] | None = None
         self._queue: list[_Queued] = []
         self._queued_sessions: set[int] = set()
@@ -180,7 +181,7 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
-        if grouped or session.id in self._queued_sessions:
+        if (grouped and self.group_window is not None) or session.id in self._queued_sessions:
             # Behind its session's queued changes, a request waits its turn: each session's requests run in order.
             return self._enqueue(session, method, message)
         return self._answer_alone(session, method, message)
@@ -217,7 +218,7 @@ class MetadataResponder:
         self._queue.append(queued)
         self._queued_sessions.add(session.id)
         if self._commit_call is None:
-            self._commit_call = self.clock.callLater(self.group_window, self.commit_group)
+            self._commit_call = self.clock.callLater(self.group_window or 0.0, self.commit_group)
         return queued.answered
 
     def commit_group(self) -> None:
