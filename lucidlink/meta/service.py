@@ -231,7 +231,8 @@ class MetadataResponder:
         self._queued_sessions.clear()
         if not queue:
             return
-        self._undo = undo = []
+        undo: list[Callable[[], None]] = []
+        self._undo = undo
         try:
             with self.store.group() as group:
                 for queued in queue:
