@@ -309,7 +309,8 @@ class MemoryFilespaceCase(TestCase):
         self.addCleanup(self.meta_store.close)
         token_path = self.folder / "token"
         bootstrap.prepare_token(self.meta_store, token_path)
-        self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE)
+        # No group commit: every change is answered at once, so every Deferred fires at once.
+        self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE, group_window=None)
         yield initialise_filespace(
             reactor, connection=InMemoryConnection(self.responder), token=bootstrap.read_token(token_path),
             admin=ADMIN, passphrase=ADMIN_PASSPHRASE, chunk_size=self.chunk_size, kdf=cheap_kdf(),

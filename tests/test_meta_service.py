@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 from lucidlink import errors
 from lucidlink.meta import bootstrap
 from lucidlink.meta.service import MetadataResponder
-from lucidlink.meta.sessions import LoginLimiter, Rate
+from lucidlink.meta.sessions import Handle, LoginLimiter, Rate, Session
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.protocol.connection import ClientConnection, IResponder, ServerConnection
 from lucidlink.protocol.messages import (
@@ -67,6 +67,7 @@ from lucidlink.protocol.messages import (
     UserRemove,
 )
 from tests.meta_helpers import CHUNK_SIZE, FILESPACE_ID, START_TIME, credentials
+from tests.test_meta_store import _FailingCommit
 
 FILESPACE = "films"
 O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2
@@ -512,6 +513,149 @@ class OpenFileTests(InitialisedTestCase):
         self.assertIsInstance(wendy.answer(Open(ROOT_INODE, O_RDONLY)), Opened)
         wendy.refused(Open(ROOT_INODE, O_WRONLY), errors.IsADirectory)
         wendy.refused(Open(99999, O_RDONLY), errors.NotFound)
+
+
+class GroupCommitServiceTests(InitialisedTestCase):
+    """Changes that arrive together are committed together, answered only after the commit."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.wendy = self.logged_in("wendy")
+        self.other = self.logged_in("wendy")
+        self.rita = self.logged_in("rita")
+        for peer in self.peers:
+            peer.notes()
+
+    def send(self, peer: Peer, message: Any) -> Any:
+        """``message`` handed to the responder as its connection would, without running the clock."""
+        return self.responder.respond(peer.server, message)
+
+    def test_changes_of_one_turn_share_a_commit(self) -> None:
+        """Changes from two sessions wait, unseen, for one commit; then each gets its answer."""
+        groups = self.responder.groups
+        first = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        second = self.send(self.other, Create(ROOT_INODE, b"b", 0o644, 0, 0, True, O_WRONLY))
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertRaises(errors.NotFound, self.send, self.rita, Lookup(ROOT_INODE, b"a"))
+        self.assertEqual(self.rita.notes(), [])
+        self.clock.advance(0)
+        self.assertEqual(self.responder.groups, groups + 1)
+        self.assertEqual(self.successResultOf(first).attributes, self.store.lookup(ROOT_INODE, b"a"))
+        self.assertEqual(self.successResultOf(second).attributes, self.store.lookup(ROOT_INODE, b"b"))
+
+    def test_refused_change_gets_its_own_error(self) -> None:
+        """A refused change in a group fails alone; the changes around it are made."""
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        again = self.send(self.other, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        after = self.send(self.other, MkDir(ROOT_INODE, b"c", 0o755, 0, 0))
+        self.clock.advance(0)
+        self.successResultOf(made)
+        self.failureResultOf(again, errors.AlreadyExists)
+        self.successResultOf(after)
+        self.assertEqual(self.wendy.answer(ReadDir(ROOT_INODE, b"", 0)).done, True)
+        self.assertEqual([entry.name for entry in self.wendy.answer(ReadDir(ROOT_INODE, b"", 0)).entries],
+                         [b"a", b"c"])
+
+    def test_a_session_sees_its_own_changes_in_order(self) -> None:
+        """Behind a queued change, the session's next requests wait their turn and see it; others do not wait."""
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        seen = self.send(self.wendy, Lookup(ROOT_INODE, b"a"))
+        moved = self.send(self.wendy, Rename(ROOT_INODE, b"a", ROOT_INODE, b"z", 0))
+        gone = self.send(self.wendy, Lookup(ROOT_INODE, b"a"))
+        self.assertRaises(errors.NotFound, self.send, self.rita, Lookup(ROOT_INODE, b"a"))
+        self.assertNoResult(seen)
+        groups = self.responder.groups
+        self.clock.advance(0)
+        self.assertEqual(self.responder.groups, groups + 1)
+        self.assertEqual(self.successResultOf(made).attributes, self.successResultOf(seen).attributes)
+        self.successResultOf(moved)
+        self.failureResultOf(gone, errors.NotFound)
+        pipelined = [self.wendy.client.request(MkDir(ROOT_INODE, b"b", 0o755, 0, 0)),
+                     self.wendy.client.request(Lookup(ROOT_INODE, b"b"))]
+        self.flush()
+        made, seen = (self.successResultOf(answer) for answer in pipelined)
+        self.assertEqual(made.attributes, seen.attributes)
+
+    def test_notifications_once_per_group(self) -> None:
+        """Others hear each change of a group once, in one write; authors hear only the others' changes."""
+        writes: list[bytes] = []
+        transport = self.rita.server.transport
+        real_write = transport.write  # type: ignore[union-attr]
+        transport.write = lambda data: (writes.append(data), real_write(data))  # type: ignore[union-attr]
+        first = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        second = self.send(self.other, MkDir(ROOT_INODE, b"b", 0o755, 0, 0))
+        self.clock.advance(0)
+        self.assertEqual(len(writes), 1)
+        self.flush()
+        a, b = self.successResultOf(first).attributes.inode, self.successResultOf(second).attributes.inode
+        root_changed = Notify(NotifyKind.INODE_CHANGED, ROOT_INODE, 0, b"")
+        self.assertEqual(self.rita.notes(), [
+            root_changed, Notify(NotifyKind.ENTRY_CHANGED, a, ROOT_INODE, b"a"),
+            Notify(NotifyKind.ENTRY_CHANGED, b, ROOT_INODE, b"b"),
+        ])
+        self.assertEqual(self.wendy.notes(), [root_changed, Notify(NotifyKind.ENTRY_CHANGED, b, ROOT_INODE, b"b")])
+
+    def test_failed_commit_fails_every_change(self) -> None:
+        """A full disk at the commit: every change of the group is refused, undone, and told to nobody."""
+        before = self.store.dump()
+        real = self.store._db
+        self.store._db = _FailingCommit(real)  # type: ignore[assignment]
+        try:
+            created = self.send(self.wendy, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY))
+            seen = self.send(self.wendy, Lookup(ROOT_INODE, b"f"))
+            opened = self.send(self.wendy, Open(ROOT_INODE, O_RDONLY))
+            refused = self.send(self.other, Unlink(ROOT_INODE, b"absent"))
+            self.clock.advance(0)
+        finally:
+            self.store._db = real
+        self.failureResultOf(created, errors.NoSpace)
+        self.failureResultOf(seen, errors.NoSpace)  # it was answered from the group's rolled-back state
+        self.failureResultOf(opened, errors.NoSpace)
+        self.failureResultOf(refused, errors.NotFound)
+        self.assertEqual(self.store.dump(), before)
+        self.assertEqual(self.wendy.server.session.handles, {})  # type: ignore[union-attr]
+        self.assertEqual(self.store._holds, {})
+        self.flush()
+        self.assertEqual(self.rita.notes(), [])
+
+    def test_session_end_applies_what_it_sent(self) -> None:
+        """Changes queued by a session that then disconnects are applied before its handles close."""
+        self.send(self.wendy, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY))
+        self.wendy.disconnect()
+        inode = self.store.lookup(ROOT_INODE, b"f").inode
+        self.assertFalse(self.store.held(inode))
+
+    def test_without_group_commit(self) -> None:
+        """With no group window a change is committed and answered at once."""
+        self.responder.group_window = None
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        self.assertEqual(made.attributes, self.store.lookup(ROOT_INODE, b"a"))
+        self.assertEqual(self.responder.groups, 0)
+
+    def test_close_all_commits_first(self) -> None:
+        """Stopping the server commits what is queued before the connections close."""
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        self.responder.close_all("stopping")
+        self.successResultOf(made)
+        self.store.lookup(ROOT_INODE, b"a")
+
+
+class SessionHandleTests(SynchronousTestCase):
+    """A session counts its handles per inode."""
+
+    def test_holds(self) -> None:
+        """holds() is true while any handle on the inode is open."""
+        session = Session(1, None, "here")
+        first, second, other = Handle(1, 7, False), Handle(2, 7, True), Handle(3, 8, False)
+        for handle in (first, second, other):
+            session.opened(handle)
+        session.closed(first)
+        self.assertTrue(session.holds(7))
+        session.closed(second)
+        self.assertFalse(session.holds(7))
+        self.assertTrue(session.holds(8))
+        self.assertEqual(session.handles, {3: other})
 
 
 class LockServiceTests(InitialisedTestCase):

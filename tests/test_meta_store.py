@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from lucidlink import errors
 from lucidlink.meta import mutations as m
 from lucidlink.meta.interface import IMetadataStore
+from lucidlink.meta.journal import Journal
 from lucidlink.meta.store import MAX_NAME_LENGTH, MAX_READDIR_LIMIT, ROOT_INODE, MetadataStore
 from lucidlink.protocol.messages import FileKind, NotifyKind, RenameFlags, Role, SetAttrField, XattrFlags
 from tests.meta_helpers import CHUNK_SIZE, FILESPACE_ID, START_TIME, StoreTestCase, initialise_record
@@ -795,6 +796,168 @@ class FullDiskTests(StoreTestCase):
             self.assertRaises(sqlite3.OperationalError, self.mkdir, ROOT_INODE, b"d")
         finally:
             self.store._db = self.store._db._db  # type: ignore[attr-defined]
+
+
+class _FailingCommit:
+    """Stands in for the store's SQLite connection; ``COMMIT`` finds the disk full."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+class GroupCommitTests(StoreTestCase):
+    """Mutations of a group share one transaction, each in its own savepoint."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.journal = Journal(self.clock).install(self.store)
+        self.before = self.store.dump()
+
+    def other_connection_sees(self, name: bytes) -> bool:
+        with sqlite3.connect(self.store.path) as other:
+            return other.execute("SELECT 1 FROM entries WHERE parent = ? AND name = ?",
+                                 (ROOT_INODE, name)).fetchone() is not None
+
+    def test_one_commit_at_the_end(self) -> None:
+        """Nothing is committed (seen by another connection) until the group ends; then everything is."""
+        with self.store.group() as group:
+            for name in (b"a", b"b", b"c"):
+                self.mkdir(ROOT_INODE, name)
+            self.assertTrue(self.store._db.in_transaction)
+            self.assertFalse(self.other_connection_sees(b"a"))
+        self.assertEqual(group.applied, 3)
+        self.assertFalse(self.store._db.in_transaction)
+        self.assertTrue(all(self.other_connection_sees(name) for name in (b"a", b"b", b"c")))
+        self.assertEqual(self.journal.verify()[0], 3)
+
+    def test_refused_mutation_rolls_back_alone(self) -> None:
+        """A refusal inside a group is its own error; the others stay, and the journal has no gap."""
+        with self.store.group() as group:
+            self.mkdir(ROOT_INODE, b"a")
+            self.assertRaises(errors.AlreadyExists, self.mkdir, ROOT_INODE, b"a")
+            self.assertRaises(errors.NotFound, self.store.apply, m.Unlink(ROOT_INODE, b"absent"))
+            self.mkdir(ROOT_INODE, b"b")
+        self.assertEqual(group.applied, 2)
+        self.assertEqual(self.names(ROOT_INODE), [b"a", b"b"])
+        seq, _ = self.journal.verify()
+        self.assertEqual([m.decode(entry.record).name for entry in self.journal.entries()], [b"a", b"b"])
+        self.assertEqual(seq, 2)
+
+    def test_empty_group(self) -> None:
+        """A group without a mutation (or with refused ones only) changes nothing."""
+        with self.store.group() as group:
+            self.assertRaises(errors.NotFound, self.store.apply, m.Unlink(ROOT_INODE, b"absent"))
+        self.assertEqual(group.applied, 0)
+        self.assertEqual(self.store.dump(), self.before)
+
+    def test_groups_do_not_nest(self) -> None:
+        """A group inside a group is a programming error, and the outer one is rolled back."""
+        with self.assertRaises(errors.InternalError):
+            with self.store.group():
+                self.mkdir(ROOT_INODE, b"a")
+                with self.store.group():
+                    pass
+        self.assertEqual(self.store.dump(), self.before)
+        self.assertIsNone(self.store._group)
+
+    def test_commit_fails(self) -> None:
+        """A full disk at COMMIT: NoSpace from the group, and none of its mutations stays."""
+        real = self.store._db
+        self.store._db = _FailingCommit(real)  # type: ignore[assignment]
+        try:
+            with self.assertRaises(errors.NoSpace):
+                with self.store.group():
+                    self.mkdir(ROOT_INODE, b"a")
+                    self.mkdir(ROOT_INODE, b"b")
+        finally:
+            self.store._db = real
+        self.assertFalse(real.in_transaction)
+        self.assertEqual(self.store.dump(), self.before)
+        self.mkdir(ROOT_INODE, b"c")  # the store goes on
+        self.assertEqual(self.journal.verify()[0], 1)
+
+    def test_full_disk_at_any_statement(self) -> None:
+        """A full disk anywhere in a group: each mutation either stays and said so, or the whole group is gone."""
+        real = self.store._db
+        names = (b"x", b"y", b"z")
+        for fail_at in range(1, 200):
+            disk = _FullDisk(real, fail_at, sqlite3.OperationalError("database or disk is full"))
+            self.store._db = disk  # type: ignore[assignment]
+            succeeded = []
+            try:
+                with self.store.group():
+                    for name in names:
+                        try:
+                            self.mkdir(ROOT_INODE, name)
+                        except errors.NoSpace:
+                            continue
+                        succeeded.append(name)
+            except errors.NoSpace:
+                succeeded = []
+            finally:
+                self.store._db = real
+            self.assertFalse(real.in_transaction)
+            self.assertEqual(self.names(ROOT_INODE), succeeded, f"a failure at statement {fail_at}")
+            self.journal.verify()
+            if disk.statements < fail_at:
+                break
+            for name in succeeded:
+                self.store.apply(m.RemoveDirectory(ROOT_INODE, name))
+        else:
+            self.fail("the group never got through")
+        self.assertEqual(succeeded, list(names))
+
+    def test_whole_transaction_lost(self) -> None:
+        """When SQLite gives up the whole transaction, the group fails even for mutations that had passed."""
+        real = self.store._db
+
+        class RollsBackAll(_FullDisk):
+            def _count(self) -> None:
+                self.statements += 1
+                if self.statements == self.fail_at:
+                    real.execute("ROLLBACK")  # what SQLite may do on SQLITE_FULL
+                    raise self.error
+
+        with self.store.group():
+            self.mkdir(ROOT_INODE, b"a")
+        disk = RollsBackAll(real, 0, sqlite3.OperationalError("database or disk is full"))
+        self.store._db = disk  # type: ignore[assignment]
+        try:
+            with self.assertRaises(errors.NoSpace):
+                with self.store.group():
+                    self.mkdir(ROOT_INODE, b"b")
+                    disk.fail_at = disk.statements + 3
+                    self.assertRaises(errors.NoSpace, self.mkdir, ROOT_INODE, b"c")
+                    self.assertRaises(errors.NoSpace, self.mkdir, ROOT_INODE, b"d")
+        finally:
+            self.store._db = real
+        self.assertEqual(self.names(ROOT_INODE), [b"a"])
+        self.assertEqual(self.journal.verify()[0], 1)
+
+    def test_initialised_is_remembered(self) -> None:
+        """Once committed, the initialised flag is not read again."""
+        self.assertTrue(self.store.initialised)
+        real = self.store._db
+        self.store._db = _FullDisk(real, 1, sqlite3.OperationalError("no statement expected"))  # type: ignore[assignment]
+        try:
+            self.assertTrue(self.store.initialised)
+        finally:
+            self.store._db = real
+
+    def test_uninitialised_is_not_remembered(self) -> None:
+        """A new store says False until the bootstrap commits, then True."""
+        store = self.open_store("fresh.sqlite3")
+        self.assertFalse(store.initialised)
+        store.apply(initialise_record())
+        self.assertTrue(store.initialised)
 
 
 class RecordTests(StoreTestCase):

@@ -24,8 +24,14 @@ class IMetadataStore(Interface):
     def apply(mutation: Any) -> Any:  # type: ignore[misc]
         """Run one mutation record in one transaction; return an Applied with the completed record."""
 
+    def group() -> Any:  # type: ignore[misc]
+        """A context manager: the block's mutations share one transaction, committed once at its end."""
+
     def hold(inode: int) -> None:  # type: ignore[misc]
         """A session opened ``inode``: keep it while held, even without links."""
+
+    def forget_hold(inode: int) -> None:  # type: ignore[misc]
+        """Drop one hold without reclaiming (its creation was rolled back)."""
 
     def release(inode: int) -> Any:  # type: ignore[misc]
         """Drop one hold; reclaim the inode if it was the last and the inode has no links."""

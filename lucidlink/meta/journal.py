@@ -11,7 +11,10 @@ previous row's::
 
 with ``prev_hash`` of the first record :data:`GENESIS_HASH` (32 zero bytes).
 The change and its journal row commit together or not at all, so the table
-is exactly the list of changes the database has seen.  The shipper
+is exactly the list of changes the database has seen.  In a group commit
+(:meth:`lucidlink.meta.store.MetadataStore.group`) each row is written in
+its mutation's savepoint: a refused mutation takes its row back with it, and
+the next one takes the same sequence number, so the chain has no gap.  The shipper
 (:mod:`lucidlink.meta.shipper`) copies rows to the object store in segments;
 restore (:mod:`lucidlink.meta.snapshots`) replays them.
 """
@@ -88,8 +91,9 @@ class Journal:
 
     Make one and :meth:`install` it on a :class:`MetadataStore`.
     ``on_append(seq)`` is called inside the transaction after each append
-    (before the commit: whoever reacts must read the row later, from the
-    reactor, not at once).
+    (before the commit, and in a group commit the row may still be rolled
+    back: whoever reacts must read the row later, from the reactor, not at
+    once).
     """
 
     def __init__(self, clock: IReactorTime, on_append: Callable[[int], object] | None = None) -> None:

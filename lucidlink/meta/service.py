@@ -8,18 +8,37 @@ into store reads or mutation records, keeps handles and locks, and pushes
 ``Notify`` to the filespace's other sessions after every change.  It never
 sees bytes, sockets or TLS; the rules it enforces are those of
 ``docs/metadata-protocol.rst``.
+
+Group commit: the requests that change the tree are not answered at once but
+queued, and ``group_window`` seconds later (by default: once the reactor has
+read everything that arrived with them) they run in arrival order inside one
+:meth:`~lucidlink.meta.interface.IMetadataStore.group`, each mutation in its own
+savepoint, committed with one fsync.  Only then are they answered and the
+other sessions told, in one write per connection; with a ``shipper`` only
+once the journal records are durable in the object store.  A refused request
+gets its own error.
+
+No transaction is open between reactor turns, so a request answered at once
+sees committed state only.  A session's requests run in the order it sent
+them: behind a queued change, any request of the same session is queued too
+and runs inside the group, and its answer, like the changes', leaves only
+after the commit.  If the commit fails, every request of the group that had
+no error of its own fails with the commit's error (the handles it opened are
+closed again), so nothing answered ever rests on a rolled-back change.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lucidlink import crypto
@@ -55,21 +74,37 @@ _ROLE_NAMES = {Role.READER: "a reader", Role.WRITER: "a writer", Role.ADMIN: "an
 _log = Logger()
 
 Answer = Callable[["MetadataResponder", Session, Any], Any]
-_ANSWERS: dict[type, tuple[Answer, Role | None, str]] = {}
+_ANSWERS: dict[type, tuple[Answer, Role | None, str, bool]] = {}
 
 
-def answers(message_class: type, role: Role | None = Role.READER, doing: str = "") -> Callable[[Answer], Answer]:
+def answers(message_class: type, role: Role | None = Role.READER, doing: str = "",
+            grouped: bool = False) -> Callable[[Answer], Answer]:
     """Register the decorated method as the answer to ``message_class``.
 
     ``role`` is the least role the request needs (``None``: no login needed);
-    ``doing`` names the action in the refusal a weaker role gets.
+    ``doing`` names the action in the refusal a weaker role gets; ``grouped``
+    requests (changes to the tree) wait for the next group commit.
     """
 
     def register(method: Answer) -> Answer:
-        _ANSWERS[message_class] = (method, role, doing)
+        _ANSWERS[message_class] = (method, role, doing, grouped)
         return method
 
     return register
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A request waiting for the group commit, and what became of it."""
+
+    session: Session
+    method: Answer
+    message: Any
+    answered: defer.Deferred[Any] = field(default_factory=defer.Deferred)
+    outcome: Any = None
+    """The answer, or the Failure to send instead."""
+    changes: list[tuple[Session, tuple[Change, ...]]] = field(default_factory=list)
+    """What each mutation the request applied changed (one entry per mutation)."""
 
 
 @implementer(IResponder)
@@ -93,6 +128,7 @@ class MetadataResponder:
         limiter: LoginLimiter | None = None,
         on_status_changed: Callable[[], object] | None = None,
         shipper: Any = None,
+        group_window: float | None = 0.0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -104,7 +140,16 @@ class MetadataResponder:
         self.on_status_changed = on_status_changed
         self.shipper = shipper
         """A :class:`~lucidlink.meta.shipper.Shipper` whose ``durable`` a write waits on before it is answered."""
+        self.group_window = group_window
+        """Seconds a change waits for others to share its commit (0: until the reactor's next turn; None: no
+        group commit, each change is committed and answered at once, as in-memory tests need)."""
         self._unpublished: list[tuple[Session, tuple[Change, ...]]] | None = None
+        self._queue: list[_Queued] = []
+        self._queued_sessions: set[int] = set()
+        self._commit_call: IDelayedCall | None = None
+        self._undo: list[Callable[[], None]] | None = None
+        self.groups = 0
+        """Group commits made so far (for tests and metrics)."""
         self.locks = LockTable()
         self.sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
@@ -133,9 +178,15 @@ class MetadataResponder:
         entry = _ANSWERS.get(type(message))
         if session is None or entry is None:
             raise NotSupported(f"{type(message).__name__} is not served by a metadata server")
-        method, role, doing = entry
+        method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
+        if (grouped and self.group_window is not None) or session.id in self._queued_sessions:
+            # Behind its session's queued changes, a request waits its turn: each session's requests run in order.
+            return self._enqueue(session, method, message)
+        return self._answer_alone(session, method, message)
+
+    def _answer_alone(self, session: Session, method: Answer, message: Any) -> Any:
         if self.shipper is None:
             return method(self, session, message)
         # A write is answered, and the others told, only once its journal record is durable.
@@ -160,14 +211,105 @@ class MetadataResponder:
 
         return durable.addBoth(publish).addCallback(lambda _: answer)
 
+    # -- group commit ----------------------------------------------------------------
+
+    def _enqueue(self, session: Session, method: Answer, message: Any) -> defer.Deferred[Any]:
+        queued = _Queued(session, method, message)
+        self._queue.append(queued)
+        self._queued_sessions.add(session.id)
+        if self._commit_call is None:
+            self._commit_call = self.clock.callLater(self.group_window or 0.0, self.commit_group)
+        return queued.answered
+
+    def commit_group(self) -> None:
+        """Run every queued change in one transaction, commit it, then answer (see the module)."""
+        if self._commit_call is not None:
+            if self._commit_call.active():
+                self._commit_call.cancel()
+            self._commit_call = None
+        queue, self._queue = self._queue, []
+        self._queued_sessions.clear()
+        if not queue:
+            return
+        undo: list[Callable[[], None]] = []
+        self._undo = undo
+        try:
+            with self.store.group() as group:
+                for queued in queue:
+                    self._unpublished = queued.changes
+                    try:
+                        queued.outcome = queued.method(self, queued.session, queued.message)
+                    except BaseException:
+                        queued.outcome = Failure()
+        except BaseException:
+            # Nothing of the group is in the database: every request fails, with its own error if it had one.
+            failure = Failure()
+            for step in reversed(undo):
+                step()
+            for queued in queue:
+                if not isinstance(queued.outcome, Failure):
+                    queued.outcome, queued.changes = failure, []
+            self._deliver(queue, None)
+            return
+        finally:
+            self._unpublished = self._undo = None
+        self.groups += 1
+        if self.shipper is None or not group.applied:
+            self._deliver(queue, None)
+            return
+        self.shipper.durable().addBoth(lambda result: self._deliver(queue, result))
+
+    def _deliver(self, queue: list[_Queued], shipped: Any) -> None:
+        """Tell the other sessions what the group changed, then answer each request, one write per connection.
+
+        ``shipped`` is a Failure if the journal could not be shipped: then every
+        request that changed something is answered with it (the change stays;
+        see :mod:`lucidlink.meta.shipper`).
+        """
+        changes = [change for queued in queue for change in queued.changes]
+        connections = [session.connection for session in self.sessions.values()] if changes else []
+        connections += [queued.session.connection for queued in queue]
+        corked = [connection for connection in connections if _cork(connection)]
+        try:
+            self._publish_all(changes)
+            for queued in queue:
+                outcome = queued.outcome
+                if isinstance(shipped, Failure) and queued.changes and not isinstance(outcome, Failure):
+                    outcome = shipped
+                if isinstance(outcome, Failure):
+                    queued.answered.errback(outcome)
+                elif isinstance(outcome, defer.Deferred):  # a lock that has to wait
+                    outcome.chainDeferred(queued.answered)
+                else:
+                    queued.answered.callback(outcome)
+        finally:
+            for connection in corked:
+                connection.uncork()
+
     def _publish_all(self, unpublished: list[tuple[Session, tuple[Change, ...]]]) -> None:
+        """Tell every logged-in session what the others changed: each change once, in order."""
+        if len(unpublished) == 1:
+            self._publish(*unpublished[0])
+            return
+        authors_of: dict[Change, set[int]] = {}
         for author, changes in unpublished:
-            self._publish(author, changes)
+            for change in changes:
+                authors_of.setdefault(change, set()).add(author.id)
+        notes = [(w.Notify(change.kind, change.inode, change.parent, change.name), authors)
+                 for change, authors in authors_of.items()]
+        for session in self.sessions.values() if notes else ():
+            if session.logged_in:
+                for note, authors in notes:
+                    if session.id not in authors or len(authors) > 1:
+                        session.connection.push(note)
 
     def connection_ended(self, connection: ServerConnection, reason: LucidError) -> None:
         session: Session | None = connection.session
-        if session is None or self.sessions.pop(session.id, None) is None:
+        if session is None or session.id not in self.sessions:
             return
+        if session.id in self._queued_sessions:
+            self.commit_group()  # what it sent is applied before its handles close
+        del self.sessions[session.id]
         inodes = {handle.inode for handle in session.handles.values()}
         for handle in list(session.handles.values()):
             self._close_handle(session, handle)
@@ -176,7 +318,8 @@ class MetadataResponder:
             self._tell_lock_released(inode)
 
     def close_all(self, text: str) -> defer.Deferred[Any]:
-        """Close every connection, saying why; fires when all are gone."""
+        """Commit what is queued, then close every connection, saying why; fires when all are gone."""
+        self.commit_group()
         return defer.gatherResults(
             [session.connection.close(text) for session in list(self.sessions.values())], consumeErrors=True
         )
@@ -220,12 +363,20 @@ class MetadataResponder:
 
     def _open_handle(self, session: Session, inode: int, writable: bool) -> Handle:
         handle = Handle(next(self._handle_ids), inode, writable)
-        session.handles[handle.id] = handle
+        session.opened(handle)
         self.store.hold(inode)
+        if self._undo is not None:  # opened inside a group commit, which may yet fail
+            self._undo.append(lambda: self._forget_handle(session, handle))
         return handle
 
+    def _forget_handle(self, session: Session, handle: Handle) -> None:
+        """Undo :meth:`_open_handle` of a creation that was rolled back (nothing to reclaim)."""
+        if session.handles.get(handle.id) is handle:
+            session.closed(handle)
+            self.store.forget_hold(handle.inode)
+
     def _close_handle(self, session: Session, handle: Handle) -> None:
-        del session.handles[handle.id]
+        session.closed(handle)
         if not session.holds(handle.inode):
             self.locks.release_inode(session.id, handle.inode)
         try:
@@ -370,7 +521,7 @@ class MetadataResponder:
 
     # -- changing the tree ---------------------------------------------------------------
 
-    @answers(w.SetAttr, role=Role.WRITER, doing="writing")
+    @answers(w.SetAttr, role=Role.WRITER, doing="writing", grouped=True)
     def _setattr(self, session: Session, message: w.SetAttr) -> w.Entry:
         applied = self._apply(session, m.SetAttributes(
             message.inode, message.fields, message.mode, message.uid, message.gid, message.size,
@@ -378,13 +529,13 @@ class MetadataResponder:
         ))
         return w.Entry(applied.value)
 
-    @answers(w.MkDir, role=Role.WRITER, doing="writing")
+    @answers(w.MkDir, role=Role.WRITER, doing="writing", grouped=True)
     def _mkdir(self, session: Session, message: w.MkDir) -> w.Entry:
         applied = self._apply(session, m.MakeDirectory(message.parent, message.name, message.mode, message.uid,
                                                        message.gid))
         return w.Entry(applied.value)
 
-    @answers(w.Create, role=Role.WRITER, doing="writing")
+    @answers(w.Create, role=Role.WRITER, doing="writing", grouped=True)
     def _create(self, session: Session, message: w.Create) -> w.Opened:
         applied = self._apply(session, m.CreateFile(message.parent, message.name, message.mode, message.uid,
                                                     message.gid, message.exclusive))
@@ -392,39 +543,39 @@ class MetadataResponder:
         handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
         return w.Opened(handle.id, attributes)
 
-    @answers(w.Symlink, role=Role.WRITER, doing="writing")
+    @answers(w.Symlink, role=Role.WRITER, doing="writing", grouped=True)
     def _symlink(self, session: Session, message: w.Symlink) -> w.Entry:
         applied = self._apply(session, m.MakeSymlink(message.parent, message.name, message.target, message.uid,
                                                      message.gid))
         return w.Entry(applied.value)
 
-    @answers(w.Link, role=Role.WRITER, doing="writing")
+    @answers(w.Link, role=Role.WRITER, doing="writing", grouped=True)
     def _link(self, session: Session, message: w.Link) -> w.Entry:
         applied = self._apply(session, m.MakeLink(message.inode, message.new_parent, message.new_name))
         return w.Entry(applied.value)
 
-    @answers(w.Unlink, role=Role.WRITER, doing="writing")
+    @answers(w.Unlink, role=Role.WRITER, doing="writing", grouped=True)
     def _unlink(self, session: Session, message: w.Unlink) -> w.Ok:
         self._apply(session, m.Unlink(message.parent, message.name))
         return w.Ok()
 
-    @answers(w.RmDir, role=Role.WRITER, doing="writing")
+    @answers(w.RmDir, role=Role.WRITER, doing="writing", grouped=True)
     def _rmdir(self, session: Session, message: w.RmDir) -> w.Ok:
         self._apply(session, m.RemoveDirectory(message.parent, message.name))
         return w.Ok()
 
-    @answers(w.Rename, role=Role.WRITER, doing="writing")
+    @answers(w.Rename, role=Role.WRITER, doing="writing", grouped=True)
     def _rename(self, session: Session, message: w.Rename) -> w.Ok:
         self._apply(session, m.Rename(message.old_parent, message.old_name, message.new_parent, message.new_name,
                                       message.flags))
         return w.Ok()
 
-    @answers(w.SetXattr, role=Role.WRITER, doing="writing")
+    @answers(w.SetXattr, role=Role.WRITER, doing="writing", grouped=True)
     def _setxattr(self, session: Session, message: w.SetXattr) -> w.Ok:
         self._apply(session, m.SetXattr(message.inode, message.name, message.value, message.flags))
         return w.Ok()
 
-    @answers(w.RemoveXattr, role=Role.WRITER, doing="writing")
+    @answers(w.RemoveXattr, role=Role.WRITER, doing="writing", grouped=True)
     def _removexattr(self, session: Session, message: w.RemoveXattr) -> w.Ok:
         self._apply(session, m.RemoveXattr(message.inode, message.name))
         return w.Ok()
@@ -453,7 +604,7 @@ class MetadataResponder:
         self._tell_lock_released(handle.inode)
         return w.Ok()
 
-    @answers(w.ChunkMapCommit, role=Role.WRITER, doing="writing")
+    @answers(w.ChunkMapCommit, role=Role.WRITER, doing="writing", grouped=True)
     def _chunkmap_commit(self, session: Session, message: w.ChunkMapCommit) -> w.ChunkMapCommitted:
         session.handle(message.handle, message.inode, writing=True)
         applied = self._apply(session, m.CommitChunks(
@@ -500,6 +651,12 @@ def _credentials(credentials: w.Credentials) -> tuple[bytes, int, int, int, byte
         raise InvalidArgument("credentials need a login secret of at least 16 bytes and a wrapped key")
     verifier = crypto.login_verifier(credentials.login_secret, kdf.salt)
     return kdf.salt, kdf.time_cost, kdf.memory_kib, kdf.parallelism, verifier, credentials.wrapped_key
+
+
+def _cork(connection: Any) -> bool:
+    """Hold back ``connection``'s writes until it is uncorked; False if it cannot or already is."""
+    cork = getattr(connection, "cork", None)
+    return bool(cork is not None and cork())
 
 
 def _source(connection: ServerConnection) -> str:

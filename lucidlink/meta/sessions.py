@@ -12,6 +12,7 @@ rate-limits failed logins per user name and per source address with
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,12 @@ class Handle:
 
 @dataclass(eq=False)
 class Session:
-    """One connection's session: its user once logged in, and its open handles."""
+    """One connection's session: its user once logged in, and its open handles.
+
+    Open and close handles with :meth:`opened` and :meth:`closed`, which
+    keep a count per inode, so :meth:`holds` costs the same however many
+    handles are open.
+    """
 
     id: int
     connection: Any
@@ -45,6 +51,7 @@ class Session:
     user: str | None = None
     role: Role | None = None
     handles: dict[int, Handle] = field(default_factory=dict)
+    _open_per_inode: Counter[int] = field(default_factory=Counter, repr=False)
 
     @property
     def logged_in(self) -> bool:
@@ -61,9 +68,23 @@ class Session:
             raise BadFileHandle(f"handle {handle_id} was opened read-only")
         return handle
 
+    def opened(self, handle: Handle) -> None:
+        """Count ``handle`` as open in this session."""
+        self.handles[handle.id] = handle
+        self._open_per_inode[handle.inode] += 1
+
+    def closed(self, handle: Handle) -> None:
+        """Forget ``handle``, open in this session."""
+        del self.handles[handle.id]
+        left = self._open_per_inode[handle.inode] - 1
+        if left:
+            self._open_per_inode[handle.inode] = left
+        else:
+            del self._open_per_inode[handle.inode]
+
     def holds(self, inode: int) -> bool:
         """Whether this session has a handle open on ``inode``."""
-        return any(handle.inode == inode for handle in self.handles.values())
+        return inode in self._open_per_inode
 
 
 def is_writable(open_flags: int) -> bool:

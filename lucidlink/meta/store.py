@@ -10,6 +10,14 @@ same transaction, calls the optional ``journal`` hook with the completed
 record: the seam where the journal is written, so a change and its journal
 record commit together or not at all.
 
+Group commit: inside ``with store.group():`` each :meth:`~MetadataStore.apply`
+runs in its own ``SAVEPOINT`` of one shared transaction, committed once (one
+fsync) when the block ends.  A refused mutation rolls back its savepoint
+alone, journal row included, and raises its own error; the others stay.
+Until the block ends nothing of it is durable, so whoever groups answers
+nothing about those mutations (and nothing read inside the block) before
+the block has ended without an error.
+
 The rules are those of ``docs/metadata-protocol.rst``.  Names, symlink
 targets and xattrs are opaque ciphertext; entries are ordered by their bytes.
 
@@ -26,7 +34,8 @@ import errno
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -196,6 +205,18 @@ class Totals:
 Journal = Callable[[sqlite3.Cursor, m.Mutation, Applied], None]
 
 
+class Group:
+    """One group commit in progress (see :meth:`MetadataStore.group`)."""
+
+    __slots__ = ("applied", "lost")
+
+    def __init__(self) -> None:
+        self.applied = 0
+        """Mutations applied so far in the group's transaction."""
+        self.lost: BaseException | None = None
+        """Why the whole transaction was rolled back before its end, if it was."""
+
+
 def _is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
@@ -253,6 +274,8 @@ class MetadataStore:
         self.clock = clock
         self.journal = journal
         self._holds: dict[int, int] = {}
+        self._group: Group | None = None
+        self._initialised = False
         self._db = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -307,7 +330,7 @@ class MetadataStore:
     # -- the one way to change anything ------------------------------------------
 
     def apply(self, mutation: m.Mutation) -> Applied:
-        """Run ``mutation`` in one transaction and return what it did.
+        """Run ``mutation`` in one transaction (in a group: one savepoint) and return what it did.
 
         :raise LucidError: if a rule of the protocol refuses the change (the
             database is untouched), :class:`NoSpace` if the disk is full.
@@ -325,24 +348,31 @@ class MetadataStore:
             raise
 
     def _apply(self, executor: Callable[[_Transaction, Any], Any], mutation: m.Mutation) -> Applied:
+        group = self._group
+        if group is None:
+            return self._in_transaction(executor, mutation)
+        if group.lost is not None:
+            raise group.lost
+        db = self._db
+        if not db.in_transaction:
+            db.execute("BEGIN IMMEDIATE")
+        db.execute("SAVEPOINT mutation")
+        try:
+            applied = self._run(executor, mutation)
+            db.execute("RELEASE mutation")
+        except BaseException as error:
+            self._roll_back_savepoint(group, error)
+            raise
+        group.applied += 1
+        return applied
+
+    def _in_transaction(self, executor: Callable[[_Transaction, Any], Any], mutation: m.Mutation) -> Applied:
         db = self._db
         # Inside a transaction the caller opened (a restore replaying many records), a savepoint of it.
         nested = db.in_transaction
         db.execute("SAVEPOINT apply" if nested else "BEGIN IMMEDIATE")
         try:
-            cursor = db.cursor()
-            time_ns = getattr(mutation, "time_ns", None)
-            if time_ns is None:
-                time_ns = self.now_ns()
-            tx = _Transaction(cursor, time_ns, getattr(mutation, "kept", None), self._holds)
-            record = self._complete(tx, mutation)
-            value = executor(tx, record)
-            if hasattr(record, "kept") and record.kept is None:  # type: ignore[attr-defined]
-                record = dataclasses.replace(record, kept=tuple(tx.kept))  # type: ignore[type-var]
-            self._collect_garbage(tx)
-            applied = Applied(record, value, tuple(tx.changes))
-            if self.journal is not None:
-                self.journal(cursor, record, applied)
+            applied = self._run(executor, mutation)
             db.execute("RELEASE apply" if nested else "COMMIT")
         except BaseException:
             if nested:
@@ -352,6 +382,70 @@ class MetadataStore:
                 db.execute("ROLLBACK")
             raise
         return applied
+
+    def _roll_back_savepoint(self, group: Group, error: BaseException) -> None:
+        db = self._db
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK TO mutation")
+                db.execute("RELEASE mutation")
+                return
+            except (sqlite3.Error, OSError):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+        # SQLite gave up the whole transaction (a full disk can do that): the group's earlier mutations are gone.
+        if group.applied:
+            group.lost = error
+
+    def _run(self, executor: Callable[[_Transaction, Any], Any], mutation: m.Mutation) -> Applied:
+        """Apply ``mutation`` inside the open transaction and call the journal hook."""
+        cursor = self._db.cursor()
+        time_ns = getattr(mutation, "time_ns", None)
+        if time_ns is None:
+            time_ns = self.now_ns()
+        tx = _Transaction(cursor, time_ns, getattr(mutation, "kept", None), self._holds)
+        record = self._complete(tx, mutation)
+        value = executor(tx, record)
+        if hasattr(record, "kept") and record.kept is None:  # type: ignore[attr-defined]
+            record = dataclasses.replace(record, kept=tuple(tx.kept))  # type: ignore[type-var]
+        self._collect_garbage(tx)
+        applied = Applied(record, value, tuple(tx.changes))
+        if self.journal is not None:
+            self.journal(cursor, record, applied)
+        return applied
+
+    @contextmanager
+    def group(self) -> Iterator[Group]:
+        """Apply every mutation of the block in one transaction, committed once as the block ends.
+
+        Each :meth:`apply` inside runs in its own savepoint and raises its own
+        error.  If the commit fails, or SQLite gave up the transaction on the
+        way, every mutation of the block is rolled back and the ``with``
+        statement raises (:class:`NoSpace` for a full disk).  Groups do not nest.
+        """
+        if self._group is not None:
+            raise InternalError("a group commit is already in progress")
+        group = self._group = Group()
+        db = self._db
+        try:
+            yield group
+        except BaseException:
+            self._group = None
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._group = None
+        try:
+            if group.lost is not None:
+                raise group.lost
+            if db.in_transaction:
+                db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if _is_disk_full(error):
+                raise NoSpace(f"the metadata disk is full; {group.applied} changes were not applied") from None
+            raise
 
     def _complete(self, tx: _Transaction, record: m.Mutation) -> m.Mutation:
         """Fill in what the store decides: time, new inode ids, the server secret."""
@@ -375,6 +469,14 @@ class MetadataStore:
     def hold(self, inode: int) -> None:
         """Note that a session opened ``inode``; it stays while held, even without links."""
         self._holds[inode] = self._holds.get(inode, 0) + 1
+
+    def forget_hold(self, inode: int) -> None:
+        """Drop one hold without reclaiming: undoes a :meth:`hold` whose creation was rolled back."""
+        count = self._holds.get(inode, 0) - 1
+        if count > 0:
+            self._holds[inode] = count
+        else:
+            self._holds.pop(inode, None)
 
     def release(self, inode: int) -> Applied | None:
         """Drop one hold; reclaim the inode if that was the last and it has no links."""
@@ -407,8 +509,12 @@ class MetadataStore:
 
     @property
     def initialised(self) -> bool:
-        """Whether the filespace has been bootstrapped."""
-        return bool(self._setting(self._db, "initialised", 0))
+        """Whether the filespace has been bootstrapped (remembered once committed: it never goes back)."""
+        if not self._initialised:
+            initialised = bool(self._setting(self._db, "initialised", 0))
+            self._initialised = initialised and not self._db.in_transaction
+            return initialised
+        return True
 
     @property
     def chunk_size(self) -> int:

@@ -161,6 +161,17 @@ class LucidConnection(Protocol):
         if not self._lost:
             self._write(message, 0, _PUSH)
 
+    def cork(self) -> bool:
+        """Hold back what is written from now on until :meth:`uncork`; False if already corked."""
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def uncork(self) -> None:
+        """Send everything written since :meth:`cork` in one write."""
+        self._flush()
+
     def close(self, text: str = "closing", timeout: float = DEFAULT_CLOSE_TIMEOUT) -> defer.Deferred[LucidError]:
         """Say goodbye, let answers in flight finish, then close; fires when closed."""
         waiter = self.when_lost()
@@ -206,13 +217,14 @@ class LucidConnection(Protocol):
         self._last_received = self.clock.seconds()
         # Everything written while handling these frames leaves in one write,
         # so a batch of pipelined answers costs one TLS record, not one each.
-        self._corked = []
+        corked = self.cork()
         try:
             self.decoder.feed_each(data, self._on_frame)
         except ProtocolError as error:
             self.fail_connection(error)
         finally:
-            self._flush()
+            if corked:
+                self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
