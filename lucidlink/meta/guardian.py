@@ -49,7 +49,7 @@ from zope.interface import implementer
 from lucidlink.errors import LucidError, Restoring, UnknownFilespace
 from lucidlink.meta.config import DEFAULT_CHECK_INTERVAL
 from lucidlink.meta.segments import parse_segment_key, segment_prefix
-from lucidlink.meta.snapshots import RestoreResult, restore, snapshot_prefix
+from lucidlink.meta.snapshots import RestoreResult, catch_up, restore, snapshot_prefix
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.connection import IResponder, ServerConnection
 from lucidlink.protocol.messages import ServerStatus
@@ -502,6 +502,9 @@ class Guardian:
                 _log.error("{filespace}: cannot open the object store ({error}); will try again in {interval} s",
                            filespace=self.filespace, error=str(error), interval=self.check_interval)
                 return
+        caught_up = yield self._catch_up()
+        if not caught_up:
+            return
         try:
             responder = self.owner.open_database()
         except sqlite3.DatabaseError as error:
@@ -520,6 +523,44 @@ class Guardian:
                     yield self._damaged(self._behind(local.head, held))
                     return
         self._serve(responder)
+
+    @defer.inlineCallbacks
+    def _catch_up(self) -> Any:
+        """Before opening: replay onto a sound database the records the store holds beyond its head.
+
+        That is what a power cut under ``synchronous=NORMAL`` leaves (the last
+        commits gone, the database sound).  Records that do not chain onto the
+        database's own head mean it is not the filespace's history: damaged,
+        and restored whole.  Fires with False if the database was not opened
+        (restoring, or the store cannot be read yet).
+        """
+        if self.open_object_store is None or not self.database.exists():
+            return True
+        local = check_database(self.database)
+        if not local.ok:
+            return True  # opening meets the damage and says what it is
+        try:
+            object_store = self.open_object_store()
+            held = yield store_head(object_store, self.filespace)
+        except LucidError as error:
+            _log.warn("{filespace}: cannot list the object store to compare journal heads ({error})",
+                      filespace=self.filespace, error=str(error))
+            return True
+        if local.head >= held:
+            return True
+        _log.warn("{filespace}: {problem}; replaying them from the object store", filespace=self.filespace,
+                  problem=self._behind(local.head, held))
+        try:
+            seq, problem = yield catch_up(object_store, self.filespace, self.database, self.reactor)
+        except (LucidError, OSError, sqlite3.Error) as error:
+            seq, problem = local.head, str(error)
+        if problem or seq < held:
+            yield self._damaged(f"{self._behind(local.head, held)}, and they cannot be replayed onto it "
+                                f"({problem or f'replayed up to seq {seq}'})")
+            return False
+        _log.info("{filespace}: replayed seq {first} to {seq} from the object store", filespace=self.filespace,
+                  first=local.head + 1, seq=seq)
+        return True
 
     def _behind(self, local: int, held: int) -> str:
         return (f"the database's journal ends at seq {local} but the object store holds it up to seq {held}: "

@@ -132,7 +132,7 @@ class MetaServer(MultiService):
         assert self.guardian is not None
         data_dir = self.config.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the folder may have gone while running
-        store = MetadataStore(data_dir / DATABASE_NAME, self.reactor)
+        store = MetadataStore(data_dir / DATABASE_NAME, self.reactor, synchronous=self.synchronous)
         try:
             journal = Journal(self.reactor, on_append=self.guardian.saw_head).install(store)
             reclaimed = store.reclaim_orphans()
@@ -153,6 +153,17 @@ class MetaServer(MultiService):
         self.log.info("serving filespace {filespace} from {data_dir}", filespace=self.config.filespace,
                       data_dir=str(data_dir))
         return self.responder
+
+    @property
+    def synchronous(self) -> str:
+        """SQLite's ``synchronous`` for the database.
+
+        With ``durability=sync`` an answer waits until the change is in the
+        object store, so the local commit need not reach the disk first: a
+        power cut loses at most commits the store holds, and the guardian
+        replays them when the server starts.
+        """
+        return "NORMAL" if self.config.store is not None and self.config.durability == "sync" else "FULL"
 
     @defer.inlineCallbacks
     def close_database(self, reason: str, damaged: bool) -> Any:

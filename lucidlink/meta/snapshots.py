@@ -467,6 +467,26 @@ def restore(object_store: Any, filespace: str, target_path: Path | str, to_seq: 
 
 
 @defer.inlineCallbacks
+def catch_up(object_store: Any, filespace: str, path: Path, clock: IReactorTime | None = None) -> Any:
+    """Replay onto the sound database at ``path`` every stored record after its journal head.
+
+    For a database whose last commits were lost without damage (a power cut
+    under ``synchronous=NORMAL``): the records must chain onto its own head,
+    so a database that forked from the stored history is not touched past
+    its head.  Fires with ``(seq, problem)``; ``problem`` is "" once the
+    database holds everything the store does.
+    """
+    store = MetadataStore(path, clock or Clock())
+    try:
+        journal = Journal(clock or Clock()).install(store)
+        seq, _, problem = yield _replay(object_store, filespace, journal, None)
+        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        store.close()
+    return seq, problem
+
+
+@defer.inlineCallbacks
 def _replay(object_store: Any, filespace: str, journal: Journal, to_seq: int | None) -> Any:
     """Replay every stored record after the journal's head (up to ``to_seq``); fires with (seq, hash, problem)."""
     seq, chain = journal.head()

@@ -2,7 +2,11 @@
 The metadata of one filespace in SQLite: the tree, chunk maps, users.
 
 :class:`MetadataStore` keeps everything in one SQLite database in WAL mode
-with ``synchronous=FULL``, so a change is on disk when it is acknowledged.
+with ``synchronous=FULL``, so a change is on disk when it is acknowledged
+(``NORMAL`` when ``durability=sync`` already holds back every answer until
+the change is stored in the object store: a power cut may then lose the
+last commits, never the database, and the server replays them from the
+store when it starts).
 Reads are plain methods.  Every change is a record from
 :mod:`lucidlink.meta.mutations` given to :meth:`MetadataStore.apply`, which
 runs it in one ``BEGIN IMMEDIATE`` … ``COMMIT`` transaction and, inside that
@@ -263,13 +267,17 @@ class _Transaction:
 class MetadataStore:
     """The metadata of one filespace, in the SQLite database at ``path``.
 
-    ``clock`` gives the time of changes; ``journal``, if given, is called
+    ``clock`` gives the time of changes; ``synchronous`` is SQLite's
+    (``NORMAL`` only where every acknowledged change is also in the object
+    store, which :func:`~lucidlink.meta.snapshots.catch_up` replays after a
+    power cut); ``journal``, if given, is called
     as ``journal(cursor, record, applied)`` inside every mutation's
     transaction, after the change and before the commit; if it raises, the
     change is rolled back.
     """
 
-    def __init__(self, path: Path | str, clock: IReactorTime, *, journal: Journal | None = None) -> None:
+    def __init__(self, path: Path | str, clock: IReactorTime, *, journal: Journal | None = None,
+                 synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.clock = clock
         self.journal = journal
@@ -279,7 +287,9 @@ class MetadataStore:
         self._db = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            if synchronous not in ("FULL", "NORMAL"):
+                raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._create_schema()
         except BaseException:
             self._db.close()
