@@ -6,6 +6,7 @@ the restore at its last good record, saying which.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from lucidlink.meta import mutations as m
 from lucidlink.meta.journal import Journal
 from lucidlink.meta.segments import parse_segment_key
 from lucidlink.meta.shipper import Shipper
-from lucidlink.meta.snapshots import Manifest, Snapshotter, manifest_key, restore, snapshot_key, take_snapshot
+from lucidlink.meta.snapshots import (
+    Manifest,
+    Snapshotter,
+    catch_up,
+    manifest_key,
+    restore,
+    snapshot_key,
+    take_snapshot,
+)
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from tests.client_helpers import MemoryObjectStore
 from tests.meta_helpers import START_TIME, initialise_record
@@ -92,6 +101,46 @@ class RestoreTests(SynchronousTestCase):
         restored_journal = Journal(Clock()).install(store)
         self.assertEqual(restored_journal.entries(), self.journal.entries())
         self.assertEqual(restored_journal.verify(), self.journal.head())
+
+    def test_catch_up_replays_what_a_power_cut_lost(self) -> None:
+        """A sound database that lost its last commits gets them back from the store, and nothing else changes."""
+        self.work(2)
+        self.ship()
+        behind = self.folder / "behind.sqlite3"
+        self.copy_of_original(behind)
+        self.work(3)
+        self.ship()
+        seq, problem = self.successResultOf(catch_up(self.objects, FILESPACE, behind, self.clock))
+        self.assertEqual(problem, "")
+        self.assertEqual(seq, self.journal.head()[0])
+        store = self.open(behind)
+        self.assertEqual(store.dump(), self.store.dump())
+        self.assertEqual(Journal(Clock()).install(store).verify(), self.journal.head())
+
+    def test_catch_up_refuses_a_forked_database(self) -> None:
+        """A database with a record of its own that the store never held is left at its head, with the reason."""
+        self.work(2)
+        self.ship()
+        forked = self.folder / "forked.sqlite3"
+        self.copy_of_original(forked)
+        other = self.open(forked)
+        Journal(self.clock).install(other)
+        other.apply(m.MakeDirectory(ROOT_INODE, b"only-here", 0o755, 0, 0))
+        head = Journal(Clock()).install(other).head()
+        other.close()
+        self.work(2)
+        self.ship()
+        seq, problem = self.successResultOf(catch_up(self.objects, FILESPACE, forked, self.clock))
+        self.assertEqual(seq, head[0])
+        self.assertIn("damaged", problem)
+
+    def copy_of_original(self, target: Path) -> None:
+        """A consistent copy of the original database as it is now."""
+        copy = sqlite3.connect(target)
+        try:
+            self.store._db.backup(copy)
+        finally:
+            copy.close()
 
     def test_segments_alone(self) -> None:
         """Without a snapshot the whole journal is replayed from an empty database."""
