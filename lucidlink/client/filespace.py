@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -83,6 +84,7 @@ from lucidlink.errors import (
     TooManyLinks,
     Unavailable,
 )
+from lucidlink.meta.locks import HeldLock, LockTable
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import (
     Attributes,
@@ -94,6 +96,8 @@ from lucidlink.protocol.messages import (
     SetAttrField,
     XattrFlags,
 )
+
+_log = Logger()
 
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
@@ -108,6 +112,14 @@ LOCK_END = 2**64 - 1
 """The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
 LOCK_WAIT_TIMEOUT = 24 * 3600.0
 """Seconds a lock request that waits for a conflicting lock may take."""
+_OWN = 0
+"""The session part of the owners in :attr:`Inodes.held_locks` (this client is the only session there)."""
+
+
+class LockLost(LucidError):
+    """A lock held here could not be taken again after the metadata server restarted: I/O on the file fails."""
+
+    errno_name = "EIO"
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
@@ -235,6 +247,8 @@ class FileHandle:
         """Set while a journal left by an earlier run is replayed onto this handle (nothing is journaled)."""
         self.rebase_on_conflict = True
         """False: a commit that meets another writer's fails with Conflict instead of merging."""
+        self.lock_lost: LockLost | None = None
+        """Set when a lock on the file was held as it opened and could not be taken again: reads and writes fail."""
 
     def __repr__(self) -> str:
         return f"<FileHandle of inode {self.inode}, size {self.size}>"
@@ -724,6 +738,8 @@ class FileHandle:
     def _check_open(self) -> None:
         if self.closed:
             raise BadFileHandle(f"the handle of inode {self.inode} is closed")
+        if self.lock_lost is not None:
+            raise self.lock_lost
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -796,7 +812,12 @@ class Inodes:
         self.journals = journals
         self._handles: dict[int, set[FileHandle]] = {}
         self._change_listeners: list[ChangeListener] = []
-        self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
+        self.held_locks = LockTable()
+        """The locks this client holds, as the server granted them: taken again after a reconnect."""
+        self._unsubscribe = [
+            session.on_notify(self._notified), session.on_reconnect(self._reconnected),
+            session.keep_connected(lambda: bool(self.held_locks.all_held())),
+        ]
 
     def require_store(self) -> Any:
         """The object store; NotSupported if there is none (commands that only list need none)."""
@@ -1021,13 +1042,51 @@ class Inodes:
         the answer comes once the lock is granted.
         """
         request = w.Lock(inode, owner, kind, lock_type, start, end, wait)
-        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(lambda _: None)
+
+        def granted(_: Any) -> None:
+            self.held_locks.record((_OWN, owner), inode, kind, lock_type, start, end)
+
+        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(granted)
 
     def test_lock(
         self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END
     ) -> defer.Deferred[w.LockState]:
         """The first lock that stands in the way of ``owner`` taking this one (``lock_type`` UNLOCK: none)."""
         return self.session.call(w.LockTest(inode, owner, kind, lock_type, start, end))
+
+    @defer.inlineCallbacks
+    def reclaim_locks(self) -> Generator[defer.Deferred[Any], Any, list[LockLost]]:
+        """
+        Take again every lock held here (after a reconnect: the server may have forgotten them).
+
+        A lock another client took meanwhile is lost: it is forgotten here,
+        logged as an error, and the handles of its file open now fail every
+        later read and write with :class:`LockLost` (EIO), as NFS does when a
+        lock cannot be reclaimed; their buffered writes are still committed
+        at close.  Returns what was lost.
+        """
+        lost: list[LockLost] = []
+        for inode, kind, held in self.held_locks.all_held():
+            request = w.LockReclaim(inode, held.owner[1], kind, held.lock_type, held.start, held.end)
+            try:
+                yield self.session.call(request)
+            except (ConnectionClosed, RequestTimeout):
+                raise  # the next reconnect tries again
+            except LucidError as error:
+                lost.append(self._lose_lock(inode, kind, held, error))
+        return lost
+
+    def _lose_lock(self, inode: int, kind: LockKind, held: HeldLock, error: LucidError) -> LockLost:
+        self.held_locks.record(held.owner, inode, kind, LockType.UNLOCK, held.start, held.end)
+        what = "flock" if kind == LockKind.FLOCK else f"lock on bytes {held.start}-{held.end}"
+        lost = LockLost(
+            f"the {held.lock_type.name.lower()} {what} of inode {inode} was lost when the connection to the"
+            f" metadata server was made again: {error}"
+        )
+        _log.error("{lost}; reads and writes of the file's open handles now fail", lost=lost)
+        for handle in self._handles.get(inode, ()):
+            handle.lock_lost = lost
+        return lost
 
     # -- chunks and handles ------------------------------------------------------------
 
@@ -1138,6 +1197,7 @@ class Inodes:
             handles.discard(handle)
             if not handles:
                 del self._handles[handle.inode]
+                self.held_locks.release_inode(_OWN, handle.inode)  # as the server does
 
     def open_handles(self) -> list[FileHandle]:
         """The handles opened here and not closed yet."""
@@ -1177,6 +1237,10 @@ class Inodes:
         for handle in self.open_handles():
             handle.invalidate()
         self._tell_change(0)
+        if self.held_locks.all_held():
+            self.reclaim_locks().addErrback(
+                lambda failure: _log.warn("locks not taken again yet: {error}", error=failure.value)
+            )
 
     def close(self) -> None:
         """Stop listening to the session (the handles stay as they are)."""
