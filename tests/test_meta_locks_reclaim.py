@@ -18,7 +18,7 @@ from lucidlink.meta.service import MetadataResponder
 from lucidlink.meta.store import ROOT_INODE
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import LockKind, LockType
-from tests.test_meta_service import InitialisedTestCase
+from tests.test_meta_service import InitialisedTestCase, ServiceTestCase
 from tests.test_meta_tap import FILESPACE, make_certificates, write_config
 
 READ, WRITE, UNLOCK = LockType.READ, LockType.WRITE, LockType.UNLOCK
@@ -113,11 +113,9 @@ class RecordTests(SynchronousTestCase):
 class ResponderGraceTests(InitialisedTestCase):
     """The metadata responder's grace period runs on its clock; reclaims go over the wire."""
 
-    def make_responder(self, **options: Any) -> MetadataResponder:
-        return super().make_responder(lock_grace=GRACE, **options)
-
     def setUp(self) -> None:
         super().setUp()
+        self.responder = self.make_responder(lock_grace=GRACE)  # the server started again
         self.holder, self.newcomer = self.logged_in("wendy"), self.logged_in("wendy")
 
     def test_grace_then_normal(self) -> None:
@@ -147,6 +145,11 @@ class ResponderGraceTests(InitialisedTestCase):
     def test_no_grace_by_default(self) -> None:
         """Without ``lock_grace`` (tests, tools) locks are granted at once."""
         self.assertFalse(MetadataResponder(self.store, self.clock, "films").locks.in_grace)
+
+    def test_no_grace_before_initialisation(self) -> None:
+        """A filespace not yet initialised has no lock holders to wait for."""
+        ServiceTestCase.setUp(self)
+        self.assertFalse(self.make_responder(lock_grace=GRACE).locks.in_grace)
 
 
 class LockGraceSettingTests(SynchronousTestCase):

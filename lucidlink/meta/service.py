@@ -80,7 +80,8 @@ class MetadataResponder:
     ``token_path`` is where the bootstrap token file lives (deleted once used);
     ``on_status_changed`` is called when the status changes (after the bootstrap);
     ``lock_grace`` is the seconds after the start during which only reclaimed
-    locks are granted (see :mod:`lucidlink.meta.locks`; 0: none).
+    locks are granted (see :mod:`lucidlink.meta.locks`; 0: none; none either
+    for a filespace not yet initialised).
     """
 
     def __init__(
@@ -111,7 +112,7 @@ class MetadataResponder:
         self.locks = LockTable()
         self._grace_ends = clock.seconds() + lock_grace
         self._grace_call: IDelayedCall | None = None
-        if lock_grace > 0:
+        if lock_grace > 0 and store.initialised:  # before its initialisation no one can hold a lock
             self.locks.begin_grace()
         self.sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
