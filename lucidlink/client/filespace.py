@@ -813,10 +813,14 @@ class FileHandle:
         return self._checked(self._check_writable) or self.file.truncate(size)
 
     def flush(self) -> defer.Deferred[None]:
-        """Store the file's buffered chunks and commit its chunk map (``fsync`` is the same)."""
+        """Store the file's buffered chunks and commit its chunk map; nothing for a read-only handle (a close)."""
+        if not self.writable:
+            return defer.succeed(None)
         return self.file.flush()
 
-    fsync = flush
+    def fsync(self) -> defer.Deferred[None]:
+        """Store the file's buffered chunks and commit its chunk map, through whichever handle."""
+        return self.file.flush()
 
     def holds(self, commit: Committing | None) -> defer.Deferred[bool]:
         """Whether the file's chunk map is now what ``commit`` made (or would have made) it."""
@@ -836,8 +840,7 @@ class FileHandle:
         if self.closed:
             return
         try:
-            if self.writable:
-                yield self.flush()
+            yield self.flush()
         finally:
             self.closed = True
             self.file._inodes.forget(self)
