@@ -17,7 +17,10 @@ together.  It has two levels:
   component by component from the root, following symbolic links in the
   middle (and at the end when asked), ``TooManyLinks`` after 40.
 
-A :class:`FileHandle` reads and writes a file by chunks.  Reading a chunk
+A :class:`FileHandle` is one open of a file; every handle of a file on this
+client shares one :class:`OpenFile`, which holds the buffered writes, the
+size and the chunk map cache, so each handle sees the others' writes at once,
+as descriptors of a local file do.  It reads and writes by chunks.  Reading a chunk
 fetches only the sealed blocks that hold the range (a ranged get of
 :func:`~lucidlink.crypto.sealed_range_for`), opened with the object's
 ``object_length``, through the :class:`~lucidlink.client.chunk_reader.ChunkReader`
@@ -39,6 +42,11 @@ other writer's content with this handle's written byte ranges laid over it,
 stored as a new object, and the commit is tried again.  So two writers of
 different chunks, or of different bytes of one chunk, both keep their
 writes; where they wrote the same bytes, the last to commit wins.
+
+The locks this client takes are remembered in :attr:`Inodes.held_locks` and
+reclaimed when the session connects again (:meth:`Inodes.reclaim_locks`); one
+that another client took meanwhile is lost, and reads and writes of the
+file's handles then fail with :class:`LockLost`.
 """
 
 from __future__ import annotations
@@ -1040,6 +1048,8 @@ class Inodes:
         file = self._files.get(attributes.inode)
         if file is None:
             file = self._files[attributes.inode] = OpenFile(self, attributes)
+        elif attributes.version != file.version:
+            file.invalidate(attributes)  # close-to-open: the server's answer is newer than what was cached
         handle = FileHandle(file, server, flags)
         file.handles.append(handle)
         self._handles.setdefault(handle.inode, set()).add(handle)
