@@ -7,7 +7,6 @@ the ``lock_grace`` setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -162,11 +161,14 @@ class LockGraceSettingTests(SynchronousTestCase):
 
     def test_values(self) -> None:
         """Default, seconds, a duration, and 0 for none."""
-        read = lambda **keys: load_config(write_config(self.directory, **keys), FILESPACE).lock_grace  # noqa: E731
-        self.assertEqual(read(), DEFAULT_LOCK_GRACE)
-        self.assertEqual(read(lock_grace="12.5"), 12.5)
-        self.assertEqual(read(lock_grace="2m"), 120.0)
-        self.assertEqual(read(lock_grace="0"), 0.0)
+        self.assertEqual(self.read(), DEFAULT_LOCK_GRACE)
+        self.assertEqual(self.read(lock_grace="12.5"), 12.5)
+        self.assertEqual(self.read(lock_grace="2m"), 120.0)
+        self.assertEqual(self.read(lock_grace="0"), 0.0)
+        self.assertEqual(self.read(lock_grace="0s"), 0.0)
+
+    def read(self, **keys: str) -> float:
+        return load_config(write_config(self.directory, **keys), FILESPACE).lock_grace
 
     def test_bad_value(self) -> None:
         """A bad value names the file and the key."""

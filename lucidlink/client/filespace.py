@@ -1156,6 +1156,9 @@ class Inodes:
         the answer comes once the lock is granted.
         """
         request = w.Lock(inode, owner, kind, lock_type, start, end, wait)
+        if lock_type == LockType.UNLOCK:
+            # Forgotten here at once: even if the answer is lost, the lock must not be reclaimed.
+            self.held_locks.record((_OWN, owner), inode, kind, lock_type, start, end)
 
         def granted(_: Any) -> None:
             self.held_locks.record((_OWN, owner), inode, kind, lock_type, start, end)

@@ -213,10 +213,11 @@ class _Reader:
     def seconds(self, key: str, default: float) -> float:
         """A number of seconds that may be zero (a duration such as 45 or 2m, or 0: none)."""
         text = self.text(key)
-        if not text:
-            return default
-        if text.strip() in ("0", "0s", "0.0"):
-            return 0.0
+        try:
+            if text and float(text.lower().removesuffix("s")) == 0:
+                return 0.0
+        except ValueError:
+            pass  # not a bare number: duration() says what is wrong
         return self.duration(key, default)
 
     def duration(self, key: str, default: float) -> float:
