@@ -17,7 +17,7 @@ from lucidlink import errors
 from lucidlink.protocol.messages import LockKind, LockType
 from tests.test_meta_faults import FaultTestCase, sleep
 
-GRACE = 3.0
+GRACE = 6.0
 
 
 class RestartTests(FaultTestCase):
