@@ -778,7 +778,8 @@ class FileHandle:
     one client see each other's buffered writes at once.
     """
 
-    def __init__(self, file: OpenFile, server: ServerHandle, flags: int) -> None:
+    def __init__(self, inodes: Inodes, file: OpenFile, server: ServerHandle, flags: int) -> None:
+        self._inodes = inodes
         self.file = file
         self.server = server
         self.inode = file.inode
@@ -851,8 +852,8 @@ class FileHandle:
             yield self.flush()
         finally:
             self.closed = True
-            self.file._inodes.forget(self)
-            yield self.file._inodes.session.release_handle(self.server)
+            self._inodes.forget(self)
+            yield self._inodes.session.release_handle(self.server)
 
     @staticmethod
     def _checked(check: Callable[[], None]) -> defer.Deferred[Any] | None:
@@ -1050,7 +1051,7 @@ class Inodes:
             file = self._files[attributes.inode] = OpenFile(self, attributes)
         elif attributes.version != file.version:
             file.invalidate(attributes)  # close-to-open: the server's answer is newer than what was cached
-        handle = FileHandle(file, server, flags)
+        handle = FileHandle(self, file, server, flags)
         file.handles.append(handle)
         self._handles.setdefault(handle.inode, set()).add(handle)
         if flags & os.O_TRUNC and handle.writable and attributes.size:
