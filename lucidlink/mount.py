@@ -14,7 +14,8 @@ table (:data:`ERRNO`) lives here and nowhere else.
 What another client changes reaches the kernel through :class:`KernelCaches`
 (its caches of attributes, entries and pages are dropped, from a thread that
 never holds the llfuse lock); descriptors of one file on this mount see each
-other's writes (:meth:`FilespaceOperations._coherent`); ``flock`` and
+other's writes at once (the core's handles of one file share its buffered
+data); ``flock`` and
 ``fcntl`` locks go to the metadata server through
 :mod:`lucidlink.fuse_locks`, which adds the lock operations llfuse lacks.
 
@@ -243,8 +244,6 @@ class FilespaceOperations(llfuse.Operations):
         self._numbers = itertools.count(1)
         self._files: dict[int, Any] = {}
         self._directories: dict[int, _Directory] = {}
-        self._handles_of: dict[int, set[Any]] = {}
-        """The open file handles of each inode."""
         self._lookups: Counter[int] = Counter()
         """The kernel's lookup count of each inode it holds."""
         self._cached_version: dict[int, int] = {}
@@ -290,24 +289,7 @@ class FilespaceOperations(llfuse.Operations):
     def _keep(self, handle: Any) -> int:
         number = next(self._numbers)
         self._files[number] = handle
-        self._handles_of.setdefault(handle.inode, set()).add(handle)
         return number
-
-    def _coherent(self, fh: int) -> Any:
-        """
-        The handle ``fh``, once every other open handle of its file has stored its buffered writes.
-
-        Each handle of the core buffers its own writes; a local filesystem
-        shows a write through one descriptor to a read through another at
-        once, and lets the later of two writes to the same bytes win.  So
-        before a handle reads or writes, the others' writes are committed
-        (and this handle reads the chunk map again).
-        """
-        handle = self._file(fh)
-        for other in list(self._handles_of.get(handle.inode, ())):
-            if other is not handle and other.pending:
-                self.bridge.call(other.flush)
-        return handle
 
     # -- the tree ----------------------------------------------------------------
 
@@ -444,10 +426,10 @@ class FilespaceOperations(llfuse.Operations):
         return self._keep(handle)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.bridge.call(self._coherent(fh).read, off, size)  # type: ignore[no-any-return]
+        return self.bridge.call(self._file(fh).read, off, size)  # type: ignore[no-any-return]
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.bridge.call(self._coherent(fh).write, off, buf)  # type: ignore[no-any-return]
+        return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
 
     def flush(self, fh: int) -> None:
         self.bridge.call(self._file(fh).flush)
@@ -458,10 +440,6 @@ class FilespaceOperations(llfuse.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            others = self._handles_of.get(handle.inode, set())
-            others.discard(handle)
-            if not others:
-                self._handles_of.pop(handle.inode, None)
             try:
                 self.bridge.call(handle.close)
             finally:

@@ -118,8 +118,8 @@ class WriteBackTests(ClientTestCase):
     def crash(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
         """The client dies: its session ends, its handles are never closed, its memory is gone."""
         for handle in fs.inodes.open_handles():
-            if handle._journal is not None:
-                handle._journal.close()
+            if handle.file._journal is not None:
+                handle.file._journal.close()
         yield fs.close()
         yield fs.session.close()
 
@@ -345,8 +345,8 @@ class ReplayModelTests(MemoryFilespaceCase):
         model = bytearray(initial)
         for step in changes:
             self.now(change(handle, model, step) or handle.flush())
-        if handle._journal is not None:
-            handle._journal.close()  # the client dies here
+        if handle.file._journal is not None:
+            handle.file._journal.close()  # the client dies here
         self.now(first.close())
 
         second = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)

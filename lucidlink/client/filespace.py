@@ -17,7 +17,10 @@ together.  It has two levels:
   component by component from the root, following symbolic links in the
   middle (and at the end when asked), ``TooManyLinks`` after 40.
 
-A :class:`FileHandle` reads and writes a file by chunks.  Reading a chunk
+A :class:`FileHandle` is one open of a file; every handle of a file on this
+client shares one :class:`OpenFile`, which holds the buffered writes, the
+size and the chunk map cache, so each handle sees the others' writes at once,
+as descriptors of a local file do.  It reads and writes by chunks.  Reading a chunk
 fetches only the sealed blocks that hold the range (a ranged get of
 :func:`~lucidlink.crypto.sealed_range_for`), opened with the object's
 ``object_length``, through the :class:`~lucidlink.client.chunk_reader.ChunkReader`
@@ -39,6 +42,11 @@ other writer's content with this handle's written byte ranges laid over it,
 stored as a new object, and the commit is tried again.  So two writers of
 different chunks, or of different bytes of one chunk, both keep their
 writes; where they wrote the same bytes, the last to commit wins.
+
+The locks this client takes are remembered in :attr:`Inodes.held_locks` and
+reclaimed when the session connects again (:meth:`Inodes.reclaim_locks`); one
+that another client took meanwhile is lost, and reads and writes of the
+file's handles then fail with :class:`LockLost`.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -83,6 +92,7 @@ from lucidlink.errors import (
     TooManyLinks,
     Unavailable,
 )
+from lucidlink.meta.locks import HeldLock, LockTable
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import (
     Attributes,
@@ -94,6 +104,8 @@ from lucidlink.protocol.messages import (
     SetAttrField,
     XattrFlags,
 )
+
+_log = Logger()
 
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
@@ -108,6 +120,14 @@ LOCK_END = 2**64 - 1
 """The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
 LOCK_WAIT_TIMEOUT = 24 * 3600.0
 """Seconds a lock request that waits for a conflicting lock may take."""
+_OWN = 0
+"""The session part of the owners in :attr:`Inodes.held_locks` (this client is the only session there)."""
+
+
+class LockLost(LucidError):
+    """A lock held here could not be taken again after the metadata server restarted: I/O on the file fails."""
+
+    errno_name = "EIO"
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
@@ -201,23 +221,23 @@ class _Dirty:
         self.generation += 1
 
 
-class FileHandle:
+class OpenFile:
     """
-    An open file: reads, buffered writes, truncation, flush (see the module).
+    A file open on this client: reads, buffered writes, truncation, flush (see the module).
 
-    ``size`` is the file's size as this handle sees it, its own unstored
-    writes included; ``version`` the chunk map version its changes are based on.
+    Every :class:`FileHandle` of the file here shares it, so each sees the
+    others' buffered writes at once, as descriptors of a local file do.
+    ``size`` is the file's size as this client sees it, its unstored writes
+    included; ``version`` the chunk map version its changes are based on.
     """
 
-    def __init__(self, inodes: Inodes, server: ServerHandle, attributes: Attributes, flags: int) -> None:
+    def __init__(self, inodes: Inodes, attributes: Attributes) -> None:
         self._inodes = inodes
-        self._server = server
+        self.handles: list[FileHandle] = []
+        """The open handles of the file here; commits go through a writable one."""
         self.inode = attributes.inode
-        self.flags = flags
-        self.writable = is_writable(flags)
         self.size = attributes.size
         self.version = attributes.version
-        self.closed = False
         self._chunk_size = inodes.chunk_size
         self._map: dict[int, ChunkRef] = {}
         self._windows: set[int] = set()
@@ -232,16 +252,16 @@ class FileHandle:
         self._uploading: dict[int, defer.Deferred[None]] = {}
         self._journal: Journal | None = None
         self.replaying = False
-        """Set while a journal left by an earlier run is replayed onto this handle (nothing is journaled)."""
+        """Set while a journal left by an earlier run is replayed onto this file (nothing is journaled)."""
         self.rebase_on_conflict = True
         """False: a commit that meets another writer's fails with Conflict instead of merging."""
 
     def __repr__(self) -> str:
-        return f"<FileHandle of inode {self.inode}, size {self.size}>"
+        return f"<OpenFile of inode {self.inode}, size {self.size}, {len(self.handles)} handles>"
 
     @property
     def pending(self) -> bool:
-        """Whether the handle holds changes not yet committed."""
+        """Whether the file holds changes not yet committed."""
         return bool(self._dirty) or self._size_changed
 
     @property
@@ -254,7 +274,6 @@ class FileHandle:
     @defer.inlineCallbacks
     def read(self, offset: int, size: int) -> Generator[defer.Deferred[Any], Any, bytes]:
         """Up to ``size`` bytes from ``offset``: fewer at the end of the file, ``b""`` past it."""
-        self._check_open()
         if offset < 0 or size < 0:
             raise InvalidArgument(f"cannot read {size} bytes at offset {offset}")
         chunk_size = self._chunk_size
@@ -374,21 +393,21 @@ class FileHandle:
 
     # -- writing ----------------------------------------------------------------
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
+    def write(self, offset: int, data: bytes | bytearray | memoryview, append: bool = False) -> defer.Deferred[int]:
         """
-        Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length.
+        Write ``data`` at ``offset`` (at the end with ``append``); fires with its length.
 
         The bytes are buffered; they are stored by :meth:`flush`, :meth:`close`,
         or a later write once more than the buffer limit is held.
         """
-        return self._lock.run(self._write, offset, data)
+        return self._lock.run(self._write, offset, data, append)
 
     @defer.inlineCallbacks
-    def _write(self, offset: int, data: Any) -> Generator[defer.Deferred[Any], Any, int]:
-        self._check_writable()
+    def _write(self, offset: int, data: Any, append: bool) -> Generator[defer.Deferred[Any], Any, int]:
+        self._check_not_lost()
         view = memoryview(data).cast("B")
         length = len(view)
-        if self.flags & os.O_APPEND:
+        if append:
             if self._stale and not self.pending:
                 yield self._load(0, 0)
             offset = self.size
@@ -491,7 +510,7 @@ class FileHandle:
 
     @defer.inlineCallbacks
     def _truncate(self, size: int) -> Generator[defer.Deferred[Any], Any, None]:
-        self._check_writable()
+        self._check_not_lost()
         if size < 0:
             raise InvalidArgument(f"a file cannot be {size} bytes long")
         if size > MAX_FILE_SIZE:
@@ -589,7 +608,7 @@ class FileHandle:
                 self._journal.committing(expected, size, refs)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
-                return w.ChunkMapCommit(self.inode, self._server.id, expected, size, refs, 0)
+                return w.ChunkMapCommit(self.inode, self._writer().id, expected, size, refs, 0)
 
             try:
                 committed = yield self._inodes.session.call(commit)
@@ -642,7 +661,6 @@ class FileHandle:
             self._dirty.clear()
             self._size_changed = False
             self._grown_to = 0
-        self._inodes.changed_here(self)
 
     @defer.inlineCallbacks
     def _rebase(self) -> Generator[defer.Deferred[Any], Any, None]:
@@ -690,49 +708,49 @@ class FileHandle:
                 return False
         return True
 
+    def truncate_at_open(self, server: ServerHandle) -> defer.Deferred[None]:
+        """``O_TRUNC`` through ``server``: empty the file at once, whatever its version (``expected_version`` 0).
+
+        Writes buffered here before are dropped: the truncation ends them as it would have once committed.
+        """
+        return self._lock.run(self._truncate_at_open, server)
+
     @defer.inlineCallbacks
-    def truncate_at_open(self) -> Generator[defer.Deferred[Any], Any, None]:
-        """``O_TRUNC``: empty the file at once, whatever its version (``expected_version`` 0)."""
-        committed = yield self._inodes.session.call(
-            lambda: w.ChunkMapCommit(self.inode, self._server.id, 0, 0, [], 0)
-        )
+    def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
+        committed = yield self._inodes.session.call(lambda: w.ChunkMapCommit(self.inode, server.id, 0, 0, [], 0))
         self._map.clear()
         self._windows.clear()
         self._map_version = self.version = committed.version
         self.size = 0
-        self._inodes.changed_here(self)
+        self._dirty.clear()
+        self._size_changed = False
+        self._truncated_to = None
+        self._grown_to = 0
+        if self._journal is not None:
+            self._journal.remove()
+            self._journal = None
 
-    @defer.inlineCallbacks
-    def close(self) -> Generator[defer.Deferred[Any], Any, None]:
-        """Flush, then release the handle (released even if the flush fails, whose error is raised)."""
-        if self.closed:
-            return
-        try:
-            yield self.flush()
-        finally:
-            self.closed = True
-            if self._journal is not None:
-                # Its writes could not be committed: the next mount replays them.
-                self._journal.sync()
-                self._journal.close()
-                self._journal = None
-            self._inodes.forget(self)
-            yield self._inodes.session.release_handle(self._server)
+    def ended(self) -> None:
+        """Its last handle here closed: writes that could not be committed stay journaled for the next mount."""
+        if self._journal is not None:
+            self._journal.sync()
+            self._journal.close()
+            self._journal = None
 
     # -- checks and notifications ---------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise BadFileHandle(f"the handle of inode {self.inode} is closed")
-
-    def _check_writable(self) -> None:
-        self._check_open()
-        if not self.writable:
-            raise BadFileHandle(f"inode {self.inode} was opened read-only")
-        self._check_not_lost()
+    def _writer(self) -> ServerHandle:
+        """The server handle commits go through: the first open writable handle's."""
+        writers = [handle.server for handle in self.handles if handle.writable]
+        for server in writers:
+            if server.lost is None:
+                return server
+        if writers:
+            return writers[0]
+        raise BadFileHandle(f"inode {self.inode} has writes buffered and no handle open for writing to commit them")
 
     def _check_not_lost(self) -> None:
-        lost = self._server.lost
+        lost = self._writer().lost
         if lost is not None:
             unsaved = f"; {self.buffered} buffered bytes could not be stored" if self.pending else ""
             raise type(lost)(f"{lost}{unsaved}")
@@ -750,6 +768,112 @@ class FileHandle:
             self._stale = True
             if attributes is not None:
                 self.size, self.version = attributes.size, attributes.version
+
+
+class FileHandle:
+    """
+    One open of a file (a descriptor): its flags and server handle over the :class:`OpenFile` it shares.
+
+    Reads, writes and sizes are the shared file's, so handles of one file on
+    one client see each other's buffered writes at once.
+    """
+
+    def __init__(self, inodes: Inodes, file: OpenFile, server: ServerHandle, flags: int) -> None:
+        self._inodes = inodes
+        self.file = file
+        self.server = server
+        self.inode = file.inode
+        self.flags = flags
+        self.writable = is_writable(flags)
+        self.closed = False
+        self.lock_lost: LockLost | None = None
+        """Set when a lock on the file was held as it opened and could not be taken again: reads and writes fail."""
+
+    def __repr__(self) -> str:
+        return f"<FileHandle of inode {self.inode}, size {self.size}>"
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def version(self) -> int:
+        return self.file.version
+
+    @property
+    def pending(self) -> bool:
+        """Whether the file holds changes not yet committed (through any of its handles here)."""
+        return self.file.pending
+
+    @property
+    def buffered(self) -> int:
+        return self.file.buffered
+
+    def read(self, offset: int, size: int) -> defer.Deferred[bytes]:
+        """Up to ``size`` bytes from ``offset``: fewer at the end of the file, ``b""`` past it."""
+        return self._checked(self._check_open) or self.file.read(offset, size)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
+        """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
+        return self._checked(self._check_writable) or self.file.write(offset, data, bool(self.flags & os.O_APPEND))
+
+    def truncate(self, size: int) -> defer.Deferred[None]:
+        """Make the file ``size`` bytes long, as its next commit will."""
+        return self._checked(self._check_writable) or self.file.truncate(size)
+
+    def flush(self) -> defer.Deferred[None]:
+        """Store the file's buffered chunks and commit its chunk map; nothing for a read-only handle (a close)."""
+        if not self.writable:
+            return defer.succeed(None)
+        return self.file.flush()
+
+    def fsync(self) -> defer.Deferred[None]:
+        """Store the file's buffered chunks and commit its chunk map, through whichever handle."""
+        return self.file.flush()
+
+    def holds(self, commit: Committing | None) -> defer.Deferred[bool]:
+        """Whether the file's chunk map is now what ``commit`` made (or would have made) it."""
+        return self.file.holds(commit)
+
+    def invalidate(self, attributes: Attributes | None = None) -> None:
+        """The file changed elsewhere (see :meth:`OpenFile.invalidate`)."""
+        self.file.invalidate(attributes)
+
+    def truncate_at_open(self) -> defer.Deferred[None]:
+        """``O_TRUNC``: empty the file at once, whatever its version."""
+        return self.file.truncate_at_open(self.server)
+
+    @defer.inlineCallbacks
+    def close(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Flush (a writable handle), then release the handle (released even if the flush fails, whose error is raised)."""
+        if self.closed:
+            return
+        try:
+            yield self.flush()
+        finally:
+            self.closed = True
+            self._inodes.forget(self)
+            yield self._inodes.session.release_handle(self.server)
+
+    @staticmethod
+    def _checked(check: Callable[[], None]) -> defer.Deferred[Any] | None:
+        """None when ``check`` passes, else a failed Deferred with its error."""
+        try:
+            check()
+        except LucidError:
+            return defer.fail()
+        return None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BadFileHandle(f"the handle of inode {self.inode} is closed")
+        if self.lock_lost is not None:
+            raise self.lock_lost
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise BadFileHandle(f"inode {self.inode} was opened read-only")
 
 
 @implementer(IFilespaceInodes)
@@ -795,8 +919,14 @@ class Inodes:
         self.chunks = ChunkReader(self.require_store, self.keys, self.filespace_id, self.offload, cache, read_ahead)
         self.journals = journals
         self._handles: dict[int, set[FileHandle]] = {}
+        self._files: dict[int, OpenFile] = {}
         self._change_listeners: list[ChangeListener] = []
-        self._unsubscribe = [session.on_notify(self._notified), session.on_reconnect(self._reconnected)]
+        self.held_locks = LockTable()
+        """The locks this client holds, as the server granted them: taken again after a reconnect."""
+        self._unsubscribe = [
+            session.on_notify(self._notified), session.on_reconnect(self._reconnected),
+            session.keep_connected(lambda: bool(self.held_locks.all_held())),
+        ]
 
     def require_store(self) -> Any:
         """The object store; NotSupported if there is none (commands that only list need none)."""
@@ -916,7 +1046,13 @@ class Inodes:
     def _opened(
         self, server: ServerHandle, attributes: Attributes, flags: int
     ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
-        handle = FileHandle(self, server, attributes, flags)
+        file = self._files.get(attributes.inode)
+        if file is None:
+            file = self._files[attributes.inode] = OpenFile(self, attributes)
+        elif attributes.version != file.version:
+            file.invalidate(attributes)  # close-to-open: the server's answer is newer than what was cached
+        handle = FileHandle(self, file, server, flags)
+        file.handles.append(handle)
         self._handles.setdefault(handle.inode, set()).add(handle)
         if flags & os.O_TRUNC and handle.writable and attributes.size:
             try:
@@ -1021,13 +1157,54 @@ class Inodes:
         the answer comes once the lock is granted.
         """
         request = w.Lock(inode, owner, kind, lock_type, start, end, wait)
-        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(lambda _: None)
+        if lock_type == LockType.UNLOCK:
+            # Forgotten here at once: even if the answer is lost, the lock must not be reclaimed.
+            self.held_locks.record((_OWN, owner), inode, kind, lock_type, start, end)
+
+        def granted(_: Any) -> None:
+            self.held_locks.record((_OWN, owner), inode, kind, lock_type, start, end)
+
+        return self.session.call(request, timeout=LOCK_WAIT_TIMEOUT if wait else None).addCallback(granted)
 
     def test_lock(
         self, inode: int, owner: int, kind: LockKind, lock_type: LockType, start: int = 0, end: int = LOCK_END
     ) -> defer.Deferred[w.LockState]:
         """The first lock that stands in the way of ``owner`` taking this one (``lock_type`` UNLOCK: none)."""
         return self.session.call(w.LockTest(inode, owner, kind, lock_type, start, end))
+
+    @defer.inlineCallbacks
+    def reclaim_locks(self) -> Generator[defer.Deferred[Any], Any, list[LockLost]]:
+        """
+        Take again every lock held here (after a reconnect: the server may have forgotten them).
+
+        A lock another client took meanwhile is lost: it is forgotten here,
+        logged as an error, and the handles of its file open now fail every
+        later read and write with :class:`LockLost` (EIO), as NFS does when a
+        lock cannot be reclaimed; their buffered writes are still committed
+        at close.  Returns what was lost.
+        """
+        lost: list[LockLost] = []
+        for inode, kind, held in self.held_locks.all_held():
+            request = w.LockReclaim(inode, held.owner[1], kind, held.lock_type, held.start, held.end)
+            try:
+                yield self.session.call(request)
+            except (ConnectionClosed, RequestTimeout):
+                raise  # the next reconnect tries again
+            except LucidError as error:
+                lost.append(self._lose_lock(inode, kind, held, error))
+        return lost
+
+    def _lose_lock(self, inode: int, kind: LockKind, held: HeldLock, error: LucidError) -> LockLost:
+        self.held_locks.record(held.owner, inode, kind, LockType.UNLOCK, held.start, held.end)
+        what = "flock" if kind == LockKind.FLOCK else f"lock on bytes {held.start}-{held.end}"
+        lost = LockLost(
+            f"the {held.lock_type.name.lower()} {what} of inode {inode} was lost when the connection to the"
+            f" metadata server was made again: {error}"
+        )
+        _log.error("{lost}; reads and writes of the file's open handles now fail", lost=lost)
+        for handle in self._handles.get(inode, ()):
+            handle.lock_lost = lost
+        return lost
 
     # -- chunks and handles ------------------------------------------------------------
 
@@ -1111,8 +1288,8 @@ class Inodes:
                     f"inode {journal.inode} changed since these writes were made (its chunk map was at version"
                     f" {journal.version}, now {handle.version}); they were not merged",
                 )
-            handle.replaying = True
-            handle.rebase_on_conflict = False
+            handle.file.replaying = True
+            handle.file.rebase_on_conflict = False
             for record in journal.records:
                 if isinstance(record, Write):
                     yield handle.write(record.index * self.chunk_size + record.offset, record.data)
@@ -1125,19 +1302,18 @@ class Inodes:
         journal.remove()
         return Recovery(journal.path, journal.inode, True, None, "committed")
 
-    def changed_here(self, handle: FileHandle) -> None:
-        """``handle`` committed: this client's other handles of the file read the map again."""
-        for other in self._handles.get(handle.inode, ()):
-            if other is not handle:
-                other.invalidate()
-
     def forget(self, handle: FileHandle) -> None:
         """``handle`` is closed."""
+        if handle in handle.file.handles:
+            handle.file.handles.remove(handle)
         handles = self._handles.get(handle.inode)
         if handles is not None:
             handles.discard(handle)
             if not handles:
                 del self._handles[handle.inode]
+                self._files.pop(handle.inode, None)
+                handle.file.ended()
+                self.held_locks.release_inode(_OWN, handle.inode)  # as the server does
 
     def open_handles(self) -> list[FileHandle]:
         """The handles opened here and not closed yet."""
@@ -1177,6 +1353,10 @@ class Inodes:
         for handle in self.open_handles():
             handle.invalidate()
         self._tell_change(0)
+        if self.held_locks.all_held():
+            self.reclaim_locks().addErrback(
+                lambda failure: _log.warn("locks not taken again yet: {error}", error=failure.value)
+            )
 
     def close(self) -> None:
         """Stop listening to the session (the handles stay as they are)."""

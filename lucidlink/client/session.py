@@ -180,6 +180,7 @@ class FilespaceSession:
         self._handles: set[ServerHandle] = set()
         self._notify_listeners: list[Listener] = []
         self._reconnect_listeners: list[Callable[[], object]] = []
+        self._keep_connected: list[Callable[[], bool]] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -198,6 +199,15 @@ class FilespaceSession:
         return lambda: self._reconnect_listeners.remove(listener) if listener in self._reconnect_listeners else None
 
     # -- requests ------------------------------------------------------------
+
+    def keep_connected(self, wanted: Callable[[], bool]) -> Callable[[], None]:
+        """Connect again at once when the connection is lost while ``wanted()`` (not at the next call).
+
+        For state the server forgets with a session, such as locks, that must
+        be taken again before others take it; returns an unsubscribe.
+        """
+        self._keep_connected.append(wanted)
+        return lambda: self._keep_connected.remove(wanted) if wanted in self._keep_connected else None
 
     def call(self, message: MessageOrFactory, timeout: float | None = None) -> defer.Deferred[Any]:
         """
@@ -427,6 +437,10 @@ class FilespaceSession:
                     "lost the connection to the metadata server of {filespace!r}: {reason}",
                     filespace=self.filespace, reason=reason,
                 )
+                if any(wanted() for wanted in self._keep_connected):
+                    self._connected(None).addErrback(
+                        lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
+                    )
 
     def _drop(self, live: _Live) -> None:
         """Stop using a connection that failed a request (closing it at once if it still looks alive)."""

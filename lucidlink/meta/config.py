@@ -41,13 +41,14 @@ KEYS = frozenset({
     "discovery", "discovery_ca", "discovery_identity", "registration_secret", "registration_secret_file",
     "heartbeat_interval", "max_connections",
     "store", "durability", "ship_interval", "snapshot_interval", "check_interval", "auto_restore",
-    "retention", "prune",
+    "retention", "prune", "lock_grace",
 })
 DURABILITY_MODES = ("sync", "async", "off")
 DEFAULT_SHIP_INTERVAL = 1.0
 DEFAULT_SNAPSHOT_INTERVAL = 3600.0
 DEFAULT_CHECK_INTERVAL = 10.0
 DEFAULT_RETENTION = 7 * 86400.0
+DEFAULT_LOCK_GRACE = 45.0
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -117,6 +118,8 @@ class MetaConfig:
     """Seconds of history (segments and snapshots) kept in the store for point-in-time restore."""
     prune: bool = False
     """Whether the server itself deletes what ``retention`` no longer needs, after each snapshot."""
+    lock_grace: float = DEFAULT_LOCK_GRACE
+    """Seconds after the database opens during which only locks held before are granted (0: none)."""
 
     @property
     def identity(self) -> str:
@@ -181,6 +184,7 @@ class _Reader:
             auto_restore=self.boolean("auto_restore", True),
             retention=self.duration("retention", DEFAULT_RETENTION),
             prune=self.prune(),
+            lock_grace=self.seconds("lock_grace", DEFAULT_LOCK_GRACE),
         )
 
     # -- kinds of value ------------------------------------------------------------
@@ -205,6 +209,16 @@ class _Reader:
         if not math.isfinite(value) or value <= 0:
             raise self.fail(key, f"{text} must be more than zero")
         return value
+
+    def seconds(self, key: str, default: float) -> float:
+        """A number of seconds that may be zero (a duration such as 45 or 2m, or 0: none)."""
+        text = self.text(key)
+        try:
+            if text and float(text.lower().removesuffix("s")) == 0:
+                return 0.0
+        except ValueError:
+            pass  # not a bare number: duration() says what is wrong
+        return self.duration(key, default)
 
     def duration(self, key: str, default: float) -> float:
         text = self.text(key)

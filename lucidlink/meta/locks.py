@@ -11,7 +11,16 @@ Deferred when it is granted; a wait that would close a cycle of owners each
 waiting for the next is refused with :class:`~lucidlink.errors.Deadlock`.
 
 Locks are leases: they end with their session (:meth:`LockTable.end_session`)
-and are never written to disk.
+and are never written to disk.  So a server that starts (or opens its
+database again) may have forgotten locks its clients still hold: it begins in
+a *grace period* (:meth:`LockTable.begin_grace`) during which only *reclaims*
+are granted, the requests of clients that held a lock before and take it
+again on reconnecting; a new request is refused (or, with ``wait``, waits
+for the grace period to end), as NFS servers do after a restart.  A reclaim
+never waits: it is granted when nothing conflicts, in grace or after it.
+
+The table also serves a client as the record of the locks it holds
+(:meth:`LockTable.record`, :meth:`LockTable.all_held`), which it reclaims.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ class LockTable:
         self._held: dict[_Key, list[HeldLock]] = {}
         self._waiting: dict[_Key, list[_Waiter]] = {}
         self._refused: dict[int, set[int]] = {}  # inode -> sessions told Locked
+        self.in_grace = False
+        """Whether only reclaims are granted (see the module)."""
 
     # -- requests ------------------------------------------------------------
 
@@ -87,6 +98,8 @@ class LockTable:
             self._wake(key)
             return None
         blockers = self._blockers(key, owner, lock_type, start, end)
+        if self.in_grace and not self._held_by(key, owner, start, end):
+            return self._during_grace(key, owner, lock_type, start, end, wait, blockers)
         if not blockers:
             self._set(key, owner, lock_type, start, end)
             self._wake(key)  # a downgrade may free waiters
@@ -103,6 +116,36 @@ class LockTable:
         waiter = _Waiter(key, owner, lock_type, start, end)
         self._waiting.setdefault(key, []).append(waiter)
         return waiter.granted
+
+    def reclaim(self, owner: Owner, inode: int, kind: LockKind, lock_type: LockType, start: int,
+                end: int) -> None:
+        """Take again a lock ``owner`` held before the server restarted or its session ended.
+
+        Granted, in the grace period or after it, when nothing conflicts.
+
+        :raise Locked: when another owner holds a conflicting lock.
+        """
+        if lock_type == LockType.UNLOCK:
+            raise InvalidArgument("only a lock can be reclaimed, not an unlock")
+        key = (inode, kind)
+        start, end = _range(kind, start, end)
+        blockers = self._blockers(key, owner, lock_type, start, end)
+        if blockers:
+            first = blockers[0]
+            raise Locked(
+                f"inode {inode} cannot be locked again: another owner took a {first.lock_type.name.lower()}"
+                f" lock on bytes {first.start}-{first.end} meanwhile"
+            )
+        self._set(key, owner, lock_type, start, end)
+
+    def record(self, owner: Owner, inode: int, kind: LockKind, lock_type: LockType, start: int, end: int) -> None:
+        """Note that ``owner`` now holds ``lock_type`` (UNLOCK: nothing) on the range, as the server granted."""
+        start, end = _range(kind, start, end)
+        self._set((inode, kind), owner, None if lock_type == LockType.UNLOCK else lock_type, start, end)
+
+    def all_held(self) -> list[tuple[int, LockKind, HeldLock]]:
+        """Every granted lock as ``(inode, kind, lock)``."""
+        return [(inode, kind, lock) for (inode, kind), locks in sorted(self._held.items()) for lock in locks]
 
     def test(self, owner: Owner, inode: int, kind: LockKind, lock_type: LockType, start: int,
              end: int) -> HeldLock | None:
@@ -146,11 +189,50 @@ class LockTable:
             sessions.discard(session)
         return {inode for inode, _ in released}
 
+    # -- the grace period after a start ----------------------------------------------
+
+    def begin_grace(self) -> None:
+        """Grant only reclaims (and unlocks) until :meth:`end_grace`."""
+        self.in_grace = True
+
+    def end_grace(self) -> set[int]:
+        """Grant requests again, those waiting first; return the inodes whose refused sessions may try again."""
+        self.in_grace = False
+        for key in list(self._waiting):
+            self._wake(key)
+        return set(self._refused)
+
     def interested(self, inode: int) -> set[int]:
         """Sessions refused a lock on ``inode`` since they were last told it may be free; forgets them."""
         return self._refused.pop(inode, set())
 
     # -- internals -----------------------------------------------------------
+
+    def _during_grace(self, key: _Key, owner: Owner, lock_type: LockType, start: int, end: int, wait: bool,
+                      blockers: list[HeldLock]) -> defer.Deferred[None]:
+        """A new lock asked for in the grace period: refused, or queued until it ends."""
+        inode = key[0]
+        if not wait:
+            self._refused.setdefault(inode, set()).add(owner[0])
+            raise Locked(
+                f"inode {inode} cannot be locked yet: the metadata server started recently and gives the"
+                " locks held before it to their holders first (grace period)"
+            )
+        if blockers and self._would_deadlock(owner, blockers):
+            raise Deadlock(f"waiting for the lock on inode {inode} would deadlock")
+        waiter = _Waiter(key, owner, lock_type, start, end)
+        self._waiting.setdefault(key, []).append(waiter)
+        return waiter.granted
+
+    def _held_by(self, key: _Key, owner: Owner, start: int, end: int) -> bool:
+        """Whether ``owner`` holds some lock on all of ``[start, end]`` (a change of it is no new lock)."""
+        covered = start
+        for lock in self._held.get(key, ()):
+            if lock.owner == owner and lock.start <= covered <= lock.end:
+                if lock.end >= end:
+                    return True
+                covered = lock.end + 1
+        return False
 
     def _blockers(self, key: _Key, owner: Owner, lock_type: LockType, start: int, end: int) -> list[HeldLock]:
         return [lock for lock in self._held.get(key, ()) if lock.conflicts(owner, lock_type, start, end)]
@@ -177,7 +259,7 @@ class LockTable:
     def _wake(self, key: _Key) -> None:
         """Grant, in order, the waiting requests on ``key`` that no longer conflict."""
         waiters = self._waiting.get(key)
-        if not waiters:
+        if not waiters or self.in_grace:
             return
         granted: list[_Waiter] = []
         for waiter in list(waiters):

@@ -149,6 +149,7 @@ class MetaServer(MultiService):
             token_path=self.token_path, server_name=self.config.server_id,
             on_status_changed=self._status_changed,
             shipper=self.shipper if self.config.durability == "sync" else None,
+            lock_grace=self.config.lock_grace,
         )
         self.log.info("serving filespace {filespace} from {data_dir}", filespace=self.config.filespace,
                       data_dir=str(data_dir))

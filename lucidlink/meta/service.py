@@ -113,7 +113,10 @@ class MetadataResponder:
 
     ``store`` provides :class:`~lucidlink.meta.interface.IMetadataStore`;
     ``token_path`` is where the bootstrap token file lives (deleted once used);
-    ``on_status_changed`` is called when the status changes (after the bootstrap).
+    ``on_status_changed`` is called when the status changes (after the bootstrap);
+    ``lock_grace`` is the seconds after the start during which only reclaimed
+    locks are granted (see :mod:`lucidlink.meta.locks`; 0: none; none either
+    for a filespace not yet initialised).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class MetadataResponder:
         on_status_changed: Callable[[], object] | None = None,
         shipper: Any = None,
         group_window: float | None = 0.0,
+        lock_grace: float = 0.0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -151,6 +155,10 @@ class MetadataResponder:
         self.groups = 0
         """Group commits made so far (for tests and metrics)."""
         self.locks = LockTable()
+        self._grace_ends = clock.seconds() + lock_grace
+        self._grace_call: IDelayedCall | None = None
+        if lock_grace > 0 and store.initialised:  # before its initialisation no one can hold a lock
+            self.locks.begin_grace()
         self.sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
         self._handle_ids = itertools.count(1)
@@ -616,11 +624,27 @@ class MetadataResponder:
 
     # -- locks -------------------------------------------------------------------------
 
+    def _check_grace(self) -> None:
+        """End the grace period once its time is up, telling the sessions refused meanwhile."""
+        if self.locks.in_grace and self.clock.seconds() >= self._grace_ends:
+            if self._grace_call is not None and self._grace_call.active():
+                self._grace_call.cancel()
+            self._grace_call = None
+            for inode in self.locks.end_grace():
+                self._tell_lock_released(inode)
+
+    def _wake_after_grace(self) -> None:
+        """A request waits for the grace period: make sure something ends it on time."""
+        if self._grace_call is None:
+            delay = max(0.0, self._grace_ends - self.clock.seconds())
+            self._grace_call = self.clock.callLater(delay, self._check_grace)
+
     @answers(w.Lock)
     def _lock(self, session: Session, message: w.Lock) -> Any:
         if message.lock_type == LockType.WRITE:
             self._require_role(session, Role.WRITER, "an exclusive lock")
         self.store.getattr(message.inode)
+        self._check_grace()
         granted = self.locks.lock(
             (session.id, message.owner), message.inode, message.kind, message.lock_type, message.start,
             message.end, message.wait,
@@ -629,7 +653,20 @@ class MetadataResponder:
             if message.lock_type != LockType.WRITE:  # an unlock or a downgrade may free others
                 self._tell_lock_released(message.inode)
             return w.Ok()
+        if self.locks.in_grace:
+            self._wake_after_grace()
         return granted.addCallback(lambda _: w.Ok())
+
+    @answers(w.LockReclaim)
+    def _lock_reclaim(self, session: Session, message: w.LockReclaim) -> w.Ok:
+        if message.lock_type == LockType.WRITE:
+            self._require_role(session, Role.WRITER, "an exclusive lock")
+        self.store.getattr(message.inode)
+        self._check_grace()
+        self.locks.reclaim(
+            (session.id, message.owner), message.inode, message.kind, message.lock_type, message.start, message.end
+        )
+        return w.Ok()
 
     @answers(w.LockTest)
     def _lock_test(self, session: Session, message: w.LockTest) -> w.LockState:

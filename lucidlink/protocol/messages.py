@@ -128,6 +128,7 @@ class MessageType(enum.IntEnum):
     LOCK = 0x0250
     LOCK_TEST = 0x0251
     LOCK_STATE = 0x0252
+    LOCK_RECLAIM = 0x0253
     NOTIFY = 0x0260
     STATUS_CHANGED = 0x0261
 
@@ -835,6 +836,18 @@ class LockState(Message):
     start: int = wire(U64)
     end: int = wire(U64)
     owner: int = wire(U64)
+
+
+@message(MessageType.LOCK_RECLAIM)
+class LockReclaim(Message):
+    """Take again a lock this client held in an earlier session; granted, even in the grace period, if free."""
+
+    inode: int = wire(InodeId)
+    owner: int = wire(U64)
+    kind: LockKind = wire(IntEnumField(U8, LockKind))
+    lock_type: LockType = wire(IntEnumField(U8, LockType))
+    start: int = wire(U64)
+    end: int = wire(U64)
 
 
 @message(MessageType.NOTIFY)
