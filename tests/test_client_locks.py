@@ -45,7 +45,7 @@ class ReclaimTests(MemoryFilespaceCase):
     def restart(self, grace: float = GRACE, keep: tuple[Filespace, ...] = ()) -> None:
         """A new responder on the same database; the connections of every client but ``keep`` dropped."""
         old, self.responder = self.responder, MetadataResponder(
-            self.meta_store, self.clock, FILESPACE, lock_grace=grace
+            self.meta_store, self.clock, FILESPACE, lock_grace=grace, group_window=None
         )
         kept = {fs.session._live.connection for fs in keep if fs.session._live is not None}
         for session in list(old.sessions.values()):
