@@ -68,7 +68,7 @@ apart from scenario B.
 
     python bench/discovery_storm.py [--clients 10000] [--reconnect-clients N]
         [--filespaces 1000] [--generators 4] [--max-connections 1000]
-        [--max-handshakes 128] [--wait-for-quiet S] [--quick] [--time-limit 900]
+        [--max-handshakes 500] [--wait-for-quiet S] [--quick] [--time-limit 900]
 
 ``LUCID_BENCH_PROFILE=DIR`` profiles every process (discovery with
 twistd's ``--profile``) into ``DIR``.
@@ -130,7 +130,7 @@ DISCOVERY_LIMITS = {
     "heartbeat_interval": 5,
     "max_entries": 20000,
     "max_connections": 1000,
-    "max_handshakes": 128,
+    "max_handshakes": 500,
     "max_in_flight": 1000,
     "per_source_rate": 20,
     "per_source_burst": 40,
@@ -1624,7 +1624,7 @@ def main() -> None:
                         help="discovery's max_handshakes (handshakes in progress before it stops accepting)")
     parser.add_argument("--backlog-discovery", type=int, default=0, help="listen backlog of discovery (default: discovery's, 4096)")
     parser.add_argument("--backlog-fleet", type=int, default=4096, help="listen backlog of the fleet's listeners")
-    parser.add_argument("--fleet-handshakes", type=int, default=64,
+    parser.add_argument("--fleet-handshakes", type=int, default=500,
                         help="the simulated fleet shakes hands with at most this many clients at once")
     parser.add_argument("--no-pin", action="store_true", help="do not pin discovery to core 0 and the rest to core 1")
     parser.add_argument("--wait-for-quiet", type=float, default=0.0,
