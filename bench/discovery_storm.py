@@ -68,7 +68,7 @@ apart from scenario B.
 
     python bench/discovery_storm.py [--clients 10000] [--reconnect-clients N]
         [--filespaces 1000] [--generators 4] [--max-connections 1000]
-        [--max-handshakes 500] [--wait-for-quiet S] [--quick] [--time-limit 900]
+        [--max-handshakes 128] [--wait-for-quiet S] [--quick] [--time-limit 900]
 
 ``LUCID_BENCH_PROFILE=DIR`` profiles every process (discovery with
 twistd's ``--profile``) into ``DIR``.
@@ -130,7 +130,7 @@ DISCOVERY_LIMITS = {
     "heartbeat_interval": 5,
     "max_entries": 20000,
     "max_connections": 1000,
-    "max_handshakes": 500,
+    "max_handshakes": 128,
     "max_in_flight": 1000,
     "per_source_rate": 20,
     "per_source_burst": 40,
@@ -220,10 +220,9 @@ def sleep(reactor: Any, seconds: float) -> Any:
 def run_fleet(args: argparse.Namespace) -> None:
     """Serve Hello on the fleet's listeners and keep every filespace registered with discovery."""
     from twisted.internet import defer, reactor
-    from zope.interface import implementer
-
     from twisted.internet.endpoints import serverFromString
     from twisted.protocols.tls import TLSMemoryBIOFactory
+    from zope.interface import implementer
 
     from lucidlink.discovery.auth import sign
     from lucidlink.discovery.shedding import AcceptGate
@@ -1456,7 +1455,7 @@ class Bench:
         capacity = self.measure_capacity()
         self.log(f"  {capacity['resolves_per_s']:.0f} resolves/s, discovery CPU {capacity['discovery_cpu']:.0%}")
         self.settle()
-        warm_rate = max(50.0, capacity["resolves_per_s"] * args.warmup_share)
+        warm_rate = max(10.0, capacity["resolves_per_s"] * args.warmup_share)
 
         a_designed = self.scenario_a("designed", 1, warm_rate)
         a_naive = self.scenario_a("naive", 2, warm_rate)
@@ -1624,7 +1623,7 @@ def main() -> None:
                         help="discovery's max_handshakes (handshakes in progress before it stops accepting)")
     parser.add_argument("--backlog-discovery", type=int, default=0, help="listen backlog of discovery (default: discovery's, 4096)")
     parser.add_argument("--backlog-fleet", type=int, default=4096, help="listen backlog of the fleet's listeners")
-    parser.add_argument("--fleet-handshakes", type=int, default=500,
+    parser.add_argument("--fleet-handshakes", type=int, default=128,
                         help="the simulated fleet shakes hands with at most this many clients at once")
     parser.add_argument("--no-pin", action="store_true", help="do not pin discovery to core 0 and the rest to core 1")
     parser.add_argument("--wait-for-quiet", type=float, default=0.0,

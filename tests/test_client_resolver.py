@@ -25,8 +25,8 @@ from lucidlink.protocol.messages import ServerStatus
 from lucidlink.tls import init_ca
 from tests.discovery_standin import (
     DISCOVERY_IDENTITY,
-    FakeNetwork,
     FakeConnection,
+    FakeNetwork,
     LoopbackDiscovery,
     StandInDiscovery,
     resolved,

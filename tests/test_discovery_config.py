@@ -67,7 +67,7 @@ class ConfigTests(SynchronousTestCase):
     def test_limits(self) -> None:
         """max_connections and max_handshakes default to what one core serves, and can be set."""
         config = load_config(write_config(self.directory))
-        self.assertEqual((config.max_connections, config.max_handshakes), (2000, 500))
+        self.assertEqual((config.max_connections, config.max_handshakes), (2000, 128))
         config = load_config(write_config(Path(self.mktemp()), max_connections="500", max_handshakes="16"))
         self.assertEqual((config.max_connections, config.max_handshakes), (500, 16))
 

@@ -45,7 +45,7 @@ SOURCE_RATE = "source_rate"
 IN_FLIGHT = "in_flight"
 CONNECTIONS = "connections"
 
-DEFAULT_MAX_HANDSHAKES = 500
+DEFAULT_MAX_HANDSHAKES = 128
 
 _log = Logger()
 
