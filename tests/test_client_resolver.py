@@ -472,6 +472,31 @@ class ConnectToFilespaceTests(ClockedTestCase):
         self.assertEqual(self.network.asked(), [META_OLD])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_server_that_accepts_keeps_the_patience(self) -> None:
+        """A server that accepts connections but drops the handshakes (overloaded) is waited for, up to handshake_patience."""
+        self.remember(META_OLD)
+        self.network.endpoints[META_OLD] = "slow"
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_OLD,))
+        resolver = self.resolver((A,), handshake_patience=40.0)
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+
+        def drop_handshakes() -> None:
+            for _, handshake in self.network.slow:
+                if not handshake.called:
+                    handshake.errback(errors.ConnectionClosed("peer closed the connection: no Hello within 10 s"))
+
+        while self.clock.seconds() < 39.5:
+            drop_handshakes()
+            self.clock.advance(0.5)
+        self.assertEqual(resolver.discovery_requests, 0)
+        self.assertGreater(len(self.network.slow), 5)  # it kept trying, backing off
+        while self.clock.seconds() < 45:
+            drop_handshakes()
+            self.clock.advance(0.5)
+        self.assertEqual(resolver.discovery_requests, 1)
+        connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+
     def test_slow_handshake_bounded_by_its_patience(self) -> None:
         """A handshake that does not finish within handshake_patience is abandoned and the next round begins."""
         self.remember(META_OLD)

@@ -30,7 +30,8 @@ together: the cached endpoints first, discovery only when they fail, with
 backoff between rounds.  That is how a reconnect storm misses discovery:
 
 - a server restarting at its address is waited for there, ``cache_patience``
-  seconds, before discovery is asked;
+  seconds after it last accepted a connection (``handshake_patience`` at
+  most), before discovery is asked;
 - an attempt whose TCP connection is made is not cut off at
   ``attempt_timeout``: a server that accepted it is there, only slow (it
   has thousands of handshakes to make after a restart), and gets up to
@@ -173,7 +174,9 @@ class Resolver:
         cached endpoint of a filespace (a metadata server restarting at its
         address) before it asks discovery; a server that answers it does not
         serve the filespace, or presents another identity, ends the patience
-        at once.  This keeps a fleet-wide restart from reaching discovery.
+        at once, and one that accepts the TCP connection starts it again
+        (up to ``handshake_patience`` from the first attempt).  This keeps a
+        fleet-wide restart from reaching discovery.
     :param handshake_patience: seconds a server that accepted the TCP
         connection (so it is there, if slow) has to finish the handshake,
         instead of ``attempt_timeout``; for connects that report it (see
@@ -444,7 +447,10 @@ def connect_to_filespace(
 
     Each round tries the endpoints of the last known location with
     ``connect(endpoint, identity)``.  For ``cache_patience`` seconds that is
-    all it does (the server is most likely restarting at its address).
+    all it does (the server is most likely restarting at its address); a
+    round in which the server accepted the TCP connection (it is there, if
+    busy) starts the patience again, up to ``handshake_patience`` from the
+    first attempt.
     After that, a round whose endpoints all fail asks discovery (one round
     over its instances); a new answer is tried at once, and an answer that
     names the endpoints already known is taken as "wait for it there": no
@@ -467,6 +473,8 @@ def connect_to_filespace(
     discovery_failure: str | None = "discovery was not asked before the deadline"
     known = resolver.cached(filespace)
     patient = known is not None
+    alive_at = started
+    """When the known server last accepted a TCP connection (or the start)."""
     confirmed_until: float | None = None
     """Discovery named ``known`` again: keep to it, without asking, until then."""
     rounds = 0
@@ -474,17 +482,21 @@ def connect_to_filespace(
         rounds += 1
         retry_after = 0.0
         if known is not None:
-            connection, wait, moved = yield _try_location(resolver, known, connect, deadline, server_failures)
+            connection, wait, moved, reached = yield _try_location(
+                resolver, known, connect, deadline, server_failures
+            )
             if connection is not None:
                 return connection
             retry_after = max(retry_after, wait)
             if moved:
                 patient = False
                 confirmed_until = None
+            if reached:
+                alive_at = clock.seconds()
         now = clock.seconds()
         if deadline is not None and now >= deadline:
             break
-        if patient and now - started < resolver.cache_patience:
+        if patient and now - alive_at < resolver.cache_patience and now - started < resolver.handshake_patience:
             # Most likely the server is restarting at the same address: wait
             # for it there rather than join every other client at discovery.
             discovery_failure = None
@@ -503,7 +515,7 @@ def connect_to_filespace(
                 discovery_failure = None
                 confirmed_until = clock.seconds() + max(fresh.ttl_ms / 1000, resolver.cache_patience)
                 if known is None or (fresh.endpoints, fresh.identity) != (known.endpoints, known.identity):
-                    connection, wait, _ = yield _try_location(resolver, fresh, connect, deadline, server_failures)
+                    connection, wait, _, _ = yield _try_location(resolver, fresh, connect, deadline, server_failures)
                     if connection is not None:
                         return connection
                     retry_after = max(retry_after, wait)
@@ -535,14 +547,16 @@ def _try_location(
     connect: Connect,
     deadline: float | None,
     failures: dict[str, str],
-) -> Generator[defer.Deferred[Any], Any, tuple[Any, float, bool]]:
+) -> Generator[defer.Deferred[Any], Any, tuple[Any, float, bool, bool]]:
     """
-    Try each endpoint of ``location``: (a connection, 0, False), or (None, the
-    largest retry_after, whether a server said the filespace is not there).
+    Try each endpoint of ``location``: (a connection, 0, False, True), or (None,
+    the largest retry_after, whether a server said the filespace is not there,
+    whether any endpoint accepted the TCP connection).
     """
     clock = resolver.clock
     retry_after = 0.0
     moved = False
+    reached: list[bool] = []
     for endpoint in location.endpoints:
         timeout = resolver.attempt_timeout
         if deadline is not None:
@@ -550,7 +564,9 @@ def _try_location(
             if timeout <= 0:
                 break
         try:
-            connection = yield _patient_attempt(resolver, connect, endpoint, location.identity, timeout, deadline)
+            connection = yield _patient_attempt(
+                resolver, connect, endpoint, location.identity, timeout, deadline, lambda: reached.append(True)
+            )
         except defer.CancelledError:
             raise
         except (UnknownFilespace, TLSVerificationError) as error:
@@ -562,16 +578,23 @@ def _try_location(
             _note_failure(failures, endpoint, error, cut_short=timeout < resolver.attempt_timeout)
             retry_after = max(retry_after, retry_after_seconds(error))
         else:
-            return connection, 0.0, False
-    return None, retry_after, moved
+            return connection, 0.0, False, True
+    return None, retry_after, moved, bool(reached)
 
 
 def _patient_attempt(
-    resolver: Resolver, connect: Connect, endpoint: str, identity: str, timeout: float, deadline: float | None
+    resolver: Resolver,
+    connect: Connect,
+    endpoint: str,
+    identity: str,
+    timeout: float,
+    deadline: float | None,
+    reached: Callable[[], object],
 ) -> defer.Deferred[Any]:
     """
     ``connect(endpoint, identity)`` within ``timeout``; once its TCP connection is
-    made (if ``connect`` reports that), within ``handshake_patience`` from then.
+    made (if ``connect`` reports that), within ``handshake_patience`` from then,
+    and ``reached()`` is called.
     """
     clock = resolver.clock
     if not _reports_connected(connect):
@@ -579,6 +602,7 @@ def _patient_attempt(
     bounded: list[_Bounded] = []
 
     def connected() -> None:
+        reached()
         patience = resolver.handshake_patience
         if deadline is not None:
             patience = max(0.0, min(patience, deadline - clock.seconds()))
