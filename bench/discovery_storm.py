@@ -1457,14 +1457,17 @@ class Bench:
         self.settle()
         warm_rate = max(10.0, capacity["resolves_per_s"] * args.warmup_share)
 
-        a_designed = self.scenario_a("designed", 1, warm_rate)
-        a_naive = self.scenario_a("naive", 2, warm_rate)
+        a_designed: dict[str, Any] | None = None
+        a_naive: dict[str, Any] | None = None
+        if not args.only_b:
+            a_designed = self.scenario_a("designed", 1, warm_rate)
+            a_naive = self.scenario_a("naive", 2, warm_rate)
         b_designed = self.scenario_b("designed", 3, args.storm_deadline)
         naive_bound = args.naive_bound or max(20.0, min(args.storm_deadline, 2 * (b_designed["time_to_all_resolved_s"] or args.storm_deadline)))
         b_naive = self.scenario_b("naive", 4, naive_bound)
 
         warnings = []
-        phases = {"capacity": capacity, "A designed": a_designed, "A naive": a_naive,
+        phases = {"capacity": capacity, **({"A designed": a_designed, "A naive": a_naive} if a_designed else {}),
                   "B designed": b_designed, "B naive": b_naive}
         for name, phase in phases.items():
             if phase["generator_lag_max_s"] > SATURATED_LAG:
@@ -1475,8 +1478,11 @@ class Bench:
                                 f"({phase['other_processes_on_discovery_core']:.0%} of discovery's core)")
         goodput = b_designed["goodput_per_s"] or 0.0
         targets = {
-            "a_designed_discovery_requests_under_1pct": a_designed["discovery_requests"] < TARGET_RECONNECT_SHARE * args.reconnect_clients
-            and a_designed["not_reconnected"] == 0,
+            **({} if a_designed is None else {
+                "a_designed_discovery_requests_under_1pct":
+                    a_designed["discovery_requests"] < TARGET_RECONNECT_SHARE * args.reconnect_clients
+                    and a_designed["not_reconnected"] == 0,
+            }),
             "b_designed_none_gave_up": b_designed["gave_up"] == 0,
             "b_designed_goodput_at_least_80pct_of_capacity": goodput >= TARGET_GOODPUT_RATIO * capacity["resolves_per_s"],
         }
@@ -1492,7 +1498,7 @@ class Bench:
             "discovery_listen_backlog": args.backlog_discovery or "discovery's default (4096, capped by net.core.somaxconn)",
             "discovery_rss_idle_bytes": rss_idle,
             "capacity": capacity,
-            "scenario_a": {"designed": a_designed, "naive": a_naive},
+            "scenario_a": {"designed": a_designed, "naive": a_naive} if a_designed else None,
             "scenario_b": {"designed": b_designed, "naive": b_naive,
                            "goodput_ratio": goodput / capacity["resolves_per_s"] if capacity["resolves_per_s"] else 0.0},
             "targets": targets,
@@ -1537,22 +1543,23 @@ def print_report(result: dict[str, Any]) -> None:
               f"~{cap['projected_one_core_resolves_per_s']:,.0f} resolves/s (extrapolated; "
               f"{'the load generators, not discovery, set the capacity above' if cap['discovery_cpu'] < 0.8 else 'discovery was the bottleneck'})")
     print()
-    row(f"A: fleet restarts at the same addresses, {result['reconnect_clients']:,} clients", "designed", "naive")
-    ad, an = a["designed"], a["naive"]
-    row("  discovery requests while reconnecting", _fmt(ad["discovery_requests"]), _fmt(an["discovery_requests"]))
-    row("  ... as a share of N", f"{ad['discovery_requests_share']:.2%}", f"{an['discovery_requests_share']:.2%}")
-    row("  clients that asked discovery", _fmt(ad["clients_that_asked_discovery"]), _fmt(an["clients_that_asked_discovery"]))
-    row("  reconnected / not", f"{ad['reconnected']:,} / {ad['not_reconnected']:,}", f"{an['reconnected']:,} / {an['not_reconnected']:,}")
-    row("  time to all reconnected (from kill)", _fmt(ad["time_to_all_reconnected_s"], " s"), _fmt(an["time_to_all_reconnected_s"], " s"))
-    row("  reconnect p50 / p99", f"{_fmt(ad['reconnect_p50_s'], ' s')} / {_fmt(ad['reconnect_p99_s'], ' s')}",
-        f"{_fmt(an['reconnect_p50_s'], ' s')} / {_fmt(an['reconnect_p99_s'], ' s')}")
-    row("  discovery sheds", _fmt(sum(ad["sheds"].values())), _fmt(sum(an["sheds"].values())))
-    row("  fleet listening again, after the kill", _fmt(ad["fleet_listening_s"], " s"), _fmt(an["fleet_listening_s"], " s"))
-    row("  fleet registered again, after the kill", _fmt(ad["fleet_restart_s"], " s"), _fmt(an["fleet_restart_s"], " s"))
-    row("  load generators' worst lag", _fmt(ad["generator_lag_max_s"], " s"), _fmt(an["generator_lag_max_s"], " s"))
-    row("  other programs on discovery's core", f"{ad['other_processes_on_discovery_core']:.0%}",
-        f"{an['other_processes_on_discovery_core']:.0%}")
-    row("  other programs, whole machine (cores)", f"{ad['other_programs_cores']:.2f}", f"{an['other_programs_cores']:.2f}")
+    if a is not None:
+        row(f"A: fleet restarts at the same addresses, {result['reconnect_clients']:,} clients", "designed", "naive")
+        ad, an = a["designed"], a["naive"]
+        row("  discovery requests while reconnecting", _fmt(ad["discovery_requests"]), _fmt(an["discovery_requests"]))
+        row("  ... as a share of N", f"{ad['discovery_requests_share']:.2%}", f"{an['discovery_requests_share']:.2%}")
+        row("  clients that asked discovery", _fmt(ad["clients_that_asked_discovery"]), _fmt(an["clients_that_asked_discovery"]))
+        row("  reconnected / not", f"{ad['reconnected']:,} / {ad['not_reconnected']:,}", f"{an['reconnected']:,} / {an['not_reconnected']:,}")
+        row("  time to all reconnected (from kill)", _fmt(ad["time_to_all_reconnected_s"], " s"), _fmt(an["time_to_all_reconnected_s"], " s"))
+        row("  reconnect p50 / p99", f"{_fmt(ad['reconnect_p50_s'], ' s')} / {_fmt(ad['reconnect_p99_s'], ' s')}",
+            f"{_fmt(an['reconnect_p50_s'], ' s')} / {_fmt(an['reconnect_p99_s'], ' s')}")
+        row("  discovery sheds", _fmt(sum(ad["sheds"].values())), _fmt(sum(an["sheds"].values())))
+        row("  fleet listening again, after the kill", _fmt(ad["fleet_listening_s"], " s"), _fmt(an["fleet_listening_s"], " s"))
+        row("  fleet registered again, after the kill", _fmt(ad["fleet_restart_s"], " s"), _fmt(an["fleet_restart_s"], " s"))
+        row("  load generators' worst lag", _fmt(ad["generator_lag_max_s"], " s"), _fmt(an["generator_lag_max_s"], " s"))
+        row("  other programs on discovery's core", f"{ad['other_processes_on_discovery_core']:.0%}",
+            f"{an['other_processes_on_discovery_core']:.0%}")
+        row("  other programs, whole machine (cores)", f"{ad['other_programs_cores']:.2f}", f"{an['other_programs_cores']:.2f}")
     bd, bn = b["designed"], b["naive"]
     row(f"B: {n:,} clients resolve at once", "designed", "naive")
     row("  resolved / gave up", f"{bd['resolved']:,} / {bd['gave_up']:,}", f"{bn['resolved']:,} / {bn['gave_up']:,}")
@@ -1583,9 +1590,10 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{label:<{width}}{designed:>18}{naive:>18}")
     print()
     t = result["targets"]
-    print(f"target A: designed discovery requests < 1% of N ({ad['discovery_requests']:,} < "
-          f"{result['reconnect_clients'] * TARGET_RECONNECT_SHARE:,.0f}), all reconnected: "
-          f"{'met' if t['a_designed_discovery_requests_under_1pct'] else 'NOT met'}")
+    if a is not None:
+        print(f"target A: designed discovery requests < 1% of N ({ad['discovery_requests']:,} < "
+              f"{result['reconnect_clients'] * TARGET_RECONNECT_SHARE:,.0f}), all reconnected: "
+              f"{'met' if t['a_designed_discovery_requests_under_1pct'] else 'NOT met'}")
     print(f"target B: designed clients, none gives up: {'met' if t['b_designed_none_gave_up'] else 'NOT met'}")
     print(f"target B: goodput >= 80% of capacity ({_fmt(bd['goodput_per_s'], '/s', 0)} vs {0.8 * cap['resolves_per_s']:,.0f}/s): "
           f"{'met' if t['b_designed_goodput_at_least_80pct_of_capacity'] else 'NOT met'}")
@@ -1625,6 +1633,7 @@ def main() -> None:
     parser.add_argument("--backlog-fleet", type=int, default=4096, help="listen backlog of the fleet's listeners")
     parser.add_argument("--fleet-handshakes", type=int, default=128,
                         help="the simulated fleet shakes hands with at most this many clients at once")
+    parser.add_argument("--only-b", action="store_true", help="scenario B alone (capacity and the storm), without A")
     parser.add_argument("--no-pin", action="store_true", help="do not pin discovery to core 0 and the rest to core 1")
     parser.add_argument("--wait-for-quiet", type=float, default=0.0,
                         help="first wait up to this many seconds for other programs to leave the CPUs alone")

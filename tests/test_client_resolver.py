@@ -243,6 +243,31 @@ class ResolverTests(ClockedTestCase):
         self.clock.advance(2.0)
         self.assertEqual(self.successResultOf(answer).source, B)
 
+    def test_instance_that_accepted_is_waited_for(self) -> None:
+        """An instance that accepted the TCP connection (its backlog is being served) has handshake_patience."""
+        standin = StandInDiscovery({"demo": resolved("demo")})
+        self.network.endpoints[A] = "slow"
+        self.serve(B, "demo")
+        resolver = self.resolver((A, B), handshake_patience=30.0)
+        answer = resolver.resolve("demo")
+        self.clock.advance(29.0)
+        self.assertNoResult(answer)
+        (_, handshake), = self.network.slow
+        handshake.callback(FakeConnection(A, DISCOVERY_IDENTITY, standin))
+        self.assertEqual(self.successResultOf(answer).source, A)
+        self.assertEqual(self.network.asked(), [A])
+        self.assertEqual(resolver.discovery_requests, 1)
+
+    def test_instance_slower_than_its_patience_is_passed_over(self) -> None:
+        """Past handshake_patience the attempt is abandoned and the next instance asked."""
+        self.network.endpoints[A] = "slow"
+        self.serve(B, "demo")
+        resolver = self.resolver((A, B), handshake_patience=30.0)
+        answer = resolver.resolve("demo")
+        self.clock.advance(30.0)
+        self.assertEqual(self.successResultOf(answer).source, B)
+        self.assertTrue(self.network.slow[0][1].called)  # cancelled, so the connection is closed
+
     def test_answer_about_another_filespace_is_a_failure(self) -> None:
         """An instance that answers about the wrong filespace is not believed."""
         liar = self.serve(A, "demo")

@@ -7,6 +7,10 @@ CA that signs their certificates and the TLS identity they present
 asks them in a random order, shuffled for every round so that clients spread
 over the instances; an instance that is unreachable, presents a certificate
 that is refused or does not answer in time is passed over for the next.  An
+instance that accepted the TCP connection has ``handshake_patience`` rather
+than ``attempt_timeout`` to finish the handshake: an instance over its limits
+leaves new connections in its listen backlog and serves them in order, and a
+client that gave up there would only join the back of the queue again.  An
 instance that answers ``Busy`` has already cost a TLS handshake, so the
 client keeps that connection and asks again on it after the ``retry_after``
 (plus jitter: :meth:`~lucidlink.client.backoff.Backoff.after_busy`), for up
@@ -177,10 +181,10 @@ class Resolver:
         at once, and one that accepts the TCP connection starts it again
         (up to ``handshake_patience`` from the first attempt).  This keeps a
         fleet-wide restart from reaching discovery.
-    :param handshake_patience: seconds a server that accepted the TCP
-        connection (so it is there, if slow) has to finish the handshake,
-        instead of ``attempt_timeout``; for connects that report it (see
-        :data:`Connect`).
+    :param handshake_patience: seconds a server or discovery instance that
+        accepted the TCP connection (so it is there, if slow) has to finish
+        the handshake, instead of ``attempt_timeout``; for connects that
+        report it (see :data:`Connect`).
     :param busy_patience: seconds of ``Busy`` waits a discovery connection
         is kept for, asking again on it, before the next instance is tried.
 
@@ -382,15 +386,15 @@ class Resolver:
     def _ask(
         self, endpoint: str, filespace: str, timeout: float, deadline: float | None
     ) -> Generator[defer.Deferred[Any], Any, Resolved]:
-        """Connect and ask, within ``timeout``; wait out Busy answers on the same connection."""
-        started = self.clock.seconds()
+        """
+        Connect within ``timeout`` (``handshake_patience`` once the TCP connection
+        is made: the instance is there, and its backlog is served in order), then
+        ask, each answer within ``timeout``; wait out Busy answers on the same connection.
+        """
         self.discovery_requests += 1
-        connection = yield within(
-            self.clock, self._connect(endpoint, self.identity), timeout, _silence(endpoint, timeout)
-        )
+        connection = yield _patient_attempt(self, self._connect, endpoint, self.identity, timeout, deadline, _nothing)
         busy_waited = 0.0
-        # The first answer is due within what is left of ``timeout``, each later one within ``timeout``.
-        due = max(0.001, timeout - (self.clock.seconds() - started))
+        due = timeout if deadline is None else max(0.001, min(timeout, deadline - self.clock.seconds()))
         try:
             while True:
                 try:
@@ -617,6 +621,10 @@ def _patient_attempt(
         return bounded[0].bind(work)
     bounded.append(_Bounded(clock, timeout, _silence(endpoint, timeout)))
     return bounded[0].bind(work)
+
+
+def _nothing() -> None:
+    """A callback with nothing to do."""
 
 
 def _reports_connected(connect: Connect) -> bool:
