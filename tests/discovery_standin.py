@@ -11,7 +11,7 @@ tests on a ``task.Clock``) or on loopback over real TLS with
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +95,32 @@ class FakeNetwork:
 
     Each endpoint is a responder (connections reach it), ``"up"`` (a
     connection with no responder: a metadata server), ``"hang"`` (the
-    connection never completes), an exception (the connection fails with
-    it), or absent (the connection is refused, as connect_tls says it).
+    connection never completes), ``"slow"`` (the TCP connection is made, as
+    ``connected`` is told, and the handshake waits in :attr:`slow` until a
+    test fires it), an exception (the connection fails with it), or absent
+    (the connection is refused, as connect_tls says it).
     """
+
+    reports_connected = True
 
     def __init__(self) -> None:
         self.endpoints: dict[str, Any] = {}
         self.calls: list[tuple[str, str]] = []
         self.connections: list[FakeConnection] = []
+        self.slow: list[tuple[str, defer.Deferred[Any]]] = []
+        """(endpoint, the handshake's Deferred) of the "slow" connections, in order."""
 
-    def connect(self, endpoint: str, identity: str) -> defer.Deferred[Any]:
+    def connect(
+        self, endpoint: str, identity: str, connected: Callable[[], object] | None = None
+    ) -> defer.Deferred[Any]:
         self.calls.append((endpoint, identity))
         behaviour = self.endpoints.get(endpoint)
+        if behaviour == "slow":
+            if connected is not None:
+                connected()
+            handshake: defer.Deferred[Any] = defer.Deferred()
+            self.slow.append((endpoint, handshake))
+            return handshake
         if behaviour is None:
             return defer.fail(
                 errors.Unavailable(

@@ -49,6 +49,23 @@ class BackoffTests(SynchronousTestCase):
         self.assertGreaterEqual(delay, retry_after)
         self.assertLessEqual(delay, max(retry_after, 30.0))
 
+    @given(seeds, st.floats(0.0, 120.0))
+    def test_after_busy_within_bounds(self, seed: int, retry_after: float) -> None:
+        """Waiting out a Busy: at least the hint, at most the hint plus min(hint, cap); a zero hint waits up to initial."""
+        backoff = Backoff(random.Random(seed), initial=0.1, cap=30.0)
+        delay = backoff.after_busy(retry_after)
+        self.assertGreaterEqual(delay, retry_after)
+        upper = retry_after + (min(retry_after, 30.0) if retry_after > 0 else 0.1)
+        self.assertLessEqual(delay, upper * (1 + 1e-9))
+
+    def test_after_busy_spreads_a_crowd(self) -> None:
+        """A thousand clients told "retry after 1 s" come back over the whole second after it."""
+        backoff = Backoff(random.Random(7))
+        delays = sorted(backoff.after_busy(1.0) for _ in range(1000))
+        self.assertLess(delays[0], 1.05)
+        self.assertGreater(delays[-1], 1.95)
+        self.assertTrue(1.4 < delays[500] < 1.6)
+
     def test_capped_without_overflow(self) -> None:
         """A --hard mount's millionth retry still waits at most the cap."""
         backoff = Backoff(random.Random(1), initial=0.25, factor=2.0, cap=30.0)

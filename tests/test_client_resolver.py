@@ -25,6 +25,7 @@ from lucidlink.protocol.messages import ServerStatus
 from lucidlink.tls import init_ca
 from tests.discovery_standin import (
     DISCOVERY_IDENTITY,
+    FakeConnection,
     FakeNetwork,
     LoopbackDiscovery,
     StandInDiscovery,
@@ -117,9 +118,39 @@ class ResolverTests(ClockedTestCase):
         self.assertEqual(first_asked(5, 10), first_asked(5, 10))
         self.assertNotEqual(first_asked(5, 10), first_asked(6, 10))
 
-    def test_busy_moves_on_to_next(self) -> None:
-        """A Busy instance is passed over for the next one in the same round, without waiting."""
-        self.serve(A, "demo").busy_always_ms = 5000
+    def test_busy_waited_out_on_the_same_connection(self) -> None:
+        """A Busy answer is waited out (its retry_after, plus jitter) on the connection it came on: no new handshake."""
+        standin = self.serve(A, "demo")
+        standin.busy = [300, 300]
+        resolver = self.resolver((A,), backoff=Backoff(random.Random(2)))
+        answer = resolver.resolve("demo")
+        self.clock.advance(0.299)
+        self.assertNoResult(answer)
+        self.assertEqual(standin.requests, 1)
+        self.clock.pump([0.01] * 130)
+        location = self.successResultOf(answer)
+        self.assertEqual(location.source, A)
+        self.assertEqual(self.network.asked(), [A])  # one connection
+        self.assertEqual((standin.requests, resolver.discovery_requests), (3, 3))
+        self.assertGreaterEqual(self.clock.seconds(), 0.6)
+        self.assertTrue(all(c.closed for c in self.network.connections))
+
+    def test_busy_beyond_patience_moves_on_to_next(self) -> None:
+        """An instance that keeps saying Busy is left, its connection closed, once the waits pass busy_patience."""
+        self.serve(A, "demo").busy_always_ms = 400
+        self.serve(B, "demo")
+        resolver = self.resolver((A, B), busy_patience=1.0)
+        answer = resolver.resolve("demo")
+        self.clock.pump([0.05] * 40)
+        location = self.successResultOf(answer)
+        self.assertEqual(location.source, B)
+        self.assertEqual(self.network.asked(), [A, B])
+        self.assertIn(self.network.endpoints[A].requests, (2, 3))
+        self.assertTrue(all(c.closed for c in self.network.connections))
+
+    def test_busy_hint_longer_than_patience_moves_on_at_once(self) -> None:
+        """A hint longer than busy_patience is not waited for: the next instance is asked at once."""
+        self.serve(A, "demo").busy_always_ms = 20_000
         self.serve(B, "demo")
         location = self.successResultOf(self.resolver((A, B)).resolve("demo"))
         self.assertEqual(location.source, B)
@@ -130,7 +161,7 @@ class ResolverTests(ClockedTestCase):
         """After a round of Busy answers, the next round waits at least the largest retry_after."""
         self.serve(A, "demo").busy = [5000]
         self.serve(B, "demo").busy = [2000]
-        resolver = self.resolver((A, B), backoff=Backoff(InOrder(), initial=0.1, cap=1.0))
+        resolver = self.resolver((A, B), backoff=Backoff(InOrder(), initial=0.1, cap=1.0), busy_patience=1.0)
         answer = resolver.resolve("demo")
         self.assertNoResult(answer)
         self.assertEqual(len(self.network.calls), 2)
@@ -155,7 +186,7 @@ class ResolverTests(ClockedTestCase):
         self.network.endpoints[B] = "hang"
         self.network.endpoints[C] = wrong_identity()
         self.serve(D, "demo").busy_always_ms = 100
-        resolver = self.resolver((A, B, C, D))
+        resolver = self.resolver((A, B, C, D), busy_patience=0.5)
         answer = resolver.resolve("demo", deadline=10.0)
         for _ in range(40):
             self.clock.advance(0.5)
@@ -212,6 +243,31 @@ class ResolverTests(ClockedTestCase):
         self.clock.advance(2.0)
         self.assertEqual(self.successResultOf(answer).source, B)
 
+    def test_instance_that_accepted_is_waited_for(self) -> None:
+        """An instance that accepted the TCP connection (its backlog is being served) has handshake_patience."""
+        standin = StandInDiscovery({"demo": resolved("demo")})
+        self.network.endpoints[A] = "slow"
+        self.serve(B, "demo")
+        resolver = self.resolver((A, B), handshake_patience=30.0)
+        answer = resolver.resolve("demo")
+        self.clock.advance(29.0)
+        self.assertNoResult(answer)
+        (_, handshake), = self.network.slow
+        handshake.callback(FakeConnection(A, DISCOVERY_IDENTITY, standin))
+        self.assertEqual(self.successResultOf(answer).source, A)
+        self.assertEqual(self.network.asked(), [A])
+        self.assertEqual(resolver.discovery_requests, 1)
+
+    def test_instance_slower_than_its_patience_is_passed_over(self) -> None:
+        """Past handshake_patience the attempt is abandoned and the next instance asked."""
+        self.network.endpoints[A] = "slow"
+        self.serve(B, "demo")
+        resolver = self.resolver((A, B), handshake_patience=30.0)
+        answer = resolver.resolve("demo")
+        self.clock.advance(30.0)
+        self.assertEqual(self.successResultOf(answer).source, B)
+        self.assertTrue(self.network.slow[0][1].called)  # cancelled, so the connection is closed
+
     def test_answer_about_another_filespace_is_a_failure(self) -> None:
         """An instance that answers about the wrong filespace is not believed."""
         liar = self.serve(A, "demo")
@@ -248,7 +304,7 @@ class ResolverTests(ClockedTestCase):
         """One round, no waiting; its Unavailable carries the largest retry_after."""
         self.serve(A, "demo").busy = [700]
         self.serve(B, "demo").busy = [300]
-        failure = self.failureResultOf(self.resolver((A, B)).resolve_once("demo"), errors.Unavailable)
+        failure = self.failureResultOf(self.resolver((A, B), busy_patience=0.1).resolve_once("demo"), errors.Unavailable)
         self.assertEqual(failure.value.retry_after_ms, 700)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -392,6 +448,121 @@ class ConnectToFilespaceTests(ClockedTestCase):
         self.assertEqual(cached.endpoints, (META_NEW,))
         self.clock.advance(2)
         self.failureResultOf(connecting, errors.Unavailable)
+
+    def test_discovery_confirming_the_endpoint_is_asked_once_per_ttl(self) -> None:
+        """Past the patience discovery is asked once; naming the same endpoint, it is not asked again until its TTL is out."""
+        self.remember(META_OLD)
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_OLD,), ttl_ms=30_000)
+        resolver = self.resolver((A,), backoff=Backoff(random.Random(4), initial=0.5, cap=2.0))
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+        self.clock.pump([0.25] * int(resolver.cache_patience * 4 + 4))  # patience + 1 s
+        self.assertEqual(resolver.discovery_requests, 1)
+        asked_at = self.clock.seconds()
+        while self.clock.seconds() < asked_at + 29:
+            self.clock.advance(0.25)
+        self.assertEqual(resolver.discovery_requests, 1)
+        tries = self.network.asked().count(META_OLD)
+        self.assertGreater(tries, 15)  # it kept trying the server all along
+        self.clock.pump([0.25] * 16)
+        self.assertEqual(resolver.discovery_requests, 2)
+        self.network.endpoints[META_OLD] = "up"
+        self.clock.pump([0.25] * 12)
+        self.assertEqual(self.successResultOf(connecting).endpoint, META_OLD)
+        self.assertEqual(resolver.discovery_requests, 2)
+
+    def test_ttl_shorter_than_patience_is_not_hammering(self) -> None:
+        """An answer with no TTL still keeps the client from asking again for a patience."""
+        self.remember(META_OLD)
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_OLD,), ttl_ms=0)
+        resolver = self.resolver((A,), backoff=Backoff(random.Random(4), initial=0.5, cap=2.0))
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+        self.clock.pump([0.25] * int(resolver.cache_patience * 4 * 3))  # three patiences
+        self.assertIn(resolver.discovery_requests, (2, 3))
+        connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+
+    def test_slow_handshake_is_not_a_failure(self) -> None:
+        """A server that accepted the TCP connection has handshake_patience, not attempt_timeout, to finish."""
+        self.remember(META_OLD)
+        self.network.endpoints[META_OLD] = "slow"
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_NEW,))
+        resolver = self.resolver((A,), handshake_patience=45.0)
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+        self.clock.advance(44.9)
+        self.assertNoResult(connecting)
+        (endpoint, handshake), = self.network.slow
+        handshake.callback(FakeConnection(META_OLD, "meta.demo.lucid"))
+        self.assertEqual(self.successResultOf(connecting).endpoint, META_OLD)
+        self.assertEqual(resolver.discovery_requests, 0)
+        self.assertEqual(self.network.asked(), [META_OLD])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_server_that_accepts_keeps_the_patience(self) -> None:
+        """A server that accepts connections but drops the handshakes (overloaded) is waited for, up to handshake_patience."""
+        self.remember(META_OLD)
+        self.network.endpoints[META_OLD] = "slow"
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_OLD,))
+        resolver = self.resolver((A,), handshake_patience=40.0)
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+
+        def drop_handshakes() -> None:
+            for _, handshake in self.network.slow:
+                if not handshake.called:
+                    handshake.errback(errors.ConnectionClosed("peer closed the connection: no Hello within 10 s"))
+
+        while self.clock.seconds() < 39.5:
+            drop_handshakes()
+            self.clock.advance(0.5)
+        self.assertEqual(resolver.discovery_requests, 0)
+        self.assertGreater(len(self.network.slow), 5)  # it kept trying, backing off
+        while self.clock.seconds() < 45:
+            drop_handshakes()
+            self.clock.advance(0.5)
+        self.assertEqual(resolver.discovery_requests, 1)
+        connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+
+    def test_slow_handshake_bounded_by_its_patience(self) -> None:
+        """A handshake that does not finish within handshake_patience is abandoned and the next round begins."""
+        self.remember(META_OLD)
+        self.network.endpoints[META_OLD] = "slow"
+        self.serve(A, "demo").answers["demo"] = resolved("demo", (META_NEW,))
+        self.network.endpoints[META_NEW] = "up"
+        resolver = self.resolver((A,), handshake_patience=12.0)
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect)
+        self.clock.advance(12.0)
+        self.assertEqual(self.successResultOf(connecting).endpoint, META_NEW)
+        self.assertEqual(self.network.asked(), [META_OLD, A, META_NEW])
+        self.assertTrue(self.network.slow[0][1].called)  # cancelled: the connection is not left behind
+
+    def test_slow_handshake_bounded_by_the_deadline(self) -> None:
+        """The deadline bounds a slow handshake too, and the failure says what was slow."""
+        self.remember(META_OLD)
+        self.network.endpoints[META_OLD] = "slow"
+        resolver = self.resolver((A,))
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect, deadline=7.0)
+        self.clock.advance(7.0)
+        message = str(self.failureResultOf(connecting, errors.Unavailable).value)
+        self.assertIn(f"{META_OLD} accepted the connection but did not finish the handshake within 7 s", message)
+
+    def test_connect_that_cannot_report_keeps_the_attempt_timeout(self) -> None:
+        """A connect without reports_connected is bounded by attempt_timeout, as before."""
+        self.remember(META_OLD)
+        calls: list[str] = []
+
+        def hanging(endpoint: str, identity: str) -> defer.Deferred[Any]:
+            calls.append(endpoint)
+            return defer.Deferred()
+
+        resolver = self.resolver((A,))
+        connecting = connect_to_filespace(resolver, "demo", hanging, deadline=30.0)
+        self.clock.advance(resolver.attempt_timeout - 0.01)
+        self.assertEqual(len(calls), 1)
+        self.clock.pump([0.01, 1.0])  # the time-out, then at most the first backoff (initial 1 s)
+        self.assertEqual(len(calls), 2)
+        self.clock.pump([0.5] * 60)
+        self.failureResultOf(connecting, errors.Unavailable)
+        self.assertGreater(len(calls), 3)
 
     def test_unknown_filespace(self) -> None:
         """Discovery saying there is no such filespace ends the attempt."""

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from lucidlink.discovery.config import ConfigError, load_config
+from lucidlink.discovery.config import ConfigError, load_config, with_backlog
 from lucidlink.discovery.tap import Options
 from tests.discovery_fixtures import KEY_ID, SECRET, write_config
 
@@ -64,6 +64,21 @@ class ConfigTests(SynchronousTestCase):
         assert config.keyring.previous is not None
         self.assertEqual(config.keyring.previous.retires_at, datetime(2026, 12, 1, tzinfo=UTC).timestamp())
 
+    def test_limits(self) -> None:
+        """max_connections and max_handshakes default to what one core serves, and can be set."""
+        config = load_config(write_config(self.directory))
+        self.assertEqual((config.max_connections, config.max_handshakes), (2000, 128))
+        config = load_config(write_config(Path(self.mktemp()), max_connections="500", max_handshakes="16"))
+        self.assertEqual((config.max_connections, config.max_handshakes), (500, 16))
+
+    def test_listen_backlog_added(self) -> None:
+        """A tcp, tcp6 or unix endpoint without a backlog gets a large one; others are left alone."""
+        self.assertEqual(with_backlog("tcp:7000"), "tcp:7000:backlog=4096")
+        self.assertEqual(with_backlog("tcp6:7000:interface=\\:\\:1"), "tcp6:7000:interface=\\:\\:1:backlog=4096")
+        self.assertEqual(with_backlog("unix:/run/d.sock", 10), "unix:/run/d.sock:backlog=10")
+        self.assertEqual(with_backlog("tcp:7000:backlog=64"), "tcp:7000:backlog=64")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
     def test_missing_file(self) -> None:
         """A missing configuration file is named."""
         with self.assertRaises(ConfigError) as caught:
@@ -81,6 +96,7 @@ class ConfigTests(SynchronousTestCase):
         self.refused("entry_ttl", "'soon' is not a number", entry_ttl="soon")
         self.refused("max_entries", "must be at least 1", max_entries="0")
         self.refused("max_connections", "not a whole number", max_connections="1.5")
+        self.refused("max_handshakes", "must be at least 1", max_handshakes="0")
         self.refused("heartbeat_interval", "must be shorter than entry_ttl", heartbeat_interval="20")
         self.refused("idle_timeout", "must be longer than heartbeat_interval", idle_timeout="5")
         self.refused("metrics_listen", "not a server endpoint string", metrics_listen="nowhere")

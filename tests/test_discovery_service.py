@@ -208,6 +208,26 @@ class SheddingTests(DiscoveryTestCase):
         for answer in asked:
             self.successResultOf(answer)
 
+    def test_busy_leaves_the_connection_open(self) -> None:
+        """A Busy answer does not end the connection: the client asks again on it once told to."""
+        client, pump = self.connect("10.0.0.11")
+        asked = [client.request(Resolve("static-fs")) for _ in range(4)]
+        pump.flush()
+        busy = self.failureResultOf(asked[3], errors.Busy).value
+        self.clock.advance(busy.retry_after_ms / 1000)
+        again = client.request(Resolve("static-fs"))
+        pump.flush()
+        self.assertEqual(self.successResultOf(again).filespace, "static-fs")
+
+    def test_handshake_reported(self) -> None:
+        """The connection is named to ``handshaken`` when its Hello is answered, so the gate can count it done."""
+        seen: list[Any] = []
+        self.responder.handshaken = seen.append
+        client, _ = self.connect()
+        self.assertEqual(len(seen), 1)
+        self.assertIsInstance(seen[0], ServerConnection)
+        self.assertEqual(seen[0].session, "10.0.0.1")
+
     def test_in_flight_cap(self) -> None:
         """With the in-flight cap reached, a request is Busy at once with a retry hint."""
         for _ in range(self.in_flight.limit):

@@ -1,5 +1,6 @@
 """
-Load shedding: token buckets per source, the in-flight cap, and the
+Load shedding: token buckets per source, the in-flight cap, the accept gate
+that leaves connections over its limits in the listen backlog, and the
 connection cap that refuses connections before any TLS work.
 """
 
@@ -14,7 +15,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink import errors
-from lucidlink.discovery.shedding import ConnectionCap, InFlightLimit, SourceBuckets
+from lucidlink.discovery.shedding import AcceptGate, ConnectionCap, InFlightLimit, SourceBuckets
 
 
 class SourceBucketTests(SynchronousTestCase):
@@ -122,3 +123,115 @@ class ConnectionCapTests(SynchronousTestCase):
         fourth, _ = self.connect(cap)
         self.assertIsNotNone(fourth)
         self.assertEqual(wrapped.built, 3)
+
+
+class FakePort:
+    """A listening port as the gate sees it: reading or not, and its accept batch."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.connected = True
+        self.numberAccepts = 100
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class Inner(Protocol):
+    """Stands for the protocol inside TLS: its transport is the TLS layer, whose transport is the gate's wrapper."""
+
+
+class AcceptGateTests(SynchronousTestCase):
+    """At its limits the gate stops the ports from accepting instead of closing connections."""
+
+    def setUp(self) -> None:
+        self.wrapped = Counting()
+        self.pauses: list[None] = []
+        self.gate = AcceptGate(
+            self.wrapped, max_connections=4, max_handshakes=2, on_pause=lambda: self.pauses.append(None)
+        )
+        self.ports = [FakePort(), FakePort()]
+        for port in self.ports:
+            self.gate.add_port(port)
+
+    def accept(self) -> Any:
+        wrapper = self.gate.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1000))
+        self.assertIsNotNone(wrapper)  # never refused: over a limit, nothing is accepted at all
+        wrapper.makeConnection(StringTransport())
+        return wrapper
+
+    def handshake(self, wrapper: Any) -> None:
+        """What discovery does when it answers Hello: it names the protocol two layers inside."""
+        tls_layer = Protocol()
+        tls_layer.transport = wrapper
+        inner = Inner()
+        inner.transport = tls_layer
+        self.gate.handshake_done(inner)
+
+    def reading(self) -> list[bool]:
+        return [port.reading for port in self.ports]
+
+    def test_handshake_limit_pauses_and_resumes(self) -> None:
+        """Two handshakes in progress stop both ports; one finishing lets them accept again."""
+        first = self.accept()
+        self.assertEqual(self.reading(), [True, True])
+        self.assertEqual([port.numberAccepts for port in self.ports], [1, 1])  # a batch is a share of the room
+        second = self.accept()
+        self.assertEqual(self.reading(), [False, False])
+        self.assertEqual((self.gate.handshakes, self.gate.connections, len(self.pauses)), (2, 2, 1))
+        self.handshake(first)
+        self.assertEqual(self.reading(), [True, True])
+        self.assertEqual(self.gate.handshakes, 1)
+        second.connectionLost(None)
+        self.assertEqual((self.gate.handshakes, self.gate.connections), (0, 1))
+        self.assertEqual([port.numberAccepts for port in self.ports], [1, 1])
+
+    def test_connection_limit_pauses(self) -> None:
+        """Four open connections (their handshakes done) stop the ports until one ends."""
+        wrappers = []
+        for _ in range(4):
+            wrappers.append(self.accept())
+            self.handshake(wrappers[-1])
+        self.assertEqual(self.reading(), [False, False])
+        self.assertEqual(self.gate.handshakes, 0)
+        wrappers[0].connectionLost(None)
+        self.assertEqual(self.reading(), [True, True])
+        self.assertEqual(self.wrapped.built, 4)
+        self.assertEqual(len(self.pauses), 1)
+
+    def test_port_added_while_paused_is_paused(self) -> None:
+        """A port that starts listening while the gate is shut does not accept."""
+        self.accept()
+        self.accept()
+        late = FakePort()
+        self.gate.add_port(late)
+        self.assertFalse(late.reading)
+
+    def test_removed_or_closed_port_not_restarted(self) -> None:
+        """A port taken away, or one that stopped listening, is not started again on resume."""
+        self.gate.remove_port(self.ports[0])
+        self.ports[1].connected = False
+        first = self.accept()
+        self.accept()
+        self.assertEqual(self.reading(), [True, False])
+        self.handshake(first)
+        self.assertEqual(self.reading(), [True, False])
+
+    def test_handshake_done_twice_or_unknown_is_harmless(self) -> None:
+        """Telling the gate twice, or about a connection it never saw, changes nothing."""
+        first = self.accept()
+        self.handshake(first)
+        self.handshake(first)
+        self.gate.handshake_done(Inner())
+        self.assertEqual((self.gate.handshakes, self.gate.connections), (0, 1))
+
+    def test_limits_checked(self) -> None:
+        """Limits below one are refused with the key named."""
+        with self.assertRaises(errors.InvalidArgument) as caught:
+            AcceptGate(Counting(), max_connections=1, max_handshakes=0)
+        self.assertIn("max_handshakes", str(caught.exception))
+        with self.assertRaises(errors.InvalidArgument):
+            AcceptGate(Counting(), max_connections=0)

@@ -1,7 +1,8 @@
 """
 ``twistd lucid-discovery`` assembled from a configuration file and run on
-loopback with the real reactor: a TLS client resolves, the connection cap
-refuses connections before TLS, and /metrics and /health answer throughout.
+loopback with the real reactor: a TLS client resolves, the accept gate
+leaves connections over its limits in the listen backlog, and /metrics and
+/health answer throughout.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -108,22 +109,29 @@ class DiscoveryTapTests(TestCase):
         self.assertIn(b"lucid_discovery_request_seconds_bucket", body)
 
     @defer.inlineCallbacks
-    def test_connection_cap_refuses_before_tls(self) -> Any:
-        """Over max_connections a TCP connection is closed at once, unserved; /health still answers."""
-        yield self.start(max_connections="1")
-        connection = yield self.connect()
+    def test_gate_keeps_connections_waiting_in_the_backlog(self) -> Any:
+        """At max_handshakes a new connection is not accepted (nor closed): it is served once the slot frees."""
+        yield self.start(max_handshakes="1")
         raw = Raw()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number), raw)
-        yield raw.ended
-        self.assertEqual(raw.received, b"")
-        tls_factory = self.service.connection_cap.wrappedFactory
-        self.assertEqual(len(tls_factory.protocols), 1)  # no TLS protocol was made for it
-        self.assertEqual(self.service.metrics.value("lucid_discovery_shed_total", reason="connections"), 1)
+        while self.service.gate.handshakes < 1:  # accepted, says no Hello: holds the one slot
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        connecting = self.connect()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(connecting.called)
+        self.assertEqual(self.service.gate.connections, 1)  # the second one waits in the kernel, unaccepted
         code, _, body = yield self.get("/health")
         self.assertEqual(code, 200)
-        self.assertIn(b'"connections": 1', body)
+        health = json.loads(body)
+        self.assertEqual((health["handshakes"], health["accepting"]), (1, False))
+        self.assertEqual(self.service.metrics.value("lucid_discovery_accept_pauses_total"), 1)
+        raw.transport.loseConnection()
+        connection = yield connecting
         answer = yield connection.request(Resolve("static-fs"))
         self.assertEqual(answer.filespace, "static-fs")
+        self.assertEqual(raw.received, b"")
+        self.assertEqual(self.service.gate.handshakes, 0)
+        self.assertFalse(self.service.gate.paused)
 
     @defer.inlineCallbacks
     def test_idle_connection_closed(self) -> Any:

@@ -10,7 +10,10 @@ blip) over the whole window instead of bringing them back in lockstep.
 
 A server that sheds load says how long to stay away (``retry_after_ms`` on
 :class:`~lucidlink.errors.Busy` and other retryable errors); a delay is never
-shorter than that.
+shorter than that.  A client that waits out a ``Busy`` on the connection it
+was told on (:meth:`Backoff.after_busy`) draws its delay from
+``[retry_after, 2 * retry_after]``: a crowd told the same hint at the same
+moment comes back spread over a window as wide as the hint, not all at once.
 
 :class:`Backoff` is the policy; :meth:`Backoff.retry_policy` adapts it to
 Twisted's ``ClientService`` (``retryPolicy=``), and the adapter can be told
@@ -70,6 +73,16 @@ class Backoff:
         ``retry_after`` seconds, which is what a server asked for.
         """
         return max(retry_after, self.rng.uniform(0.0, self.ceiling(attempt)))
+
+    def after_busy(self, retry_after: float) -> float:
+        """
+        Seconds to wait before asking again on the connection that answered ``Busy``.
+
+        Drawn uniformly from ``[retry_after, retry_after + min(retry_after, cap)]``;
+        a hint of 0 gets ``[0, initial]``.
+        """
+        spread = min(retry_after, self.cap) if retry_after > 0 else self.initial
+        return retry_after + self.rng.uniform(0.0, spread)
 
     def retry_policy(self) -> RetryPolicy:
         """A ``retryPolicy`` for ``twisted.application.internet.ClientService``."""

@@ -6,8 +6,15 @@ CA that signs their certificates and the TLS identity they present
 (``discovery.lucid`` unless configured otherwise).  :meth:`Resolver.resolve`
 asks them in a random order, shuffled for every round so that clients spread
 over the instances; an instance that is unreachable, presents a certificate
-that is refused, does not answer in time or answers ``Busy`` is passed over
-for the next.  When a whole round fails, it waits a backoff delay (capped
+that is refused or does not answer in time is passed over for the next.  An
+instance that accepted the TCP connection has ``handshake_patience`` rather
+than ``attempt_timeout`` to finish the handshake: an instance over its limits
+leaves new connections in its listen backlog and serves them in order, and a
+client that gave up there would only join the back of the queue again.  An
+instance that answers ``Busy`` has already cost a TLS handshake, so the
+client keeps that connection and asks again on it after the ``retry_after``
+(plus jitter: :meth:`~lucidlink.client.backoff.Backoff.after_busy`), for up
+to ``busy_patience`` seconds per instance, before it passes on.  When a whole round fails, it waits a backoff delay (capped
 exponential, full jitter, never shorter than the largest ``retry_after`` it
 was given) and goes round again, until the caller's deadline: ``None`` keeps
 trying for ever, logging at a falling rate (a ``--hard`` mount); a deadline
@@ -24,7 +31,19 @@ reconnects at once; :meth:`Resolver.forget` (the cached endpoint
 failed) and :meth:`Resolver.moved` (the server does not serve the filespace
 any more) make the next ``locate`` ask.  :func:`connect_to_filespace` puts it
 together: the cached endpoints first, discovery only when they fail, with
-backoff between rounds.  That is how a reconnect storm misses discovery.
+backoff between rounds.  That is how a reconnect storm misses discovery:
+
+- a server restarting at its address is waited for there, ``cache_patience``
+  seconds after it last accepted a connection (``handshake_patience`` at
+  most), before discovery is asked;
+- an attempt whose TCP connection is made is not cut off at
+  ``attempt_timeout``: a server that accepted it is there, only slow (it
+  has thousands of handshakes to make after a restart), and gets up to
+  ``handshake_patience`` to finish;
+- when discovery is asked and names the endpoint already known, the client
+  keeps to that endpoint and does not ask again until the answer's TTL has
+  run out: one discovery request per client per TTL at most, however long
+  the server takes to come back.
 
 Deadlines are absolute times on the injected clock (``clock.seconds()``).
 """
@@ -63,17 +82,30 @@ DEFAULT_ATTEMPT_TIMEOUT = 5.0
 """Seconds one instance or server has to connect, shake hands and answer."""
 
 DEFAULT_LOG_INTERVAL = 300.0
-# Long enough for a metadata server to restart at its address.
-DEFAULT_CACHE_PATIENCE = 10.0
 """A long run of failures is logged at least this often (see FallingRateLog)."""
+
+DEFAULT_CACHE_PATIENCE = 10.0
+"""Long enough for a metadata server to restart at its address."""
+
+DEFAULT_HANDSHAKE_PATIENCE = 60.0
+"""Seconds a server that accepted the TCP connection has to finish the handshake."""
+
+DEFAULT_BUSY_PATIENCE = 10.0
+"""Seconds of ``Busy`` waits one discovery connection is kept for."""
 
 _CLOSE_GRACE = 2.0
 
-Connect = Callable[[str, str], "defer.Deferred[Any]"]
-"""``connect(endpoint, identity)``: a Deferred of a ready connection, or a LucidError."""
+Connect = Callable[..., "defer.Deferred[Any]"]
+"""
+``connect(endpoint, identity)``: a Deferred of a ready connection, or a LucidError.
+
+A connect with a true ``reports_connected`` attribute also takes
+``connected=callback``, called once the TCP connection is made (before the
+handshake), as :class:`TLSConnector` does.
+"""
 
 
-def tls_connector(reactor: Any, ca_file: Path, **options: Any) -> Connect:
+class TLSConnector:
     """
     A :data:`Connect` that speaks TLS, trusting the CA in ``ca_file`` alone.
 
@@ -81,14 +113,24 @@ def tls_connector(reactor: Any, ca_file: Path, **options: Any) -> Connect:
 
     :raise NotFound: if ``ca_file`` is missing.
     """
-    if not Path(ca_file).is_file():
-        raise NotFound(f"no CA certificate at {ca_file}")
-    options.setdefault("peer_name", "lucid")
 
-    def connect(endpoint: str, identity: str) -> defer.Deferred[Any]:
-        return connect_tls(reactor, endpoint, ca_file, identity, **options)
+    reports_connected = True
 
-    return connect
+    def __init__(self, reactor: Any, ca_file: Path, **options: Any) -> None:
+        if not Path(ca_file).is_file():
+            raise NotFound(f"no CA certificate at {ca_file}")
+        options.setdefault("peer_name", "lucid")
+        self.reactor = reactor
+        self.ca_file = ca_file
+        self.options = options
+
+    def __call__(
+        self, endpoint: str, identity: str, connected: Callable[[], object] | None = None
+    ) -> defer.Deferred[Any]:
+        return connect_tls(self.reactor, endpoint, self.ca_file, identity, connected=connected, **self.options)
+
+
+tls_connector = TLSConnector
 
 
 def check_endpoints(reactor: Any, endpoints: Sequence[str]) -> None:
@@ -136,7 +178,15 @@ class Resolver:
         cached endpoint of a filespace (a metadata server restarting at its
         address) before it asks discovery; a server that answers it does not
         serve the filespace, or presents another identity, ends the patience
-        at once.  This keeps a fleet-wide restart from reaching discovery.
+        at once, and one that accepts the TCP connection starts it again
+        (up to ``handshake_patience`` from the first attempt).  This keeps a
+        fleet-wide restart from reaching discovery.
+    :param handshake_patience: seconds a server or discovery instance that
+        accepted the TCP connection (so it is there, if slow) has to finish
+        the handshake, instead of ``attempt_timeout``; for connects that
+        report it (see :data:`Connect`).
+    :param busy_patience: seconds of ``Busy`` waits a discovery connection
+        is kept for, asking again on it, before the next instance is tried.
 
     :attr:`discovery_requests` counts the requests sent to discovery
     instances (every attempt, answered or not); benchmarks read it.
@@ -159,6 +209,8 @@ class Resolver:
         fail_fast: bool = False,
         log_interval: float = DEFAULT_LOG_INTERVAL,
         cache_patience: float = DEFAULT_CACHE_PATIENCE,
+        handshake_patience: float = DEFAULT_HANDSHAKE_PATIENCE,
+        busy_patience: float = DEFAULT_BUSY_PATIENCE,
     ) -> None:
         if not discovery:
             raise InvalidArgument("no discovery endpoints to ask")
@@ -177,6 +229,8 @@ class Resolver:
         self.fail_fast = fail_fast
         self.log_interval = log_interval
         self.cache_patience = cache_patience
+        self.handshake_patience = handshake_patience
+        self.busy_patience = busy_patience
         self.discovery_requests = 0
         self._connect = connect
         self._stale: set[str] = set()
@@ -311,7 +365,7 @@ class Resolver:
                     hopeless = False
                     break
             try:
-                resolved = yield self._ask(endpoint, filespace, timeout)
+                resolved = yield self._ask(endpoint, filespace, timeout, deadline)
             except defer.CancelledError:
                 raise
             except UnknownFilespace:
@@ -328,17 +382,34 @@ class Resolver:
             return location
         raise _NoAnswer(retry_after, hopeless)
 
-    def _ask(self, endpoint: str, filespace: str, timeout: float) -> defer.Deferred[Resolved]:
-        self.discovery_requests += 1
-        return within(self.clock, self._exchange(endpoint, filespace, timeout), timeout, _silence(endpoint, timeout))
-
     @defer.inlineCallbacks
-    def _exchange(
-        self, endpoint: str, filespace: str, timeout: float
+    def _ask(
+        self, endpoint: str, filespace: str, timeout: float, deadline: float | None
     ) -> Generator[defer.Deferred[Any], Any, Resolved]:
-        connection = yield self._connect(endpoint, self.identity)
+        """
+        Connect within ``timeout`` (``handshake_patience`` once the TCP connection
+        is made: the instance is there, and its backlog is served in order), then
+        ask, each answer within ``timeout``; wait out Busy answers on the same connection.
+        """
+        self.discovery_requests += 1
+        connection = yield _patient_attempt(self, self._connect, endpoint, self.identity, timeout, deadline, _nothing)
+        busy_waited = 0.0
+        due = timeout if deadline is None else max(0.001, min(timeout, deadline - self.clock.seconds()))
         try:
-            answer = yield connection.request(Resolve(filespace), timeout=timeout)
+            while True:
+                try:
+                    answer = yield connection.request(Resolve(filespace), timeout=due)
+                    break
+                except Busy as busy:
+                    wait = self.backoff.after_busy(retry_after_seconds(busy))
+                    if busy_waited + wait > self.busy_patience or (
+                        deadline is not None and self.clock.seconds() + wait >= deadline
+                    ):
+                        raise
+                busy_waited += wait
+                yield task.deferLater(self.clock, wait, lambda: None)
+                due = timeout if deadline is None else max(0.001, min(timeout, deadline - self.clock.seconds()))
+                self.discovery_requests += 1
         except RequestTimeout:
             self._close(connection, abort=True)
             raise _silence(endpoint, timeout)() from None
@@ -379,13 +450,22 @@ def connect_to_filespace(
     Connect to the metadata server of ``filespace``: the cached endpoints first.
 
     Each round tries the endpoints of the last known location with
-    ``connect(endpoint, identity)``; only when they all fail does it ask
-    discovery (one round over its instances) and, if the answer is new, try
-    its endpoints at once.  Between rounds it waits a backoff delay that
-    honours any ``retry_after``; with a ``deadline`` it gives up with
-    :class:`~lucidlink.errors.Unavailable` saying what failed, without one
-    it keeps trying (logging at a falling rate).  A server that says it does
-    not serve the filespace makes the cached entry go (:meth:`Resolver.moved`).
+    ``connect(endpoint, identity)``.  For ``cache_patience`` seconds that is
+    all it does (the server is most likely restarting at its address); a
+    round in which the server accepted the TCP connection (it is there, if
+    busy) starts the patience again, up to ``handshake_patience`` from the
+    first attempt.
+    After that, a round whose endpoints all fail asks discovery (one round
+    over its instances); a new answer is tried at once, and an answer that
+    names the endpoints already known is taken as "wait for it there": no
+    more discovery requests until that answer's TTL has run out.  An attempt
+    whose TCP connection is made gets ``handshake_patience`` rather than
+    ``attempt_timeout`` to finish (see the module docstring).  Between
+    rounds it waits a backoff delay that honours any ``retry_after``; with a
+    ``deadline`` it gives up with :class:`~lucidlink.errors.Unavailable`
+    saying what failed, without one it keeps trying (logging at a falling
+    rate).  A server that says it does not serve the filespace makes the
+    cached entry go (:meth:`Resolver.moved`) and discovery is asked at once.
 
     :return: a Deferred of the connection ``connect`` made.
     :raise UnknownFilespace: when discovery says there is no such filespace.
@@ -397,23 +477,35 @@ def connect_to_filespace(
     discovery_failure: str | None = "discovery was not asked before the deadline"
     known = resolver.cached(filespace)
     patient = known is not None
+    alive_at = started
+    """When the known server last accepted a TCP connection (or the start)."""
+    confirmed_until: float | None = None
+    """Discovery named ``known`` again: keep to it, without asking, until then."""
     rounds = 0
     while True:
         rounds += 1
         retry_after = 0.0
         if known is not None:
-            connection, wait = yield _try_location(resolver, known, connect, deadline, server_failures)
+            connection, wait, moved, reached = yield _try_location(
+                resolver, known, connect, deadline, server_failures
+            )
             if connection is not None:
                 return connection
             retry_after = max(retry_after, wait)
-            if resolver.cached(filespace) is None:
-                patient = False  # the server said the filespace is not there any more
-        if deadline is not None and clock.seconds() >= deadline:
+            if moved:
+                patient = False
+                confirmed_until = None
+            if reached:
+                alive_at = clock.seconds()
+        now = clock.seconds()
+        if deadline is not None and now >= deadline:
             break
-        if patient and clock.seconds() - started < resolver.cache_patience:
+        if patient and now - alive_at < resolver.cache_patience and now - started < resolver.handshake_patience:
             # Most likely the server is restarting at the same address: wait
             # for it there rather than join every other client at discovery.
             discovery_failure = None
+        elif confirmed_until is not None and now < confirmed_until:
+            discovery_failure = None  # discovery said to wait for it there
         else:
             patient = False
             if known is not None:
@@ -425,8 +517,9 @@ def connect_to_filespace(
                 retry_after = max(retry_after, retry_after_seconds(error))
             else:
                 discovery_failure = None
+                confirmed_until = clock.seconds() + max(fresh.ttl_ms / 1000, resolver.cache_patience)
                 if known is None or (fresh.endpoints, fresh.identity) != (known.endpoints, known.identity):
-                    connection, wait = yield _try_location(resolver, fresh, connect, deadline, server_failures)
+                    connection, wait, _, _ = yield _try_location(resolver, fresh, connect, deadline, server_failures)
                     if connection is not None:
                         return connection
                     retry_after = max(retry_after, wait)
@@ -458,10 +551,16 @@ def _try_location(
     connect: Connect,
     deadline: float | None,
     failures: dict[str, str],
-) -> Generator[defer.Deferred[Any], Any, tuple[Any, float]]:
-    """Try each endpoint of ``location``: (a connection, 0) or (None, the largest retry_after)."""
+) -> Generator[defer.Deferred[Any], Any, tuple[Any, float, bool, bool]]:
+    """
+    Try each endpoint of ``location``: (a connection, 0, False, True), or (None,
+    the largest retry_after, whether a server said the filespace is not there,
+    whether any endpoint accepted the TCP connection).
+    """
     clock = resolver.clock
     retry_after = 0.0
+    moved = False
+    reached: list[bool] = []
     for endpoint in location.endpoints:
         timeout = resolver.attempt_timeout
         if deadline is not None:
@@ -469,8 +568,8 @@ def _try_location(
             if timeout <= 0:
                 break
         try:
-            connection = yield within(
-                clock, connect(endpoint, location.identity), timeout, _silence(endpoint, timeout)
+            connection = yield _patient_attempt(
+                resolver, connect, endpoint, location.identity, timeout, deadline, lambda: reached.append(True)
             )
         except defer.CancelledError:
             raise
@@ -478,12 +577,59 @@ def _try_location(
             # Someone else answers at this address now: the filespace moved.
             failures[endpoint] = describe_failure(endpoint, error)
             resolver.moved(location.filespace)
+            moved = True
         except Exception as error:
             _note_failure(failures, endpoint, error, cut_short=timeout < resolver.attempt_timeout)
             retry_after = max(retry_after, retry_after_seconds(error))
         else:
-            return connection, 0.0
-    return None, retry_after
+            return connection, 0.0, False, True
+    return None, retry_after, moved, bool(reached)
+
+
+def _patient_attempt(
+    resolver: Resolver,
+    connect: Connect,
+    endpoint: str,
+    identity: str,
+    timeout: float,
+    deadline: float | None,
+    reached: Callable[[], object],
+) -> defer.Deferred[Any]:
+    """
+    ``connect(endpoint, identity)`` within ``timeout``; once its TCP connection is
+    made (if ``connect`` reports that), within ``handshake_patience`` from then,
+    and ``reached()`` is called.
+    """
+    clock = resolver.clock
+    if not _reports_connected(connect):
+        return within(clock, connect(endpoint, identity), timeout, _silence(endpoint, timeout))
+    bounded: list[_Bounded] = []
+
+    def connected() -> None:
+        reached()
+        patience = resolver.handshake_patience
+        if deadline is not None:
+            patience = max(0.0, min(patience, deadline - clock.seconds()))
+        error = _slow_handshake(endpoint, patience)
+        if bounded:
+            bounded[0].restart(max(timeout, patience), error)
+        else:  # it connected before connect() even returned
+            bounded.append(_Bounded(clock, max(timeout, patience), error))
+
+    work = connect(endpoint, identity, connected=connected)
+    if bounded:  # connected at once: keep the longer bound made in connected()
+        return bounded[0].bind(work)
+    bounded.append(_Bounded(clock, timeout, _silence(endpoint, timeout)))
+    return bounded[0].bind(work)
+
+
+def _nothing() -> None:
+    """A callback with nothing to do."""
+
+
+def _reports_connected(connect: Connect) -> bool:
+    """Whether ``connect`` (or the object it is a method of) takes ``connected=``."""
+    return bool(getattr(connect, "reports_connected", False) or getattr(getattr(connect, "__self__", None), "reports_connected", False))
 
 
 def _why_unreachable(server_failures: dict[str, str], discovery_failure: str | None) -> str:
@@ -512,29 +658,51 @@ def within(
     ``Deferred.addTimeout``, which passes on what the cancelled work
     returned, and code that catches its own cancellation may return anything.)
     """
+    return _Bounded(clock, timeout, timeout_error).bind(work)
 
-    def stop(error: Exception) -> None:
-        if timer.active():
-            timer.cancel()
-        if not result.called:
-            result.errback(Failure(error))
-        work.cancel()
 
-    def settled(outcome: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        if result.called:
+class _Bounded:
+    """The timer and result of :func:`within`; the bound can be moved while the work runs."""
+
+    def __init__(self, clock: IReactorTime, timeout: float, timeout_error: Callable[[], Exception]) -> None:
+        self.clock = clock
+        self.work: defer.Deferred[Any] | None = None
+        self.result: defer.Deferred[Any] = defer.Deferred(lambda _: self._stop(defer.CancelledError()))
+        self.timer = clock.callLater(max(0.0, timeout), lambda: self._stop(timeout_error()))
+
+    def bind(self, work: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """Bound ``work``; returns the bounded result."""
+        self.work = work
+        if self.result.called:  # the bound ran out before the work was given
+            work.cancel()
+        else:
+            work.addBoth(self._settled)
+        return self.result
+
+    def restart(self, timeout: float, timeout_error: Callable[[], Exception]) -> None:
+        """The bound is now ``timeout`` seconds from now, failing with ``timeout_error()``."""
+        if self.timer.active():
+            self.timer.cancel()
+            self.timer = self.clock.callLater(max(0.0, timeout), lambda: self._stop(timeout_error()))
+
+    def _stop(self, error: Exception) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        if not self.result.called:
+            self.result.errback(Failure(error))
+        if self.work is not None:
+            self.work.cancel()
+
+    def _settled(self, outcome: Any) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        if self.result.called:
             return None  # timed out or cancelled: the outcome goes nowhere
         if isinstance(outcome, Failure):
-            result.errback(outcome)
+            self.result.errback(outcome)
         else:
-            result.callback(outcome)
+            self.result.callback(outcome)
         return None
-
-    result: defer.Deferred[Any] = defer.Deferred(lambda _: stop(defer.CancelledError()))
-    timer = clock.callLater(max(0.0, timeout), lambda: stop(timeout_error()))
-    work.addBoth(settled)
-    return result
 
 
 def _note_failure(failures: dict[str, str], endpoint: str, error: BaseException, cut_short: bool) -> None:
@@ -551,6 +719,13 @@ def _note_failure(failures: dict[str, str], endpoint: str, error: BaseException,
 def _silence(endpoint: str, timeout: float) -> Callable[[], RequestTimeout]:
     """The error for ``endpoint`` not answering within ``timeout`` seconds."""
     return lambda: RequestTimeout(f"{endpoint} did not answer within {timeout:g} s")
+
+
+def _slow_handshake(endpoint: str, timeout: float) -> Callable[[], RequestTimeout]:
+    """The error for ``endpoint`` accepting the connection but not finishing the handshake in time."""
+    return lambda: RequestTimeout(
+        f"{endpoint} accepted the connection but did not finish the handshake within {timeout:g} s"
+    )
 
 
 def describe_failure(endpoint: str, error: BaseException) -> str:

@@ -25,16 +25,32 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from lucidlink.discovery.auth import DEFAULT_MAX_SKEW, Keyring, RegistrationKey
-from lucidlink.discovery.shedding import DEFAULT_MAX_SOURCES
+from lucidlink.discovery.shedding import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SOURCES
 from lucidlink.discovery.static_map import StaticMap
 from lucidlink.errors import InvalidArgument, LucidError
 from lucidlink.inifile import read_section
 from lucidlink.tls import server_tls_options
 
 SECTION = "discovery"
+DEFAULT_LISTEN_BACKLOG = 4096
+"""The listen backlog of a ``listen`` endpoint that names none (Twisted's own default is 50)."""
+_BACKLOG_KINDS = ("tcp", "tcp6", "unix")
 DEFAULT_METRICS_LISTEN = "tcp:9120:interface=127.0.0.1"
 
 T = TypeVar("T")
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_LISTEN_BACKLOG) -> str:
+    """``description`` with ``backlog=`` added if it is a tcp, tcp6 or unix endpoint without one.
+
+    When the accept gate holds new connections back, the kernel's backlog is
+    where they wait: at Twisted's default of 50 it would drop nearly all of a
+    storm's connection attempts.  (Linux caps it at ``net.core.somaxconn``.)
+    """
+    kind, _, rest = description.partition(":")
+    if kind.lower() not in _BACKLOG_KINDS or "backlog=" in rest:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class ConfigError(usage.UsageError):
@@ -56,7 +72,8 @@ class DiscoveryConfig:
     heartbeat_interval: float = 5.0
     max_clock_skew: float = DEFAULT_MAX_SKEW
     max_entries: int = 20_000
-    max_connections: int = 10_000
+    max_connections: int = 2_000
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
     max_in_flight: int = 1_000
     per_source_rate: float = 20.0
     per_source_burst: float = 40.0
@@ -71,7 +88,7 @@ KEYS = frozenset({
     "registration_secret_current", "registration_secret_current_file",
     "registration_secret_previous", "registration_secret_previous_file", "registration_secret_previous_expires",
     "static_map", "entry_ttl", "heartbeat_interval", "max_clock_skew", "max_entries", "max_connections",
-    "max_in_flight", "per_source_rate", "per_source_burst", "max_sources", "idle_timeout",
+    "max_handshakes", "max_in_flight", "per_source_rate", "per_source_burst", "max_sources", "idle_timeout",
     "handshake_timeout", "metrics_listen",
 })
 
@@ -133,6 +150,7 @@ class _Reader:
             max_clock_skew=self.number("max_clock_skew", defaults["max_clock_skew"].default),
             max_entries=self.integer("max_entries", defaults["max_entries"].default),
             max_connections=self.integer("max_connections", defaults["max_connections"].default),
+            max_handshakes=self.integer("max_handshakes", defaults["max_handshakes"].default),
             max_in_flight=self.integer("max_in_flight", defaults["max_in_flight"].default),
             per_source_rate=self.number("per_source_rate", defaults["per_source_rate"].default, allow_zero=True),
             per_source_burst=self.number("per_source_burst", defaults["per_source_burst"].default),

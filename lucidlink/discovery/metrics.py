@@ -45,6 +45,16 @@ class DiscoveryMetrics:
         self.connections = Gauge(
             "lucid_discovery_connections", "Client and server connections open.", registry=self.registry,
         )
+        self.handshakes = Gauge(
+            "lucid_discovery_handshakes", "Connections accepted whose TLS and Hello are not done yet.",
+            registry=self.registry,
+        )
+        self.accept_pauses = Counter(
+            "lucid_discovery_accept_pauses",
+            "Times the listeners stopped accepting (at max_handshakes or max_connections), leaving"
+            " new connections in the listen backlog.",
+            registry=self.registry,
+        )
         # Every label combination exists from the start (so a rate query sees
         # zeros, not gaps), and the hot path finds its child in a dict.
         self._requests = {(t, o): self.requests.labels(t, o) for t in REQUEST_TYPES for o in OUTCOMES}
@@ -53,10 +63,21 @@ class DiscoveryMetrics:
         for reason in auth.REASONS:
             self.auth_failures.labels(reason)
 
-    def watch(self, registry_size: Callable[[], int], connections: Callable[[], int]) -> None:
-        """Read the registry size and the connection count whenever metrics are collected."""
+    def watch(
+        self,
+        registry_size: Callable[[], int],
+        connections: Callable[[], int],
+        handshakes: Callable[[], int] | None = None,
+    ) -> None:
+        """Read the registry size and the connection and handshake counts whenever metrics are collected."""
         self.registry_entries.set_function(registry_size)
         self.connections.set_function(connections)
+        if handshakes is not None:
+            self.handshakes.set_function(handshakes)
+
+    def accept_paused(self) -> None:
+        """Count one pause of the listeners."""
+        self.accept_pauses.inc()
 
     def request_done(self, request_type: str, outcome: str, seconds: float) -> None:
         """Count one answered request."""

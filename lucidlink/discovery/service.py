@@ -70,7 +70,9 @@ class DiscoveryResponder:
     """Registrations in, locations out; see the module docstring.
 
     ``timer`` measures how long answers take (a monotonic clock, apart from
-    the registry's wall clock).
+    the registry's wall clock).  ``handshaken`` is told of every connection
+    whose Hello is answered (its TLS handshake is done by then): the accept
+    gate's :meth:`~lucidlink.discovery.shedding.AcceptGate.handshake_done`.
     """
 
     log = Logger()
@@ -87,6 +89,7 @@ class DiscoveryResponder:
         metrics: DiscoveryMetrics | None = None,
         server_name: str = "lucid-discovery",
         timer: Callable[[], float] = time.perf_counter,
+        handshaken: Callable[[ServerConnection], object] | None = None,
     ) -> None:
         self.registry = registry
         self.verifier = verifier
@@ -97,6 +100,7 @@ class DiscoveryResponder:
         self.metrics = metrics if metrics is not None else DiscoveryMetrics()
         self.server_name = server_name
         self.timer = timer
+        self.handshaken = handshaken
         self._sessions = itertools.count(1)
         self._registered = Registered(int(registry.entry_ttl * 1000), int(heartbeat_interval * 1000))
 
@@ -105,6 +109,8 @@ class DiscoveryResponder:
     def welcome(self, connection: ServerConnection, hello: Hello) -> Welcome:
         """Every client is welcome; note its address for its token bucket."""
         connection.session = _source_of(connection)
+        if self.handshaken is not None:
+            self.handshaken(connection)
         return Welcome(PROTOCOL_VERSION, self.server_name, next(self._sessions), 0, ServerStatus.SERVING)
 
     def respond(self, connection: ServerConnection, message: Any) -> Any:

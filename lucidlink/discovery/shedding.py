@@ -1,11 +1,19 @@
 """
 Cheap load shedding: say "busy, retry after N ms" at once instead of queueing.
 
-Three limits, each costing next to nothing to enforce:
+Limits, each costing next to nothing to enforce:
 
-- :class:`ConnectionCap` wraps the listening factory (the TLS factory, so
-  outside TLS): over the cap a new TCP connection is closed as soon as it is
-  accepted, before any handshake work is spent on it.
+- :class:`AcceptGate` wraps the listening factory (the TLS factory, so
+  outside TLS) and bounds the connections open and the handshakes (TLS and
+  Hello) in progress.  At either bound it does not close anything: the
+  listening ports stop accepting, and the kernel's listen backlog holds the
+  new connections, in order, until there is room.  A client waits in that
+  queue instead of backing off blindly and paying another handshake; beyond
+  the backlog the kernel drops its SYN and TCP retransmits it later.  (Give
+  the listen endpoint a large backlog: ``tcp:7000:backlog=4096``.)
+- :class:`ConnectionCap`, the cruder older form, closes a connection over
+  the cap as soon as it is accepted, before any handshake work is spent on
+  it, and gives no hint of when to come back.
 - :class:`SourceBuckets`, a token bucket per source address (a bounded LRU
   of sources), for the requests of one address.
 - :class:`InFlightLimit`, a cap on requests being answered at once, over all
@@ -18,6 +26,7 @@ a client can honour: for a bucket, the time until it holds a token again.
 from __future__ import annotations
 
 import math
+import random
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +44,8 @@ DEFAULT_IN_FLIGHT_RETRY_MS = 100
 SOURCE_RATE = "source_rate"
 IN_FLIGHT = "in_flight"
 CONNECTIONS = "connections"
+
+DEFAULT_MAX_HANDSHAKES = 128
 
 _log = Logger()
 
@@ -159,3 +170,129 @@ class ConnectionCap(WrappingFactory):
         if self._shedding and len(self.protocols) < self.limit:
             self._shedding = False
             _log.info("below {limit} connections again: accepting new connections", limit=self.limit)
+
+
+class AcceptGate(WrappingFactory):
+    """
+    Wraps a listening factory; stops accepting while too much is in progress.
+
+    A connection counts as *handshaking* from its accept until
+    :meth:`handshake_done` is called for it (discovery calls it when the
+    client's Hello is answered, so after TLS) or it ends.  While
+    ``max_handshakes`` are handshaking, or ``max_connections`` are open,
+    every port given to :meth:`add_port` stops reading; below both it reads
+    again.  Since a port accepts a batch of connections per wake-up, each
+    port's batch is kept to its share of the room left, and ports resume in
+    a shuffled order so that none is starved: the limits are exact to within
+    one batch.  The first pause of a run and the return are logged;
+    ``on_pause`` is called for every pause.
+    """
+
+    protocol = ProtocolWrapper
+
+    def __init__(
+        self,
+        wrapped: Any,
+        *,
+        max_connections: int,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        on_pause: Callable[[], object] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise InvalidArgument(f"max_connections must be at least 1, not {max_connections}")
+        if max_handshakes < 1:
+            raise InvalidArgument(f"max_handshakes must be at least 1, not {max_handshakes}")
+        super().__init__(wrapped)
+        self.max_connections = max_connections
+        self.max_handshakes = max_handshakes
+        self.on_pause = on_pause
+        self.rng = rng if rng is not None else random.Random()
+        self.ports: list[Any] = []
+        self.paused = False
+        self.pauses = 0
+        self._handshaking: set[ProtocolWrapper] = set()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self.protocols)
+
+    @property
+    def handshakes(self) -> int:
+        """Connections accepted whose handshake is not done yet."""
+        return len(self._handshaking)
+
+    def add_port(self, port: Any) -> Any:
+        """Gate ``port`` (a listening port that can ``stopReading``); returns it."""
+        self.ports.append(port)
+        if self.paused:
+            port.stopReading()
+        else:
+            port.numberAccepts = self._share()
+        return port
+
+    def remove_port(self, port: Any) -> None:
+        """Stop gating ``port`` (it is about to stop listening)."""
+        if port in self.ports:
+            self.ports.remove(port)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        wrapper = super().buildProtocol(addr)
+        if wrapper is not None:
+            self._handshaking.add(wrapper)
+        self._update()
+        return wrapper
+
+    def handshake_done(self, connection: Any) -> None:
+        """``connection`` (the protocol inside TLS, or its wrapper) finished its handshake."""
+        transport = connection
+        for _ in range(4):  # ServerConnection -> TLS protocol -> this gate's wrapper
+            if transport in self._handshaking:
+                self._handshaking.discard(transport)
+                self._update()
+                return
+            transport = getattr(transport, "transport", None)
+            if transport is None:
+                return
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        self._handshaking.discard(p)
+        self._update()
+
+    def _room(self) -> int:
+        return min(self.max_connections - len(self.protocols), self.max_handshakes - len(self._handshaking))
+
+    def _share(self) -> int:
+        return max(1, self._room() // max(1, len(self.ports)))
+
+    def _update(self) -> None:
+        if self._room() <= 0:
+            if not self.paused:
+                self.paused = True
+                self.pauses += 1
+                if self.pauses == 1 or self._quiet_since_log():
+                    _log.warn(
+                        "{handshakes} handshakes in progress and {connections} connections open (limits"
+                        " {max_handshakes} and {max_connections}): new connections wait in the listen backlog",
+                        handshakes=len(self._handshaking), connections=len(self.protocols),
+                        max_handshakes=self.max_handshakes, max_connections=self.max_connections,
+                    )
+                for port in self.ports:
+                    port.stopReading()
+                if self.on_pause is not None:
+                    self.on_pause()
+            return
+        share = self._share()
+        resuming, self.paused = self.paused, False
+        if resuming:
+            self.rng.shuffle(self.ports)
+        for port in self.ports:
+            port.numberAccepts = share
+            if resuming and getattr(port, "connected", True):
+                port.startReading()
+
+    def _quiet_since_log(self) -> bool:
+        # One log line per 1,000 pauses: a storm pauses thousands of times.
+        return self.pauses % 1000 == 0

@@ -4,8 +4,10 @@
 :func:`makeService` reads the configuration (:mod:`lucidlink.discovery.config`)
 and returns a :class:`DiscoveryService`, a ``MultiService`` of:
 
-- one TLS listener per ``listen`` endpoint, behind the connection cap
-  (the cap wraps the TLS factory, so refused connections cost no handshake);
+- one TLS listener per ``listen`` endpoint, behind the accept gate (it
+  wraps the TLS factory and stops the listeners from accepting at
+  ``max_handshakes`` or ``max_connections``, so the kernel's backlog holds
+  the rest rather than discovery sharing one core among them all);
 - the registry sweeper (a ``TimerService``);
 - the ``/metrics`` and ``/health`` site on ``metrics_listen``, if set.
 """
@@ -23,11 +25,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from lucidlink.discovery.auth import RegistrationVerifier
-from lucidlink.discovery.config import DiscoveryConfig, load_config
+from lucidlink.discovery.config import DiscoveryConfig, load_config, with_backlog
 from lucidlink.discovery.metrics import DiscoveryMetrics
 from lucidlink.discovery.registry import Registry
 from lucidlink.discovery.service import DiscoveryResponder
-from lucidlink.discovery.shedding import CONNECTIONS, ConnectionCap, InFlightLimit, SourceBuckets
+from lucidlink.discovery.shedding import AcceptGate, InFlightLimit, SourceBuckets
 from lucidlink.discovery.web import status_site
 from lucidlink.listening import EndpointListener, ListenOption
 from lucidlink.protocol.connection import ServerConnection, ServerFactory
@@ -64,7 +66,7 @@ class DiscoveryService(MultiService):
     """Discovery assembled from a :class:`~lucidlink.discovery.config.DiscoveryConfig`.
 
     The parts are attributes (``registry``, ``responder``, ``metrics``,
-    ``connection_cap``, ``listeners``, ``status_listener``), so tests and
+    ``gate``, ``listeners``, ``status_listener``), so tests and
     operators' tools can look inside.
     """
 
@@ -91,6 +93,7 @@ class DiscoveryService(MultiService):
             ),
             in_flight=InFlightLimit(config.max_in_flight),
             metrics=self.metrics,
+            handshaken=lambda connection: self.gate.handshake_done(connection),
         )
         protocol_factory = ServerFactory(
             self.responder, reactor,
@@ -99,17 +102,19 @@ class DiscoveryService(MultiService):
             idle_timeout=config.idle_timeout,
         )
         tls_factory = TLSMemoryBIOFactory(server_tls_options(config.certificate, config.private_key), False, protocol_factory)
-        self.connection_cap = ConnectionCap(
-            tls_factory, config.max_connections, on_refused=lambda: self.metrics.shed_one(CONNECTIONS)
+        self.gate = AcceptGate(
+            tls_factory, max_connections=config.max_connections, max_handshakes=config.max_handshakes,
+            on_pause=self.metrics.accept_paused,
         )
-        self.metrics.watch(lambda: len(self.registry), lambda: self.connection_cap.connections)
+        self.metrics.watch(lambda: len(self.registry), lambda: self.gate.connections, lambda: self.gate.handshakes)
 
         self.listeners = [
-            EndpointListener(serverFromString(reactor, description), self.connection_cap, description)
+            EndpointListener(serverFromString(reactor, with_backlog(description)), self.gate, description)
             for description in config.listen
         ]
         for listener in self.listeners:
             listener.setServiceParent(self)
+            listener.when_listening().addCallbacks(self.gate.add_port, lambda _: None)
         sweeper = TimerService(config.heartbeat_interval, self.registry.sweep)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
@@ -123,14 +128,17 @@ class DiscoveryService(MultiService):
 
     def stopService(self) -> defer.Deferred[Any]:
         """Stop listening, then say goodbye to every open connection and wait for them to close."""
+        for listener in self.listeners:
+            if listener.port is not None:
+                self.gate.remove_port(listener.port)
         stopped = super().stopService()
         closing = [connection.close("discovery is shutting down") for connection in self.open_connections()]
         return defer.gatherResults([stopped, *closing], consumeErrors=True)
 
     def open_connections(self) -> list[ServerConnection]:
-        """The protocol connections behind the cap (and inside TLS) now open."""
+        """The protocol connections behind the gate (and inside TLS) now open."""
         connections = []
-        for wrapper in list(self.connection_cap.protocols):
+        for wrapper in list(self.gate.protocols):
             connection = getattr(wrapper.wrappedProtocol, "wrappedProtocol", None)
             if isinstance(connection, ServerConnection):
                 connections.append(connection)
@@ -142,6 +150,9 @@ class DiscoveryService(MultiService):
             "status": "serving",
             "registry_entries": len(self.registry),
             "static_entries": len(self.config.static_map),
-            "connections": self.connection_cap.connections,
-            "max_connections": self.connection_cap.limit,
+            "connections": self.gate.connections,
+            "max_connections": self.gate.max_connections,
+            "handshakes": self.gate.handshakes,
+            "max_handshakes": self.gate.max_handshakes,
+            "accepting": not self.gate.paused,
         }

@@ -8,6 +8,7 @@ whatever endpoint is named, with the contexts :mod:`lucidlink.tls` makes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,19 @@ class _ClientFactory(Factory):
 
 @defer.inlineCallbacks
 def connect_tls(
-    reactor: Any, description: str, ca_file: Path, identity: str, **options: Any
+    reactor: Any,
+    description: str,
+    ca_file: Path,
+    identity: str,
+    *,
+    connected: Callable[[], object] | None = None,
+    **options: Any,
 ) -> Any:
     """Connect to ``description`` over TLS, expecting ``identity``, and finish the handshake.
 
     The server's certificate must chain to ``ca_file`` and name ``identity``.
+    ``connected``, if given, is called once the TCP connection is made,
+    before the handshake (a caller can tell a slow server from an absent one).
 
     Fires with a ready :class:`ClientConnection`, or fails with a
     :class:`~lucidlink.errors.LucidError` that says what went wrong
@@ -68,6 +77,8 @@ def connect_tls(
         connection = yield endpoint.connect(_ClientFactory(reactor, tls_creator, options))
     except Exception as error:
         raise Unavailable(f"cannot connect to {description}: {_describe(error)}") from None
+    if connected is not None:
+        connected()
     try:
         yield connection.ready
     except defer.CancelledError:
