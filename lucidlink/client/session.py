@@ -78,6 +78,10 @@ from lucidlink.protocol.messages import Role
 DEFAULT_CHUNK_SIZE = crypto.DEFAULT_CHUNK_SIZE
 
 O_ACCMODE = os.O_ACCMODE
+class Reconnect:
+    """What :meth:`Session._retrying` is doing when a session connects again on its own (to keep its locks)."""
+
+
 _RETRY_ANSWERS = (Busy, Restoring, Unavailable)
 _CONNECTION_GONE = (ConnectionClosed, RequestTimeout)
 # Requests that may meet their own earlier success when sent again, and the error it looks like.
@@ -438,7 +442,8 @@ class FilespaceSession:
                     filespace=self.filespace, reason=reason,
                 )
                 if any(wanted() for wanted in self._keep_connected):
-                    self._connected(None).addErrback(
+                    # Retried like any request: a server that is restarting or restoring closes early attempts.
+                    self._retrying(lambda live: defer.succeed(None), Reconnect).addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
 
