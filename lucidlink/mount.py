@@ -27,12 +27,15 @@ the reactor.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import cProfile
 import dataclasses
 import errno
 import itertools
 import logging
 import os
+import pstats
 import queue
 import signal
 import stat
@@ -71,6 +74,52 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _KIND_BITS = {FileKind.FILE: stat.S_IFREG, FileKind.DIRECTORY: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK}
 
 
+PROFILE_VARIABLE = "LUCID_PROFILE"
+"""Set to a file name, the mount profiles its threads (cProfile) and writes the merged figures there at exit."""
+
+
+class ThreadProfiles:
+    """
+    cProfile in every thread of the mount: those started with ``threading`` and llfuse's own.
+
+    ``cProfile`` sees one thread at a time; :meth:`install` starts a profile
+    in each thread started later (the reactor's, its thread pool's), and
+    :meth:`enter` in the calling thread if it has none yet (llfuse's workers,
+    which ``threading`` never starts).  At exit the profiles are merged into
+    one ``pstats`` file (``python -m pstats FILE``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._profiles: list[cProfile.Profile] = []
+        self._local = threading.local()
+
+    def install(self) -> None:
+        threading.setprofile(self._started)
+        atexit.register(self.dump)
+
+    def _started(self, frame: Any, event: str, argument: Any) -> None:
+        self.enter()
+
+    def enter(self) -> None:
+        """Profile the calling thread from now on (once)."""
+        if not getattr(self._local, "profile", None):
+            profile = self._local.profile = cProfile.Profile()
+            self._profiles.append(profile)
+            profile.enable()
+
+    def dump(self) -> None:
+        for profile in self._profiles:
+            profile.disable()
+        if self._profiles:
+            pstats.Stats(*self._profiles).dump_stats(self.path)
+
+
+PROFILES: ThreadProfiles | None = (
+    ThreadProfiles(os.environ[PROFILE_VARIABLE]) if os.environ.get(PROFILE_VARIABLE) else None
+)
+
+
 def errno_of(error: LucidError) -> int:
     """The errno a :class:`LucidError` stands for (EIO for a name the table lacks)."""
     return ERRNO.get(error.errno_name, errno.EIO)
@@ -91,6 +140,8 @@ class ReactorThread:
         llfuse stops on those signals only when one of its own threads takes
         them; delivered to the reactor's thread, they would be lost.
         """
+        if PROFILES is not None:
+            PROFILES.install()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._thread.start()
@@ -124,6 +175,8 @@ class Bridge:
         return llfuse.lock_released if self.locked else contextlib.nullcontext()
 
     def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        if PROFILES is not None:
+            PROFILES.enter()
         with self.released():
             return self.translated(function, *arguments, **keywords)
 
