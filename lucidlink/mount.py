@@ -477,11 +477,13 @@ class FilespaceOperations(llfuse.Operations):
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
-        try:
-            attributes = self._call("getattr", handle.inode)
-        except llfuse.FUSEError:
-            self.release(number)
-            raise
+        attributes = handle.opened
+        if attributes.size or handle.size:  # an existing file, maybe emptied by O_TRUNC: ask again
+            try:
+                attributes = self._call("getattr", handle.inode)
+            except llfuse.FUSEError:
+                self.release(number)
+                raise
         self._cached_version[handle.inode] = handle.version
         return number, self._looked_up(attributes)
 

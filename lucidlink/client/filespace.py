@@ -213,6 +213,8 @@ class FileHandle:
         self._inodes = inodes
         self._server = server
         self.inode = attributes.inode
+        self.opened = attributes
+        """The attributes the server answered the open (or create) with."""
         self.flags = flags
         self.writable = is_writable(flags)
         self.size = attributes.size
