@@ -28,12 +28,15 @@ the reactor.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import cProfile
 import dataclasses
 import errno
 import itertools
 import logging
 import os
+import pstats
 import queue
 import signal
 import stat
@@ -72,6 +75,52 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _KIND_BITS = {FileKind.FILE: stat.S_IFREG, FileKind.DIRECTORY: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK}
 
 
+PROFILE_VARIABLE = "LUCID_PROFILE"
+"""Set to a file name, the mount profiles its threads (cProfile) and writes the merged figures there at exit."""
+
+
+class ThreadProfiles:
+    """
+    cProfile in every thread of the mount: those started with ``threading`` and llfuse's own.
+
+    ``cProfile`` sees one thread at a time; :meth:`install` starts a profile
+    in each thread started later (the reactor's, its thread pool's), and
+    :meth:`enter` in the calling thread if it has none yet (llfuse's workers,
+    which ``threading`` never starts).  At exit the profiles are merged into
+    one ``pstats`` file (``python -m pstats FILE``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._profiles: list[cProfile.Profile] = []
+        self._local = threading.local()
+
+    def install(self) -> None:
+        threading.setprofile(self._started)
+        atexit.register(self.dump)
+
+    def _started(self, frame: Any, event: str, argument: Any) -> None:
+        self.enter()
+
+    def enter(self) -> None:
+        """Profile the calling thread from now on (once)."""
+        if not getattr(self._local, "profile", None):
+            profile = self._local.profile = cProfile.Profile()
+            self._profiles.append(profile)
+            profile.enable()
+
+    def dump(self) -> None:
+        for profile in self._profiles:
+            profile.disable()
+        if self._profiles:
+            pstats.Stats(*self._profiles).dump_stats(self.path)
+
+
+PROFILES: ThreadProfiles | None = (
+    ThreadProfiles(os.environ[PROFILE_VARIABLE]) if os.environ.get(PROFILE_VARIABLE) else None
+)
+
+
 def errno_of(error: LucidError) -> int:
     """The errno a :class:`LucidError` stands for (EIO for a name the table lacks)."""
     return ERRNO.get(error.errno_name, errno.EIO)
@@ -92,6 +141,8 @@ class ReactorThread:
         llfuse stops on those signals only when one of its own threads takes
         them; delivered to the reactor's thread, they would be lost.
         """
+        if PROFILES is not None:
+            PROFILES.install()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._thread.start()
@@ -125,6 +176,8 @@ class Bridge:
         return llfuse.lock_released if self.locked else contextlib.nullcontext()
 
     def call(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
+        if PROFILES is not None:
+            PROFILES.enter()
         with self.released():
             return self.translated(function, *arguments, **keywords)
 
@@ -406,11 +459,13 @@ class FilespaceOperations(llfuse.Operations):
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
-        try:
-            attributes = self._call("getattr", handle.inode)
-        except llfuse.FUSEError:
-            self.release(number)
-            raise
+        attributes = handle.opened
+        if attributes.size or handle.size:  # an existing file, maybe emptied by O_TRUNC: ask again
+            try:
+                attributes = self._call("getattr", handle.inode)
+            except llfuse.FUSEError:
+                self.release(number)
+                raise
         self._cached_version[handle.inode] = handle.version
         return number, self._looked_up(attributes)
 

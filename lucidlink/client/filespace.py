@@ -778,11 +778,13 @@ class FileHandle:
     one client see each other's buffered writes at once.
     """
 
-    def __init__(self, inodes: Inodes, file: OpenFile, server: ServerHandle, flags: int) -> None:
+    def __init__(self, inodes: Inodes, file: OpenFile, server: ServerHandle, flags: int, opened: Attributes) -> None:
         self._inodes = inodes
         self.file = file
         self.server = server
         self.inode = file.inode
+        self.opened = opened
+        """The attributes the server answered the open (or create) with."""
         self.flags = flags
         self.writable = is_writable(flags)
         self.closed = False
@@ -1051,7 +1053,7 @@ class Inodes:
             file = self._files[attributes.inode] = OpenFile(self, attributes)
         elif attributes.version != file.version:
             file.invalidate(attributes)  # close-to-open: the server's answer is newer than what was cached
-        handle = FileHandle(self, file, server, flags)
+        handle = FileHandle(self, file, server, flags, attributes)
         file.handles.append(handle)
         self._handles.setdefault(handle.inode, set()).add(handle)
         if flags & os.O_TRUNC and handle.writable and attributes.size:
