@@ -12,6 +12,8 @@ SHA-256 and carries its CRC32 (``x-amz-checksum-crc32``; botocore's default
 since 1.36), and a GET checks the body against the stored CRC32 (botocore's
 ``response_checksum_validation=when_supported``; the run checks that it
 did, see ``boto3_get_check`` in the JSON).
+The JSON also gives the CPU time the benchmark's process spent in each
+phase (``…_cpu_s``, median; moto's own CPU is not in it).
 
 Target: treq at least matches boto3 at 8 and 32 in flight.
 Prints a table, then one line of JSON.
@@ -138,6 +140,7 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
         location, reactor, Credentials(ACCESS_KEY, SECRET_KEY), backoff=Backoff(initial=0.05, cap=1.0)
     )
     seconds: dict[str, list[float]] = {}
+    cpu_seconds: dict[str, list[float]] = {}
 
     async def treq(operation: str, concurrency: int) -> float:
         return await treq_phase(store, operation, keys, data, concurrency)
@@ -152,13 +155,18 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
                 for round_ in range(args.rounds):
                     clients = [("treq", treq), ("boto3", boto)]
                     for name, phase in clients if round_ % 2 == 0 else clients[::-1]:
+                        cpu = time.process_time()
                         elapsed = await phase(operation, concurrency)
-                        seconds.setdefault(f"{name}_{operation}_{concurrency}_mib_per_s", []).append(elapsed)
+                        phase_cpu = time.process_time() - cpu
+                        phase_name = f"{name}_{operation}_{concurrency}"
+                        seconds.setdefault(f"{phase_name}_mib_per_s", []).append(elapsed)
+                        cpu_seconds.setdefault(f"{phase_name}_cpu_s", []).append(phase_cpu)
                 if operation == "put" and not check:
                     check = await threads.deferToThread(boto3_get_check, client, keys[0])
     finally:
         await store.close()
     figures = {name: round(mib / statistics.median(runs), 1) for name, runs in seconds.items()}
+    cpu = {name: round(statistics.median(runs), 3) for name, runs in cpu_seconds.items()}
     meets = all(
         figures[f"treq_{operation}_{concurrency}_mib_per_s"]
         >= figures[f"boto3_{operation}_{concurrency}_mib_per_s"]
@@ -174,6 +182,7 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
         "boto3_get_check": check,
         "load_average": round(os.getloadavg()[0], 1),
         **figures,
+        **cpu,
         "meets_target": meets,
     }
 

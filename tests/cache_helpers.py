@@ -47,6 +47,10 @@ class DemoCase(TestCase):
     def setUp(self) -> None:
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo")
+        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
         self.addCleanup(self.demo.stop)
         self.demo.wait_until_ready()
+
+    def store_url(self) -> str | None:
+        """The demo's object store: its own local folder (tests/test_s3_system.py runs these on S3)."""
+        return None

@@ -19,6 +19,7 @@ import itertools
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -274,6 +275,67 @@ def isolate_credentials(case: SynchronousTestCase, environment: dict[str, str]) 
     case.addCleanup(restore)
 
 
+class OutageProxy:
+    """
+    A TCP forwarder on 127.0.0.1 to an S3 server, which a test can make unreachable for a while.
+
+    It is Twisted's port forwarder in a process of its own (a forwarder in
+    the test's reactor would stall whenever the test blocks, as it does
+    while it waits for a server process to exit).  :meth:`go_away` kills
+    it, which resets every connection through it and leaves its port
+    refusing new ones, as when a store's network is down; :meth:`come_back`
+    starts it again on the same port.
+    """
+
+    def __init__(self, upstream: MotoServer) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.come_back()
+
+    def come_back(self, timeout: float = 30.0) -> None:
+        """Start forwarding again, on the same port; return once the port accepts connections."""
+        if self.process is not None:
+            return
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-level=warn",
+                "--log-file=-",
+                "portforward",
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                "--host",
+                "127.0.0.1",
+                "--dest_port",
+                str(self.upstream.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the forwarder to moto exited with {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the forwarder to moto not listening after {timeout} s") from None
+                time.sleep(0.05)
+
+    def go_away(self) -> None:
+        """Reset every connection and refuse new ones (until :meth:`come_back`)."""
+        if self.process is not None:
+            process, self.process = self.process, None
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
 class S3StoreMixin:
     """
     Runs an integration test class on the S3 backend, for a class whose
@@ -286,6 +348,12 @@ class S3StoreMixin:
     """
 
     s3_prefix = "lucid/store"
+    s3_options = ""
+    """More query parameters of the store URL (``&name=value…``)."""
+
+    def s3_endpoint(self) -> str:
+        """The endpoint of the store URL: the shared moto server itself."""
+        return self.moto.endpoint
 
     def store_url(self) -> str:
         url: str | None = getattr(self, "_s3_store_url", None)
@@ -294,7 +362,10 @@ class S3StoreMixin:
             self.moto = shared_moto()
             self.s3_bucket = new_bucket(self.moto)
             isolate_credentials(self, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
-            url = f"s3://{self.s3_bucket}/{self.s3_prefix}?endpoint={self.moto.endpoint}&region={REGION}"
+            url = (
+                f"s3://{self.s3_bucket}/{self.s3_prefix}?endpoint={self.s3_endpoint()}&region={REGION}"
+                f"{self.s3_options}"
+            )
             self._s3_store_url = url
         return url
 

@@ -1,7 +1,8 @@
 """
 Fault tests of the metadata server with real processes: ``twistd lucid-meta``
 on loopback TLS with a ``file://`` object store, two clients writing through
-the client core.
+the client core.  tests/test_s3_system.py runs them on S3 too, through the
+store hooks of :class:`FaultTestCase`.
 
 Each test damages what a real outage damages — the process (``kill -9``),
 its database file (random 4 KiB blocks overwritten, truncated), its whole
@@ -24,7 +25,8 @@ import signal
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from lucidlink.meta.guardian import DATABASE_NAME, Gate, Guardian, State, check_
 from lucidlink.meta.segments import parse_segment_key
 from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
+from lucidlink.objectstore import IObjectStore
 from lucidlink.objectstore.local import LocalObjectStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import ServerStatus
@@ -77,7 +80,7 @@ def sleep(seconds: float) -> Deferred[None]:
 class MetaProcess:
     """A ``twistd lucid-meta`` process of one filespace that a test can kill, damage and start again."""
 
-    def __init__(self, test: TestCase, base: Path, **keys: str) -> None:
+    def __init__(self, test: TestCase, base: Path, store: str, **keys: str) -> None:
         self.test = test
         self.base = base
         self.port = free_port()
@@ -87,7 +90,7 @@ class MetaProcess:
         self.objects.mkdir(parents=True, exist_ok=True)
         settings = {
             "data_dir": "data", "listen": f"tcp:{self.port}:interface=127.0.0.1",
-            "certificate": "meta.pem", "private_key": "meta.key", "store": f"file://{self.objects}",
+            "certificate": "meta.pem", "private_key": "meta.key", "store": store,
             "durability": "sync", "ship_interval": "0.5", "snapshot_interval": "3600",
             "check_interval": str(CHECK_INTERVAL), **keys,
         }
@@ -320,7 +323,7 @@ class FaultTestCase(TestCase):
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir(parents=True)
         self.rng = random.Random(self.id())
-        self.meta = MetaProcess(self, self.base, **self.keys)
+        self.meta = MetaProcess(self, self.base, self.store_url(), **self.keys)
         yield self.meta.start((ServerStatus.UNINITIALIZED,))
         connection = yield connect_tls(reactor, self.meta.address, self.meta.ca_file, identity_for(FILESPACE),
                                        filespace=FILESPACE, keepalive_interval=0)
@@ -331,7 +334,7 @@ class FaultTestCase(TestCase):
             )
         finally:
             yield connection.close("initialised")
-        self.chunks = LocalObjectStore(self.base / "chunks", reactor, create=True)
+        self.chunks = self.chunk_store()
         self.addCleanup(self.chunks.close)
         self.pushed: list[Any] = []
         self.writers = []
@@ -339,6 +342,39 @@ class FaultTestCase(TestCase):
             fs = yield self.client(name)
             self.writers.append(Writer(fs, name, random.Random(f"{self.id()}-{name}")))
         self.reader = self.writers[0].fs
+
+    # The object stores; tests/test_s3_system.py runs these tests on S3.
+
+    def store_url(self) -> str:
+        """The metadata server's object store: the folder ``base/objects``."""
+        return f"file://{self.base / 'objects'}"
+
+    def chunk_store(self) -> IObjectStore:
+        """Where the clients put their chunks."""
+        return LocalObjectStore(self.base / "chunks", reactor, create=True)  # type: ignore[return-value]
+
+    @contextmanager
+    def store_away(self) -> Iterator[None]:
+        """The metadata server's object store cannot be reached within this block."""
+        away = self.meta.objects.with_name("objects-away")
+        self.meta.objects.rename(away)
+        try:
+            yield
+        finally:
+            away.rename(self.meta.objects)
+
+    def journal_segments(self) -> list[str]:
+        """The keys of the journal segments in the store."""
+        journal = self.meta.objects / FILESPACE / "journal"
+        return [f"{FILESPACE}/journal/{path.name}" for path in journal.iterdir()]
+
+    def damage_object(self, key: str) -> None:
+        """Flip one byte in the middle of the object ``key`` in the store."""
+        path = self.meta.objects / key
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        os.chmod(path, 0o644)
+        path.write_bytes(bytes(data))
 
     @defer.inlineCallbacks
     def client(self, name: str, deadline: float = 60.0) -> Generator[Deferred[Any], Any, Filespace]:
@@ -541,15 +577,11 @@ class AsyncDamageTests(FaultTestCase):
         """Changes that never reached the store (it was away) and a lost disk: the log counts the loss."""
         yield self.write(2)
         yield sleep(1.0)  # shipped
-        away = self.meta.objects.with_name("objects-away")
-        self.meta.objects.rename(away)
-        try:
+        with self.store_away():
             yield self.write(2)
             self.meta.delete_data()
             yield self.meta.wait_log("DATABASE DAMAGED")
             yield self.meta.wait_log("the restore failed")
-        finally:
-            away.rename(self.meta.objects)
         yield self.meta.wait_log("serving again")
         found = re.search(r"(\d+) acknowledged records were lost \(durability=async\)", self.meta.log_text())
         self.assertIsNotNone(found, self.meta.log_text()[-3000:])
@@ -565,9 +597,7 @@ class StoreOutageTests(FaultTestCase):
         """Writes fail retryably (reads work), nothing acknowledged is lost, and service resumes by itself."""
         yield self.write(2)
         raw = yield self.raw_login()
-        away = self.meta.objects.with_name("objects-away")
-        self.meta.objects.rename(away)
-        try:
+        with self.store_away():
             # chmod of the root: the first answer a client gets is the retryable Unavailable.
             failure = yield self.assertFailure(
                 raw.request(w.SetAttr(1, w.SetAttrField.MODE, 0o750, 0, 0, 0, 0, 0)), errors.Unavailable)
@@ -577,8 +607,6 @@ class StoreOutageTests(FaultTestCase):
             self.assertIn("alice", [name for name, _ in listing])
             load = self.write(2)
             yield sleep(1.0)
-        finally:
-            away.rename(self.meta.objects)
         yield load
         yield self.write(1)
         yield self.assert_nothing_lost()
@@ -588,12 +616,9 @@ class StoreOutageTests(FaultTestCase):
         # The disk lost while the store is away too: it waits for the store rather than start a new filespace.
         self.meta.kill()
         self.meta.delete_data()
-        self.meta.objects.rename(away)
-        try:
+        with self.store_away():
             yield self.meta.start((ServerStatus.RESTORING,))
             yield self.meta.wait_log("the object store cannot be listed")
-        finally:
-            away.rename(self.meta.objects)
         yield self.meta.wait_status((ServerStatus.SERVING,))
         self.assertEqual((yield dump_filespace(self.reader)), before)
 
@@ -609,14 +634,9 @@ class CorruptSegmentTests(FaultTestCase):
         for _ in range(3):
             yield self.write(1)
         self.meta.kill()  # no last snapshot: the restore must read every segment
-        journal = self.meta.objects / FILESPACE / "journal"
-        spans = sorted((parse_segment_key(FILESPACE, f"{FILESPACE}/journal/{path.name}"), path)
-                       for path in journal.iterdir())
+        spans = sorted((parse_segment_key(FILESPACE, key), key) for key in self.journal_segments())
         (first, last), victim = spans[len(spans) // 2]
-        data = bytearray(victim.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        os.chmod(victim, 0o644)
-        victim.write_bytes(bytes(data))
+        self.damage_object(victim)
         self.meta.delete_data()
         yield self.meta.start((ServerStatus.RESTORING,))
         yield self.meta.wait_log("NOT SERVING")
@@ -625,7 +645,7 @@ class CorruptSegmentTests(FaultTestCase):
         assert found is not None
         reached = int(found.group(1))
         self.assertTrue(first - 1 <= reached <= last, (first, last, reached))  # the damage may spare every record
-        self.assertIn(victim.name, found.group(2))
+        self.assertIn(victim.rsplit("/", 1)[1], found.group(2))
         self.assertEqual(check_database(self.meta.database).head, reached)
         # Clients are told to wait, not refused.
         connection = yield connect_tls(reactor, self.meta.address, self.meta.ca_file, identity_for(FILESPACE),

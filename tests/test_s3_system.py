@@ -1,8 +1,11 @@
 """
 The whole system on the S3 backend: the integration tests of the metadata
 server's shipping and restore, of ``lucid-meta``, of the ``lucid`` file
-commands and of a real mount, run again with an ``s3://`` store on the test
-process's ``moto_server`` (see :class:`tests.s3_fixtures.S3StoreMixin`).
+commands, of a real mount, of write-back with client processes that die,
+and the metadata server's fault tests (``kill -9``, a damaged database, a
+damaged journal segment, the store unreachable), run again with an
+``s3://`` store on the test process's ``moto_server`` (see
+:class:`tests.s3_fixtures.S3StoreMixin`).
 
 The test classes are the ones written for the local store, subclassed; the
 modules are imported whole so that trial does not collect their classes
@@ -12,10 +15,22 @@ twice.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from tests import test_cli_files, test_cli_meta, test_meta_tap, test_mount_posix
-from tests.s3_fixtures import S3StoreMixin
+from twisted.internet import reactor
+
+from lucidlink.objectstore.s3 import S3ObjectStore
+from tests import (
+    test_cli_files,
+    test_cli_meta,
+    test_client_writeback_processes,
+    test_meta_faults,
+    test_meta_tap,
+    test_mount_posix,
+)
+from tests.s3_fixtures import OutageProxy, S3StoreMixin, make_store
 
 
 class S3ShippingServerTests(S3StoreMixin, test_meta_tap.ShippingServerTests):
@@ -76,3 +91,64 @@ class S3MountTests(S3StoreMixin, test_mount_posix.MountTests):
         super().test_posix_behaviour()
         self.assertStoredInBucket("/chunks/", "demo/journal/")
         self.assertFalse((self.demo.directory / "objects").exists())
+
+
+class S3FaultStore(S3StoreMixin):
+    """
+    The fault tests' store on S3: the metadata server reaches moto through
+    an :class:`~tests.s3_fixtures.OutageProxy`, so that "the store goes
+    away" is moto's port refusing connections; the clients put their chunks
+    straight into moto, under a prefix of their own.
+    """
+
+    def s3_endpoint(self) -> str:
+        self.proxy = OutageProxy(self.moto)
+        self.addCleanup(self.proxy.go_away)  # type: ignore[attr-defined]
+        return self.proxy.endpoint
+
+    def chunk_store(self) -> S3ObjectStore:
+        self.store_url()
+        return make_store(reactor, self.moto.endpoint, self.s3_bucket, "chunks")
+
+    @contextmanager
+    def store_away(self) -> Iterator[None]:
+        self.proxy.go_away()
+        try:
+            yield
+        finally:
+            self.proxy.come_back()
+
+    def journal_segments(self) -> list[str]:
+        return [
+            key for key in self.keys_in_bucket() if key.startswith(f"{test_meta_faults.FILESPACE}/journal/")
+        ]
+
+    def damage_object(self, key: str) -> None:
+        client, name = self.moto.client(), f"{self.s3_prefix}/{key}"
+        data = bytearray(client.get_object(Bucket=self.s3_bucket, Key=name)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        client.put_object(Bucket=self.s3_bucket, Key=name, Body=bytes(data))
+
+
+class S3KillTests(S3FaultStore, test_meta_faults.KillTests):
+    """``kill -9`` under load, its journal shipped to S3; then its disk lost, restored from S3."""
+
+
+class S3SyncDamageTests(S3FaultStore, test_meta_faults.SyncDamageTests):
+    """The database damaged, truncated and deleted (running and stopped): restored from S3 each time."""
+
+
+class S3AsyncDamageTests(S3FaultStore, test_meta_faults.AsyncDamageTests):
+    """durability=async on S3: the loss is bounded by ship_interval and logged."""
+
+
+class S3StoreOutageTests(S3FaultStore, test_meta_faults.StoreOutageTests):
+    """The S3 endpoint refusing connections for a while (durability=sync)."""
+
+
+class S3CorruptSegmentTests(S3FaultStore, test_meta_faults.CorruptSegmentTests):
+    """A journal segment damaged in the bucket: the restore stops at the last good record."""
+
+
+class S3WriteBackProcessTests(S3StoreMixin, test_client_writeback_processes.WriteBackProcessTests):
+    """Client processes dying with writes pending, and the metadata server killed, on a demo kept in S3."""

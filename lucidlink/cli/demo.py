@@ -45,6 +45,7 @@ from twisted.logger import (
 
 from lucidlink.atomic import write_atomically
 from lucidlink.errors import LucidError, UnknownFilespace
+from lucidlink.protocol.messages import ServerStatus
 from lucidlink.supervise import SupervisedProcess, twistd_command
 from lucidlink.tls import init_ca, issue_certificate
 
@@ -275,11 +276,17 @@ def _initialise(reactor: Any, layout: DemoLayout) -> Generator[Any, Any, bool]:
         while True:
             try:
                 connection = yield connect_to_filespace(resolver, FILESPACE, connect, deadline=deadline)
-                break
             except UnknownFilespace:
                 if reactor.seconds() > deadline:
                     raise
                 yield task.deferLater(reactor, 0.2, lambda: None)  # not registered with discovery yet
+                continue
+            if connection.welcome.status != ServerStatus.RESTORING or reactor.seconds() > deadline:
+                break
+            # Still checking its object store: it closes this connection once it serves.
+            yield connection.close("not serving yet")
+            connection = None
+            yield task.deferLater(reactor, 0.2, lambda: None)
         yield initialise_filespace(
             reactor, connection=connection, token=token_file.read_text().strip(), admin=USER,
             passphrase=read_passphrase_file(layout.passphrase),
