@@ -59,10 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from lucidlink import crypto
+from lucidlink.errors import Restoring
 from lucidlink.meta import mutations as m
 from lucidlink.meta.bootstrap import TOKEN_FILE_NAME, read_token
 from lucidlink.meta.config import identity_for
@@ -859,11 +860,19 @@ def phases(reactor: Any, server: Server, call: InProcess, sizes: Sizes, scratch:
 
     @defer.inlineCallbacks
     def connect(user: str = USER) -> Any:
-        connection = yield connect_tls(reactor, server.address, ca_file, identity_for(FILESPACE), peer_name="bench",
-                                       filespace=FILESPACE, keepalive_interval=0)
-        if user:
-            yield log_in(connection, user, passphrase)
-        return connection
+        deadline = reactor.seconds() + 60
+        while True:
+            connection = yield connect_tls(reactor, server.address, ca_file, identity_for(FILESPACE),
+                                           peer_name="bench", filespace=FILESPACE, keepalive_interval=0)
+            try:
+                if user:
+                    yield log_in(connection, user, passphrase)
+                return connection
+            except Restoring:  # with a store, a server checks it against its database before it serves
+                connection.close("not serving yet", timeout=0)
+                if reactor.seconds() > deadline:
+                    raise
+                yield task.deferLater(reactor, 0.2, lambda: None)
 
     # Bootstrap as the operator would, then add the writer the clients log in as.
     master_key, filespace_id = crypto.new_master_key(), crypto.new_filespace_id()
