@@ -196,6 +196,33 @@ class ReconnectTests(ClientTestCase):
         self.assertEqual(fs.session.reconnects, 1)
 
     @defer.inlineCallbacks
+    def test_kept_connected_retries_a_failed_reconnect(self) -> Generator[Deferred[Any], Any, None]:
+        """A session kept connected (it holds locks) connects again by itself, even when an attempt fails.
+
+        A restarting server closes connections it welcomed while it checked
+        its database; the session must try again, not give up after one.
+        """
+        session = yield self.login(deadline=None)
+        session.keep_connected(lambda: True)
+        reconnected: list[bool] = []
+        session.on_reconnect(lambda: reconnected.append(True))
+        log_in, failures = session._log_in, []
+
+        def failing_once(connection: Any) -> Deferred[Any]:
+            if not failures:
+                failures.append(True)
+                return fail(errors.ConnectionClosed("peer closed the connection: the metadata server serves again"))
+            return log_in(connection)
+
+        session._log_in = failing_once
+        self.meta.drop_connections()
+        for _ in range(300):
+            if reconnected:
+                break
+            yield deferLater(0.01)
+        self.assertEqual((failures, reconnected), ([True], [True]))
+
+    @defer.inlineCallbacks
     def test_hard_waits_for_the_server(self) -> Generator[Deferred[Any], Any, None]:
         """Without a deadline a call waits while the server is down and succeeds once it is back."""
         session = yield self.login(deadline=None)
