@@ -31,10 +31,17 @@ designed clients make fewer than 1% of N discovery requests.  The naive
 clients do the same in a second round, on the same fleet.
 
 Scenario B, discovery must answer everyone: first discovery's sustained
-capacity (a closed loop of fresh TLS connection + Hello + Resolve with
-moderate concurrency, no shedding), then N fresh designed clients resolve at
-once.  Targets: none gives up, and goodput (N / time to all resolved) is at
-least 80% of the capacity.  Then N naive clients do the same, bounded in
+capacity, then N fresh designed clients resolve at once.  The capacity is
+measured twice.  A closed loop (fresh TLS connection + Hello + Resolve,
+``--capacity-concurrency`` in flight, no shedding) gives a first figure,
+printed for reference.  Then a paced, open loop: the load generators start
+fresh resolves at a fixed offered rate, whatever the answers, for
+``--paced-seconds`` a step, the rate stepping up from 0.3 to 2.5 times the
+closed-loop figure; the sustained (paced) capacity is the highest offered
+rate that kept up: goodput at least 95% of offered, p99 latency at most
+0.5 s, nothing failed.  The first step that does not keep up ends the
+ladder.  Targets: none gives up, and goodput (N / time to all resolved) is
+at least 80% of the paced capacity.  Then N naive clients do the same, bounded in
 time.
 
 The baseline of each scenario (the naive client, the capacity) is measured
@@ -68,7 +75,8 @@ apart from scenario B.
 
     python bench/discovery_storm.py [--clients 10000] [--reconnect-clients N]
         [--filespaces 1000] [--generators 4] [--max-connections 1000]
-        [--max-handshakes 128] [--wait-for-quiet S] [--quick] [--time-limit 900]
+        [--max-handshakes 128] [--paced-seconds 3] [--paced-steps 18]
+        [--wait-for-quiet S] [--quick] [--time-limit 900]
 
 ``LUCID_BENCH_PROFILE=DIR`` profiles every process (discovery with
 twistd's ``--profile``) into ``DIR``.
@@ -123,6 +131,13 @@ SOURCE_RANGE = 1 << 16
 
 TARGET_RECONNECT_SHARE = 0.01
 TARGET_GOODPUT_RATIO = 0.8
+
+# The paced (open-loop) capacity: offered rates as shares of the closed-loop
+# figure, stepped up until goodput stops keeping up with the offered rate.
+PACED_LADDER = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.45, 1.6, 1.75, 1.9, 2.05, 2.2, 2.35, 2.5)
+PACED_KEEP_UP = 0.95
+PACED_P99_BOUND = 0.5
+PACED_GRACE = 5.0
 
 # Discovery's limits: a production-like instance, scaled to one core.
 DISCOVERY_LIMITS = {
@@ -607,6 +622,60 @@ class LoadGenerator:
             self.lag()
             yield defer.gatherResults([worker() for _ in range(command["concurrency"])])
             self.emit("capacity", lag=self.lag(), **stats)
+
+        run()
+
+    def do_paced(self, command: dict[str, Any]) -> None:
+        """Open loop: start fresh resolves at ``rate`` per second for ``seconds``, whatever the answers."""
+        from twisted.internet import defer
+
+        t0, seconds, rate = command["t0"], command["seconds"], command["rate"]
+        end = t0 + seconds
+        sources = range(command["source_base"] + self.index, command["source_base"] + command["sources"], self.generators)
+        rng = random.Random(self.seed + int(rate))
+        pool = [self.resolver(source, None, rng.random()) for source in sources]
+        stats: dict[str, Any] = {"started": 0, "ok": 0, "failed": 0, "latencies": [], "errors": {}}
+        pending: list[defer.Deferred[Any]] = []
+
+        def one() -> None:
+            resolver = pool[stats["started"] % len(pool)]
+            stats["started"] += 1
+            started = self.reactor.seconds()
+
+            def ok(_: Any) -> None:
+                stats["ok"] += 1
+                stats["latencies"].append(round(self.reactor.seconds() - started, 5))
+
+            def failed(failure: Any) -> None:
+                stats["failed"] += 1
+                key = str(failure.value)[-120:]
+                stats["errors"][key] = stats["errors"].get(key, 0) + 1
+
+            d = resolver.resolve_once(filespace_name(rng.randrange(command["filespaces"])), end + command["grace"])
+            d.addCallbacks(ok, failed)
+            pending.append(d)
+
+        def tick() -> None:
+            now = time.time()
+            due = int(min(now - t0, seconds) * rate)
+            while stats["started"] < due:
+                one()
+            if now < end:
+                self.reactor.callLater(0.005, tick)
+            else:
+                finish()
+
+        def finish() -> None:
+            def report(_: Any) -> None:
+                if self.reactor.running:
+                    self.emit("paced", lag=self.lag(), **stats)
+            defer.DeferredList(pending).addCallback(report)
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            yield sleep(self.reactor, t0 - time.time())
+            self.lag()
+            tick()
 
         run()
 
@@ -1289,6 +1358,53 @@ class Bench:
             "other_programs_cores": share.others(),
         }
 
+    def measure_paced(self, closed_loop: float) -> dict[str, Any]:
+        """Step an open-loop offered rate up until goodput stops keeping up; the last rate that kept up is the capacity."""
+        args = self.args
+        steps: list[dict[str, Any]] = []
+        sustained: dict[str, Any] | None = None
+        base = max(20.0, closed_loop)
+        for share in PACED_LADDER[:args.paced_steps]:
+            rate = round(base * share)
+            before = self.watch.metrics()
+            cpu_before = self.watch.cpu_seconds()
+            t0 = time.time() + 0.5
+            self.everyone(cmd="paced", t0=t0, seconds=args.paced_seconds, rate=rate / args.generators,
+                          grace=PACED_GRACE, source_base=0, sources=CAPACITY_SOURCES, filespaces=args.filespaces)
+            reports = self.collect("paced", args.paced_seconds + PACED_GRACE + 30)
+            after = self.watch.metrics()
+            started = sum(r["started"] for r in reports)
+            ok = sum(r["ok"] for r in reports)
+            failed = sum(r["failed"] for r in reports)
+            latencies = [x for r in reports for x in r["latencies"]]
+            p99 = percentile(latencies, 0.99)
+            step = {
+                "offered_per_s": started / args.paced_seconds,
+                "goodput_per_s": ok / args.paced_seconds,
+                "failed": failed,
+                "p50_s": percentile(latencies, 0.5),
+                "p99_s": p99,
+                "sheds": sum(sheds(before, after).values()),
+                "discovery_cpu": (self.watch.cpu_seconds() - cpu_before) / (args.paced_seconds + PACED_GRACE),
+                "generator_lag_max_s": worst_lag(reports),
+            }
+            step["kept_up"] = (started > 0 and ok >= PACED_KEEP_UP * started and failed == 0
+                               and p99 is not None and p99 <= PACED_P99_BOUND)
+            steps.append(step)
+            self.log(f"  paced {step['offered_per_s']:.0f}/s offered: goodput {step['goodput_per_s']:.0f}/s, "
+                     f"p99 {_fmt(p99 and p99 * 1000, ' ms', 0)}, failed {failed}: {'kept up' if step['kept_up'] else 'did not keep up'}")
+            self.settle()
+            if not step["kept_up"]:
+                break
+            sustained = step
+        return {
+            "resolves_per_s": sustained["offered_per_s"] if sustained else 0.0,
+            "criteria": {"goodput_share_of_offered": PACED_KEEP_UP, "p99_s_at_most": PACED_P99_BOUND, "failed": 0},
+            "seconds_per_step": args.paced_seconds,
+            "top_of_ladder_kept_up": bool(steps) and steps[-1]["kept_up"],
+            "steps": steps,
+        }
+
     def scenario_a(self, kind: str, phase: int, warm_rate: float) -> dict[str, Any]:
         args = self.args
         n = args.reconnect_clients
@@ -1455,6 +1571,9 @@ class Bench:
         capacity = self.measure_capacity()
         self.log(f"  {capacity['resolves_per_s']:.0f} resolves/s, discovery CPU {capacity['discovery_cpu']:.0%}")
         self.settle()
+        self.log(f"scenario B: paced capacity, fresh resolves at a fixed rate for {args.paced_seconds:g} s a step")
+        paced = self.measure_paced(capacity["resolves_per_s"])
+        self.log(f"  sustained {paced['resolves_per_s']:.0f} resolves/s (closed loop {capacity['resolves_per_s']:.0f})")
         warm_rate = max(10.0, capacity["resolves_per_s"] * args.warmup_share)
 
         a_designed: dict[str, Any] | None = None
@@ -1477,6 +1596,10 @@ class Bench:
                 warnings.append(f"{name}: other programs used {phase['other_programs_cores']:.2f} cores "
                                 f"({phase['other_processes_on_discovery_core']:.0%} of discovery's core)")
         goodput = b_designed["goodput_per_s"] or 0.0
+        reference = paced["resolves_per_s"]
+        if not reference:
+            warnings.append("paced capacity: not even the lowest offered rate kept up; goodput is compared to the closed-loop capacity")
+            reference = capacity["resolves_per_s"]
         targets = {
             **({} if a_designed is None else {
                 "a_designed_discovery_requests_under_1pct":
@@ -1484,7 +1607,7 @@ class Bench:
                     and a_designed["not_reconnected"] == 0,
             }),
             "b_designed_none_gave_up": b_designed["gave_up"] == 0,
-            "b_designed_goodput_at_least_80pct_of_capacity": goodput >= TARGET_GOODPUT_RATIO * capacity["resolves_per_s"],
+            "b_designed_goodput_at_least_80pct_of_capacity": goodput >= TARGET_GOODPUT_RATIO * reference,
         }
         return {
             "benchmark": "discovery_storm",
@@ -1498,9 +1621,11 @@ class Bench:
             "discovery_listen_backlog": args.backlog_discovery or "discovery's default (4096, capped by net.core.somaxconn)",
             "discovery_rss_idle_bytes": rss_idle,
             "capacity": capacity,
+            "paced_capacity": paced,
+            "goodput_reference_per_s": reference,
             "scenario_a": {"designed": a_designed, "naive": a_naive} if a_designed else None,
             "scenario_b": {"designed": b_designed, "naive": b_naive,
-                           "goodput_ratio": goodput / capacity["resolves_per_s"] if capacity["resolves_per_s"] else 0.0},
+                           "goodput_ratio": goodput / reference if reference else 0.0},
             "targets": targets,
             "meets_targets": all(targets.values()),
             "warnings": warnings,
@@ -1532,7 +1657,15 @@ def print_report(result: dict[str, Any]) -> None:
 
     print(f"discovery storm: {result['filespaces']:,} filespaces, {result['generators']} generator processes, "
           f"discovery {'pinned to core 0' if result['discovery_pinned_to_core_0'] else 'not pinned'}")
-    print(f"capacity (closed loop, {cap['concurrency']} in flight, {cap['seconds']:g} s): "
+    paced, ref = result["paced_capacity"], result["goodput_reference_per_s"]
+    print(f"paced capacity (open loop, {paced['seconds_per_step']:g} s a step, kept up: goodput >= "
+          f"{PACED_KEEP_UP:.0%} of offered, p99 <= {PACED_P99_BOUND * 1000:.0f} ms, nothing failed): "
+          f"{paced['resolves_per_s']:,.0f} resolves/s"
+          + (" (the ladder's top rate kept up: the capacity is at least this)" if paced["top_of_ladder_kept_up"] else ""))
+    print("  steps, offered -> goodput (p99): " + ", ".join(
+        f"{s['offered_per_s']:,.0f} -> {s['goodput_per_s']:,.0f} ({_fmt(s['p99_s'] and s['p99_s'] * 1000, ' ms', 0)})"
+        + ("" if s["kept_up"] else " no") for s in paced["steps"]))
+    print(f"capacity (closed loop, for reference, {cap['concurrency']} in flight, {cap['seconds']:g} s): "
           f"{cap['resolves_per_s']:,.0f} resolves/s, p50 {_fmt(cap['p50_s'] and cap['p50_s'] * 1000, ' ms', 1)}, "
           f"sheds {sum(cap['sheds'].values())}, discovery CPU {cap['discovery_cpu']:.0%}, "
           f"other programs on its core {cap['other_processes_on_discovery_core']:.0%} "
@@ -1568,8 +1701,8 @@ def print_report(result: dict[str, Any]) -> None:
     row("  time to all resolved", _fmt(bd["time_to_all_resolved_s"], " s"),
         _fmt(bn["time_to_all_resolved_s"], " s") if bn["time_to_all_resolved_s"] else f"not in {bn['bound_s']:g} s")
     row("  goodput (N / time to all resolved)", _fmt(bd["goodput_per_s"], "/s", 0), _fmt(bn["goodput_per_s"], "/s", 0))
-    row("  ... as a share of capacity", f"{b['goodput_ratio']:.0%}",
-        f"{bn['goodput_per_s'] / cap['resolves_per_s']:.0%}" if bn["goodput_per_s"] else "-")
+    row("  ... as a share of paced capacity", f"{b['goodput_ratio']:.0%}",
+        f"{bn['goodput_per_s'] / ref:.0%}" if bn["goodput_per_s"] and ref else "-")
     row("  resolve latency p50 / p99", f"{_fmt(bd['p50_s'], ' s')} / {_fmt(bd['p99_s'], ' s')}",
         f"{_fmt(bn['p50_s'], ' s')} / {_fmt(bn['p99_s'], ' s')}")
     row("  discovery requests (client side)", _fmt(bd["discovery_requests"]), _fmt(bn["discovery_requests"]))
@@ -1595,7 +1728,7 @@ def print_report(result: dict[str, Any]) -> None:
               f"{result['reconnect_clients'] * TARGET_RECONNECT_SHARE:,.0f}), all reconnected: "
               f"{'met' if t['a_designed_discovery_requests_under_1pct'] else 'NOT met'}")
     print(f"target B: designed clients, none gives up: {'met' if t['b_designed_none_gave_up'] else 'NOT met'}")
-    print(f"target B: goodput >= 80% of capacity ({_fmt(bd['goodput_per_s'], '/s', 0)} vs {0.8 * cap['resolves_per_s']:,.0f}/s): "
+    print(f"target B: goodput >= 80% of paced capacity ({_fmt(bd['goodput_per_s'], '/s', 0)} vs {0.8 * ref:,.0f}/s): "
           f"{'met' if t['b_designed_goodput_at_least_80pct_of_capacity'] else 'NOT met'}")
     for warning in result["warnings"]:
         print(f"warning: {warning}")
@@ -1619,6 +1752,9 @@ def main() -> None:
     parser.add_argument("--capacity-warmup", type=float, default=1.0, help="time before the capacity is measured")
     parser.add_argument("--capacity-concurrency", type=int, default=128,
                         help="resolves in flight while measuring capacity (enough to saturate: 32 is bound by latency on a loaded machine)")
+    parser.add_argument("--paced-seconds", type=float, default=3.0, help="paced capacity: offered-rate time of each step")
+    parser.add_argument("--paced-steps", type=int, default=len(PACED_LADDER),
+                        help="paced capacity: at most this many steps (rates 0.3x, 0.4x... 2.5x the closed-loop capacity)")
     parser.add_argument("--warmup-share", type=float, default=0.3,
                         help="scenario A connects clients at this share of capacity (each costs two handshakes and a fleet one)")
     parser.add_argument("--reconnect-timeout", type=float, default=120.0, help="scenario A: bound of the reconnect")
@@ -1655,6 +1791,7 @@ def main() -> None:
     if args.quick:
         args.clients, args.filespaces = 1_000, 200
         args.capacity_seconds = min(args.capacity_seconds, 5.0)
+        args.paced_seconds = min(args.paced_seconds, 2.0)
         args.storm_deadline = min(args.storm_deadline, 60.0)
     args.reconnect_clients = args.reconnect_clients or args.clients
     if min(args.clients, args.reconnect_clients) < args.generators:
