@@ -6,13 +6,9 @@ and a file changed step by step next to a bytearray that models it.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
-
-from tests.demo_helpers import RunningDemo
 
 
 def pattern(length: int, seed: int) -> bytes:
@@ -37,20 +33,3 @@ def change(handle: Any, model: bytearray, step: tuple[Any, ...]) -> defer.Deferr
         model.extend(bytes(step[1] - len(model)))
         return handle.truncate(step[1])  # type: ignore[no-any-return]
     return None
-
-
-class DemoCase(TestCase):
-    """A ``lucid demo`` (discovery and metadata processes, a local store) for each test, in ``base/demo``."""
-
-    timeout = 600
-
-    def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
-
-    def store_url(self) -> str | None:
-        """The demo's object store: its own local folder (tests/test_s3_system.py runs these on S3)."""
-        return None

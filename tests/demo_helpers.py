@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from twisted.trial.unittest import TestCase
+
 
 def lucid(config: Path, *arguments: str, environment: dict[str, str] | None = None,
           stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -68,3 +70,20 @@ class RunningDemo:
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._log.close()
+
+
+class DemoCase(TestCase):
+    """A ``lucid demo`` (discovery and metadata processes, a local store) for each test, in ``base/demo``."""
+
+    timeout = 600
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
+        self.addCleanup(self.demo.stop)
+        self.demo.wait_until_ready()
+
+    def store_url(self) -> str | None:
+        """The demo's object store: its own local folder (tests/test_s3_system.py runs these on S3)."""
+        return None

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import TestCase
-
-from tests.demo_helpers import RunningDemo, lucid
+from tests.demo_helpers import DemoCase, lucid
 
 
 def _why_no_fuse() -> str | None:
@@ -100,23 +98,12 @@ class MountProcess:
         return self.process.returncode
 
 
-class DemoMountCase(TestCase):
+class DemoMountCase(DemoCase):
     """A running demo filespace (``demo``) that tests mount under a temporary folder."""
 
     timeout = 300
     if SKIP:
         skip = SKIP
-
-    def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
-
-    def store_url(self) -> str | None:
-        """The demo's object store: None for its own local folder (tests/test_s3_system.py runs mounts on S3)."""
-        return None
 
     def start_mount(self, name: str = "mnt", *options: str) -> MountProcess:
         """Mount the demo filespace at ``base/name`` (made if missing); unmounted in cleanup."""

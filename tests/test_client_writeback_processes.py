@@ -22,8 +22,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 
 from lucidlink.cli.common import with_filespace
-from tests.cache_helpers import DemoCase, pattern
-from tests.demo_helpers import lucid
+from tests.cache_helpers import pattern
+from tests.demo_helpers import DemoCase, lucid
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

@@ -29,11 +29,10 @@ with one line on stderr, ``lucid-meta: <what went wrong>``, and exit 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sqlite3
 import sys
-import zlib
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,7 +52,7 @@ from lucidlink.meta.segments import (
     parse_segment_key,
     segment_prefix,
 )
-from lucidlink.meta.snapshots import Manifest, check_serialized, seq_at_time, snapshot_key, snapshot_prefix
+from lucidlink.meta.snapshots import Manifest, fetch_snapshot, read_manifest, seq_at_time, snapshot_prefix
 
 PROG = "lucid-meta"
 PIDFILE_NAME = "twistd.pid"
@@ -198,33 +197,12 @@ class Report:
         return [f"{'ok' if ok else 'PROBLEM'}: {text}" for ok, text in self.findings]
 
 
-def _database_head(database: bytes) -> tuple[int, bytes] | None:
-    copy = sqlite3.connect(":memory:")
-    try:
-        copy.deserialize(database)
-        row = copy.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        copy.close()
-    return (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
-
-
 @defer.inlineCallbacks
 def _check_snapshot(object_store: Any, filespace: str, key: str) -> Any:
-    """The Manifest of the snapshot whose manifest is ``key``; raises LucidError or zlib.error naming the fault."""
-    manifest = Manifest.from_bytes((yield object_store.get(key)))
-    if manifest.filespace != filespace:
-        raise CommandFailed(f"manifest {key} is of filespace {manifest.filespace!r}")
-    data = yield object_store.get(snapshot_key(filespace, manifest.seq))
-    if len(data) != manifest.size or hashlib.sha256(data).digest() != manifest.sha256:
-        raise CommandFailed(f"snapshot at seq {manifest.seq} does not match its manifest's size and checksum")
-    database = zlib.decompress(data)
-    if _database_head(database) != (manifest.seq, manifest.hash):
-        raise CommandFailed(f"snapshot at seq {manifest.seq} does not end where its manifest says")
-    checked = check_serialized(database)
-    if checked != "ok":
-        raise CommandFailed(f"snapshot at seq {manifest.seq} fails quick_check: {checked}")
+    """The Manifest of the snapshot whose manifest is ``key``, checked as a restore checks it; LucidError if not."""
+    with tempfile.TemporaryDirectory(prefix="lucid-verify-") as scratch:
+        manifest = yield read_manifest(object_store, filespace, key)
+        yield fetch_snapshot(object_store, filespace, manifest, Path(scratch) / "snapshot.sqlite3")
     return manifest
 
 
@@ -257,7 +235,7 @@ def verify_filespace(object_store: Any, filespace: str, data_dir: Path) -> Any:
     for index, key in enumerate(manifests):
         try:
             snapshot = yield _check_snapshot(object_store, filespace, key)
-        except (LucidError, zlib.error) as error:
+        except LucidError as error:
             report.problem(f"store: snapshot {key}: {error}")
             continue
         assert snapshot is not None

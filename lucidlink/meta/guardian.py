@@ -50,6 +50,7 @@ from lucidlink.errors import LucidError, Restoring, UnknownFilespace
 from lucidlink.meta.config import DEFAULT_CHECK_INTERVAL
 from lucidlink.meta.segments import parse_segment_key, segment_prefix
 from lucidlink.meta.snapshots import RestoreResult, catch_up, restore, snapshot_prefix
+from lucidlink.meta.snapshots import quick_check as snapshots_quick_check
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.connection import IResponder, ServerConnection
 from lucidlink.protocol.messages import ServerStatus
@@ -95,17 +96,7 @@ def read_only(database: Path) -> sqlite3.Connection:
 
 def quick_check(database: Path) -> str:
     """"ok", or what ``PRAGMA quick_check`` (or opening) says is wrong with ``database``."""
-    try:
-        db = read_only(database)
-    except sqlite3.Error as error:
-        return str(error)
-    try:
-        rows = [row[0] for row in db.execute("PRAGMA quick_check")]
-    except sqlite3.Error as error:
-        return str(error)
-    finally:
-        db.close()
-    return "ok" if rows == ["ok"] else "; ".join(rows[:3])
+    return snapshots_quick_check(lambda: read_only(database))
 
 
 def size_problem(database: Path) -> str:

@@ -38,6 +38,7 @@ import os
 import sqlite3
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,32 +133,30 @@ def _head_of(database: bytes) -> tuple[int, bytes]:
     return (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
 
 
-def check_serialized(database: bytes) -> str:
-    """"ok", or what ``PRAGMA quick_check`` says is wrong with the serialized ``database``."""
-    copy = sqlite3.connect(":memory:")
+def quick_check(connect: Callable[[], sqlite3.Connection], prepare: Callable[[sqlite3.Connection], object] = bool) -> str:
+    """"ok", or what opening (``connect``, then ``prepare``) or ``PRAGMA quick_check`` says is wrong."""
     try:
-        copy.deserialize(database)
-        rows = [row[0] for row in copy.execute("PRAGMA quick_check")]
-    except sqlite3.Error as error:
-        return str(error)
-    finally:
-        copy.close()
-    return "ok" if rows == ["ok"] else "; ".join(rows[:3])
-
-
-def check_file(path: Path) -> str:
-    """"ok", or what ``PRAGMA quick_check`` says is wrong with the database file at ``path`` (nobody else's)."""
-    try:
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        db = connect()
     except sqlite3.Error as error:
         return str(error)
     try:
+        prepare(db)
         rows = [row[0] for row in db.execute("PRAGMA quick_check")]
     except sqlite3.Error as error:
         return str(error)
     finally:
         db.close()
     return "ok" if rows == ["ok"] else "; ".join(rows[:3])
+
+
+def check_serialized(database: bytes) -> str:
+    """"ok", or what ``PRAGMA quick_check`` says is wrong with the serialized ``database``."""
+    return quick_check(lambda: sqlite3.connect(":memory:"), lambda copy: copy.deserialize(database))
+
+
+def check_file(path: Path) -> str:
+    """"ok", or what ``PRAGMA quick_check`` says is wrong with the database file at ``path`` (nobody else's)."""
+    return quick_check(lambda: sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True))
 
 
 @defer.inlineCallbacks
