@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
-from twisted.trial.unittest import TestCase
-
-from tests.demo_helpers import RunningDemo, lucid
+from tests.demo_helpers import DemoCase, lucid
 
 
-class CommandLineTests(TestCase):
+class CommandLineTests(DemoCase):
     """One demo, many commands (the demo takes seconds to start)."""
 
     timeout = 400
-
-    def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.demo = RunningDemo(self.base / "demo", store=self.store_url())
-        self.addCleanup(self.demo.stop)
-        self.demo.wait_until_ready()
-
-    def store_url(self) -> str | None:
-        """The demo's object store: its own local folder (tests/test_s3_system.py runs these on S3)."""
-        return None
 
     def ok(self, *arguments: str, **options: object) -> str:
         result = lucid(self.demo.config, *arguments, **options)  # type: ignore[arg-type]
