@@ -292,6 +292,7 @@ class CachedReadTests(ClientTestCase):
         """A cached chunk altered on disk fails its tag: it is dropped and fetched again, never returned."""
         fs = yield self.cached()
         self.assertEqual((yield self.read_all(fs)), self.content)
+        yield fs.inodes.chunks.settled()  # no fetch ahead is still writing into a victim
         cache = fs.cache
         assert cache is not None
         victims = sorted(cache.objects.rglob("*"))
@@ -305,6 +306,7 @@ class CachedReadTests(ClientTestCase):
         store = ConcurrencyCountingStore(self.objects)
         fs.inodes.chunks._store = lambda: store
         self.assertEqual((yield self.read_all(fs)), self.content)
+        yield fs.inodes.chunks.settled()
         self.assertEqual(len(set(store.reads())), 4, "the four damaged chunks, and only they, were fetched again")
         store.calls.clear()
         self.assertEqual((yield self.read_all(fs)), self.content)

@@ -198,12 +198,17 @@ class ChunkReader:
         ]
         if not waits:
             return defer.succeed(None)
+        return defer.DeferredList(self._settle_all(waits))
+
+    @staticmethod
+    def _settle_all(fetches: list[defer.Deferred[None]]) -> list[defer.Deferred[None]]:
+        """One new Deferred per fetch, fired when it ends (the fetches' own results untouched)."""
         mirrors = []
-        for done in waits:
+        for done in fetches:
             mirror: defer.Deferred[None] = defer.Deferred()
             done.addBoth(lambda result, mirror=mirror: (mirror.callback(None), result)[1])
             mirrors.append(mirror)
-        return defer.DeferredList(mirrors)
+        return mirrors
 
     # -- ahead of the reader ---------------------------------------------------------------
 
@@ -257,6 +262,13 @@ class ChunkReader:
         """Fires once nothing is being written into the cache (before the cache is closed)."""
         while self._keeping:
             yield defer.DeferredList(list(self._keeping))
+
+    @defer.inlineCallbacks
+    def settled(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Fires once no fetch (read or ahead of the reader) is in flight and nothing is being kept."""
+        while self._fetching or self._keeping:
+            pending = [done for fetches in self._fetching.values() for _, _, done in fetches]
+            yield defer.DeferredList(self._settle_all(pending) + list(self._keeping))
 
     @defer.inlineCallbacks
     def _write_into_cache(
