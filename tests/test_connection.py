@@ -230,6 +230,45 @@ class RequestTests(ConnectionTestCase):
             self.clock.advance(1)
             self.failureResultOf(asked, errors.RequestTimeout)
 
+    def test_request_asked_from_an_answer_expires_on_time(self) -> None:
+        """A request made while answers are handled, and one made long after, each get their whole timeout."""
+        self.responder.answer_at_once = Ok()
+        chained: list[defer.Deferred[Any]] = []
+        first = self._ask(Lookup(1, b"first"))
+        self.responder.answer_at_once = None
+        first.addCallback(lambda _: chained.append(self.client.request(Lookup(1, b"from the answer"), timeout=2)))
+        self.pump.flush()
+        self.assertEqual(len(chained), 1)
+        self.clock.advance(100)
+        self.failureResultOf(chained[0], errors.RequestTimeout)
+        later = self._ask(Lookup(1, b"later"), timeout=2)
+        self.clock.advance(1.9)
+        self.assertNoResult(later)
+        self.clock.advance(0.2)
+        self.failureResultOf(later, errors.RequestTimeout)
+
+    def test_message_that_cannot_be_encoded_is_refused_at_once(self) -> None:
+        """A request the codec cannot encode raises ProtocolError and leaves nothing waiting."""
+        self.successResultOf(self.client.ready)
+        with self.assertRaises(errors.ProtocolError) as raised:
+            self.client.request(Lookup(1, "a str, not bytes"))  # type: ignore[arg-type]
+        self.assertIn("cannot encode Lookup", str(raised.exception))
+        self.assertEqual(self.client._pending, {})
+
+    def test_message_that_cannot_be_encoded_before_the_welcome(self) -> None:
+        """Before the handshake is done, a bad request is refused at once too, not when the Welcome comes."""
+        client = ClientConnection(self.clock)
+        client.makeConnection(StringTransport())
+        with self.assertRaises(errors.ProtocolError):
+            client.request(Lookup(1, "a str, not bytes"))  # type: ignore[arg-type]
+        self.assertEqual([request_id for request_id in client._pending], [1], "only the Hello waits")
+
+    def test_answer_that_cannot_be_encoded_closes_the_connection(self) -> None:
+        """A responder answering what the codec cannot encode gets the connection closed, with the reason logged."""
+        self.responder.answer_at_once = Resolved(12345, [], "", 0, ServerStatus.SERVING)  # type: ignore[arg-type]
+        failure = self.failureResultOf(self._ask(Resolve("x")), errors.LucidError)
+        self.assertIn("cannot encode Resolved", str(failure.value))
+
     def _ask(self, message: Any, timeout: float | None = None) -> defer.Deferred[Any]:
         asked = self.client.request(message, timeout=timeout)
         self.pump.flush()

@@ -92,6 +92,12 @@ _COMPILED = _CompiledMessages()
 _ENCODERS = _FrameEncoders()
 _PARSERS = _BodyParsers()
 
+frame_encoders: dict[type, Callable[[Any, int, int, int], bytes]] = _ENCODERS
+"""``frame(message, request_id, flags, version)`` by message class, for hot paths.
+
+Whatever one of these raises, :func:`encode_frame` turns into the ProtocolError that names the problem.
+"""
+
 
 def encode_frame(
     message: Any,

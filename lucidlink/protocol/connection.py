@@ -37,7 +37,7 @@ from lucidlink.errors import (
     VersionMismatch,
     error_from_wire,
 )
-from lucidlink.protocol.codec import FrameDecoder, encode_frame
+from lucidlink.protocol.codec import FrameDecoder, encode_frame, frame_encoders
 from lucidlink.protocol.messages import (
     DEFAULT_MAX_FRAME_LENGTH,
     MESSAGE_CLASSES,
@@ -105,6 +105,7 @@ class LucidConnection(Protocol):
         self._timeout_at = math.inf  # when _timeout_call fires; inf when there is none
         self._request_ids = itertools.count(1)
         self._last_received = clock.seconds()
+        self._batch_time: float | None = None  # when the batch of frames being handled arrived
         self._keepalive_call: Any = None
         self._close_deadline: Any = None
         self._lost = False
@@ -138,22 +139,30 @@ class LucidConnection(Protocol):
         request_id = next(self._request_ids)
         if request_id >= _REQUEST_ID_LIMIT or request_id in pending:
             request_id = self._next_request_id()
+        held = self._held
+        if held is None:
+            try:
+                frame = frame_encoders[type(message)](message, request_id, 0, self.version)
+            except Exception:
+                frame = encode_frame(message, request_id, 0, self.version)  # raises the error that names the problem
+        else:
+            encode_frame(message, request_id, 0, self.version)  # refused now, not when the handshake is done
+            held.append((message, request_id))
         deferred: defer.Deferred[Any] = Deferred()
         if timeout is None:
             timeout = self.request_timeout
-        deadline = self.clock.seconds() + timeout
+        # Requests made while a batch of answers is handled take the batch's time: one clock call a batch.
+        now = self._batch_time
+        deadline = (self.clock.seconds() if now is None else now) + timeout
         pending[request_id] = (deferred, type(message), deadline, timeout)
         if deadline < self._timeout_at:  # one timer serves all; later requests expire later
             self._arm_request_timer(deadline, timeout)
-        if self._held is None:
-            frame = encode_frame(message, request_id, 0, self.version)
+        if held is None:
             corked = self._corked
             if corked is not None:
                 corked.append(frame)
             else:
                 self.transport.write(frame)  # type: ignore[union-attr]
-        else:
-            self._held.append((message, request_id))
         return deferred
 
     def push(self, message: Any) -> None:
@@ -214,7 +223,7 @@ class LucidConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._lost or self._broken:
             return
-        self._last_received = self.clock.seconds()
+        self._last_received = self._batch_time = self.clock.seconds()
         # Everything written while handling these frames leaves in one write,
         # so a batch of pipelined answers costs one TLS record, not one each.
         corked = self.cork()
@@ -223,6 +232,7 @@ class LucidConnection(Protocol):
         except ProtocolError as error:
             self.fail_connection(error)
         finally:
+            self._batch_time = None
             if corked:
                 self._flush()
 
@@ -568,7 +578,14 @@ class ServerConnection(LucidConnection):
             self._answer_failure(Failure(), request_id, message)
             return
         if type(result) in _MESSAGE_TYPES and not self._lost:  # answered at once: the usual case
-            self._write(result, request_id, _RESPONSE)
+            corked = self._corked
+            if corked is None:
+                self._write(result, request_id, _RESPONSE)
+            else:
+                try:
+                    corked.append(frame_encoders[type(result)](result, request_id, _RESPONSE, self.version))
+                except Exception:
+                    self._write(result, request_id, _RESPONSE)  # raises the error that names the problem
         elif isinstance(result, Deferred):  # an ABC check, slower than the one above
             self._in_flight += 1
             result.addCallbacks(
