@@ -17,6 +17,7 @@ names a different server.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import secrets
@@ -444,26 +445,17 @@ class PrivateCAClientTLS:
         self.expected_identity = expected_identity
         self._identity_is_ip_address = _parse_ip_address(expected_identity) is not None
         self.last_chain_problem: ChainProblem | None = None
-        self._context = self._make_context(ca_file, client_cert, client_key)
-
-    @staticmethod
-    def _make_context(ca_file: Path, client_cert: Path | None, client_key: Path | None) -> SSL.Context:
         if (client_cert is None) != (client_key is None):
             raise InvalidArgument("give both a client certificate and its key, or neither")
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_options(SSL.OP_NO_COMPRESSION)
         _require_file(ca_file, "CA certificate")
-        # Only this file: no call to set_default_verify_paths.
-        context.load_verify_locations(str(ca_file))
+        files = [ca_file]
         if client_cert is not None and client_key is not None:
             _require_file(client_cert, "client certificate")
             _require_file(client_key, "client private key")
-            context.use_certificate_chain_file(str(client_cert))
-            context.use_privatekey_file(str(client_key))
-            context.check_privatekey()
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-        return context
+            files += [client_cert, client_key]
+        # Contexts are shared: making one (reading and parsing the CA) costs
+        # more than a handshake.  A file that changes makes a new one.
+        self._context = _client_context(tuple((str(path), _file_version(path)) for path in files))
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Make the OpenSSL connection for one handshake with the server."""
@@ -524,6 +516,27 @@ class PrivateCAClientTLS:
                 f" {self.expected_identity!r}, but its certificate carries {carried}"
             )
         return None
+
+
+def _file_version(path: Path) -> tuple[int, int, int]:
+    status = os.stat(path)
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=32)
+def _client_context(files: tuple[tuple[str, tuple[int, int, int]], ...]) -> SSL.Context:
+    """A client context trusting the CA file ``files[0]``, presenting ``files[1:]`` (certificate, key) if given."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION)
+    # Only this file: no call to set_default_verify_paths.
+    context.load_verify_locations(files[0][0])
+    if len(files) == 3:
+        context.use_certificate_chain_file(files[1][0])
+        context.use_privatekey_file(files[2][0])
+        context.check_privatekey()
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    return context
 
 
 def client_tls_options(

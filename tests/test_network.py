@@ -13,7 +13,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from lucidlink import errors
@@ -27,7 +28,7 @@ from lucidlink.protocol.messages import (
     ServerStatus,
     Welcome,
 )
-from lucidlink.protocol.network import connect_tls, listen_tls
+from lucidlink.protocol.network import client_endpoint, connect_tls, listen_tls
 from lucidlink.tls import client_tls_options, init_ca, issue_certificate, server_tls_options
 
 SERVER_NAME = "meta.test-filespace.lucid"
@@ -83,6 +84,23 @@ class Mute(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.ended.callback(None)
+
+
+class ClientEndpointTests(SynchronousTestCase):
+    """Endpoint descriptions are parsed once per reactor and refused when they name nothing."""
+
+    def test_parsed_once(self) -> None:
+        reactor, other = MemoryReactor(), MemoryReactor()
+        endpoint = client_endpoint(reactor, "tcp:127.0.0.1:7001")
+        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
+        self.assertIs(client_endpoint(reactor, "tcp:127.0.0.1:7001"), endpoint)
+        self.assertIsNot(client_endpoint(other, "tcp:127.0.0.1:7001"), endpoint)
+        self.assertIsNot(client_endpoint(reactor, "tcp:127.0.0.1:7002"), endpoint)
+
+    def test_nonsense_refused_every_time(self) -> None:
+        for _ in range(2):
+            with self.assertRaises(ValueError):
+                client_endpoint(MemoryReactor(), "no-such-kind:whatever")
 
 
 class LoopbackTLSTests(TestCase):

@@ -357,6 +357,22 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(connection.server_tls.getHandle().get_servername(), b"server.test")
         self.assertIsNone(creator.last_chain_problem)
 
+    def test_context_shared_until_the_ca_file_changes(self) -> None:
+        """Clients of one CA file share one TLS context; a CA file rewritten (rotated) is read again."""
+        signed_by_old = self.issue("server-old", "server.test")
+        signed_by_new = self.issue("server-new", "server.test", ca="other-ca")
+        first = tls.client_tls_options(self.ca_cert_path, "server.test")
+        second = tls.client_tls_options(self.ca_cert_path, "other.test")
+        self.assertIs(first._context, second._context)
+        self.ca_cert_path.write_bytes((self.base / "other-ca" / "ca.pem").read_bytes())
+        rotated = tls.client_tls_options(self.ca_cert_path, "server.test")
+        self.assertIsNot(rotated._context, first._context)
+        connection, creator = self.connect(signed_by_new, "server.test")
+        self.assertEqual(connection.client.received, b"pong", "the new CA is the one trusted")
+        self.assertIsNone(creator.last_chain_problem)
+        connection, creator = self.connect(signed_by_old, "server.test")
+        self.assertIn("not signed by", self.assertRefused(connection, creator), "the old CA is trusted no more")
+
     def test_ip_address(self) -> None:
         """A server reached by IP address is matched against the IP subjectAltName."""
         connection, _ = self.connect(self.issue("server", "server.test", "127.0.0.1"), "127.0.0.1")

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,7 +75,7 @@ from lucidlink.errors import (
     VersionMismatch,
 )
 from lucidlink.protocol.messages import Resolve, Resolved
-from lucidlink.protocol.network import connect_tls
+from lucidlink.protocol.network import client_endpoint, connect_tls
 
 DEFAULT_ATTEMPT_TIMEOUT = 5.0
 """Seconds one instance or server has to connect, shake hands and answer."""
@@ -137,7 +136,7 @@ def check_endpoints(reactor: Any, endpoints: Sequence[str]) -> None:
     """Raise InvalidArgument naming the first string that is not a client endpoint description."""
     for endpoint in endpoints:
         try:
-            clientFromString(reactor, endpoint)
+            client_endpoint(reactor, endpoint)
         except Exception as error:
             raise InvalidArgument(
                 f"{endpoint!r} is not an endpoint string like 'tcp:discovery.example:7000': {error}"

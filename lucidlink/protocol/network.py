@@ -8,13 +8,14 @@ whatever endpoint is named, with the contexts :mod:`lucidlink.tls` makes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -30,6 +31,15 @@ def listen_tls(
     """Listen on the endpoint ``description`` and speak TLS to every connection."""
     endpoint = serverFromString(reactor, description)
     return endpoint.listen(TLSMemoryBIOFactory(tls_options, False, factory))
+
+
+@functools.lru_cache(maxsize=4096)
+def client_endpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
+    """The client endpoint ``description`` names, parsed once: parsing costs more than connecting.
+
+    :raise ValueError: (or another error of Twisted's parser) if it names none.
+    """
+    return clientFromString(reactor, description)
 
 
 class _ClientFactory(Factory):
@@ -72,7 +82,7 @@ def connect_tls(
     # A creator per connection, so that a refused certificate is explained
     # with this connection's own verification result.
     tls_creator = client_tls_options(ca_file, identity)
-    endpoint = wrapClientTLS(tls_creator, clientFromString(reactor, description))
+    endpoint = wrapClientTLS(tls_creator, client_endpoint(reactor, description))
     try:
         connection = yield endpoint.connect(_ClientFactory(reactor, tls_creator, options))
     except Exception as error:
