@@ -338,10 +338,12 @@ class LucidConnection(Protocol):
 
     def _arm_request_timer(self, deadline: float, delay: float) -> None:
         """Make the one request timer fire at ``deadline``, ``delay`` seconds from now."""
-        if self._timeout_call is None:
-            self._timeout_call = self.clock.callLater(delay, self._expire_requests)
-        else:
-            self._timeout_call.reset(delay)
+        if self._timeout_call is not None:
+            # Not reset(): moving a timer sooner makes the reactor search all
+            # its timers, which in a process with thousands of connections
+            # costs more than the request.
+            self._timeout_call.cancel()
+        self._timeout_call = self.clock.callLater(delay, self._expire_requests)
         self._timeout_at = deadline
 
     def _expire_requests(self) -> None:
@@ -356,12 +358,7 @@ class LucidConnection(Protocol):
             )
         if self._pending and not self._lost:
             next_deadline = min(entry[2] for entry in self._pending.values())
-            delay = max(0.0, next_deadline - now)
-            if self._timeout_call is None:
-                self._timeout_call = self.clock.callLater(delay, self._expire_requests)
-            else:  # an errback above made a new request
-                self._timeout_call.reset(delay)
-            self._timeout_at = next_deadline
+            self._arm_request_timer(next_deadline, max(0.0, next_deadline - now))
         self._close_if_idle()
 
     def _schedule_keepalive(self) -> None:
