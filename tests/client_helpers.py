@@ -65,10 +65,15 @@ def synchronous(function: Any, *arguments: Any) -> Deferred[Any]:
 
 @implementer(IObjectStore)
 class MemoryObjectStore:
-    """Objects in a dict; every Deferred has fired when returned.  Counts gets, ranged gets and puts."""
+    """Objects in a dict; every Deferred has fired when returned.  Counts gets, ranged gets and puts.
 
-    def __init__(self) -> None:
+    ``clock``, if given, dates each object (``ObjectInfo.modified``); else every object is dated 0.
+    """
+
+    def __init__(self, clock: Any = None) -> None:
         self.objects: dict[str, bytes] = {}
+        self.modified: dict[str, float] = {}
+        self.clock = clock
         self.gets = 0
         self.puts = 0
 
@@ -91,20 +96,23 @@ class MemoryObjectStore:
         if create_only and check_key(key) in self.objects:
             return fail(errors.AlreadyExists(f"object {key!r} exists"))
         self.objects[check_key(key)] = bytes(data)
+        if self.clock is not None:
+            self.modified[key] = self.clock.seconds()
         return succeed(None)
 
     def delete(self, key: str) -> Deferred[None]:
         self.objects.pop(check_key(key), None)
+        self.modified.pop(key, None)
         return succeed(None)
 
     def head(self, key: str) -> Deferred[ObjectInfo]:
         if check_key(key) not in self.objects:
             return fail(errors.NotFound(f"no object {key!r}"))
-        return succeed(ObjectInfo(key, len(self.objects[key]), 0.0))
+        return succeed(ObjectInfo(key, len(self.objects[key]), self.modified.get(key, 0.0)))
 
     def list(self, prefix: str = "") -> Deferred[list[ObjectInfo]]:
-        return succeed([ObjectInfo(key, len(value), 0.0) for key, value in sorted(self.objects.items())
-                        if key.startswith(prefix)])
+        return succeed([ObjectInfo(key, len(value), self.modified.get(key, 0.0))
+                        for key, value in sorted(self.objects.items()) if key.startswith(prefix)])
 
     def close(self) -> Deferred[None]:
         return succeed(None)

@@ -19,13 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
+from lucidlink.chunk_keys import parse_chunk_key
 from lucidlink.objectstore.s3 import S3ObjectStore
 from tests import (
     test_cli_files,
     test_cli_meta,
     test_client_writeback_processes,
+    test_meta_chunk_gc,
     test_meta_faults,
     test_meta_tap,
     test_mount_posix,
@@ -73,6 +75,29 @@ class S3LucidMetaTests(S3StoreMixin, test_cli_meta.LucidMetaTests):
     def lucid_meta(self, *argv: str) -> Any:
         self.mirror()
         return super().lucid_meta(*argv)
+
+
+class S3ChunkCollectionTests(S3StoreMixin, test_meta_chunk_gc.CollectCommandTests):
+    """``lucid-meta gc`` on an S3 store: listing, and batch deletes (``DeleteObjects``)."""
+
+    def publish(self, objects: dict[str, bytes]) -> None:
+        client = self.moto.client()
+        for key, data in objects.items():
+            client.put_object(Bucket=self.s3_bucket, Key=f"{self.s3_prefix}/{key}", Body=data)
+
+    def chunk_files(self) -> set[bytes]:
+        return {object_id for key in self.keys_in_bucket()
+                if (object_id := parse_chunk_key(self.fs.filespace_id, key)) is not None}
+
+    @defer.inlineCallbacks
+    def test_gc_keeps_recent_uploads_then_collects_with_a_short_grace(self) -> None:
+        """Every object here was written just now: the replaced chunk goes, the uncommitted upload stays."""
+        for grace in ("7d", "1h"):
+            status, out, err = yield self.lucid_meta("gc", "--config", str(self.config), "--retention", "1h",
+                                                     "--grace", grace)
+            self.assertEqual((status, err), (0, ""))
+            self.assertEqual(self.chunk_files(), {self.current, self.abandoned})
+        self.assertIn("1 recent uploads kept", out)
 
 
 class S3CommandLineTests(S3StoreMixin, test_cli_files.CommandLineTests):

@@ -14,7 +14,9 @@ runs on the folder and keeping any database it replaces beside it.
 each into its data folder, several at a time, and ends with a table.
 ``lucid-meta prune`` deletes the segments and snapshots older than the
 retention period that no restore in it needs (:mod:`lucidlink.meta.prune`),
-run with the store credential that may delete.
+run with the store credential that may delete; ``lucid-meta gc`` deletes,
+with the same credential, the chunk objects no chunk map and no moment of the
+retention window needs (:mod:`lucidlink.meta.chunk_gc`).
 
 Only ``data_dir``, ``store`` and ``retention`` of the ``[meta]`` section are read, with the
 same rules as the server (:mod:`lucidlink.meta.config`): restoring needs
@@ -33,7 +35,7 @@ import os
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +45,7 @@ from twisted.internet import defer
 
 from lucidlink.errors import Busy, LucidError
 from lucidlink.inifile import read_section
+from lucidlink.meta.chunk_gc import DEFAULT_GRACE
 from lucidlink.meta.config import DEFAULT_DATA_ROOT, DEFAULT_RETENTION, SECTION, ConfigError, parse_duration
 from lucidlink.meta.guardian import DATABASE_NAME, Restored, install_restored, quick_check, read_only
 from lucidlink.meta.journal import GENESIS_HASH, ChainError, Entry, verify_chain
@@ -460,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Verify and restore lucidlink metadata servers' data.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def deleting(sub: argparse.ArgumentParser, verb: str, retention: str) -> None:
+        common(sub, filespace=False)
+        sub.add_argument("--filespace", "-f", action="append", type=_filespace, default=[], metavar="NAME",
+                         help=f"{verb} this filespace (repeatable; default: every one in the store)")
+        sub.add_argument("--retention", type=_duration, metavar="DURATION",
+                         help=f"{retention} (default: the config's retention, or 7d)")
+        sub.add_argument("--dry-run", "-n", action="store_true", help="say what would be deleted; delete nothing")
+
     def common(sub: argparse.ArgumentParser, filespace: bool = True) -> None:
         if filespace:
             sub.add_argument("--filespace", "-f", required=True, type=_filespace, metavar="NAME")
@@ -498,12 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete the segments and snapshots of each filespace that no point in the retention window "
                     "needs (never the newest good snapshot nor the records after it); run it with the object "
                     "store credential that may delete.")
-    common(pruning, filespace=False)
-    pruning.add_argument("--filespace", "-f", action="append", type=_filespace, default=[], metavar="NAME",
-                         help="prune this filespace (repeatable; default: every one in the store)")
-    pruning.add_argument("--retention", type=_duration, metavar="DURATION",
-                         help="keep this much history, such as 7d or 36h (default: the config's retention, or 7d)")
-    pruning.add_argument("--dry-run", "-n", action="store_true", help="say what would be deleted; delete nothing")
+    deleting(pruning, "prune", "keep this much history, such as 7d or 36h")
+    collecting = commands.add_parser(
+        "gc", help="delete chunk objects no chunk map needs",
+        description="Rebuild each filespace from the object store and delete the chunk objects that no chunk map "
+                    "names, that no moment of the retention window needs, and that are older than the grace "
+                    "period; run it with the object store credential that may delete.")
+    deleting(collecting, "collect", "keep what restores this far back need, such as 7d")
+    collecting.add_argument("--grace", type=_duration, default=DEFAULT_GRACE, metavar="DURATION",
+                            help="keep uploads younger than this that no chunk map names yet, at least 1h "
+                                 "(default: 7d)")
     return parser
 
 
@@ -574,6 +589,8 @@ def _command(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
                 raise CommandFailed(f"{args.filespace}: the restore {done.error}")
         elif args.command == "prune":
             yield _prune(reactor, object_store, settings, args, out)
+        elif args.command == "gc":
+            yield _collect(reactor, object_store, settings, args, out)
         else:
             results = yield restore_all(reactor, object_store, settings, args.parallel, args.force, err, args.only)
             print(summary_table(results), file=out)
@@ -587,23 +604,41 @@ def _command(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
     return 0
 
 
-@defer.inlineCallbacks
 def _prune(reactor: Any, object_store: Any, settings: Settings, args: argparse.Namespace, out: TextIO) -> Any:
     from lucidlink.meta.prune import prune
 
+    def one(name: str, retention: float) -> Any:
+        return prune(object_store, name, retention, reactor.seconds(), dry_run=args.dry_run)
+
+    return _delete_unneeded(object_store, settings, args, out, one, "pruned")
+
+
+def _collect(reactor: Any, object_store: Any, settings: Settings, args: argparse.Namespace, out: TextIO) -> Any:
+    from lucidlink.meta.chunk_gc import collect
+
+    def one(name: str, retention: float) -> Any:
+        return collect(object_store, name, retention, reactor.seconds(), args.grace, dry_run=args.dry_run)
+
+    return _delete_unneeded(object_store, settings, args, out, one, "collected")
+
+
+@defer.inlineCallbacks
+def _delete_unneeded(object_store: Any, settings: Settings, args: argparse.Namespace, out: TextIO,
+                     one: Callable[[str, float], Any], done_word: str) -> Any:
+    """Run ``one(filespace, retention)`` (a prune or a collection) for each filespace asked for, and report."""
     names = args.filespace or (yield filespaces_in(object_store))
     retention = args.retention or settings.retention
     failed = []
     for name in names:
-        done = yield prune(object_store, name, retention, reactor.seconds(), dry_run=args.dry_run)
-        print(("would delete: " if args.dry_run and done.plan.keys else "") + done.summary, file=out)
+        done = yield one(name, retention)
+        print(f"would delete: {done.plan.summary}" if args.dry_run and done.plan.keys else done.summary, file=out)
         if args.dry_run:
             for key in done.plan.keys:
                 print(f"  {key}", file=out)
         if done.error or done.plan.damaged:
             failed.append(f"{name} ({done.error or done.plan.kept})")
     if failed:
-        raise CommandFailed(f"{len(failed)} of {len(names)} filespaces not pruned: " + "; ".join(failed))
+        raise CommandFailed(f"{len(failed)} of {len(names)} filespaces not {done_word}: " + "; ".join(failed))
 
 
 def _iso(time_ns: int) -> str:

@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from lucidlink import crypto
+from lucidlink.chunk_keys import chunk_object_key
 from lucidlink.client.chunk_cache import ChunkCache
 from lucidlink.errors import IntegrityError, NotFound
 
@@ -44,11 +45,6 @@ opening it takes a fraction of a millisecond; handing it to the offload pool
 and back costs two thread switches, which on a busy machine take longer.  A
 FUSE read (at most 128 KiB) spans at most three blocks.
 """
-
-
-def chunk_object_key(filespace_id: bytes, object_id: bytes) -> str:
-    """The object store key of a chunk object: under the filespace's id, so filespaces can share a store."""
-    return f"{filespace_id.hex()}/chunks/{object_id.hex()}"
 
 
 def _blocks_of(sealed_range: crypto.SealedRange) -> tuple[int, int]:

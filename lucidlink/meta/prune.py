@@ -200,21 +200,31 @@ def prune(object_store: Any, filespace: str, retention: float, now: float, dry_r
     done = Pruned(plan)
     if dry_run or not plan.keys:
         return done
-    keys = plan.keys
+    done.error = yield delete_in_order(object_store, plan.keys, done.deleted, "pruning")
+    level = _log.warn if done.error else _log.info
+    level("{summary}", summary=done.summary)
+    return done
+
+
+@defer.inlineCallbacks
+def delete_in_order(object_store: Any, keys: list[str], deleted: list[str], job: str) -> Any:
+    """Delete ``keys`` in order (in batches where the store has them), noting each in ``deleted``.
+
+    Fires with "" once all are gone, or with why it stopped: the store
+    refused (``job`` needs the deletion credential) or failed.
+    """
     batched = getattr(object_store, "delete_many", None)
     try:
         if batched is not None:
             for start in range(0, len(keys), DELETE_BATCH):
                 yield batched(keys[start:start + DELETE_BATCH])
-                done.deleted.extend(keys[start:start + DELETE_BATCH])
+                deleted.extend(keys[start:start + DELETE_BATCH])
         else:
             for key in keys:
                 yield object_store.delete(key)
-                done.deleted.append(key)
+                deleted.append(key)
     except AccessDenied as error:
-        done.error = f"the object store refused to delete ({error}); pruning needs the deletion credential"
+        return f"the object store refused to delete ({error}); {job} needs the deletion credential"
     except LucidError as error:
-        done.error = f"deleting failed: {error}"
-    level = _log.warn if done.error else _log.info
-    level("{summary}", summary=done.summary)
-    return done
+        return f"deleting failed: {error}"
+    return ""
