@@ -11,13 +11,17 @@ import secrets
 from pathlib import Path
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """
     Replace ``path`` with ``data`` so that a crash leaves the old file or the new one.
 
     A temporary file beside ``path`` is created with ``mode``, written and
     fsynced, renamed over ``path``, and the folder is fsynced so the rename
     itself is durable.  A missing folder is made with mode 0700.
+
+    ``durable=False`` leaves out both fsyncs, for files that only save work
+    (caches): a process that dies still leaves the old file or the new one,
+    but after a power cut the file may be either, or empty.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -25,12 +29,15 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(folder)

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from lucidlink import atomic
 from lucidlink.client.endpoint_cache import FILE_NAME, EndpointCache, Location
 from lucidlink.protocol.messages import Resolved, ServerStatus
 
@@ -122,6 +123,20 @@ class EndpointCacheTests(SynchronousTestCase):
         cache = EndpointCache(self.state_dir)
         self.assertIsNone(cache.get("demo"))
         self.assertRewritten(cache)
+
+    def test_empty_file_ignored(self) -> None:
+        """What a power cut may leave of a file written without fsync is ignored and rewritten."""
+        self.assertRewritten(self.damaged(b""))
+
+    def test_written_without_fsync(self) -> None:
+        """The cache is a hint: writing it costs no fsync, of the file or its folder."""
+        synced: list[int] = []
+        self.patch(atomic.os, "fsync", synced.append)
+        EndpointCache(self.state_dir).put(location("demo"))
+        self.assertEqual(synced, [])
+        self.assertEqual(EndpointCache(self.state_dir).get("demo"), location("demo"))
+        atomic.write_atomically(self.state_dir / "durable", b"kept")
+        self.assertEqual(len(synced), 2, "a durable write syncs the file and the folder")
 
     def test_wrong_shape_ignored(self) -> None:
         """JSON of the wrong shape is ignored and rewritten."""

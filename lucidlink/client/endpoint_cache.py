@@ -9,8 +9,10 @@ client keeps the last :class:`Location` of each filespace in one JSON file,
 :mod:`lucidlink.client.config`), and it survives a restart of the client.
 
 The file is written atomically — a temporary file beside it with mode 0600,
-fsync, rename over the old one, fsync of the folder — so a crash leaves the
-old file or the new one, never half of one.  It is read again before every
+renamed over the old one — so a client that dies leaves the old file or the
+new one, never half of one.  It is not fsynced: in a reconnect storm every
+client writes it, and after a power cut a stale or empty file only sends the
+client to discovery, as a missing one would.  It is read again before every
 write, so two client processes sharing a state folder lose little of each
 other's answers.
 
@@ -214,7 +216,7 @@ class EndpointCache:
         }
         data = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode("utf-8")
         try:
-            write_atomically(self.path, data)
+            write_atomically(self.path, data, durable=False)
         except OSError as error:
             if not self._complained_about_writing:
                 self._complained_about_writing = True
