@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink import crypto, errors
+from lucidlink.client import filespace as filespace_module
 from lucidlink.client import writeback
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
@@ -276,6 +277,30 @@ class WriteBackTests(ClientTestCase):
         yield closing
         self.assertEqual(self.pending(), [])
         self.assertEqual((yield (yield self.filespace()).read_file("/outage.bin")), pattern(3 * CHUNK, 6))
+
+    @defer.inlineCallbacks
+    def test_chunks_stored_long_before_the_commit_are_stored_again(self) -> Generator[Deferred[Any], Any, None]:
+        """After an outage longer than UPLOADS_FRESH_FOR, the commit names new uploads, not ones gc may have taken."""
+        self.patch(filespace_module, "UPLOADS_FRESH_FOR", 0.3)
+        store = FaultyObjectStore(self.objects)
+        session = yield self.login(deadline=None)
+        fs = Filespace(session, store, cache_dir=self.base / "cache")
+        self.addCleanup(fs.close)
+        handle = yield fs.open_path("/late.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, pattern(2 * CHUNK, 7))
+        yield self.meta.stop()
+        closing = handle.close()
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        early = {key for operation, key in store.calls if operation == "put"}
+        self.assertEqual(len(early), 2)
+        yield self.meta.start()
+        yield closing
+        stored = {key for operation, key in store.calls if operation == "put"}
+        self.assertEqual(len(stored), 4, "both chunks were stored again")
+        for key in early:  # what gc would do to uploads no chunk map names
+            yield self.objects.delete(key)
+        other = yield self.filespace()
+        self.assertEqual((yield other.read_file("/late.bin")), pattern(2 * CHUNK, 7))
 
     @defer.inlineCallbacks
     def test_live_clients_keep_their_own_writes(self) -> Generator[Deferred[Any], Any, None]:

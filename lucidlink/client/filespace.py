@@ -115,6 +115,9 @@ CHUNKMAP_WINDOW = 1024
 MAX_SYMLINK_FOLLOWS = 40
 MAX_FILE_SIZE = 2**63 - 1
 MAX_COMMIT_ATTEMPTS = 16
+
+UPLOADS_FRESH_FOR = 1800.0
+"""Seconds a stored chunk may wait for its commit; older, it is stored again (half gc's shortest grace)."""
 READ_STEP = 4 * 1024 * 1024
 LOCK_END = 2**64 - 1
 """The last byte a lock can cover: a lock to ``LOCK_END`` runs to the end of the file, however it grows."""
@@ -122,6 +125,12 @@ LOCK_WAIT_TIMEOUT = 24 * 3600.0
 """Seconds a lock request that waits for a conflicting lock may take."""
 _OWN = 0
 """The session part of the owners in :attr:`Inodes.held_locks` (this client is the only session there)."""
+
+
+class _StaleUploads(LucidError):
+    """Chunks waited so long for their commit that chunk garbage collection may have deleted them."""
+
+    errno_name = "EIO"
 
 
 class LockLost(LucidError):
@@ -213,6 +222,8 @@ class _Dirty:
     """The byte ranges this handle wrote, which a rebase lays over another writer's content."""
     object_id: bytes | None = None
     """The stored object holding ``data``, once sealed and stored."""
+    stored_at: float = 0.0
+    """When ``object_id`` was stored (the session clock's seconds)."""
     generation: int = 0
     """Counts changes to ``data``: an upload begun before the last change does not hold it."""
 
@@ -468,7 +479,7 @@ class OpenFile:
 
             def stored(object_id: bytes, index: int = index, chunk: _Dirty = chunk, generation: int = generation) -> None:
                 if self._dirty.get(index) is chunk and chunk.generation == generation:
-                    chunk.object_id = object_id
+                    chunk.object_id, chunk.stored_at = object_id, self._now()
 
             uploading = self._inodes.upload(self.inode, index, bytes(chunk.data)).addCallback(stored)
             self._uploading[index] = uploading
@@ -590,6 +601,25 @@ class OpenFile:
     @defer.inlineCallbacks
     def _upload(self, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
         chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
+        chunk.stored_at = self._now()
+
+    def _now(self) -> float:
+        return float(self._inodes.session.reactor.seconds())
+
+    def _forget_stale_uploads(self) -> None:
+        """Raise _StaleUploads, and forget them, if chunks to commit were stored too long ago.
+
+        Chunk garbage collection (``lucid-meta gc``) deletes uploads no chunk
+        map names once they are older than its grace period; a commit that
+        waited longer than :data:`UPLOADS_FRESH_FOR` (a long disconnection)
+        stores its chunks again rather than name objects that may be gone.
+        """
+        oldest = self._now() - UPLOADS_FRESH_FOR
+        stale = [chunk for chunk in self._dirty.values() if chunk.object_id and chunk.stored_at < oldest]
+        if stale:
+            for chunk in stale:
+                chunk.object_id = None
+            raise _StaleUploads(f"{len(stale)} chunks of inode {self.inode} were stored too long ago to commit")
 
     @defer.inlineCallbacks
     def _commit(
@@ -608,10 +638,17 @@ class OpenFile:
                 self._journal.committing(expected, size, refs)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
+                if refs:
+                    self._forget_stale_uploads()
                 return w.ChunkMapCommit(self.inode, self._writer().id, expected, size, refs, 0)
 
             try:
                 committed = yield self._inodes.session.call(commit)
+            except _StaleUploads as error:
+                if attempt == MAX_COMMIT_ATTEMPTS:
+                    raise
+                _log.info("{error}; storing them again before the commit", error=error)
+                continue
             except Conflict:
                 if not self.rebase_on_conflict:
                     raise Conflict(
