@@ -96,6 +96,21 @@ class WriteBackProcessTests(DemoCase):
         self.assertIn(str(kept[0]), recovered.stderr)
         self.assertEqual(self.ok("cat", "demo:/shared.bin"), b"someone else's version\n")
 
+        # lucid conflicts: listed, then saved as a new file (their version with these writes over it)
+        listed = self.ok("conflicts", "demo").decode()
+        self.assertIn("1 writes (1048576 bytes)", listed)
+        self.assertIn("changed since these writes were made", listed)
+        journal_id = listed.split(":", 2)[0] + ":" + listed.split(":", 2)[1]
+        self.assertRegex(journal_id, r"^\d+:\d+-\d+$")
+        refused = lucid(self.demo.config, "conflicts", "demo", "--save", journal_id)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("--save needs --to", refused.stderr.decode())
+        saved = self.ok("conflicts", "demo", "--save", journal_id, "--to", "/shared (mine).bin").decode()
+        self.assertIn(f"saved {journal_id} as demo:/shared (mine).bin (1048576 bytes)", saved)
+        self.assertEqual(self.ok("cat", "demo:/shared (mine).bin"), pattern(MIB, 2))
+        self.assertEqual(list((self.base / "demo" / "cache").rglob("conflicts/*")), [])
+        self.assertEqual(lucid(self.demo.config, "conflicts", "demo").stdout, b"")
+
     @defer.inlineCallbacks
     def test_writer_outlives_a_metadata_server_restart(self) -> Generator[Deferred[Any], Any, None]:
         """A writer keeps writing while the metadata server is killed; close waits for it, nothing is lost."""

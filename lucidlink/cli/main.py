@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lucidlink.cli.admin import add_admin_commands
+from lucidlink.cli.conflicts import add_conflicts_command
 from lucidlink.cli.demo import add_demo_command
 from lucidlink.cli.discovery import add_discovery_commands
 from lucidlink.cli.files import add_file_commands
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_file_commands(commands)
+    add_conflicts_command(commands)
     add_admin_commands(commands)
     add_tls_commands(commands)
     add_discovery_commands(commands)
