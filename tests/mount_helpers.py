@@ -82,7 +82,7 @@ class MountProcess:
             self.process.wait(30)
         unmount_lazily(self.mountpoint)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int | None:
         """Signal the process and wait for it; unmount lazily and kill it if it lingers."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
