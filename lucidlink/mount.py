@@ -484,6 +484,8 @@ class FilespaceOperations(llfuse.Operations):
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         """Served here when the core has it cached (no crossing), else on the reactor."""
+        if PROFILES is not None:
+            PROFILES.enter()
         handle = self._file(fh)
         cached = handle.read_cached(off, size)
         if cached is not None:

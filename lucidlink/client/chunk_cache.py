@@ -100,6 +100,7 @@ class ChunkCache:
         self.capacity = capacity
         self.objects = self.folder / OBJECTS_FOLDER
         self.objects.mkdir(parents=True, exist_ok=True)
+        self._objects_prefix = os.path.join(self.objects, "")
         self._db = sqlite3.connect(self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -138,8 +139,11 @@ class ChunkCache:
 
     def path_of(self, object_id: bytes) -> Path:
         """The file that holds (or would hold) object ``object_id``."""
+        return Path(self._file_name(object_id))
+
+    def _file_name(self, object_id: bytes) -> str:
         name = object_id.hex()
-        return self.objects / name[:2] / name
+        return f"{self._objects_prefix}{name[:2]}/{name}"
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -198,7 +202,7 @@ class ChunkCache:
 
         Fewer bytes than asked (a file cut short) come back as they are: opening them fails.
         """
-        descriptor = os.open(self.path_of(object_id), os.O_RDONLY)
+        descriptor = os.open(self._file_name(object_id), os.O_RDONLY)
         try:
             return os.pread(descriptor, length, start)
         finally:
