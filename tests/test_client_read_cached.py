@@ -243,7 +243,7 @@ class ReadCachedTests(MemoryFilespaceCase):
 
     @defer.inlineCallbacks
     def test_small_reads_open_a_block_once(self) -> Generator[Deferred[Any], Any, None]:
-        """Sixteen 4 KiB reads within one 64 KiB block read and open it once."""
+        """Sixteen 4 KiB reads within one 64 KiB block read and open it once; whole blocks are not kept."""
         fs = yield self.reader()
         handle = self.open(fs)
         self.assertEqual(self.read_through(handle), self.content)
@@ -255,6 +255,10 @@ class ReadCachedTests(MemoryFilespaceCase):
         self.assertEqual(lengths, [crypto.SEALED_BLOCK_SIZE])
         self.assertEqual(handle.read_cached(block - 10, 20), self.content[block - 10 : block + 10])
         self.assertEqual(lengths[1:], [crypto.SEALED_BLOCK_SIZE], "only the block before was read")
+        kept = len(fs.inodes.chunks.opened)
+        whole = 3 * CHUNK
+        self.assertEqual(handle.read_cached(whole, 2 * crypto.BLOCK_SIZE), self.content[whole : whole + 2 * crypto.BLOCK_SIZE])
+        self.assertEqual(len(fs.inodes.chunks.opened), kept, "whole blocks read in full are not kept")
 
     @defer.inlineCallbacks
     def test_sequential_reader_is_fetched_ahead(self) -> Generator[Deferred[Any], Any, None]:
