@@ -198,7 +198,9 @@ class ChunkCache:
 
     def read_sealed(self, object_id: bytes, start: int, length: int) -> bytes:
         """
-        Bytes ``[start, start + length)`` of a cached object's file (any thread; pin first).
+        Bytes ``[start, start + length)`` of a cached object's file (any thread).
+
+        Pin the entry first to keep it; unpinned, it may be evicted meanwhile (see the module).
 
         Fewer bytes than asked (a file cut short) come back as they are: opening them fails.
         """
