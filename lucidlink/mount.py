@@ -9,7 +9,9 @@ crosses over in one place, :meth:`Bridge.call`: it releases the llfuse lock,
 runs the core call on the reactor with ``blockingCallFromThread``, waits,
 takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
 ``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
-table (:data:`ERRNO`) lives here and nowhere else.
+table (:data:`ERRNO`) lives here and nowhere else.  The one exception is a
+read the core can serve at once from what it has cached
+(``FileHandle.read_cached``): it is answered in llfuse's thread.
 
 What another client changes reaches the kernel through :class:`KernelCaches`
 (its caches of attributes, entries and pages are dropped, from a thread that
@@ -481,7 +483,14 @@ class FilespaceOperations(llfuse.Operations):
         return self._keep(handle)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.bridge.call(self._file(fh).read, off, size)  # type: ignore[no-any-return]
+        """Served here when the core has it cached (no crossing), else on the reactor."""
+        if PROFILES is not None:
+            PROFILES.enter()
+        handle = self._file(fh)
+        cached = handle.read_cached(off, size)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        return self.bridge.call(handle.read, off, size)  # type: ignore[no-any-return]
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]

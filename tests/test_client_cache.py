@@ -537,7 +537,7 @@ class CachedModelTests(MemoryFilespaceCase):
     @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
     @given(model_steps)
     def test_file_matches_model(self, steps: list[tuple[Any, ...]]) -> None:
-        """Writes, cuts, reads, and after each flush a reader that streams the file from its start."""
+        """Writes, cuts, reads (also at once when they can be), and after each flush a reader that streams the file."""
         fs = Filespace(self.fs.session, self.objects, cache_dir=Path(self.mktemp()), cache_size=3 * CHUNK,
                        read_ahead=2, offload=self.fs.inodes.offload)
         self.addCleanup(fs.close)
@@ -550,11 +550,16 @@ class CachedModelTests(MemoryFilespaceCase):
             elif step[0] == "read":
                 _, offset, length = step
                 self.assertEqual(self.now(handle.read(offset, length)), bytes(model[offset : offset + length]))
+                at_once = handle.read_cached(offset, length)
+                if at_once is not None:
+                    self.assertEqual(at_once, bytes(model[offset : offset + length]))
             else:
                 self.now(handle.flush())
                 reader = self.now(fs.inodes.open(handle.inode, os.O_RDONLY))
                 pieces = [self.now(reader.read(at, 16 * 1024)) for at in range(0, len(model) + 1, 16 * 1024)]
                 self.assertEqual(b"".join(pieces), bytes(model))
+                at_once = reader.read_cached(0, len(model) + 1)
+                self.assertIn(at_once, (None, bytes(model)))
                 self.now(reader.close())
             assert fs.cache is not None
             self.assertLessEqual(fs.cache.size, 3 * CHUNK + crypto.SEALED_BLOCK_SIZE * 4)

@@ -40,6 +40,16 @@ class SynchronousBridge(Bridge if llfuse is not None else object):  # type: igno
         return result
 
 
+class CountingBridge(SynchronousBridge):
+    """The synchronous bridge, counting its crossings."""
+
+    crossings = 0
+
+    def wait(self, function: Any, *arguments: Any, **keywords: Any) -> Any:
+        self.crossings += 1
+        return super().wait(function, *arguments, **keywords)
+
+
 class Context:
     uid = 1000
     gid = 1000
@@ -105,6 +115,29 @@ class MountAdapterTests(MemoryFilespaceCase):
         self.assertEqual(names, [b".", b"..", b"f"])
         self.assertEqual([(name, offset) for name, _, offset in self.ops.readdir(directory, 2)], [(b"f", 3)])
         self.ops.releasedir(directory)
+
+
+    @defer.inlineCallbacks
+    def test_cached_reads_stay_in_llfuses_thread(self) -> Any:
+        """A read the core has known and cached is answered without crossing; any other crosses."""
+        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()))
+        self.addCleanup(fs.close)
+        bridge = CountingBridge(None)
+        ops = FilespaceOperations(fs.inodes, bridge)
+        fh, _ = ops.create(llfuse.ROOT_INODE, b"cached", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, Context())
+        content = bytes(range(256)) * 1000
+        self.assertEqual(ops.write(fh, 0, content), len(content))
+        ops.flush(fh)
+        self.assertEqual(ops.read(fh, 0, 10), content[:10])
+        crossings = bridge.crossings
+        self.assertEqual(ops.read(fh, 5, 100_000), content[5:100_005])
+        self.assertEqual(ops.read(fh, len(content) - 3, 10), content[-3:])
+        self.assertEqual(bridge.crossings, crossings, "served in the calling thread")
+        ops.write(fh, 1, b"new")
+        self.assertEqual(ops.read(fh, 0, 5), content[:1] + b"new" + content[4:5])
+        self.assertEqual(bridge.crossings, crossings + 2, "the write and the read after it crossed")
+        ops.release(fh)
+        self.assertEqual(self.fuse_errno(ops.read, fh, 0, 1), errno.EBADF)
 
 
 class FuseCheckTests(SynchronousTestCase):

@@ -18,8 +18,13 @@ index is loaded at open and kept in memory; a file the index does not know
 A crash can leave an index that claims blocks the disk lost: those fail
 their tags and are fetched again.
 
-The index and the set of entries are the reactor thread's; the file reads of
-:meth:`ChunkCache.read_sealed` may run in any thread (on a pinned entry).
+The index and the set of entries are the reactor thread's.  Other threads
+may ask :meth:`ChunkCache.has`, read files with :meth:`ChunkCache.read_sealed`
+and note a use with :meth:`ChunkCache.used_elsewhere` (kept aside and
+applied to the recency order before anything is evicted).  A file read that
+way can be evicted meanwhile: opening it then fails (gone), or what was read
+is the same immutable object (unlinked after the open), or blocks missing
+from a file written again fail their tags; never other plaintext.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class ChunkCache:
         self.capacity = capacity
         self.objects = self.folder / OBJECTS_FOLDER
         self.objects.mkdir(parents=True, exist_ok=True)
+        self._objects_prefix = os.path.join(self.objects, "")
         self._db = sqlite3.connect(self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -102,6 +108,8 @@ class ChunkCache:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._pins: dict[bytes, int] = {}
         self._touched: set[bytes] = set()
+        self._used_elsewhere: dict[bytes, None] = {}
+        """Entries other threads read since the reactor last looked, in order (see :meth:`used_elsewhere`)."""
         self._clock = 0
         self._closed = False
         self.size = 0
@@ -131,8 +139,11 @@ class ChunkCache:
 
     def path_of(self, object_id: bytes) -> Path:
         """The file that holds (or would hold) object ``object_id``."""
+        return Path(self._file_name(object_id))
+
+    def _file_name(self, object_id: bytes) -> str:
         name = object_id.hex()
-        return self.objects / name[:2] / name
+        return f"{self._objects_prefix}{name[:2]}/{name}"
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -143,7 +154,7 @@ class ChunkCache:
     # -- reading -------------------------------------------------------------------
 
     def has(self, object_id: bytes, first_block: int, last_block: int) -> bool:
-        """Whether sealed blocks ``first_block`` to ``last_block`` of the object are cached."""
+        """Whether sealed blocks ``first_block`` to ``last_block`` of the object are cached (any thread)."""
         entry = self._entries.get(object_id)
         return entry is not None and entry.has(first_block, last_block)
 
@@ -168,14 +179,36 @@ class ChunkCache:
             if len(self._touched) >= TOUCHES_PER_SAVE:
                 self._save_touches()
 
+    def used_elsewhere(self, object_id: bytes) -> None:
+        """
+        Note, from any thread, that the entry was read: it moves up in the recency order.
+
+        The note is taken in (as :meth:`touch`) on the reactor's thread before
+        the next eviction and when recency is saved.
+        """
+        self._used_elsewhere[object_id] = None
+
+    def _take_uses(self) -> None:
+        """Apply the uses other threads noted (see :meth:`used_elsewhere`)."""
+        if not self._used_elsewhere:
+            return
+        used, self._used_elsewhere = self._used_elsewhere, {}
+        for object_id in list(used):
+            self.touch(object_id)
+
     def read_sealed(self, object_id: bytes, start: int, length: int) -> bytes:
         """
-        Bytes ``[start, start + length)`` of a cached object's file (any thread; pin first).
+        Bytes ``[start, start + length)`` of a cached object's file (any thread).
+
+        Pin the entry first to keep it; unpinned, it may be evicted meanwhile (see the module).
 
         Fewer bytes than asked (a file cut short) come back as they are: opening them fails.
         """
-        with open(self.path_of(object_id), "rb") as file:
-            return os.pread(file.fileno(), length, start)
+        descriptor = os.open(self._file_name(object_id), os.O_RDONLY)
+        try:
+            return os.pread(descriptor, length, start)
+        finally:
+            os.close(descriptor)
 
     # -- storing ---------------------------------------------------------------------
 
@@ -249,6 +282,7 @@ class ChunkCache:
     def _evict(self, keep: bytes | None = None) -> None:
         if self.size <= self.capacity:
             return
+        self._take_uses()
         for object_id in list(self._entries):
             if self.size <= self.capacity:
                 break
@@ -256,6 +290,7 @@ class ChunkCache:
                 self.drop(object_id)
 
     def _save_touches(self) -> None:
+        self._take_uses()
         touched, self._touched = self._touched, set()
         rows = []
         for object_id in self._entries:  # in recency order

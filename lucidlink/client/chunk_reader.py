@@ -15,11 +15,21 @@ the read fail, with ``IntegrityError``.
 reader (see :mod:`lucidlink.client.readahead`), at most ``read_ahead`` at
 once across the client.  A read that needs blocks a fetch is bringing waits
 for that fetch instead of asking the store a second time.
+
+:meth:`ChunkReader.read_cached` serves a range whose blocks are cached from
+any thread, without the reactor: it reads the sealed blocks from the cache
+file and opens them there, or gives None (not cached, damaged, evicted
+meanwhile) for the caller to go through :meth:`ChunkReader.read`, which
+deals with every such case.  The plaintext of the blocks it opened last is
+kept in memory (:class:`OpenedBlocks`, bounded), so small reads within one
+64 KiB block open it once.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -47,10 +57,53 @@ FUSE read (at most 128 KiB) spans at most three blocks.
 """
 
 
+DEFAULT_OPENED_BLOCKS = 256
+"""Opened 64 KiB blocks kept in memory (16 MiB) by default."""
+
+
 def _blocks_of(sealed_range: crypto.SealedRange) -> tuple[int, int]:
     """The first and last sealed block a (non-empty) sealed range covers."""
     last = sealed_range.first_block + (sealed_range.object_length - 1) // crypto.SEALED_BLOCK_SIZE
     return sealed_range.first_block, last
+
+
+BlockKey = tuple[int, int, bytes, int]
+"""``(inode, chunk index, object id, block index)``: the object's plaintext is bound to the first two."""
+
+
+class OpenedBlocks:
+    """
+    The plaintext of the last ``capacity`` blocks opened, least recently used dropped first (any thread).
+
+    Chunk objects never change, so a block's plaintext never goes stale; it
+    is kept under its file and chunk index too, so that an object a chunk
+    map names in another place (which would fail its tag there) is never
+    served from here.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_OPENED_BLOCKS) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[BlockKey, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, key: BlockKey) -> bytes | None:
+        with self._lock:
+            plain = self._blocks.get(key)
+            if plain is not None:
+                self._blocks.move_to_end(key)
+            return plain
+
+    def put(self, key: BlockKey, plain: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._blocks[key] = plain
+            self._blocks.move_to_end(key)
+            while len(self._blocks) > self.capacity:
+                self._blocks.popitem(last=False)
 
 
 class ChunkReader:
@@ -60,6 +113,7 @@ class ChunkReader:
     :param store: a function that returns the object store (it raises when there is none).
     :param cache: the chunk cache, or None to fetch every read (no read-ahead then).
     :param read_ahead: how many whole objects :meth:`prefetch` fetches at once.
+    :param opened_blocks: how many opened blocks :meth:`read_cached` keeps in memory.
     """
 
     log = Logger()
@@ -72,6 +126,7 @@ class ChunkReader:
         offload: Offload,
         cache: ChunkCache | None = None,
         read_ahead: int = DEFAULT_READ_AHEAD,
+        opened_blocks: int = DEFAULT_OPENED_BLOCKS,
     ) -> None:
         self._store = store
         self.keys = keys
@@ -84,6 +139,9 @@ class ChunkReader:
         self._keeping: set[defer.Deferred[None]] = set()
         self.prefetched = 0
         """Whole objects fetched ahead so far."""
+        self.opened = OpenedBlocks(opened_blocks)
+        self.served_at_once = 0
+        """Ranges :meth:`read_cached` served."""
 
     def key(self, object_id: bytes) -> str:
         return chunk_object_key(self.filespace_id, object_id)
@@ -126,6 +184,55 @@ class ChunkReader:
             kept = self._keep(object_id, object_length, sealed_range.object_start, sealed)
             kept.addBoth(lambda _: self._end_fetch(object_id, done))
         return plain
+
+    def read_cached(
+        self, inode: int, index: int, object_id: bytes, object_length: int, low: int, top: int
+    ) -> bytes | None:
+        """
+        Plaintext ``[low, top)`` (as :meth:`read`) if its blocks are cached, else None; from any thread.
+
+        None too when the cached copy fails to open (damaged, or evicted and
+        being written again): :meth:`read` then sorts it out.
+        """
+        cache = self.cache
+        top = min(top, object_length)
+        if cache is None or top <= low:
+            return None if cache is None else b""
+        size = crypto.BLOCK_SIZE
+        first, last = low // size, (top - 1) // size
+        blocks = [self.opened.get((inode, index, object_id, block)) for block in range(first, last + 1)]
+        missing = [first + n for n, plain in enumerate(blocks) if plain is None]
+        if missing:
+            low_block, high_block = missing[0], missing[-1]
+            if not cache.has(object_id, low_block, high_block):
+                return None
+            start = crypto.CHUNK_HEADER_SIZE + low_block * crypto.SEALED_BLOCK_SIZE
+            length = (
+                (high_block - low_block) * crypto.SEALED_BLOCK_SIZE
+                + crypto.BLOCK_OVERHEAD + min(size, object_length - high_block * size)
+            )
+            try:
+                sealed = cache.read_sealed(object_id, start, length)
+                if len(sealed) != length:
+                    return None
+                plain = crypto.open_blocks(self.keys, inode, index, low_block, sealed, object_length)
+            except (IntegrityError, OSError):
+                return None
+            cache.used_elsewhere(object_id)
+            if (low_block, high_block) == (first, last) and low % size == 0 and (top % size == 0 or top == object_length):
+                self.served_at_once += 1
+                return plain  # whole blocks, read once as a rule: not kept
+            for block in range(low_block, high_block + 1):
+                at = (block - low_block) * size
+                blocks[block - first] = piece = plain[at : at + size]
+                self.opened.put((inode, index, object_id, block), piece)
+        else:
+            cache.used_elsewhere(object_id)
+        self.served_at_once += 1
+        skip, end = low - first * size, top - first * size
+        if len(blocks) == 1:
+            return blocks[0][skip:end]  # type: ignore[index]
+        return b"".join(blocks)[skip:end]  # type: ignore[arg-type]
 
     @defer.inlineCallbacks
     def _read_cached(

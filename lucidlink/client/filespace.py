@@ -27,6 +27,9 @@ fetches only the sealed blocks that hold the range (a ranged get of
 and its on-disk :class:`~lucidlink.client.chunk_cache.ChunkCache`; holes, and
 bytes past a chunk's ``length``, read as zeros.  A handle read in order has
 the next chunks fetched ahead (:mod:`lucidlink.client.readahead`).
+:meth:`FileHandle.read_cached` serves a read from any thread, without the
+reactor, when the file has nothing pending and the chunks it needs are
+known and cached (see :meth:`OpenFile.read_cached`); a mount tries it first.
 Writes are buffered per chunk (a partial overwrite of an existing chunk reads
 it first) and, with a cache folder, journaled sealed on disk
 (:mod:`lucidlink.client.writeback`); a chunk the writer has filled and moved
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -210,6 +214,17 @@ class Recovery:
         return f"writes to inode {self.inode} left by an earlier run were NOT committed: {self.reason}{kept}"
 
 
+@dataclass(frozen=True)
+class _ReadView:
+    """What reading a file with nothing pending needs, as it was at one chunk map version (never changed)."""
+
+    size: int
+    version: int
+    chunks: dict[int, ChunkRef]
+    windows: frozenset[int]
+    """The chunk map windows ``chunks`` holds in full: an index of one of them that is not in it is a hole."""
+
+
 @dataclass(eq=False)
 class _Dirty:
     """A chunk changed by a handle and not yet committed."""
@@ -260,6 +275,10 @@ class OpenFile:
         self._grown_to = 0
         self._lock = defer.DeferredLock()
         self._reads = SequentialReads(self._chunk_size, inodes.chunks.read_ahead)
+        self._reads_lock = threading.Lock()
+        """Guards ``_reads``, which reads of other threads (:meth:`read_cached`) tell too."""
+        self._view: _ReadView | None = None
+        """What :meth:`read_cached` may serve from; None whenever the file is being changed or may be stale."""
         self._uploading: dict[int, defer.Deferred[None]] = {}
         self._journal: Journal | None = None
         self.replaying = False
@@ -298,7 +317,8 @@ class OpenFile:
         if clean:
             yield self._load(clean[0], clean[-1])
             end = min(offset + size, self.size)
-        ahead = self._reads.observe(offset, size, self.size)
+        with self._reads_lock:
+            ahead = self._reads.observe(offset, size, self.size)
         if ahead:
             self._read_ahead(ahead)
         pieces = []
@@ -315,7 +335,67 @@ class OpenFile:
                 entry = self._map.get(index)
                 pieces.append(self._fetch(index, entry, low, high, self._visible_length(index, entry)))
         parts = yield _gather(pieces)
+        self._publish_view()
         return b"".join(parts)
+
+    def _publish_view(self) -> None:
+        """Let other threads read from what is known now, if the file is at rest (see :meth:`read_cached`)."""
+        view = self._view
+        if (
+            self.pending or self._stale or self._lock.locked or self._map_version != self.version
+            or (view is not None and view.windows == self._windows)
+        ):
+            return
+        self._view = _ReadView(self.size, self.version, dict(self._map), frozenset(self._windows))
+
+    def _hide_view(self) -> None:
+        """The file is about to change (or may have): reads of other threads go through the reactor."""
+        self._view = None
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """
+        Up to ``size`` bytes from ``offset`` (as :meth:`read`), from any thread, or None.
+
+        Served from the chunk map as the last read through the reactor left
+        it, and from the chunk cache, when the file has nothing pending and
+        has not changed since (every change hides that view first); None
+        when anything needed is not known or not cached, and the caller goes
+        through :meth:`read`.  A sequential reader is told to
+        :mod:`~lucidlink.client.readahead` as by :meth:`read`, and the
+        fetches ahead of it begin on the reactor.
+        """
+        view = self._view
+        if view is None or offset < 0 or size < 0:
+            return None
+        chunk_size = self._chunk_size
+        end = min(offset + size, view.size)
+        pieces = []
+        if end > offset:
+            for index in range(offset // chunk_size, (end - 1) // chunk_size + 1):
+                if index // CHUNKMAP_WINDOW not in view.windows:
+                    return None
+                start = index * chunk_size
+                low, high = max(offset, start) - start, min(end, start + chunk_size) - start
+                entry = view.chunks.get(index)
+                top = min(high, entry.length) if entry is not None else 0
+                if top <= low:
+                    pieces.append(bytes(high - low))
+                    continue
+                if not entry.object_id:  # type: ignore[union-attr]
+                    return None
+                plain = self._inodes.chunks.read_cached(
+                    self.inode, index, entry.object_id, entry.object_length, low, top  # type: ignore[union-attr]
+                )
+                if plain is None:
+                    return None
+                pieces.append(plain + bytes(high - top) if top < high else plain)
+        if self._view is not view:
+            return None  # changed meanwhile: the reactor answers with what it is now
+        with self._reads_lock:
+            ahead = self._reads.observe(offset, size, view.size)
+        if ahead:
+            self._inodes.call_in_reactor(self._read_ahead, ahead)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _read_ahead(self, indices: range) -> None:
         """Fetch the committed chunks ``indices`` into the cache in the background."""
@@ -369,6 +449,7 @@ class OpenFile:
                 return
             needed = needed or [first // CHUNKMAP_WINDOW]
             version, size, entries = yield self._read_map(needed)
+            self._hide_view()
             if version != self._map_version:
                 self._map.clear()
                 self._windows.clear()
@@ -411,6 +492,7 @@ class OpenFile:
         The bytes are buffered; they are stored by :meth:`flush`, :meth:`close`,
         or a later write once more than the buffer limit is held.
         """
+        self._hide_view()
         return self._lock.run(self._write, offset, data, append)
 
     @defer.inlineCallbacks
@@ -517,6 +599,7 @@ class OpenFile:
         the end are dropped; growing only changes the size (the new bytes read
         as zeros).
         """
+        self._hide_view()
         return self._lock.run(self._truncate, size)
 
     @defer.inlineCallbacks
@@ -674,6 +757,7 @@ class OpenFile:
 
         ``keep_pending``: it was the first of two commits (a cut); the buffered chunks and size stay.
         """
+        self._hide_view()
         size = committed.attributes.size
         if self._map_version != expected:
             self._map.clear()
@@ -705,6 +789,7 @@ class OpenFile:
         chunk_size = self._chunk_size
         windows = {index // CHUNKMAP_WINDOW for index in self._dirty} or {0}
         version, size, entries = yield self._read_map(windows)
+        self._hide_view()
         for index, chunk in self._dirty.items():
             entry = entries.get(index)
             now = (entry.object_id, entry.length) if entry is not None else (b"", 0)
@@ -750,11 +835,13 @@ class OpenFile:
 
         Writes buffered here before are dropped: the truncation ends them as it would have once committed.
         """
+        self._hide_view()
         return self._lock.run(self._truncate_at_open, server)
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
         committed = yield self._inodes.session.call(lambda: w.ChunkMapCommit(self.inode, server.id, 0, 0, [], 0))
+        self._hide_view()
         self._map.clear()
         self._windows.clear()
         self._map_version = self.version = committed.version
@@ -769,6 +856,7 @@ class OpenFile:
 
     def ended(self) -> None:
         """Its last handle here closed: writes that could not be committed stay journaled for the next mount."""
+        self._hide_view()
         if self._journal is not None:
             self._journal.sync()
             self._journal.close()
@@ -798,6 +886,7 @@ class OpenFile:
 
         ``attributes``: the file's new attributes, when the change was made here.
         """
+        self._hide_view()
         self._map.clear()
         self._windows.clear()
         self._map_version = None
@@ -851,6 +940,17 @@ class FileHandle:
     def read(self, offset: int, size: int) -> defer.Deferred[bytes]:
         """Up to ``size`` bytes from ``offset``: fewer at the end of the file, ``b""`` past it."""
         return self._checked(self._check_open) or self.file.read(offset, size)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """
+        What :meth:`read` would give, from any thread and at once, when it is known and cached here; else None.
+
+        See :meth:`OpenFile.read_cached`; None also for a closed handle or
+        one whose lock was lost (:meth:`read` gives their errors).
+        """
+        if self.closed or self.lock_lost is not None:
+            return None
+        return self.file.read_cached(offset, size)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
         """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
@@ -956,6 +1056,8 @@ class Inodes:
         )
         self._uploads = defer.DeferredSemaphore(parallel_uploads)
         self.chunks = ChunkReader(self.require_store, self.keys, self.filespace_id, self.offload, cache, read_ahead)
+        self.call_in_reactor: Callable[..., object] = reactor.callFromThread
+        """Runs a function on the reactor's thread, called from any thread (and returns at once)."""
         self.journals = journals
         self._handles: dict[int, set[FileHandle]] = {}
         self._files: dict[int, OpenFile] = {}
