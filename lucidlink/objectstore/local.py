@@ -10,6 +10,17 @@ hard-linked to it for a create-only put, so an existing object is never
 replaced), and the folder is fsynced.  A crash leaves at worst a stray
 temporary file, never part of an object.
 
+Create-only puts into a folder named ``journal`` (journal segments, which a
+metadata server in ``durability = sync`` waits for on every change) are
+appended to that folder's pack instead (:mod:`lucidlink.objectstore.pack`:
+``ROOT/<filespace>/journal/.pack/00000001``, …): one ``fdatasync`` of
+blocks written ahead, where a new file costs two journal commits of the file
+system.  ``packed`` says which folders pack; every operation finds a packed
+object wherever it is, so a store opened with another ``packed`` reads the
+same objects.  A folder that has packs sends all its create-only puts there
+(one lock decides which of two creators wins); a plain put writes a file,
+which is newer than a packed object of the same key and hides it.
+
 Blocking file I/O runs in a thread pool: one the store owns (and stops on
 :meth:`LocalObjectStore.close` or reactor shutdown) or one it is given.
 """
@@ -21,6 +32,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +44,7 @@ from zope.interface import implementer
 
 from lucidlink import errors
 from lucidlink.objectstore.interface import KEY_PART, IObjectStore, ObjectInfo, check_key, check_prefix
+from lucidlink.objectstore.pack import PACK_FOLDER, FolderPack, Packed
 
 _T = TypeVar("_T")
 
@@ -46,6 +59,11 @@ def _write_fully(fd: int, data: memoryview) -> None:
     while data:
         written = os.write(fd, data)
         data = data[written:]
+
+
+def is_journal_folder(folder_key: str) -> bool:
+    """Whether create-only puts into ``folder_key`` go to its pack: folders named ``journal``."""
+    return folder_key.rpartition("/")[2] == "journal"
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -66,6 +84,8 @@ class LocalObjectStore:
     disk that is not mounted, must not look like an empty store.  If the
     folder vanishes later, operations fail with Unavailable, not NotFound.
     Objects are created readable by their owner only (mode 0600).
+    ``packed(folder_key)`` says which folders keep their create-only puts in
+    a pack (``""`` is the root).
     """
 
     def __init__(
@@ -75,6 +95,7 @@ class LocalObjectStore:
         threadpool: ThreadPool | None = None,
         *,
         create: bool = False,
+        packed: Callable[[str], bool] = is_journal_folder,
     ) -> None:
         self.root = Path(root).absolute()
         if create:
@@ -82,6 +103,9 @@ class LocalObjectStore:
         if not self.root.is_dir():
             raise errors.NotFound(f"object store folder {self.root} does not exist")
         self._reactor = reactor
+        self._packed = packed
+        self._packs: dict[Path, FolderPack] = {}
+        self._packs_lock = threading.Lock()
         self._closed = False
         self._shutdown_trigger: Any = None
         if threadpool is None:
@@ -129,6 +153,21 @@ class LocalObjectStore:
                 self._threadpool.stop()
         return succeed(None)
 
+    def locate(self, key: str) -> tuple[Path, int, int]:
+        """Where the bytes of object ``key`` are on disk: a file, and their offset and size in it.
+
+        Blocking, for inspection and tests; raises NotFound if there is no such object.
+        """
+        check_key(key)
+        path = self._path(key)
+        if path.is_file():
+            return path, 0, path.stat().st_size
+        found = self._find_packed(key)
+        if found is None:
+            raise self._missing(key)
+        pack, packed = found
+        return Path(pack.pack_path(packed.pack)), packed.offset, packed.size
+
     # In the reactor thread
 
     def _run(self, work: Callable[..., _T], check: Callable[[str], str], key: str, *args: Any) -> Deferred[_T]:
@@ -165,12 +204,43 @@ class LocalObjectStore:
             f"object key {key!r} clashes with another key used as its folder, or its folder used as a key"
         )
 
+    def _pack(self, folder: Path) -> FolderPack:
+        with self._packs_lock:
+            pack = self._packs.get(folder)
+            if pack is None:
+                pack = self._packs[folder] = FolderPack(folder)
+            return pack
+
+    def _existing_pack(self, folder: Path) -> FolderPack | None:
+        """The packs of ``folder``, if it has any."""
+        return self._pack(folder) if os.path.isdir(os.path.join(folder, PACK_FOLDER)) else None
+
+    def _find_packed(self, key: str) -> tuple[FolderPack, Packed] | None:
+        """The pack holding ``key`` and where in it, if the object is packed."""
+        path = self._path(key)
+        pack = self._existing_pack(path.parent)
+        if pack is None:
+            return None
+        packed = pack.find(path.name)
+        return None if packed is None else (pack, packed)
+
+    def _read_packed(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """A packed object's bytes (the plain file is not there), or NotFound."""
+        try:
+            found = self._find_packed(key)
+            data = None if found is None else found[0].read(found[1], start, length)
+        except OSError as failure:
+            raise self._error(failure, "reading", key) from failure
+        if data is None:
+            raise self._missing(key)
+        return data
+
     def _get(self, key: str) -> bytes:
         try:
             with open(self._path(key), "rb") as file:
                 return file.read()
         except _NOT_AN_OBJECT:
-            raise self._missing(key) from None
+            return self._read_packed(key)
         except OSError as failure:
             raise self._error(failure, "reading", key) from failure
 
@@ -178,7 +248,7 @@ class LocalObjectStore:
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except _NOT_AN_OBJECT:
-            raise self._missing(key) from None
+            return self._read_packed(key, start, length)
         except OSError as failure:
             raise self._error(failure, "reading", key) from failure
         try:
@@ -219,6 +289,23 @@ class LocalObjectStore:
 
     def _put(self, key: str, data: memoryview, create_only: bool) -> None:
         path = self._path(key)
+        try:
+            pack = self._existing_pack(path.parent)
+            if create_only and (pack is not None or self._packed(key.rpartition("/")[0])):
+                if pack is None:
+                    self._make_folders(path.parent, key)
+                if not self._pack(path.parent).append(path.name, data, taken=lambda: os.path.lexists(path)):
+                    if path.is_dir():
+                        raise self._conflict(key)
+                    raise errors.AlreadyExists(f"object {key!r} already exists in the store at {self.root}")
+                return
+            self._put_file(key, path, data, create_only)
+            if pack is not None:
+                pack.remove(path.name)  # the file is the object now
+        except OSError as failure:
+            raise self._error(failure, "writing", key) from failure
+
+    def _put_file(self, key: str, path: Path, data: memoryview, create_only: bool) -> None:
         temporary = path.parent / f"{_TEMPORARY_PREFIX}{secrets.token_hex(8)}"
         try:
             self._make_folders(path.parent, key)
@@ -265,6 +352,12 @@ class LocalObjectStore:
     def _delete(self, key: str) -> None:
         path = self._path(key)
         try:
+            pack = self._existing_pack(path.parent)
+            if pack is not None:
+                pack.remove(path.name)
+        except OSError as failure:
+            raise self._error(failure, "deleting", key) from failure
+        try:
             os.unlink(path)
         except _NOT_AN_OBJECT:
             if not self.root.is_dir():
@@ -283,7 +376,13 @@ class LocalObjectStore:
         try:
             status = os.stat(self._path(key))
         except _NOT_AN_OBJECT:
-            raise self._missing(key) from None
+            try:
+                found = self._find_packed(key)
+            except OSError as failure:
+                raise self._error(failure, "looking up", key) from failure
+            if found is None:
+                raise self._missing(key) from None
+            return ObjectInfo(key, found[1].size, found[1].modified)
         except OSError as failure:
             raise self._error(failure, "looking up", key) from failure
         if not stat.S_ISREG(status.st_mode):
@@ -307,8 +406,12 @@ class LocalObjectStore:
                 continue
             except OSError as failure:
                 raise self._error(failure, "listing", prefix) from failure
+            files: set[str] = set()
+            has_packs = False
             with entries:
                 for entry in entries:
+                    if entry.name == PACK_FOLDER:
+                        has_packs = True
                     if not entry.name.startswith(name_start) or not KEY_PART.fullmatch(entry.name):
                         continue
                     key = key_prefix + entry.name
@@ -319,6 +422,14 @@ class LocalObjectStore:
                             status = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # deleted while we listed
+                        files.add(entry.name)
                         found.append(ObjectInfo(key, status.st_size, status.st_mtime))
+            if has_packs:
+                try:
+                    packed = self._pack(folder).objects()
+                except OSError as failure:
+                    raise self._error(failure, "listing", prefix) from failure
+                found.extend(ObjectInfo(key_prefix + name, where.size, where.modified)
+                             for name, where in packed.items() if name.startswith(name_start) and name not in files)
         found.sort(key=lambda info: info.key)
         return found
