@@ -11,6 +11,7 @@ a power cut or a writer killed mid-write.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -123,6 +124,21 @@ class FolderPackTests(SynchronousTestCase):
         self.append("big", b"z" * STEP)  # past the written blocks: zeros ahead, fsynced once
         self.assertEqual(calls, ["fsync", "fdatasync"])
         self.assertEqual(pack_file(self.folder).stat().st_size % STEP, 0)
+
+    def test_failed_sync_takes_the_record_back(self) -> None:
+        """An append whose fdatasync fails is not an object for anyone, and the name stays free."""
+        self.append("kept", b"k")
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        restore = self.patch(os, "fdatasync", failing)
+        self.assertRaises(OSError, self.append, "lost", b"l" * 100)
+        self.assertIsNone(self.writer.find("lost"))
+        self.assertEqual(sorted(FolderPack(self.folder).objects()), ["kept"])
+        restore.restore()
+        self.assertTrue(self.append("lost", b"again"))
+        self.assertEqual(self.read("lost"), b"again")
 
     def test_delete_and_again(self) -> None:
         """A deleted name is gone for every view and can be created again."""

@@ -242,16 +242,6 @@ class FolderPack:
             self._reclaim(directory_fd)
             return True
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the folder's append lock (if it has packs): no packed object appears meanwhile."""
-        with self._lock:
-            if not self.exists():
-                yield
-                return
-            with self._exclusive(create=False):
-                yield
-
     # -- inside ------------------------------------------------------------------------
 
     def pack_path(self, pack: str) -> str:
@@ -361,8 +351,16 @@ class FolderPack:
             if needed > size:
                 _write_zeros(fd, size, -(-needed // self.step) * self.step)
                 os.fsync(fd)  # the new size and blocks, once a step
-            _write_at(fd, record, offset)
-            os.fdatasync(fd)
+            try:
+                _write_at(fd, record, offset)
+                os.fdatasync(fd)
+            except OSError:
+                # Not durable, so not stored: take it back while no one else may append after it.
+                try:
+                    _write_zeros(fd, offset, offset + len(record))
+                except OSError:
+                    state.tail_clean = False
+                raise
         finally:
             os.close(fd)
         state.end = offset + len(record)
