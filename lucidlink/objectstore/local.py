@@ -104,7 +104,8 @@ class LocalObjectStore:
             raise errors.NotFound(f"object store folder {self.root} does not exist")
         self._reactor = reactor
         self._packed = packed
-        self._packs: dict[Path, FolderPack] = {}
+        self._root = str(self.root)
+        self._packs: dict[str, FolderPack] = {}
         self._packs_lock = threading.Lock()
         self._closed = False
         self._shutdown_trigger: Any = None
@@ -151,6 +152,10 @@ class LocalObjectStore:
                 self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
                 self._shutdown_trigger = None
                 self._threadpool.stop()
+            with self._packs_lock:
+                packs = list(self._packs.values())
+            for pack in packs:
+                pack.close()
         return succeed(None)
 
     def locate(self, key: str) -> tuple[Path, int, int]:
@@ -204,14 +209,15 @@ class LocalObjectStore:
             f"object key {key!r} clashes with another key used as its folder, or its folder used as a key"
         )
 
-    def _pack(self, folder: Path) -> FolderPack:
+    def _pack(self, folder: Path | str) -> FolderPack:
+        folder = str(folder)
         with self._packs_lock:
             pack = self._packs.get(folder)
             if pack is None:
-                pack = self._packs[folder] = FolderPack(folder)
+                pack = self._packs[folder] = FolderPack(Path(folder))
             return pack
 
-    def _existing_pack(self, folder: Path) -> FolderPack | None:
+    def _existing_pack(self, folder: Path | str) -> FolderPack | None:
         """The packs of ``folder``, if it has any."""
         return self._pack(folder) if os.path.isdir(os.path.join(folder, PACK_FOLDER)) else None
 
@@ -288,17 +294,20 @@ class LocalObjectStore:
             _fsync_folder(folder.parent)
 
     def _put(self, key: str, data: memoryview, create_only: bool) -> None:
-        path = self._path(key)
+        folder_key, _, name = key.rpartition("/")
+        folder = os.path.join(self._root, *folder_key.split("/")) if folder_key else self._root
+        file_path = os.path.join(folder, name)
         try:
-            pack = self._existing_pack(path.parent)
-            if create_only and (pack is not None or self._packed(key.rpartition("/")[0])):
+            pack = self._existing_pack(folder)
+            if create_only and (pack is not None or self._packed(folder_key)):
                 if pack is None:
-                    self._make_folders(path.parent, key)
-                if not self._pack(path.parent).append(path.name, data, taken=lambda: os.path.lexists(path)):
-                    if path.is_dir():
+                    self._make_folders(Path(folder), key)
+                if not self._pack(folder).append(name, data, taken=lambda: os.path.lexists(file_path)):
+                    if os.path.isdir(file_path):
                         raise self._conflict(key)
                     raise errors.AlreadyExists(f"object {key!r} already exists in the store at {self.root}")
                 return
+            path = Path(file_path)
             self._put_file(key, path, data, create_only)
             if pack is not None:
                 pack.remove(path.name)  # the file is the object now

@@ -148,6 +148,8 @@ class _PackState:
     """Nothing valid lies at or after ``end`` (checked once, then kept true by appending only at the end)."""
     tail_clean: bool = False
     """Everything at or after ``end`` is zero, so an append there leaves nothing stale behind it."""
+    size: int = 0
+    """The file's size when last scanned (under the lock: its size)."""
 
 
 @dataclass
@@ -175,8 +177,13 @@ class FolderPack:
         self.limit = limit
         self.step = step
         self._lock = threading.RLock()
-        self._states: dict[int, _PackState] = {}
+        self._states: dict[str, _PackState] = {}
         self._objects: dict[str, Packed] = {}
+        self._directory_fd: int | None = None
+        self._fds: dict[tuple[str, bool], int] = {}
+        """Open files of the last pack (reading, writing): it is read and written on every put."""
+        self._listing: tuple[tuple[int, int], list[str]] | None = None
+        """The packs, and the pack folder's (inode, mtime) when they were listed."""
 
     def __repr__(self) -> str:
         return f"<FolderPack {self.directory}>"
@@ -186,6 +193,14 @@ class FolderPack:
     def exists(self) -> bool:
         """Whether the folder has packs (an object may live in one)."""
         return os.path.isdir(self._directory)
+
+    def close(self) -> None:
+        """Close the files kept open (the next use opens them again)."""
+        with self._lock:
+            self._close_files()
+            if self._directory_fd is not None:
+                os.close(self._directory_fd)
+                self._directory_fd = None
 
     def find(self, name: str) -> Packed | None:
         """Where the object ``name`` is packed, if it is."""
@@ -250,42 +265,84 @@ class FolderPack:
 
     @contextmanager
     def _exclusive(self, create: bool) -> Iterator[int]:
+        """Hold the lock of the folder's packs (made if ``create``); yields the pack folder's descriptor."""
+        fd = self._directory_fd
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:  # the folder was removed since we opened it
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                self.close()
+                self._forget()
+                fd = None
+        if fd is None:
+            fd = self._open_directory(create)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._directory_fd = fd
         try:
-            fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            yield fd
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open_directory(self, create: bool) -> int:
+        try:
+            return os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create:
                 raise
-            try:
-                os.mkdir(self._directory, 0o700)
-            except FileExistsError:
-                pass
-            else:
-                _fsync_path(self.folder)
-            fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
-        finally:
-            os.close(fd)  # releases the lock
+            os.mkdir(self._directory, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            _fsync_path(self.folder)
+        return os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _file(self, pack: str, writable: bool = False) -> int:
+        """An open file of the last pack, kept open."""
+        fd = self._fds.get((pack, writable))
+        if fd is None:
+            flags = os.O_RDWR if writable else os.O_RDONLY
+            fd = self._fds[pack, writable] = os.open(self.pack_path(pack), flags | os.O_CLOEXEC)
+        return fd
+
+    def _close_files(self, keep: str | None = None) -> None:
+        for (pack, writable), fd in list(self._fds.items()):
+            if pack != keep:
+                del self._fds[pack, writable]
+                os.close(fd)
 
     def _packs(self) -> list[str]:
         """The names of the folder's packs, oldest first."""
         try:
+            status = os.stat(self._directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        version = (status.st_ino, status.st_mtime_ns)
+        if self._listing is not None and self._listing[0] == version:
+            return self._listing[1]
+        try:
             names = os.listdir(self._directory)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(name for name in names if _PACK_NAME.fullmatch(name))
+        packs = sorted(name for name in names if _PACK_NAME.fullmatch(name))
+        # A folder's time has a coarse grain: one changed in the last second may change again without it moving.
+        self._listing = (version, packs) if time.time_ns() - status.st_mtime_ns > 1_000_000_000 else None
+        return packs
 
     def _refresh(self) -> None:
         """Read what was appended since this process last looked (by anyone)."""
         packs = self._packs()
         if any(pack not in packs for pack in self._states):
             self._forget()  # a pack was reclaimed: start again from what is there
+        self._close_files(keep=packs[-1] if packs else None)
         for pack in packs:
             state = self._states.setdefault(pack, _PackState())
             if state.tail_checked and pack != packs[-1]:
                 continue  # read to its end, and only the last pack is appended to
             try:
+                if pack == packs[-1]:
+                    self._scan(pack, self._file(pack), state)
+                    continue
                 fd = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._forget()
@@ -298,15 +355,18 @@ class FolderPack:
     def _forget(self) -> None:
         self._states.clear()
         self._objects.clear()
+        self._listing = None
+        self._close_files()
 
     def _scan(self, pack: str, fd: int, state: _PackState) -> None:
-        size = os.fstat(fd).st_size
+        size = state.size = os.fstat(fd).st_size
         position = state.end
         while position + HEADER_SIZE <= size:
-            record = _read_record(fd, position, size)
+            raw_header = _read_exactly(fd, position, HEADER_SIZE)
+            if state.tail_checked and not any(raw_header):
+                return  # the usual end: zeros where the next record will go
+            record = _read_record(fd, position, size, raw_header)
             if record is None:
-                if state.tail_checked and not any(_read_exactly(fd, position, HEADER_SIZE)):
-                    return  # the usual end: zeros where the next record will go
                 found = _next_record(fd, position, size)
                 if found is None:
                     state.tail_checked = True
@@ -337,32 +397,30 @@ class FolderPack:
         else:
             pack = self._new_pack(directory_fd, int(packs[-1][:8]) + 1 if packs else 1)
         state = self._states[pack]
-        fd = os.open(self.pack_path(pack), os.O_RDWR | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            if not state.tail_clean:
-                # Nothing valid lies after the end (the scan made sure): clear what an unfinished append left.
-                if state.end < size:
-                    _write_zeros(fd, state.end, size)
-                    os.fdatasync(fd)
-                state.tail_checked = state.tail_clean = True
-            offset = state.end
-            needed = offset + len(record)
-            if needed > size:
-                _write_zeros(fd, size, -(-needed // self.step) * self.step)
-                os.fsync(fd)  # the new size and blocks, once a step
-            try:
-                _write_at(fd, record, offset)
+        fd = self._file(pack, writable=True)
+        size = state.size
+        if not state.tail_clean:
+            # Nothing valid lies after the end (the scan made sure): clear what an unfinished append left.
+            if state.end < size:
+                _write_zeros(fd, state.end, size)
                 os.fdatasync(fd)
+            state.tail_checked = state.tail_clean = True
+        offset = state.end
+        needed = offset + len(record)
+        if needed > size:
+            state.size = -(-needed // self.step) * self.step
+            _write_zeros(fd, size, state.size)
+            os.fsync(fd)  # the new size and blocks, once a step
+        try:
+            _write_at(fd, record, offset)
+            os.fdatasync(fd)
+        except OSError:
+            # Not durable, so not stored: take it back while no one else may append after it.
+            try:
+                _write_zeros(fd, offset, offset + len(record))
             except OSError:
-                # Not durable, so not stored: take it back while no one else may append after it.
-                try:
-                    _write_zeros(fd, offset, offset + len(record))
-                except OSError:
-                    state.tail_clean = False
-                raise
-        finally:
-            os.close(fd)
+                state.tail_clean = False
+            raise
         state.end = offset + len(record)
         return pack, offset
 
@@ -375,7 +433,7 @@ class FolderPack:
         finally:
             os.close(fd)
         os.fsync(directory_fd)
-        self._states[pack] = _PackState(tail_checked=True, tail_clean=True)
+        self._states[pack] = _PackState(tail_checked=True, tail_clean=True, size=self.step)
         return pack
 
     def _reclaim(self, directory_fd: int) -> None:
@@ -405,9 +463,10 @@ def _read_exactly(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_record(fd: int, offset: int, size: int) -> _Record | None:
+def _read_record(fd: int, offset: int, size: int, raw_header: bytes | None = None) -> _Record | None:
     """The record at ``offset`` if its header checks and it fits in the file; ``intact`` if its digest does too."""
-    raw_header = _read_exactly(fd, offset, HEADER_SIZE)
+    if raw_header is None:
+        raw_header = _read_exactly(fd, offset, HEADER_SIZE)
     header = _parse_header(raw_header)
     if header is None or offset + header.record_size > size:
         return None
