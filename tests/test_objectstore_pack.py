@@ -188,6 +188,67 @@ class FolderPackTests(SynchronousTestCase):
         self.assertEqual(self.read("new"), b"y")
 
 
+class AppendNowTests(SynchronousTestCase):
+    """The fast path: an append made at once only when it is one write and one fdatasync."""
+
+    def setUp(self) -> None:
+        self.folder = folder_for(self)
+        self.pack = FolderPack(self.folder, limit=LIMIT, step=STEP)
+        self.pack.append("first", b"1", taken=lambda: False)  # reads the folder: the fast path may follow
+
+    def now(self, name: str, data: bytes = b"data", pack: FolderPack | None = None) -> bool | None:
+        return (pack or self.pack).append_now(name, data, taken=lambda: False)
+
+    def test_appends_at_once(self) -> None:
+        """A warm pack appends in place, durably (one fdatasync, no fsync), and others read it."""
+        calls: list[str] = []
+        real_fsync, real_fdatasync = os.fsync, os.fdatasync
+        self.patch(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+        self.patch(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+        self.assertIs(self.now("second"), True)
+        self.assertEqual(calls, ["fdatasync"])
+        other = FolderPack(self.folder)
+        self.assertEqual(other.read(other.find("second")), b"data")  # type: ignore[arg-type]
+
+    def test_refuses_a_taken_name(self) -> None:
+        """A name packed already, or taken elsewhere, is refused at once."""
+        self.assertIs(self.now("first"), False)
+        self.assertIs(self.pack.append_now("new", b"x", taken=lambda: True), False)
+
+    def test_cold_pack_waits(self) -> None:
+        """A view that has not read the folder yet leaves it to append (which reads every pack first)."""
+        self.assertIsNone(self.now("x", pack=FolderPack(self.folder)))
+
+    def test_lock_held_elsewhere_waits(self) -> None:
+        """Another process appending (its lock held): no waiting here."""
+        other = FolderPack(self.folder)
+        with other._exclusive(create=False):
+            self.assertIsNone(self.now("x"))
+        self.assertIs(self.now("x"), True)
+
+    def test_new_pack_elsewhere_waits(self) -> None:
+        """A pack started by another process is read by append, not here."""
+        other = FolderPack(self.folder, limit=LIMIT, step=STEP)
+        while len(list((self.folder / ".pack").iterdir())) == 1:
+            other.append(f"filler-{len(other.objects())}", b"f" * 2000, taken=lambda: False)
+        self.assertIsNone(self.now("x"))
+        self.assertTrue(self.pack.append("x", b"data", taken=lambda: False))
+        self.assertIs(self.now("y"), True)
+
+    def test_full_blocks_wait(self) -> None:
+        """A record past the blocks written ahead (an extension and its fsync) is left to append."""
+        self.assertIsNone(self.now("big", b"b" * STEP))
+        self.assertIsNone(self.pack.find("big"))
+
+    def test_torn_tail_waits(self) -> None:
+        """An unfinished append of another writer is cleared by append, not here."""
+        end = len(encode_record(PUT, "first", b"1", 0))
+        write_into(pack_file(self.folder), end, encode_record(PUT, "torn", b"t" * 100)[:50])
+        self.assertIsNone(self.now("x"))
+        self.assertTrue(self.pack.append("x", b"data", taken=lambda: False))
+        self.assertEqual(sorted(FolderPack(self.folder).objects()), ["first", "x"])
+
+
 class TornAndDamagedTests(SynchronousTestCase):
     """What a crash or bit rot leaves in a pack, seen by a reader and then by the next writer."""
 
@@ -353,6 +414,22 @@ class LocalStorePackTests(TestCase):
         failure = await self.assertFailure(self.store.put("fs/journal/sub", b"2", create_only=True),
                                            errors.InvalidArgument)
         self.assertIn("clashes", str(failure))
+
+    def test_cheap_puts_are_made_at_once(self) -> None:
+        """Once a journal folder is in use, a create-only put there is done when put() returns; others wait."""
+        first = self.store.put("fs/journal/1", b"one", create_only=True)
+        self.assertNoResult(first)  # the first reads the folder in the thread pool
+        return first.addCallback(self._then_at_once)
+
+    def _then_at_once(self, _: None) -> Any:
+        self.successResultOf(self.store.put("fs/journal/2", b"two", create_only=True))
+        self.failureResultOf(self.store.put("fs/journal/2", b"again", create_only=True), errors.AlreadyExists)
+        self.failureResultOf(self.store.put("fs/journal/.x", b"bad", create_only=True), errors.InvalidArgument)
+        other = FolderPack(self.root / "fs" / "journal")
+        with other._exclusive(create=False):
+            waiting = self.store.put("fs/journal/3", b"three", create_only=True)
+            self.assertNoResult(waiting)  # another process holds the lock: the pool waits for it
+        return waiting
 
     @defer.inlineCallbacks
     def test_shipper_goes_on_after_a_torn_segment(self) -> Any:

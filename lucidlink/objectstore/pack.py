@@ -244,6 +244,46 @@ class FolderPack:
                                          _HEADER.unpack_from(record)[5] / 1e9)
             return True
 
+    def append_now(self, name: str, data: bytes | memoryview, taken: Callable[[], bool]) -> bool | None:
+        """:meth:`append`, if it costs no more than one write into blocks written ahead and one fdatasync.
+
+        None (nothing written) if it would wait for more: a lock held by
+        another thread or process, a pack to read (new, reclaimed, or not
+        read yet) or to clear, extend or start.  Then call :meth:`append`
+        where waiting is fine.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            directory_fd = self._directory_fd
+            if directory_fd is None or not self._states:
+                return None
+            try:
+                fcntl.flock(directory_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            try:
+                if os.fstat(directory_fd).st_nlink == 0 or self._packs() != sorted(self._states):
+                    return None
+                pack = max(self._states)
+                state = self._states[pack]
+                if not state.tail_checked:
+                    return None
+                self._scan(pack, self._file(pack), state)
+                if name in self._objects or taken():
+                    return False
+                record = encode_record(PUT, name, data)
+                if not state.tail_clean or state.end + len(record) > min(state.size, self.limit):
+                    return None
+                _, offset = self._append(directory_fd, record)
+            finally:
+                fcntl.flock(directory_fd, fcntl.LOCK_UN)
+            self._objects[name] = Packed(pack, offset + HEADER_SIZE + len(name), len(data),
+                                         _HEADER.unpack_from(record)[5] / 1e9)
+            return True
+        finally:
+            self._lock.release()
+
     def remove(self, name: str) -> bool:
         """Delete the packed object ``name``; False if there was none.  Durable on return."""
         if not self.exists():
