@@ -13,7 +13,7 @@ temporary file, never part of an object.
 Create-only puts into a folder named ``journal`` (journal segments, which a
 metadata server in ``durability = sync`` waits for on every change) are
 appended to that folder's pack instead (:mod:`lucidlink.objectstore.pack`:
-``ROOT/<filespace>/journal/.pack/00000001``, …): one ``fdatasync`` of
+``ROOT/<filespace>/journal/.pack/00000001-<random>``, …): one ``fdatasync`` of
 blocks written ahead, where a new file costs two journal commits of the file
 system.  ``packed`` says which folders pack; every operation finds a packed
 object wherever it is, so a store opened with another ``packed`` reads the
@@ -23,6 +23,9 @@ which is newer than a packed object of the same key and hides it.
 
 Blocking file I/O runs in a thread pool: one the store owns (and stops on
 :meth:`LocalObjectStore.close` or reactor shutdown) or one it is given.
+The one exception is a packed put that is a single write and ``fdatasync``
+into a pack already open, which is made in the caller's thread (see
+:class:`LocalObjectStore`).
 """
 
 from __future__ import annotations
