@@ -409,11 +409,16 @@ class LocalStorePackTests(TestCase):
         await self.assertFailure(self.store.get("fs/journal/k"), errors.NotFound)  # the packed one went too
 
     async def test_key_clashing_with_a_folder(self) -> None:
-        """A packed create-only put of a name that is a folder is refused as a clash, as for files."""
+        """A packed name and a folder of the same name refuse each other as a clash, as files do."""
         await self.store.put("fs/journal/sub/x", b"1")
         failure = await self.assertFailure(self.store.put("fs/journal/sub", b"2", create_only=True),
                                            errors.InvalidArgument)
         self.assertIn("clashes", str(failure))
+        await self.store.put("fs/journal/seg", b"3", create_only=True)
+        for put in (self.store.put("fs/journal/seg/y", b"4"), self.store.put("fs/journal/seg/y/z", b"5")):
+            failure = await self.assertFailure(put, errors.InvalidArgument)
+            self.assertIn("clashes", str(failure))
+        self.assertFalse((self.root / "fs" / "journal" / "seg").exists())
 
     def test_cheap_puts_are_made_at_once(self) -> None:
         """Once a journal folder is in use, a create-only put there is done when put() returns; others wait."""

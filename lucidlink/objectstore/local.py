@@ -319,6 +319,9 @@ class LocalObjectStore:
             missing.append(folder)
             folder = folder.parent
         for folder in reversed(missing):
+            pack = self._existing_pack(folder.parent)
+            if pack is not None and pack.find(folder.name) is not None:
+                raise self._conflict(key)  # a packed object has the folder's name
             try:
                 os.mkdir(folder)
             except FileExistsError:
