@@ -50,6 +50,7 @@ from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore import IObjectStore
 from lucidlink.objectstore.local import LocalObjectStore
+from lucidlink.objectstore.pack import FolderPack
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import ServerStatus
 from lucidlink.protocol.network import connect_tls
@@ -364,17 +365,24 @@ class FaultTestCase(TestCase):
             away.rename(self.meta.objects)
 
     def journal_segments(self) -> list[str]:
-        """The keys of the journal segments in the store."""
+        """The keys of the journal segments in the store (files, and packed ones)."""
         journal = self.meta.objects / FILESPACE / "journal"
-        return [f"{FILESPACE}/journal/{path.name}" for path in journal.iterdir()]
+        names = {path.name for path in journal.iterdir() if path.is_file()} | set(FolderPack(journal).objects())
+        return [f"{FILESPACE}/journal/{name}" for name in sorted(names)]
 
     def damage_object(self, key: str) -> None:
-        """Flip one byte in the middle of the object ``key`` in the store."""
-        path = self.meta.objects / key
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
+        """Flip one byte in the middle of the object ``key`` in the store, wherever it is kept."""
+        store = LocalObjectStore(self.meta.objects, reactor)
+        try:
+            path, offset, size = store.locate(key)
+        finally:
+            store.close()
         os.chmod(path, 0o644)
-        path.write_bytes(bytes(data))
+        with open(path, "r+b") as file:
+            file.seek(offset + size // 2)
+            byte = file.read(1)[0]
+            file.seek(offset + size // 2)
+            file.write(bytes([byte ^ 0xFF]))
 
     @defer.inlineCallbacks
     def client(self, name: str, deadline: float = 60.0) -> Generator[Deferred[Any], Any, Filespace]:

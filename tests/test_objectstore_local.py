@@ -51,6 +51,13 @@ class LocalBehaviourTests(ObjectStoreBehaviourMixin, TestCase):
         return LocalObjectStore(temporary_folder(self), reactor)
 
 
+class PackedBehaviourTests(ObjectStoreBehaviourMixin, TestCase):
+    """The local store keeps the contract when every folder packs its create-only puts."""
+
+    def make_store(self) -> LocalObjectStore:
+        return LocalObjectStore(temporary_folder(self), reactor, packed=lambda folder: True)
+
+
 class FaultlessBehaviourTests(ObjectStoreBehaviourMixin, TestCase):
     """A FaultyObjectStore with no faults injected is indistinguishable from the store it wraps."""
 

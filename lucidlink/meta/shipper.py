@@ -106,6 +106,8 @@ class Shipper:
             self.journal.install(store)
         self.shipped_seq = 0
         """The last sequence the object store is known to hold."""
+        self._shipped_hash: tuple[int, bytes] | None = None
+        """The chain hash after the last record this shipper stored, with its sequence."""
         self.uploads = 0
         """Segments stored so far (for tests and metrics)."""
         self.last_error: LucidError | None = None
@@ -232,7 +234,10 @@ class Shipper:
     @defer.inlineCallbacks
     def _upload(self) -> Any:
         entries = self.journal.entries(after=self.shipped_seq, limit=self.max_records)
-        prev_hash = self.journal.hash_at(self.shipped_seq)
+        if self._shipped_hash is not None and self._shipped_hash[0] == self.shipped_seq:
+            prev_hash = self._shipped_hash[1]
+        else:
+            prev_hash = self.journal.hash_at(self.shipped_seq)
         data = build_segment(self.filespace.encode(), prev_hash, entries)
         key = segment_key(self.filespace, entries[0].seq, entries[-1].seq)
         try:
@@ -242,7 +247,9 @@ class Shipper:
             if bytes(stored) != data:
                 self._diverged = True
                 raise DivergedHistory(f"{key} already holds a different segment") from None
-        self.shipped_seq = max(self.shipped_seq, entries[-1].seq)
+        if entries[-1].seq >= self.shipped_seq:
+            self.shipped_seq = entries[-1].seq
+            self._shipped_hash = (entries[-1].seq, entries[-1].hash)
         self.uploads += 1
 
     def _shipped(self, _: None) -> None:
