@@ -47,7 +47,7 @@ class BodyTransport:
 
 
 class BodyReaderTests(SynchronousTestCase):
-    """A body's socket reads grow while it streams and shrink back after; its bytes come whole."""
+    """A body's socket reads grow while it streams and shrink back after; its pieces come as they arrived."""
 
     def read(self, length: int | None, transport: Any) -> BodyReader:
         reader = BodyReader(length)
@@ -61,7 +61,8 @@ class BodyReaderTests(SynchronousTestCase):
         reader.dataReceived(b"abc")
         reader.dataReceived(b"def")
         reader.connectionLost(Failure(ResponseDone()))
-        self.assertEqual(self.successResultOf(reader.done), b"abcdef")
+        self.assertEqual(self.successResultOf(reader.done), [b"abc", b"def"])
+        self.assertEqual(reader.size, 6)
         self.assertNotIn("bufferSize", vars(tcp))
         self.assertEqual(tcp.bufferSize, SocketTransport.bufferSize)
 
@@ -76,7 +77,8 @@ class BodyReaderTests(SynchronousTestCase):
             reader = self.read(length, tcp)
             self.assertNotIn("bufferSize", vars(tcp), length)
             reader.connectionLost(Failure(ResponseDone()))
-            self.assertEqual(self.successResultOf(reader.done), b"")
+            self.assertEqual(self.successResultOf(reader.done), [])
+            self.assertEqual(reader.size, 0)
 
     def test_under_tls(self) -> None:
         """Under TLS it is the TCP transport's reads that grow."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from twisted.web.server import Site
 from lucidlink import errors, tls
 from lucidlink.objectstore import open_store
 from lucidlink.objectstore.s3 import (
+    THREAD_HASHING_THRESHOLD,
     Answer,
+    BodyCheck,
     S3ObjectStore,
     body_check,
     crc32_checksum,
@@ -202,6 +205,14 @@ class S3BodyCheckTests(SynchronousTestCase):
         check = body_check({"x-amz-checksum-sha256": sha256, "x-amz-checksum-type": "FULL_OBJECT"})
         assert check is not None
         self.assertEqual(check.digest(self.body), sha256)
+
+    def test_join_and_digest(self) -> None:
+        """Pieces of a body are joined into it, and its value is the whole body's."""
+        check = body_check({"x-amz-checksum-crc32": crc32_checksum(self.body)})
+        assert check is not None
+        pieces = [self.body[:5], self.body[5:6], self.body[6:]]
+        self.assertEqual(check.join_and_digest(pieces), (self.body, check.expected))
+        self.assertEqual(check.join_and_digest([]), (b"", crc32_checksum(b"")))
 
     def test_etag_when_no_usable_checksum(self) -> None:
         """Without a checksum this module computes (or with a composite one), a single-part MD5 ETag checks."""
@@ -443,6 +454,29 @@ class S3RetryTests(TestCase):
         self.proxy.corrupt_next(4)
         failure = await self.assertFailure(self.store.get("plain"), errors.IntegrityError)
         self.assertIn("ETag (MD5)", str(failure))
+
+    async def test_large_body_checked_in_a_thread(self) -> None:
+        """A large body is joined and checked off the reactor's thread; cut short or altered, it is retried."""
+        large = os.urandom(THREAD_HASHING_THRESHOLD + 12345)
+        await self.store.put("large", large)
+        threads: list[str] = []
+        join_and_digest = BodyCheck.join_and_digest
+
+        def recorded(check: BodyCheck, pieces: list[bytes]) -> tuple[bytes, str]:
+            threads.append(threading.current_thread().name)
+            return join_and_digest(check, pieces)
+
+        self.patch(BodyCheck, "join_and_digest", recorded)
+        before = len(self.proxy.requests)
+        self.proxy.truncate_next(1)
+        self.proxy.corrupt_next(1)
+        self.assertEqual(await self.store.get("large"), large)
+        self.assertEqual(len(self.proxy.requests) - before, 3)
+        self.assertEqual(len(threads), 2)  # the truncated body is refused before it is joined
+        self.assertNotIn(threading.current_thread().name, threads)
+        self.proxy.corrupt_next(4)
+        failure = await self.assertFailure(self.store.get("large"), errors.IntegrityError)
+        self.assertIn("x-amz-checksum-crc32", str(failure))
 
     async def test_not_implemented_conditional_falls_back(self) -> None:
         """A server that answers If-None-Match with 501 gets HEAD then PUT from then on, with a warning."""

@@ -8,7 +8,9 @@ the reactor's one thread when every body is a 4 MiB chunk:
   :data:`BODY_READ_SIZE` pieces while the body streams (instead of 64 KiB),
   so a 4 MiB body takes a handful of reactor turns, not sixty-four.  The larger reads start only once the headers are
   parsed: Twisted's header parser copies the rest of its buffer for every
-  header line.
+  header line.  It hands over the pieces as they came, unjoined, so that
+  the caller can join a large body in a thread (``bytes.join`` lets go of
+  the GIL for large results) rather than on the reactor's thread.
 - :class:`BytesProducer` hands a large request body to the connection
   after the request's headers have gone out, so the transport sends the
   body from the caller's own ``bytes`` instead of first joining it with
@@ -54,16 +56,19 @@ def _socket_transport(transport: Any) -> Any:
 
 class BodyReader(Protocol):
     """
-    Collects a response body; ``done`` fires with its bytes or fails with why it stopped.
+    Collects a response body; ``done`` fires with its pieces or fails with why it stopped.
 
-    ``length`` (the Content-Length, if known) bounds the socket reads made
-    for it.  Cancelling ``done`` aborts the connection.
+    The pieces are the body's ``bytes`` in the order they arrived (none
+    for an empty body); ``size`` counts them.  ``length`` (the
+    Content-Length, if known) bounds the socket reads made for it.
+    Cancelling ``done`` aborts the connection.
     """
 
     def __init__(self, length: int | None = None) -> None:
         self.length = length
-        self.parts: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred(self._cancel)
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[list[bytes]] = Deferred(self._cancel)
         self._reader: Any = None
 
     def connectionMade(self) -> None:
@@ -72,7 +77,7 @@ class BodyReader(Protocol):
             reader.bufferSize = min(self.length, BODY_READ_SIZE)
             self._reader = reader
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
+    def _cancel(self, _: Deferred[list[bytes]]) -> None:
         producer = getattr(self.transport, "_producer", None)
         abort = getattr(producer, "abortConnection", None)
         if abort is not None:
@@ -81,7 +86,8 @@ class BodyReader(Protocol):
             self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        self.parts.append(data)
+        self.pieces.append(data)
+        self.size += len(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._reader is not None:
@@ -90,7 +96,7 @@ class BodyReader(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
+            self.done.callback(self.pieces)
         else:
             self.done.errback(reason)
 

@@ -32,7 +32,9 @@ SHA-256; a whole GET asks for the stored checksum (``x-amz-checksum-mode``)
 and checks the body against it, or, for an object stored without one,
 against its ETag where that is the body's MD5 (:func:`body_check`).  Large
 bodies are hashed in the reactor's thread pool (zlib and hashlib let go of
-the GIL), so the reactor serves other requests meanwhile.
+the GIL), so the reactor serves other requests meanwhile; a large GET body
+is also joined from the pieces it arrived in there, in the same hand-off
+(``bytes.join`` lets go of the GIL too).
 
 Beyond :class:`~lucidlink.objectstore.interface.IObjectStore`, the store
 offers :meth:`S3ObjectStore.delete_many` (S3's batch delete).
@@ -81,6 +83,7 @@ from lucidlink.objectstore.http import BodyReader, BytesProducer, Endpoints
 from lucidlink.objectstore.interface import IObjectStore, ObjectInfo, check_key, check_prefix
 
 _T = TypeVar("_T")
+_B = TypeVar("_B")
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_TIMEOUT = 60.0
@@ -88,7 +91,7 @@ DEFAULT_ATTEMPTS = 6
 MAX_PERSISTENT_PER_HOST = 32
 LIST_PAGE = 1000
 THREAD_HASHING_THRESHOLD = 256 * 1024
-"""Bodies at least this large are hashed in a thread (hashlib lets go of the GIL), not in the reactor."""
+"""Bodies at least this large are hashed (and joined) in a thread, not in the reactor."""
 DELETE_BATCH = 1000
 """S3 deletes at most this many keys in one request."""
 
@@ -436,6 +439,11 @@ class BodyCheck:
         running.update(body)
         return self.encode(running.digest())
 
+    def join_and_digest(self, pieces: builtins.list[bytes]) -> tuple[bytes, str]:
+        """The body the pieces make up, and its value (:meth:`digest`)."""
+        body = b"".join(pieces)
+        return body, self.digest(body)
+
 
 def body_check(headers: dict[str, str]) -> BodyCheck | None:
     """
@@ -658,7 +666,7 @@ class S3ObjectStore:
             return await self._put(key, body, create_only)
         if not stored:
             info_etag = await self._etag(key)
-            if info_etag != await self._in_thread(_md5_hex, body):
+            if info_etag != await self._in_thread(_md5_hex, body, len(body)):
                 raise errors.AlreadyExists(f"object {key!r} already exists in {self.location}")
 
     async def _etag(self, key: str) -> str | None:
@@ -877,15 +885,18 @@ class S3ObjectStore:
             }
             reader = BodyReader(response.length if isinstance(response.length, int) else None)
             response.deliverBody(reader)
-            content = await reader.done
+            pieces = await reader.done
             if (
                 method != "HEAD"
                 and "content-length" in received
-                and int(received["content-length"]) != len(content)
+                and int(received["content-length"]) != reader.size
             ):
-                raise _Retry(f"a body of {received['content-length']} bytes arrived with {len(content)}")
+                raise _Retry(f"a body of {received['content-length']} bytes arrived with {reader.size}")
             check = body_check(received) if check_body and response.code == 200 else None
-            if check is not None and await self._in_thread(check.digest, content) != check.expected:
+            if check is None:
+                return Answer(response.code, received, b"".join(pieces))
+            content, digest = await self._in_thread(check.join_and_digest, pieces, reader.size)
+            if digest != check.expected:
                 raise _Corrupt(f"a body arrived altered: it does not match its {check.name}")
             return Answer(response.code, received, content)
 
@@ -905,11 +916,11 @@ class S3ObjectStore:
         signer.add_auth(request)
         return {name: value for name, value in request.headers.items()}
 
-    async def _in_thread(self, digest: Callable[[bytes], str], body: bytes) -> str:
-        """``digest(body)``; for a large body in the reactor's thread pool, leaving the reactor free."""
-        if len(body) < THREAD_HASHING_THRESHOLD or not hasattr(self._reactor, "getThreadPool"):
-            return digest(body)
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), digest, body)
+    async def _in_thread(self, work: Callable[[_B], _T], body: _B, size: int) -> _T:
+        """``work(body)``; for ``size`` bytes or more in the reactor's thread pool, leaving the reactor free."""
+        if size < THREAD_HASHING_THRESHOLD or not hasattr(self._reactor, "getThreadPool"):
+            return work(body)
+        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work, body)
 
     async def _digests(self, body: bytes) -> tuple[str, str]:
         """
@@ -917,8 +928,8 @@ class S3ObjectStore:
 
         A large body is hashed in two threads of the reactor's pool at once.
         """
-        crc32 = Deferred.fromCoroutine(self._in_thread(crc32_checksum, body))
-        sha256 = Deferred.fromCoroutine(self._in_thread(_sha256_hex, body))
+        crc32 = Deferred.fromCoroutine(self._in_thread(crc32_checksum, body, len(body)))
+        sha256 = Deferred.fromCoroutine(self._in_thread(_sha256_hex, body, len(body)))
         return await crc32, await sha256
 
 
