@@ -8,6 +8,7 @@ resets, stalls, truncated and corrupted bodies that must be.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import os
 import threading
@@ -260,6 +261,14 @@ class S3StoreTests(TestCase):
         await store.put("q", b"")
         self.assertEqual([info.key for info in await store.list("p/")], keys)
         self.assertEqual(len(await store.list()), 31)
+
+    async def test_content_encoding_not_undone(self) -> None:
+        """An object another tool stored with ``Content-Encoding: gzip`` comes back as stored, and checked."""
+        stored = gzip.compress(b"compressed by another tool " * 200)
+        self.moto.client().put_object(Bucket=self.bucket, Key="zipped", Body=stored, ContentEncoding="gzip")
+        store = self.store()
+        self.assertEqual(await store.get("zipped"), stored)
+        self.assertEqual(await store.get_range("zipped", 3, 10), stored[3:13])
 
     async def test_delete_many(self) -> None:
         """A batch delete removes every named object; absent ones are no error."""

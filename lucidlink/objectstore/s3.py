@@ -1,5 +1,5 @@
 """
-The ``s3://bucket/prefix`` object store: any S3-compatible service over treq.
+The ``s3://bucket/prefix`` object store: any S3-compatible service over HTTP(S).
 
 A store URL names the bucket, an optional key prefix, and how to reach it::
 
@@ -16,7 +16,9 @@ botocore's usual chain: the environment, the shared config and credentials
 files, profiles.  HTTPS certificates are verified; plain HTTP is refused
 except to a loopback endpoint (a test server).
 
-Requests go through one persistent treq connection pool, are signed with
+Requests go through one persistent connection pool of Twisted's ``Agent``
+(used bare: no layer asks for compressed answers and inflates them, which
+would alter a body stored with ``Content-Encoding: gzip``), are signed with
 botocore's SigV4 signer (payload hash included) and, when they fail in a
 way that may pass — a connection error, a timeout, a 5xx, ``SlowDown``, a
 short or corrupted body — are retried after a capped exponential backoff
@@ -59,7 +61,6 @@ from xml.etree import ElementTree
 import botocore.session
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from treq.client import HTTPClient
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
@@ -74,6 +75,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
@@ -508,7 +510,7 @@ class S3ObjectStore:
         self._pool.maxPersistentPerHost = max_connections
         self._pool.cachedConnectionTimeout = 120
         endpoints = Endpoints(reactor, connect_timeout=min(location.timeout, 30.0))
-        self._http = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool))
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._closed = False
         if not location.conditional:
             self._warn_fallback()
@@ -871,13 +873,11 @@ class S3ObjectStore:
         signed = self._sign(method, url, headers, body, payload_hash)
 
         async def exchange() -> Answer:
-            response: IResponse = await self._http.request(
-                method,
-                url,
-                headers=signed,
-                data=BytesProducer(body, self._reactor) if body or method in ("PUT", "POST") else None,
-                allow_redirects=False,
-                unbuffered=True,
+            response: IResponse = await self._agent.request(
+                method.encode("ascii"),
+                url.encode("ascii"),
+                Headers({name: [value] for name, value in signed.items()}),
+                BytesProducer(body, self._reactor) if body or method in ("PUT", "POST") else None,
             )
             received = {
                 name.decode("latin-1").lower(): values[-1].decode("latin-1")
