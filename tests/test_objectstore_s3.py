@@ -138,6 +138,7 @@ class S3URLTests(SynchronousTestCase):
             "s3://bkt?addressing=sideways",
             "s3://bkt?endpoint=ftp://host",
             "s3://bkt?endpoint=https://host/path",
+            "s3://bkt?endpoint=https://bücher.example",
             "s3://bkt?timeout=0",
             "s3://bkt?attempts=zero",
             "s3://bkt?conditional=maybe",

@@ -7,8 +7,8 @@ the reactor's one thread when every body is a 4 MiB chunk:
 - :class:`BodyReader` collects a response body, reading the socket in
   :data:`BODY_READ_SIZE` pieces while the body streams (instead of 64 KiB),
   and asking the kernel (``SO_RCVLOWAT``) to wake the reactor for the
-  socket only once that much has arrived, so a 4 MiB body takes two or
-  three reactor turns, not sixty-four, and the kernel sends fewer window
+  socket only once that much has arrived, so a 4 MiB body takes four or
+  five reactor turns, not sixty-four, and the kernel sends fewer window
   updates.  The larger reads start only once the headers are
   parsed: Twisted's header parser copies the rest of its buffer for every
   header line.  It hands over the pieces as they came, unjoined, so that

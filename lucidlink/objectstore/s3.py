@@ -250,6 +250,8 @@ def check_endpoint(endpoint: str, url: str = "") -> str:
         raise errors.InvalidArgument(f"{where} is not an http(s)://host[:port] URL")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise errors.InvalidArgument(f"{where} must be only scheme://host[:port]")
+    if not parts.netloc.isascii():
+        raise errors.InvalidArgument(f"{where}: write the host name in its ASCII (xn--) form")
     if parts.scheme == "http" and not _loopback(parts.hostname):
         raise errors.InvalidArgument(
             f"{where} is plain HTTP to a host that is not loopback; credentials and data would cross the"
