@@ -1,5 +1,5 @@
 """
-Benchmark of the S3 object store (treq) against boto3 in a thread pool.
+Benchmark of the S3 object store (lucid: Twisted's Agent) against boto3 in a thread pool.
 
 Both PUT and then GET the same 4 MiB objects on one ``moto_server`` started
 on loopback for the run, with 1, 8 and 32 operations in flight.  Each
@@ -15,7 +15,7 @@ did, see ``boto3_get_check`` in the JSON).
 The JSON also gives the CPU time the benchmark's process spent in each
 phase (``…_cpu_s``, median; moto's own CPU is not in it).
 
-Target: treq at least matches boto3 at 8 and 32 in flight.
+Target: lucid at least matches boto3 at 8 and 32 in flight.
 Prints a table, then one line of JSON.
 
     python bench/objectstore.py [--objects 32] [--size-mib 4] [--concurrency 1 8 32] [--rounds 3]
@@ -103,7 +103,7 @@ def boto3_get_check(client: Any, key: str) -> str:
     return f"{type(body).__name__} {' '.join(checked) or '(no checksum header)'}"
 
 
-async def treq_phase(
+async def lucid_phase(
     store: S3ObjectStore, operation: str, keys: list[str], data: bytes, concurrency: int
 ) -> float:
     limit = defer.DeferredSemaphore(concurrency)
@@ -135,15 +135,15 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
         config=Config(max_pool_connections=max(args.concurrency)),
     )
     client.create_bucket(Bucket=BUCKET)
-    location = S3Location(BUCKET, "treq", endpoint, REGION, "path", None, 120.0, 3, True)
+    location = S3Location(BUCKET, "lucid", endpoint, REGION, "path", None, 120.0, 3, True)
     store = S3ObjectStore(
         location, reactor, Credentials(ACCESS_KEY, SECRET_KEY), backoff=Backoff(initial=0.05, cap=1.0)
     )
     seconds: dict[str, list[float]] = {}
     cpu_seconds: dict[str, list[float]] = {}
 
-    async def treq(operation: str, concurrency: int) -> float:
-        return await treq_phase(store, operation, keys, data, concurrency)
+    async def lucid(operation: str, concurrency: int) -> float:
+        return await lucid_phase(store, operation, keys, data, concurrency)
 
     async def boto(operation: str, concurrency: int) -> float:
         return await threads.deferToThread(boto3_phase, client, operation, keys, data, concurrency)
@@ -153,7 +153,7 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
         for concurrency in args.concurrency:
             for operation in ("put", "get"):
                 for round_ in range(args.rounds):
-                    clients = [("treq", treq), ("boto3", boto)]
+                    clients = [("lucid", lucid), ("boto3", boto)]
                     for name, phase in clients if round_ % 2 == 0 else clients[::-1]:
                         cpu = time.process_time()
                         elapsed = await phase(operation, concurrency)
@@ -168,7 +168,7 @@ async def run(reactor: Any, args: argparse.Namespace, endpoint: str) -> dict[str
     figures = {name: round(mib / statistics.median(runs), 1) for name, runs in seconds.items()}
     cpu = {name: round(statistics.median(runs), 3) for name, runs in cpu_seconds.items()}
     meets = all(
-        figures[f"treq_{operation}_{concurrency}_mib_per_s"]
+        figures[f"lucid_{operation}_{concurrency}_mib_per_s"]
         >= figures[f"boto3_{operation}_{concurrency}_mib_per_s"]
         for concurrency in TARGET_CONCURRENCIES
         if concurrency in args.concurrency
@@ -214,14 +214,14 @@ def main() -> None:
         f" {args.rounds} rounds; load average {result['load_average']}"
     )
     print(f"boto3 checks GET bodies with: {result['boto3_get_check']}")
-    print(f"{'operation':<12}{'in flight':>10}{'treq':>10}{'boto3':>10}{'ratio':>8}")
+    print(f"{'operation':<12}{'in flight':>10}{'lucid':>10}{'boto3':>10}{'ratio':>8}")
     for concurrency in args.concurrency:
         for operation in ("put", "get"):
-            ours = result[f"treq_{operation}_{concurrency}_mib_per_s"]
+            ours = result[f"lucid_{operation}_{concurrency}_mib_per_s"]
             theirs = result[f"boto3_{operation}_{concurrency}_mib_per_s"]
             print(f"{operation.upper():<12}{concurrency:>10}{ours:>10}{theirs:>10}{ours / theirs:>8.2f}")
     print(
-        f"target: treq >= boto3 at {' and '.join(map(str, TARGET_CONCURRENCIES))}: "
+        f"target: lucid >= boto3 at {' and '.join(map(str, TARGET_CONCURRENCIES))}: "
         f"{'met' if result['meets_target'] else 'NOT met'}"
     )
     print(json.dumps(result))

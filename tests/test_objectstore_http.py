@@ -1,11 +1,13 @@
 """
-The S3 store's HTTP plumbing, without a server: large socket reads only
-while a body streams, request bodies written after their headers, and
+The S3 store's HTTP plumbing, without a server: large socket reads and a
+low-water mark only while a body streams, request bodies written after their headers, and
 IP addresses connected to without a name lookup.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -18,15 +20,40 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, ResponseDone
 
-from lucidlink.objectstore.http import BODY_READ_SIZE, LATE_WRITE_SIZE, BodyReader, BytesProducer, Endpoints
+from lucidlink.objectstore.http import (
+    BODY_READ_SIZE,
+    LATE_WRITE_SIZE,
+    WAKE_MARGIN,
+    BodyReader,
+    BytesProducer,
+    Endpoints,
+)
+
+MiB = 1024 * 1024
+
+
+class Socket:
+    """Records the low-water marks (``SO_RCVLOWAT``) set on it; a closed one refuses them."""
+
+    def __init__(self, closed: bool = False) -> None:
+        self.closed = closed
+        self.low_water: list[int] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT):
+            self.low_water.append(value)
 
 
 class SocketTransport:
     """Stands for a TCP transport: it has a socket and reads ``bufferSize`` bytes at a time."""
 
     bufferSize = 65536
-    socket = object()
     aborted = False
+
+    def __init__(self, closed: bool = False) -> None:
+        self.socket = Socket(closed)
 
     def abortConnection(self) -> None:
         self.aborted = True
@@ -47,7 +74,7 @@ class BodyTransport:
 
 
 class BodyReaderTests(SynchronousTestCase):
-    """A body's socket reads grow while it streams and shrink back after; its bytes come whole."""
+    """A body's socket reads grow while it streams and shrink back after; its pieces come as they arrived."""
 
     def read(self, length: int | None, transport: Any) -> BodyReader:
         reader = BodyReader(length)
@@ -56,19 +83,66 @@ class BodyReaderTests(SynchronousTestCase):
 
     def test_large_body_reads_larger(self) -> None:
         tcp = SocketTransport()
-        reader = self.read(4 * 1024 * 1024, tcp)
+        reader = self.read(4 * MiB, tcp)
         self.assertEqual(tcp.bufferSize, BODY_READ_SIZE)
         reader.dataReceived(b"abc")
         reader.dataReceived(b"def")
         reader.connectionLost(Failure(ResponseDone()))
-        self.assertEqual(self.successResultOf(reader.done), b"abcdef")
+        self.assertEqual(self.successResultOf(reader.done), [b"abc", b"def"])
+        self.assertEqual(reader.size, 6)
         self.assertNotIn("bufferSize", vars(tcp))
         self.assertEqual(tcp.bufferSize, SocketTransport.bufferSize)
+
+    def test_low_water_below_what_is_to_come(self) -> None:
+        """The reactor wakes for a read's worth of body, never for more than is still to come; 1 after."""
+        tcp = SocketTransport()
+        reader = self.read(4 * MiB, tcp)
+        self.assertEqual(tcp.socket.low_water, [BODY_READ_SIZE])
+        reader.dataReceived(b"x" * (2 * MiB))
+        self.assertEqual(tcp.socket.low_water[-1], 2 * MiB - WAKE_MARGIN)
+        reader.dataReceived(b"x" * (2 * MiB - WAKE_MARGIN - 10))
+        self.assertEqual(tcp.socket.low_water[-1], 10)
+        reader.dataReceived(b"x" * 10)
+        self.assertEqual(tcp.socket.low_water[-1], 1)
+        reader.dataReceived(b"x" * 5)
+        reader.dataReceived(b"x" * (WAKE_MARGIN - 5))
+        reader.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(reader.size, 4 * MiB)
+        self.assertEqual(
+            tcp.socket.low_water, [BODY_READ_SIZE, 2 * MiB - WAKE_MARGIN, 10, 1]
+        )  # set on change
+
+    def test_low_water_back_to_one_when_cut_short(self) -> None:
+        """A body cut short leaves the connection's socket waking for any byte again."""
+        tcp = SocketTransport()
+        reader = self.read(4 * MiB, tcp)
+        reader.dataReceived(b"x" * 1000)
+        reader.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(reader.done, ConnectionLost)
+        self.assertEqual(tcp.socket.low_water, [BODY_READ_SIZE, 1])
+
+    def test_low_water_refused(self) -> None:
+        """A socket that refuses a low-water mark is read as before."""
+        tcp = SocketTransport(closed=True)
+        reader = self.read(4 * MiB, tcp)
+        reader.dataReceived(b"abc")
+        reader.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(reader.done), [b"abc"])
+        self.assertEqual(tcp.socket.low_water, [])
+
+    def test_socket_gone_when_lost(self) -> None:
+        """A lost TCP connection drops its socket before the body hears of it: the body still ends."""
+        tcp = SocketTransport()
+        reader = self.read(4 * MiB, tcp)
+        del tcp.socket
+        reader.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(reader.done, ConnectionLost)
 
     def test_read_size_bounded_by_length(self) -> None:
         tcp = SocketTransport()
         self.read(100_000, tcp)
         self.assertEqual(tcp.bufferSize, 100_000)
+        self.assertEqual(tcp.socket.low_water, [100_000 - WAKE_MARGIN])
 
     def test_small_or_unknown_length_unchanged(self) -> None:
         for length in (None, 0, 1000):
@@ -76,16 +150,20 @@ class BodyReaderTests(SynchronousTestCase):
             reader = self.read(length, tcp)
             self.assertNotIn("bufferSize", vars(tcp), length)
             reader.connectionLost(Failure(ResponseDone()))
-            self.assertEqual(self.successResultOf(reader.done), b"")
+            self.assertEqual(self.successResultOf(reader.done), [])
+            self.assertEqual(reader.size, 0)
+            self.assertEqual(tcp.socket.low_water, [])
 
     def test_under_tls(self) -> None:
         """Under TLS it is the TCP transport's reads that grow."""
         tcp = SocketTransport()
-        reader = self.read(4 * 1024 * 1024, TLSLayer(tcp))
+        reader = self.read(4 * MiB, TLSLayer(tcp))
         self.assertEqual(tcp.bufferSize, BODY_READ_SIZE)
+        self.assertEqual(tcp.socket.low_water, [BODY_READ_SIZE])
         reader.connectionLost(Failure(ConnectionLost()))
         self.failureResultOf(reader.done, ConnectionLost)
         self.assertNotIn("bufferSize", vars(tcp))
+        self.assertEqual(tcp.socket.low_water, [BODY_READ_SIZE, 1])
 
     def test_cancel_aborts(self) -> None:
         tcp = SocketTransport()

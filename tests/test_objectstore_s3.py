@@ -8,8 +8,10 @@ resets, stalls, truncated and corrupted bodies that must be.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ from twisted.web.server import Site
 from lucidlink import errors, tls
 from lucidlink.objectstore import open_store
 from lucidlink.objectstore.s3 import (
+    THREAD_HASHING_THRESHOLD,
     Answer,
+    BodyCheck,
     S3ObjectStore,
     body_check,
     crc32_checksum,
@@ -134,6 +138,7 @@ class S3URLTests(SynchronousTestCase):
             "s3://bkt?addressing=sideways",
             "s3://bkt?endpoint=ftp://host",
             "s3://bkt?endpoint=https://host/path",
+            "s3://bkt?endpoint=https://bücher.example",
             "s3://bkt?timeout=0",
             "s3://bkt?attempts=zero",
             "s3://bkt?conditional=maybe",
@@ -203,6 +208,14 @@ class S3BodyCheckTests(SynchronousTestCase):
         assert check is not None
         self.assertEqual(check.digest(self.body), sha256)
 
+    def test_join_and_digest(self) -> None:
+        """Pieces of a body are joined into it, and its value is the whole body's."""
+        check = body_check({"x-amz-checksum-crc32": crc32_checksum(self.body)})
+        assert check is not None
+        pieces = [self.body[:5], self.body[5:6], self.body[6:]]
+        self.assertEqual(check.join_and_digest(pieces), (self.body, check.expected))
+        self.assertEqual(check.join_and_digest([]), (b"", crc32_checksum(b"")))
+
     def test_etag_when_no_usable_checksum(self) -> None:
         """Without a checksum this module computes (or with a composite one), a single-part MD5 ETag checks."""
         etag = f'"{hashlib.md5(self.body).hexdigest()}"'
@@ -249,6 +262,14 @@ class S3StoreTests(TestCase):
         await store.put("q", b"")
         self.assertEqual([info.key for info in await store.list("p/")], keys)
         self.assertEqual(len(await store.list()), 31)
+
+    async def test_content_encoding_not_undone(self) -> None:
+        """An object another tool stored with ``Content-Encoding: gzip`` comes back as stored, and checked."""
+        stored = gzip.compress(b"compressed by another tool " * 200)
+        self.moto.client().put_object(Bucket=self.bucket, Key="zipped", Body=stored, ContentEncoding="gzip")
+        store = self.store()
+        self.assertEqual(await store.get("zipped"), stored)
+        self.assertEqual(await store.get_range("zipped", 3, 10), stored[3:13])
 
     async def test_delete_many(self) -> None:
         """A batch delete removes every named object; absent ones are no error."""
@@ -443,6 +464,29 @@ class S3RetryTests(TestCase):
         self.proxy.corrupt_next(4)
         failure = await self.assertFailure(self.store.get("plain"), errors.IntegrityError)
         self.assertIn("ETag (MD5)", str(failure))
+
+    async def test_large_body_checked_in_a_thread(self) -> None:
+        """A large body is joined and checked off the reactor's thread; cut short or altered, it is retried."""
+        large = os.urandom(THREAD_HASHING_THRESHOLD + 12345)
+        await self.store.put("large", large)
+        threads: list[str] = []
+        join_and_digest = BodyCheck.join_and_digest
+
+        def recorded(check: BodyCheck, pieces: list[bytes]) -> tuple[bytes, str]:
+            threads.append(threading.current_thread().name)
+            return join_and_digest(check, pieces)
+
+        self.patch(BodyCheck, "join_and_digest", recorded)
+        before = len(self.proxy.requests)
+        self.proxy.truncate_next(1)
+        self.proxy.corrupt_next(1)
+        self.assertEqual(await self.store.get("large"), large)
+        self.assertEqual(len(self.proxy.requests) - before, 3)
+        self.assertEqual(len(threads), 2)  # the truncated body is refused before it is joined
+        self.assertNotIn(threading.current_thread().name, threads)
+        self.proxy.corrupt_next(4)
+        failure = await self.assertFailure(self.store.get("large"), errors.IntegrityError)
+        self.assertIn("x-amz-checksum-crc32", str(failure))
 
     async def test_not_implemented_conditional_falls_back(self) -> None:
         """A server that answers If-None-Match with 501 gets HEAD then PUT from then on, with a warning."""

@@ -1,5 +1,5 @@
 """
-The ``s3://bucket/prefix`` object store: any S3-compatible service over treq.
+The ``s3://bucket/prefix`` object store: any S3-compatible service over HTTP(S).
 
 A store URL names the bucket, an optional key prefix, and how to reach it::
 
@@ -16,7 +16,9 @@ botocore's usual chain: the environment, the shared config and credentials
 files, profiles.  HTTPS certificates are verified; plain HTTP is refused
 except to a loopback endpoint (a test server).
 
-Requests go through one persistent treq connection pool, are signed with
+Requests go through one persistent connection pool of Twisted's ``Agent``
+(used bare: no layer asks for compressed answers and inflates them, which
+would alter a body stored with ``Content-Encoding: gzip``), are signed with
 botocore's SigV4 signer (payload hash included) and, when they fail in a
 way that may pass — a connection error, a timeout, a 5xx, ``SlowDown``, a
 short or corrupted body — are retried after a capped exponential backoff
@@ -32,7 +34,9 @@ SHA-256; a whole GET asks for the stored checksum (``x-amz-checksum-mode``)
 and checks the body against it, or, for an object stored without one,
 against its ETag where that is the body's MD5 (:func:`body_check`).  Large
 bodies are hashed in the reactor's thread pool (zlib and hashlib let go of
-the GIL), so the reactor serves other requests meanwhile.
+the GIL), so the reactor serves other requests meanwhile; a large GET body
+is also joined from the pieces it arrived in there, in the same hand-off
+(``bytes.join`` lets go of the GIL too).
 
 Beyond :class:`~lucidlink.objectstore.interface.IObjectStore`, the store
 offers :meth:`S3ObjectStore.delete_many` (S3's batch delete).
@@ -57,7 +61,6 @@ from xml.etree import ElementTree
 import botocore.session
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from treq.client import HTTPClient
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
@@ -72,6 +75,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
@@ -81,6 +85,7 @@ from lucidlink.objectstore.http import BodyReader, BytesProducer, Endpoints
 from lucidlink.objectstore.interface import IObjectStore, ObjectInfo, check_key, check_prefix
 
 _T = TypeVar("_T")
+_B = TypeVar("_B")
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_TIMEOUT = 60.0
@@ -88,7 +93,7 @@ DEFAULT_ATTEMPTS = 6
 MAX_PERSISTENT_PER_HOST = 32
 LIST_PAGE = 1000
 THREAD_HASHING_THRESHOLD = 256 * 1024
-"""Bodies at least this large are hashed in a thread (hashlib lets go of the GIL), not in the reactor."""
+"""Bodies at least this large are hashed (and joined) in a thread, not in the reactor."""
 DELETE_BATCH = 1000
 """S3 deletes at most this many keys in one request."""
 
@@ -245,6 +250,8 @@ def check_endpoint(endpoint: str, url: str = "") -> str:
         raise errors.InvalidArgument(f"{where} is not an http(s)://host[:port] URL")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise errors.InvalidArgument(f"{where} must be only scheme://host[:port]")
+    if not parts.netloc.isascii():
+        raise errors.InvalidArgument(f"{where}: write the host name in its ASCII (xn--) form")
     if parts.scheme == "http" and not _loopback(parts.hostname):
         raise errors.InvalidArgument(
             f"{where} is plain HTTP to a host that is not loopback; credentials and data would cross the"
@@ -436,6 +443,11 @@ class BodyCheck:
         running.update(body)
         return self.encode(running.digest())
 
+    def join_and_digest(self, pieces: builtins.list[bytes]) -> tuple[bytes, str]:
+        """The body the pieces make up, and its value (:meth:`digest`)."""
+        body = b"".join(pieces)
+        return body, self.digest(body)
+
 
 def body_check(headers: dict[str, str]) -> BodyCheck | None:
     """
@@ -500,7 +512,7 @@ class S3ObjectStore:
         self._pool.maxPersistentPerHost = max_connections
         self._pool.cachedConnectionTimeout = 120
         endpoints = Endpoints(reactor, connect_timeout=min(location.timeout, 30.0))
-        self._http = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool))
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._closed = False
         if not location.conditional:
             self._warn_fallback()
@@ -658,7 +670,7 @@ class S3ObjectStore:
             return await self._put(key, body, create_only)
         if not stored:
             info_etag = await self._etag(key)
-            if info_etag != await self._in_thread(_md5_hex, body):
+            if info_etag != await self._in_thread(_md5_hex, body, len(body)):
                 raise errors.AlreadyExists(f"object {key!r} already exists in {self.location}")
 
     async def _etag(self, key: str) -> str | None:
@@ -863,13 +875,11 @@ class S3ObjectStore:
         signed = self._sign(method, url, headers, body, payload_hash)
 
         async def exchange() -> Answer:
-            response: IResponse = await self._http.request(
-                method,
-                url,
-                headers=signed,
-                data=BytesProducer(body, self._reactor) if body or method in ("PUT", "POST") else None,
-                allow_redirects=False,
-                unbuffered=True,
+            response: IResponse = await self._agent.request(
+                method.encode("ascii"),
+                url.encode("ascii"),
+                Headers({name: [value] for name, value in signed.items()}),
+                BytesProducer(body, self._reactor) if body or method in ("PUT", "POST") else None,
             )
             received = {
                 name.decode("latin-1").lower(): values[-1].decode("latin-1")
@@ -877,15 +887,18 @@ class S3ObjectStore:
             }
             reader = BodyReader(response.length if isinstance(response.length, int) else None)
             response.deliverBody(reader)
-            content = await reader.done
+            pieces = await reader.done
             if (
                 method != "HEAD"
                 and "content-length" in received
-                and int(received["content-length"]) != len(content)
+                and int(received["content-length"]) != reader.size
             ):
-                raise _Retry(f"a body of {received['content-length']} bytes arrived with {len(content)}")
+                raise _Retry(f"a body of {received['content-length']} bytes arrived with {reader.size}")
             check = body_check(received) if check_body and response.code == 200 else None
-            if check is not None and await self._in_thread(check.digest, content) != check.expected:
+            if check is None:
+                return Answer(response.code, received, b"".join(pieces))
+            content, digest = await self._in_thread(check.join_and_digest, pieces, reader.size)
+            if digest != check.expected:
                 raise _Corrupt(f"a body arrived altered: it does not match its {check.name}")
             return Answer(response.code, received, content)
 
@@ -905,11 +918,11 @@ class S3ObjectStore:
         signer.add_auth(request)
         return {name: value for name, value in request.headers.items()}
 
-    async def _in_thread(self, digest: Callable[[bytes], str], body: bytes) -> str:
-        """``digest(body)``; for a large body in the reactor's thread pool, leaving the reactor free."""
-        if len(body) < THREAD_HASHING_THRESHOLD or not hasattr(self._reactor, "getThreadPool"):
-            return digest(body)
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), digest, body)
+    async def _in_thread(self, work: Callable[[_B], _T], body: _B, size: int) -> _T:
+        """``work(body)``; for ``size`` bytes or more in the reactor's thread pool, leaving the reactor free."""
+        if size < THREAD_HASHING_THRESHOLD or not hasattr(self._reactor, "getThreadPool"):
+            return work(body)
+        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work, body)
 
     async def _digests(self, body: bytes) -> tuple[str, str]:
         """
@@ -917,8 +930,8 @@ class S3ObjectStore:
 
         A large body is hashed in two threads of the reactor's pool at once.
         """
-        crc32 = Deferred.fromCoroutine(self._in_thread(crc32_checksum, body))
-        sha256 = Deferred.fromCoroutine(self._in_thread(_sha256_hex, body))
+        crc32 = Deferred.fromCoroutine(self._in_thread(crc32_checksum, body, len(body)))
+        sha256 = Deferred.fromCoroutine(self._in_thread(_sha256_hex, body, len(body)))
         return await crc32, await sha256
 
 
