@@ -4,7 +4,11 @@ Benchmark: reconnect and resolve storms against one discovery instance.
 Real processes on loopback, real TLS, no mocks:
 
 - one discovery instance, ``twistd -n lucid-discovery`` with a generated
-  configuration, pinned to core 0 (``taskset -c 0``) when it can be;
+  configuration, pinned to core 0 (``taskset -c 0``) when it can be, and
+  with ``--discovery-cpu SHARE`` capped at that share of the core by a
+  cgroup CPU quota (the load generators, on the other core, do the clients'
+  side of every handshake and cannot outrun a whole core of discovery:
+  capped below what they offer, discovery is what the rates measure);
 - a simulated fleet of metadata servers in one process: the filespaces
   ``fs0000``... spread over a few TLS listeners that share one wildcard
   certificate ``*.meta.lucid`` (filespace ``fsNNNN`` is served as
@@ -890,6 +894,62 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
+class CpuQuota:
+    """
+    At most ``share`` of one core for a process, through a cgroup of its own (v2 ``cpu.max`` or v1 CFS quota).
+
+    On two cores the load generators, which do the clients' side of every
+    TLS handshake, cannot outrun a whole core of discovery: unthrottled, they
+    set every rate measured.  Capping discovery below what they can offer
+    makes discovery the limit of the capacity and of the storm alike.
+    :meth:`apply` says why not when the machine offers no such cgroup.
+    """
+
+    PERIOD_US = 100_000
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.folder: Path | None = None
+
+    def apply(self, pid: int) -> str:
+        """Put ``pid`` under the quota; "" when done, else why not."""
+        quota = max(1000, int(self.share * self.PERIOD_US))
+        v2 = Path("/sys/fs/cgroup")
+        v1 = Path("/sys/fs/cgroup/cpu")
+        try:
+            if (v2 / "cgroup.controllers").exists():
+                if "cpu" not in (v2 / "cgroup.subtree_control").read_text().split():
+                    (v2 / "cgroup.subtree_control").write_text("+cpu")
+                folder = v2 / f"lucid-bench-{os.getpid()}"
+                folder.mkdir()
+                self.folder = folder
+                (folder / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+            elif (v1 / "cpu.cfs_quota_us").exists():
+                folder = v1 / f"lucid-bench-{os.getpid()}"
+                folder.mkdir()
+                self.folder = folder
+                (folder / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (folder / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                return "no cgroup cpu controller on this machine"
+            (self.folder / "cgroup.procs").write_text(str(pid))
+        except OSError as error:
+            self.remove()
+            return f"cannot make a cgroup: {error.strerror or error}"
+        return ""
+
+    def remove(self) -> None:
+        """Remove the cgroup (its process has ended, or goes back to the root)."""
+        if self.folder is None:
+            return
+        with contextlib.suppress(OSError):
+            for pid in (self.folder / "cgroup.procs").read_text().split():
+                (self.folder.parent / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+        self.folder = None
+
+
 class Child:
     """A process this benchmark started, and its stdout lines as JSON events."""
 
@@ -1187,6 +1247,8 @@ class Bench:
         self.dead_cpu = 0.0
         self.quiet_budget = args.wait_for_quiet
         self.quiet_waited = 0.0
+        self.quota: CpuQuota | None = None
+        self.quota_refused = ""
 
     def log(self, text: str) -> None:
         print(f"[{self.clock.elapsed():6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -1232,6 +1294,12 @@ class Bench:
         child = Child("discovery", self.pinned(0, argv), self.scratch / "discovery.out", events=False)
         self.children.append(child)
         self.discovery = child
+        if self.args.discovery_cpu:
+            self.quota = CpuQuota(self.args.discovery_cpu)
+            refused = self.quota.apply(child.pid)
+            if refused:
+                self.quota_refused = refused
+                self.log(f"discovery runs without a CPU quota: {refused}")
         self.watch = DiscoveryWatch(child.pid, self.metrics_port)
         deadline = time.monotonic() + self.clock.bound(30)
         while True:
@@ -1308,6 +1376,8 @@ class Bench:
                     child.send(cmd="quit")
             child.stop()
         self.children = []
+        if self.quota is not None:
+            self.quota.remove()
 
     def settle(self, timeout: float = 15.0) -> None:
         """Wait until discovery holds only the fleet's connections again."""
@@ -1616,6 +1686,8 @@ class Bench:
             "filespaces": args.filespaces,
             "generators": args.generators,
             "discovery_pinned_to_core_0": self.pin,
+            "discovery_cpu_quota": (None if not args.discovery_cpu or self.quota_refused
+                                    else args.discovery_cpu),
             "source_addresses": "one 127.x.y.z per simulated client",
             "discovery_limits": self.limits,
             "discovery_listen_backlog": args.backlog_discovery or "discovery's default (4096, capped by net.core.somaxconn)",
@@ -1656,7 +1728,8 @@ def print_report(result: dict[str, Any]) -> None:
         rows.append((label, designed, naive))
 
     print(f"discovery storm: {result['filespaces']:,} filespaces, {result['generators']} generator processes, "
-          f"discovery {'pinned to core 0' if result['discovery_pinned_to_core_0'] else 'not pinned'}")
+          f"discovery {'pinned to core 0' if result['discovery_pinned_to_core_0'] else 'not pinned'}"
+          + (f", capped at {result['discovery_cpu_quota']:.0%} of a core" if result["discovery_cpu_quota"] else ""))
     paced, ref = result["paced_capacity"], result["goodput_reference_per_s"]
     print(f"paced capacity (open loop, {paced['seconds_per_step']:g} s a step, kept up: goodput >= "
           f"{PACED_KEEP_UP:.0%} of offered, p99 <= {PACED_P99_BOUND * 1000:.0f} ms, nothing failed): "
@@ -1674,7 +1747,7 @@ def print_report(result: dict[str, Any]) -> None:
     if cap["projected_one_core_resolves_per_s"]:
         print(f"  discovery spent {cap['discovery_cpu_ms_per_resolve']:.2f} ms of CPU per resolve: one core of it would answer "
               f"~{cap['projected_one_core_resolves_per_s']:,.0f} resolves/s (extrapolated; "
-              f"{'the load generators, not discovery, set the capacity above' if cap['discovery_cpu'] < 0.8 else 'discovery was the bottleneck'})")
+              f"{'discovery was the bottleneck' if cap['discovery_cpu'] >= 0.8 * (result['discovery_cpu_quota'] or 1) else 'the load generators, not discovery, set the capacity above'})")
     print()
     if a is not None:
         row(f"A: fleet restarts at the same addresses, {result['reconnect_clients']:,} clients", "designed", "naive")
@@ -1771,6 +1844,9 @@ def main() -> None:
                         help="the simulated fleet shakes hands with at most this many clients at once")
     parser.add_argument("--only-b", action="store_true", help="scenario B alone (capacity and the storm), without A")
     parser.add_argument("--no-pin", action="store_true", help="do not pin discovery to core 0 and the rest to core 1")
+    parser.add_argument("--discovery-cpu", type=float, default=0.0, metavar="SHARE",
+                        help="cap discovery at this share of a core (a cgroup CPU quota), so that it, not the "
+                             "load generators, sets the rates measured (default: no cap)")
     parser.add_argument("--wait-for-quiet", type=float, default=0.0,
                         help="first wait up to this many seconds for other programs to leave the CPUs alone")
     parser.add_argument("--seed", type=int, default=1)
