@@ -342,3 +342,24 @@ class MemoryFilespaceCase(TestCase):
     def now(self, deferred: Deferred[Any]) -> Any:
         """The result of a Deferred that has fired."""
         return self.successResultOf(deferred)
+
+
+class CacheFolderCase(ClientTestCase):
+    """Clients with a cache folder (journals, chunk cache) that every client of the test shares, and that die."""
+
+    @defer.inlineCallbacks
+    def client(self, store: Any = None, **options: Any) -> Generator[Deferred[Any], Any, Filespace]:
+        """A client with the cache folder every client of this test shares (one machine, run after run)."""
+        session = yield self.login()
+        fs = Filespace(session, store or self.objects, cache_dir=self.base / "cache", **options)
+        self.addCleanup(fs.close)
+        return fs
+
+    @defer.inlineCallbacks
+    def crash(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """The client dies: its session ends, its handles are never closed, its memory is gone."""
+        for handle in fs.inodes.open_handles():
+            if handle.file._journal is not None:
+                handle.file._journal.close()
+        yield fs.close()
+        yield fs.session.close()

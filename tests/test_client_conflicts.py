@@ -17,30 +17,15 @@ from twisted.internet.defer import Deferred
 from lucidlink import errors
 from lucidlink.client import conflicts
 from lucidlink.client.filespace import Filespace
-from tests.client_helpers import ClientTestCase
+from tests.client_helpers import CacheFolderCase
 
 CHUNK = 64 * 1024
 
 
-class ConflictTests(ClientTestCase):
+class ConflictTests(CacheFolderCase):
     """Journals kept because their file changed, or went, while the client that wrote them was down."""
 
     chunk_size = CHUNK
-
-    @defer.inlineCallbacks
-    def client(self) -> Generator[Deferred[Any], Any, Filespace]:
-        session = yield self.login()
-        fs = Filespace(session, self.objects, cache_dir=self.base / "cache")
-        self.addCleanup(fs.close)
-        return fs
-
-    @defer.inlineCallbacks
-    def crash(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
-        for handle in fs.inodes.open_handles():
-            if handle.file._journal is not None:
-                handle.file._journal.close()
-        yield fs.close()
-        yield fs.session.close()
 
     def root(self, fs: Filespace) -> Path:
         return self.base / "cache" / fs.session.filespace_id.hex()

@@ -28,7 +28,7 @@ from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJou
 from lucidlink.objectstore.faults import FaultyObjectStore
 from lucidlink.protocol.messages import ChunkRef
 from tests.cache_helpers import change, pattern
-from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
+from tests.client_helpers import CacheFolderCase, MemoryFilespaceCase
 
 KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
 CHUNK = 2 * crypto.BLOCK_SIZE
@@ -102,27 +102,10 @@ class JournalTests(SynchronousTestCase):
         self.assertNotEqual(fresh.path.name, journal.path.name)
 
 
-class WriteBackTests(ClientTestCase):
+class WriteBackTests(CacheFolderCase):
     """The client core with a cache folder: journals, background stores, and recovery by the next client."""
 
     chunk_size = CHUNK
-
-    @defer.inlineCallbacks
-    def client(self, store: Any = None, **options: Any) -> Generator[Deferred[Any], Any, Filespace]:
-        """A client with the cache folder every client of this test shares (one machine, run after run)."""
-        session = yield self.login()
-        fs = Filespace(session, store or self.objects, cache_dir=self.base / "cache", **options)
-        self.addCleanup(fs.close)
-        return fs
-
-    @defer.inlineCallbacks
-    def crash(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
-        """The client dies: its session ends, its handles are never closed, its memory is gone."""
-        for handle in fs.inodes.open_handles():
-            if handle.file._journal is not None:
-                handle.file._journal.close()
-        yield fs.close()
-        yield fs.session.close()
 
     def pending(self) -> list[Path]:
         return sorted((self.base / "cache").rglob("pending/*.journal"))
