@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from lucidlink.chunk_keys import chunk_object_key, chunk_prefix, parse_chunk_key
 from lucidlink.errors import InvalidArgument
-from lucidlink.meta.prune import delete_in_order, iso
+from lucidlink.meta.prune import Deletion, delete_in_order, iso
 from lucidlink.meta.snapshots import restore
 
 MINIMUM_GRACE = 3600.0
@@ -92,13 +92,8 @@ class CollectionPlan:
 
 
 @dataclass
-class Collected:
+class Collected(Deletion[CollectionPlan]):
     """What :func:`collect` did."""
-
-    plan: CollectionPlan
-    deleted: list[str] = field(default_factory=list)
-    error: str = ""
-    """Why it stopped before deleting everything planned ("" if it did not)."""
 
     @property
     def summary(self) -> str:

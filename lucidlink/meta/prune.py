@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -92,14 +92,23 @@ class PrunePlan:
                 f"older than {iso(self.cutoff_ns)} to delete; {window}")
 
 
-@dataclass
-class Pruned:
-    """What :func:`prune` did."""
+PlanT = TypeVar("PlanT")
 
-    plan: PrunePlan
+
+@dataclass
+class Deletion(Generic[PlanT]):
+    """What a deleting job (pruning, chunk collection) did of its plan."""
+
+    plan: PlanT
     deleted: list[str] = field(default_factory=list)
+    """The keys deleted, in order."""
     error: str = ""
     """Why it stopped before deleting all the plan names ("" if it did not)."""
+
+
+@dataclass
+class Pruned(Deletion[PrunePlan]):
+    """What :func:`prune` did."""
 
     @property
     def summary(self) -> str:
