@@ -126,7 +126,32 @@ class FolderPackTests(SynchronousTestCase):
         self.assertEqual(pack_file(self.folder).stat().st_size % STEP, 0)
 
     def test_failed_sync_takes_the_record_back(self) -> None:
-        """An append whose fdatasync fails is not an object for anyone, and the name stays free."""
+        """An append whose fdatasync fails is deleted after it, not overwritten: every view, even one that read it, agrees."""
+        self.append("kept", b"k")
+        real_fdatasync = os.fdatasync
+        failures = [1]
+
+        def failing_once(fd: int) -> None:
+            if failures:
+                failures.pop()
+                self.reader.find("anything")  # another process reads while the sync runs
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_fdatasync(fd)
+
+        self.patch(os, "fdatasync", failing_once)
+        self.assertRaises(OSError, self.append, "lost", b"l" * 100)
+        for view in (self.writer, self.reader, FolderPack(self.folder)):
+            self.assertIsNone(view.find("lost"))
+        self.assertTrue(self.append("s1", b"1" * 100))
+        self.assertTrue(self.append("s2", b"2" * 1000))
+        self.assertTrue(self.append("lost", b"again", self.reader))
+        for view in (self.writer, self.reader, FolderPack(self.folder)):
+            self.assertEqual(sorted(view.objects()), ["kept", "lost", "s1", "s2"])
+            self.assertEqual(view.read(view.find("s2")), b"2" * 1000)
+            self.assertEqual(view.read(view.find("lost")), b"again")
+
+    def test_failing_sync_stops_the_view(self) -> None:
+        """When not even the deletion can be made durable, that view appends nothing more; a new one can."""
         self.append("kept", b"k")
 
         def failing(fd: int) -> None:
@@ -134,11 +159,78 @@ class FolderPackTests(SynchronousTestCase):
 
         restore = self.patch(os, "fdatasync", failing)
         self.assertRaises(OSError, self.append, "lost", b"l" * 100)
-        self.assertIsNone(self.writer.find("lost"))
-        self.assertEqual(sorted(FolderPack(self.folder).objects()), ["kept"])
         restore.restore()
-        self.assertTrue(self.append("lost", b"again"))
-        self.assertEqual(self.read("lost"), b"again")
+        with self.assertRaises(OSError) as refused:
+            self.append("next", b"n")
+        self.assertIn("could not be taken back", str(refused.exception))
+        fresh = FolderPack(self.folder)
+        self.assertEqual(sorted(fresh.objects()), ["kept"])
+        self.assertTrue(self.append("next", b"n", fresh))
+        self.assertEqual(sorted(self.reader.objects()), ["kept", "next"])
+
+    def test_records_appended_before_a_rollover_are_seen(self) -> None:
+        """A view that read the last pack sees what was appended to it after, once a later pack starts."""
+        self.append("a0", b"x" * 700)
+        self.assertIsNotNone(self.reader.find("a0"))
+        for number in range(1, 3 * LIMIT // 700):
+            self.append(f"a{number}", b"x" * 700)
+        self.assertTrue(pack_file(self.folder, 2).exists())
+        self.assertEqual(self.reader.objects().keys(), self.writer.objects().keys())
+        self.assertFalse(self.append("a3", b"other", self.reader), "create-only: a3 exists")
+        self.assertEqual(self.read("a3", FolderPack(self.folder)), b"x" * 700)
+
+    def test_reclaim_by_a_view_that_read_before_a_rollover(self) -> None:
+        """Deleting the first object, through a view that read it early, leaves the pack that holds others."""
+        self.append("a0", b"x" * 700)
+        self.reader.find("a0")
+        for number in range(1, 2 * LIMIT // 700):
+            self.append(f"a{number}", b"x" * 700)
+        self.assertTrue(self.reader.remove("a0"))
+        fresh = FolderPack(self.folder)
+        self.assertEqual(sorted(fresh.objects()), sorted(f"a{n}" for n in range(1, 2 * LIMIT // 700)))
+        self.assertEqual(self.read("a5", self.writer), b"x" * 700)
+
+    def test_pack_reclaimed_while_a_view_reads(self) -> None:
+        """A pack that goes between a view's listing and its reading makes the view read again, not come up empty."""
+        count = 3 * LIMIT // 700
+        for number in range(count):
+            self.append(f"s{number:02d}", b"x" * 700)
+        listing = self.reader._packs
+
+        def listed_then_pruned() -> list[str]:
+            listed = listing()
+            self.reader._packs = listing
+            for number in range(count // 2):  # the oldest pack empties and is reclaimed meanwhile
+                self.writer.remove(f"s{number:02d}")
+            return listed
+
+        self.reader._packs = listed_then_pruned  # type: ignore[method-assign]
+        self.assertIsNotNone(self.reader.find(f"s{count - 1:02d}"))
+        self.assertEqual(len(self.reader.objects()), count - count // 2)
+
+    def test_torn_record_replaced_while_a_view_reads_it(self) -> None:
+        """The next writer clears a torn record and appends in its place between a view's two reads of it."""
+        self.append("kept", b"k")
+        end = self.writer._states[max(self.writer._states)].end
+        write_into(pack_file(self.folder), end, encode_record(PUT, "unacked", b"U" * 3000)[:1000])
+        next_writer = FolderPack(self.folder, limit=LIMIT, step=STEP)
+        real_read = pack_module._read_exactly
+        appended: list[bool] = []
+
+        def read_then_append(fd: int, offset: int, length: int) -> bytes:
+            data = real_read(fd, offset, length)
+            if offset == end and length == HEADER_SIZE and not appended:
+                appended.append(True)
+                self.patch(pack_module, "_read_exactly", real_read)
+                self.append("s1", b"1" * 500, next_writer)
+                self.append("s2", b"2" * 500, next_writer)
+                self.patch(pack_module, "_read_exactly", read_then_append)
+            return data
+
+        self.patch(pack_module, "_read_exactly", read_then_append)
+        self.assertIsNone(self.reader.find("unacked"))
+        self.assertTrue(appended)
+        self.assertEqual(sorted(self.reader.objects()), ["kept", "s1", "s2"])
 
     def test_delete_and_again(self) -> None:
         """A deleted name is gone for every view and can be created again."""

@@ -50,14 +50,23 @@ What a crash can leave, and what each reader makes of it:
   appends only where nothing valid follows.
 - A pack created or extended but not synced holds zeros or nothing: no
   records.
+- An append whose ``fdatasync`` fails is not stored: a deletion record for
+  its name goes right after it (another process may have read it already,
+  so its place is never reused).  If that cannot be made durable either,
+  the view refuses every later append with the error, until the process
+  opens the folder again.
 
 Deleting a packed object appends a kind-2 record; the oldest pack is
 unlinked once none of its objects is left (journal segments are pruned
-oldest first, so packs go in order).
+oldest first, so packs go in order).  A pack that is no longer the last is
+read to its end once more, then never again: every append to it was made
+before the next pack was created.  A pack reclaimed while a process reads
+the packs makes that process read them all again.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -85,6 +94,8 @@ _HEADER_CRC = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
 DIGEST_SIZE = 16
 _SCAN_BLOCK = 1 << 20
+REFRESH_ATTEMPTS = 5
+"""Passes over the packs before giving up when packs keep being reclaimed while they are read."""
 
 
 def _digest(*parts: bytes | memoryview) -> bytes:
@@ -150,6 +161,8 @@ class _PackState:
     """Everything at or after ``end`` is zero, so an append there leaves nothing stale behind it."""
     size: int = 0
     """The file's size when last scanned (under the lock: its size)."""
+    sealed: bool = False
+    """Read to its end after a later pack existed: nothing is appended to it any more."""
 
 
 @dataclass
@@ -184,6 +197,8 @@ class FolderPack:
         """Open files of the last pack (reading, writing): it is read and written on every put."""
         self._listing: tuple[tuple[int, int], list[str]] | None = None
         """The packs, and the pack folder's (inode, mtime) when they were listed."""
+        self._broken: OSError | None = None
+        """Why a failed append could not be taken back: nothing more is appended through this view."""
 
     def __repr__(self) -> str:
         return f"<FolderPack {self.directory}>"
@@ -371,26 +386,38 @@ class FolderPack:
 
     def _refresh(self) -> None:
         """Read what was appended since this process last looked (by anyone)."""
+        for _ in range(REFRESH_ATTEMPTS):
+            if self._refresh_once():
+                return
+            self._forget()  # a pack was reclaimed while we read: start again from what is there
+        raise OSError(errno.ESTALE, f"the packs of {self.folder} kept changing while they were read")
+
+    def _refresh_once(self) -> bool:
+        """One pass over the packs; False if one went while it was read (the index is then incomplete)."""
         packs = self._packs()
         if any(pack not in packs for pack in self._states):
             self._forget()  # a pack was reclaimed: start again from what is there
         self._close_files(keep=packs[-1] if packs else None)
         for pack in packs:
             state = self._states.setdefault(pack, _PackState())
-            if state.tail_checked and pack != packs[-1]:
-                continue  # read to its end, and only the last pack is appended to
+            if state.sealed:
+                continue
+            last = pack == packs[-1]
             try:
-                if pack == packs[-1]:
+                if last:
                     self._scan(pack, self._file(pack), state)
                     continue
                 fd = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                self._forget()
-                return  # reclaimed while we looked; the next refresh starts again
+                return False
             try:
                 self._scan(pack, fd, state)
             finally:
                 os.close(fd)
+            # A later pack exists, so every append to this one was made (and synced) before it
+            # was created: read to its end now, it is complete.
+            state.sealed = True
+        return True
 
     def _forget(self) -> None:
         self._states.clear()
@@ -418,6 +445,8 @@ class FolderPack:
                 # The last record, unfinished: not an object, and nothing after it checks.
                 state.tail_checked, state.tail_clean = True, False
                 return
+            if not record.intact and _read_exactly(fd, position, HEADER_SIZE) != raw_header:
+                continue  # a writer cleared an unfinished record and appended here meanwhile: read it again
             self._apply(pack, record)
             position += record.header.record_size
             state.end = position
@@ -431,6 +460,9 @@ class FolderPack:
 
     def _append(self, directory_fd: int, record: bytes) -> tuple[str, int]:
         """Write ``record`` at the end of the last pack (a new one if that is full); returns where."""
+        if self._broken is not None:
+            raise OSError(self._broken.errno, f"an earlier append to {self.directory} failed and could not be "
+                                              f"taken back ({self._broken.strerror or self._broken})")
         packs = sorted(self._states)
         if packs and (self._states[packs[-1]].end == 0 or self._states[packs[-1]].end + len(record) <= self.limit):
             pack = packs[-1]
@@ -455,11 +487,21 @@ class FolderPack:
             _write_at(fd, record, offset)
             os.fdatasync(fd)
         except OSError:
-            # Not durable, so not stored: take it back while no one else may append after it.
+            # Not durable, so not stored.  Another process may have read the record meanwhile, so
+            # it is taken back by a deletion after it, never by reusing its place; if even that
+            # cannot be made durable, this view appends nothing more (the error repeats).
+            state.end = offset + len(record)
+            header = _parse_header(record[:HEADER_SIZE])
             try:
-                _write_zeros(fd, offset, offset + len(record))
-            except OSError:
-                state.tail_clean = False
+                if header is None:
+                    raise
+                name = record[HEADER_SIZE : HEADER_SIZE + header.name_length].decode("ascii")
+                deletion = encode_record(DELETE, name)
+                _write_at(fd, deletion, state.end)
+                os.fdatasync(fd)
+                state.end += len(deletion)
+            except OSError as error:
+                self._broken = error
             raise
         state.end = offset + len(record)
         return pack, offset
