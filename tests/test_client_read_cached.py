@@ -16,7 +16,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -356,3 +356,49 @@ class OpenedBlocksTests(SynchronousTestCase):
         nothing = OpenedBlocks(0)
         nothing.put((1, 0, b"a", 0), b"zero")
         self.assertEqual(len(nothing), 0)
+
+
+class ChangeDuringMapReadTests(MemoryFilespaceCase):
+    """A chunk map read that the server answers after telling of a later change is not kept."""
+
+    chunk_size = CHUNK
+
+    @defer.inlineCallbacks
+    def test_map_read_across_a_notification_is_read_again(self) -> Generator[Deferred[Any], Any, None]:
+        """The server runs a read, then another client's commit, in one group and tells of the commit first."""
+        content = random.Random(1).randbytes(3 * CHUNK)
+        self.now(self.fs.write_file("/file.bin", content))
+        self.now(self.fs.write_file("/other", b"x"))
+        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()), read_ahead=0)
+        self.addCleanup(fs.close)
+        handle = self.now(fs.open_path("/file.bin", os.O_RDONLY))
+        self.assertEqual(self.now(handle.read(0, 100)), content[:100])
+        writer = self.now(self.fs.open_path("/file.bin", os.O_RDWR))
+        self.now(writer.write(0, b"A" * 100))
+        self.now(writer.flush())
+        other = self.now(fs.resolve("/other"))
+        clock = task.Clock()
+        self.responder.clock = clock
+        self.responder.group_window = 0.0  # groups run when the clock says, as in a busy server
+        events: list[str] = []
+        fs.inodes.on_change(lambda inode, parent, name: events.append("notified"))
+        read_map = handle.file._read_map
+
+        def traced(windows: Any) -> Deferred[Any]:
+            return read_map(windows).addCallback(lambda answer: (events.append(f"map {answer[0]}"), answer)[1])
+
+        handle.file._read_map = traced  # type: ignore[method-assign]
+        setattr_done = fs.inodes.setattr(other.inode, mode=0o600)  # a change of this client queued first
+        reading = handle.read(0, 100)  # its map read waits in the same group
+        self.now(writer.write(0, b"B" * 100))
+        flushing = writer.flush()  # the other client's commit, later in that group
+        clock.advance(0)
+        self.now(setattr_done)
+        self.now(flushing)
+        self.now(reading)  # concurrent with the commit: either content is right
+        self.responder.group_window = None
+        self.assertLess(events.index("notified"), len(events) - 1, events)
+        now = b"B" * 100
+        self.assertEqual(self.now(handle.read(0, 100)), now, "the map read before the change is not kept")
+        self.assertIn(handle.read_cached(0, 100), (None, now))
+        self.assertEqual(handle.version, writer.version)

@@ -277,6 +277,8 @@ class OpenFile:
         self._reads = SequentialReads(self._chunk_size, inodes.chunks.read_ahead)
         self._reads_lock = threading.Lock()
         """Guards ``_reads``, which reads of other threads (:meth:`read_cached`) tell too."""
+        self._invalidations = 0
+        """Counts :meth:`invalidate` calls: a chunk map read across one may be older than the change."""
         self._view: _ReadView | None = None
         """What :meth:`read_cached` may serve from; None whenever the file is being changed or may be stale."""
         self._uploading: dict[int, defer.Deferred[None]] = {}
@@ -448,8 +450,12 @@ class OpenFile:
             if not needed and not self._stale:
                 return
             needed = needed or [first // CHUNKMAP_WINDOW]
+            invalidations = self._invalidations
             version, size, entries = yield self._read_map(needed)
             self._hide_view()
+            if self._invalidations != invalidations:
+                # The server told of a change while the map was read: the answer may predate it.
+                continue
             if version != self._map_version:
                 self._map.clear()
                 self._windows.clear()
@@ -887,6 +893,7 @@ class OpenFile:
         ``attributes``: the file's new attributes, when the change was made here.
         """
         self._hide_view()
+        self._invalidations += 1
         self._map.clear()
         self._windows.clear()
         self._map_version = None
@@ -1438,7 +1445,8 @@ class Inodes:
                     yield handle.truncate(record.size)
             yield handle.flush()
         finally:
-            handle.replaying = False
+            handle.file.replaying = False
+            handle.file.rebase_on_conflict = True
             yield handle.close()
         journal.remove()
         return Recovery(journal.path, journal.inode, True, None, "committed")
