@@ -186,7 +186,9 @@ class ChunkCache:
         The note is taken in (as :meth:`touch`) on the reactor's thread before
         the next eviction and when recency is saved.
         """
-        self._used_elsewhere[object_id] = None
+        used = self._used_elsewhere
+        used.pop(object_id, None)  # last use last, so the most recent is touched last
+        used[object_id] = None
 
     def _take_uses(self) -> None:
         """Apply the uses other threads noted (see :meth:`used_elsewhere`)."""
