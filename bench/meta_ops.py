@@ -655,11 +655,14 @@ def log_in(connection: Any, user: str, passphrase: str) -> Any:
 # Filling a database fast
 
 
-def bulk_create(store: MetadataStore, parent: int, names: Sequence[bytes], time_ns: int) -> int:
+def bulk_create(store: MetadataStore, parent: int, names: Sequence[bytes], time_ns: int,
+                chunks: Sequence[tuple[bytes, int]] | None = None) -> int:
     """Add regular files ``names`` to directory ``parent`` in one transaction; return the first inode.
 
     The rows are those ``apply(CreateFile(...))`` writes for each name (see
-    :func:`check_bulk_create`), written with ``executemany`` instead of one
+    :func:`check_bulk_create`), then, with ``chunks`` (an ``(object_id,
+    size)`` per name), those ``apply(CommitChunks(...))`` writes for a file
+    of that one chunk; written with ``executemany`` instead of one
     transaction (and one fsync) per file.  Only for filling a database that
     no server has open.
     """
@@ -669,15 +672,23 @@ def bulk_create(store: MetadataStore, parent: int, names: Sequence[bytes], time_
         row = db.execute("SELECT value FROM settings WHERE key = 'next_inode'").fetchone()
         first = row[0] if row is not None else ROOT_INODE + 1
         mode = stat.S_IFREG | FILE_MODE
+        sizes = [size for _, size in chunks] if chunks is not None else [0] * len(names)
+        version = 1 if chunks is None else 2
         db.executemany(
             "INSERT INTO inodes (id, kind, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, version,"
-            " target) VALUES (?, ?, ?, 1, ?, ?, 0, ?, ?, ?, 1, NULL)",
-            ((first + i, int(w.FileKind.FILE), mode, UID, GID, time_ns, time_ns, time_ns) for i in range(len(names))),
+            " target) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            ((first + i, int(w.FileKind.FILE), mode, UID, GID, sizes[i], time_ns, time_ns, time_ns, version)
+             for i in range(len(names))),
         )
         db.executemany(
             "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)",
             ((parent, name, first + i) for i, name in enumerate(names)),
         )
+        if chunks is not None:
+            db.executemany(
+                "INSERT INTO chunks (inode, idx, object_id, length, object_length) VALUES (?, 0, ?, ?, ?)",
+                ((first + i, object_id, size, size) for i, (object_id, size) in enumerate(chunks)),
+            )
         db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?", (time_ns, time_ns, parent))
         db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('next_inode', ?)", (first + len(names),))
         db.execute("COMMIT")

@@ -30,13 +30,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from fs_bench import MountProcess, parse_size  # the same mount handling as the files benchmark
 
 from tests.demo_helpers import RunningDemo
 
@@ -45,31 +45,19 @@ RSS_LIMIT = 300 * MIB
 PIECE = MIB
 
 
-def parse_size(text: str) -> int:
-    from lucidlink.client.config import parse_size as parse
-
-    return parse(text)
-
-
-class Mount:
+class Mount(MountProcess):
     """``lucid-mount demo MOUNTPOINT --foreground`` with a cache folder, memory sampled while it runs."""
 
     def __init__(self, demo: RunningDemo, mountpoint: Path, cache: Path, cache_size: str, read_ahead: int) -> None:
-        self.mountpoint = mountpoint
-        self.log = mountpoint.parent / "mount.log"
-        env = dict(os.environ, LUCID_CONFIG=str(demo.config))
-        self.process = subprocess.Popen(
+        log = mountpoint.parent / "mount.log"
+        log.unlink(missing_ok=True)
+        self.peak_rss = 0
+        self._sampling = False
+        super().__init__(
             [sys.executable, "-m", "lucidlink.cli.mount", "demo", str(mountpoint), "--foreground",
              "--cache-dir", str(cache), "--cache-size", cache_size, "--read-ahead", str(read_ahead)],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            mountpoint, log, dict(os.environ, LUCID_CONFIG=str(demo.config)),
         )
-        deadline = time.monotonic() + 120
-        while not os.path.ismount(mountpoint):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"lucid-mount did not mount:\n{self.log.read_text(errors='replace')}")
-            time.sleep(0.1)
-        self.peak_rss = 0
         self._sampling = True
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -88,19 +76,11 @@ class Mount:
             self.peak_rss = max(self.peak_rss, self._status("VmRSS"))
             time.sleep(0.1)
 
-    def stop(self) -> int:
+    def stop(self) -> int:  # type: ignore[override]
         """Unmount (SIGTERM), wait; the peak resident memory it had (VmHWM)."""
         peak = max(self.peak_rss, self._status("VmHWM"))
         self._sampling = False
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True, timeout=30)
+        super().stop()
         return peak
 
 

@@ -52,11 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meta_ops import DIR_MODE, FILE_MODE, GID, UID, bulk_create  # the same fill as the metadata benchmark
 from twisted.internet import defer, task
 
 from lucidlink.meta import mutations as m
@@ -67,11 +67,8 @@ from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.snapshots import Manifest, manifest_key, restore, snapshot_key, take_snapshot
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore.local import LocalObjectStore
-from lucidlink.protocol.messages import FileKind, SetAttrField
+from lucidlink.protocol.messages import SetAttrField
 
-UID = GID = 1000
-FILE_MODE = 0o644
-DIR_MODE = 0o755
 CHUNK_SIZE = 4 << 20
 NAME_LENGTH = 32
 OBJECT_ID_LENGTH = 24
@@ -108,40 +105,8 @@ def initialise(store: MetadataStore, rng: random.Random) -> None:
                              rng.randbytes(32), b"wrapped master key", server_secret=rng.randbytes(32)))
 
 
-def bulk_files(store: MetadataStore, parent: int, names: Sequence[bytes], sizes: Sequence[int],
-               object_ids: Sequence[bytes], time_ns: int) -> int:
-    """Add files ``names`` (with one chunk each) to ``parent`` in one transaction; return the first inode.
-
-    The rows are those ``apply(CreateFile)`` then ``apply(CommitChunks)``
-    write at ``time_ns`` (see :func:`check_bulk_files`).  Only for a
-    database no server has open: it bypasses the journal.
-    """
-    db = store._db  # the benchmark's shortcut; the server never does this
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        first = db.execute("SELECT value FROM settings WHERE key = 'next_inode'").fetchone()[0]
-        mode = 0o100000 | FILE_MODE
-        db.executemany(
-            "INSERT INTO inodes (id, kind, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, version,"
-            " target) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, 2, NULL)",
-            ((first + i, int(FileKind.FILE), mode, UID, GID, sizes[i], time_ns, time_ns, time_ns)
-             for i in range(len(names))))
-        db.executemany("INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)",
-                       ((parent, name, first + i) for i, name in enumerate(names)))
-        db.executemany("INSERT INTO chunks (inode, idx, object_id, length, object_length) VALUES (?, 0, ?, ?, ?)",
-                       ((first + i, object_ids[i], sizes[i], sizes[i]) for i in range(len(names))))
-        db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?", (time_ns, time_ns, parent))
-        db.execute("UPDATE settings SET value = ? WHERE key = 'next_inode'", (first + len(names),))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return int(first)
-
-
 def check_bulk_files(scratch: Path, count: int = 200) -> None:
-    """The bulk path must leave exactly the database ``apply()`` leaves."""
+    """The bulk path with chunks must leave exactly the database ``apply()`` leaves."""
     dumps = []
     for how in ("apply", "bulk"):
         rng = random.Random(7)
@@ -158,7 +123,7 @@ def check_bulk_files(scratch: Path, count: int = 200) -> None:
                     inode = store.apply(m.CreateFile(directory, name, FILE_MODE, UID, GID, True)).value[0].inode
                     store.apply(m.CommitChunks(inode, 0, size, ((0, object_id, size, size),)))
             else:
-                bulk_files(store, directory, names, sizes, ids, time_ns)
+                bulk_create(store, directory, names, time_ns, list(zip(ids, sizes)))
             dumps.append(store.dump())
         finally:
             store.close()
@@ -199,7 +164,7 @@ def build_base(path: Path, name: str, entries: int, files_per_directory: int, rn
         names = [new_name(rng) for _ in range(count)]
         sizes = [rng.randrange(1, CHUNK_SIZE) for _ in range(count)]
         ids = [rng.randbytes(OBJECT_ID_LENGTH) for _ in range(count)]
-        first = bulk_files(store, directory, names, sizes, ids, store.now_ns())
+        first = bulk_create(store, directory, names, store.now_ns(), list(zip(ids, sizes)))
         source.files.extend((directory, names[i], first + i) for i in range(0, count, keep_every))
         made += count + 1
     source.entries = made

@@ -86,7 +86,7 @@ class Filespace:
     def referenced(self, database: Path) -> set[bytes]:
         store = MetadataStore(database, Clock())
         try:
-            return {bytes(row[0]) for row in store._db.execute("SELECT object_id FROM chunks")}
+            return store.chunk_objects()
         finally:
             store.close()
 

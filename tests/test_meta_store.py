@@ -235,11 +235,16 @@ class RenameTests(StoreTestCase):
         a = self.create(ROOT_INODE, b"a")
         b = self.create(ROOT_INODE, b"b")
         self.write(b, 5, [(0, b"old", 5, 5)])
+        self.write(a, 5, [(0, b"kept", 5, 5)])
+        self.assertEqual(self.store.chunk_objects(), {b"old", b"kept"})
+        self.tick()
         self.rename(ROOT_INODE, b"a", ROOT_INODE, b"b")
         self.assertEqual(self.names(ROOT_INODE), [b"b"])
         self.assertEqual(self.store.lookup(ROOT_INODE, b"b").inode, a)
         self.assertRaises(errors.NotFound, self.store.getattr, b)
         self.assertEqual(self.store.garbage(), [b"old"])
+        self.assertEqual(self.store.garbage_times(), {b"old": self.store.now_ns()})
+        self.assertEqual(self.store.chunk_objects(), {b"kept"})
 
     def test_directory_replaces_empty_directory(self) -> None:
         """A directory may replace an empty directory; link counts stay right across parents."""

@@ -31,19 +31,20 @@ any object.
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from lucidlink.chunk_keys import chunk_object_key, chunk_prefix, parse_chunk_key
 from lucidlink.errors import InvalidArgument
 from lucidlink.meta.prune import Deletion, delete_in_order, iso
 from lucidlink.meta.snapshots import restore
+from lucidlink.meta.store import MetadataStore
 
 MINIMUM_GRACE = 3600.0
 """Seconds: an upload younger than this is never collected, whatever ``grace`` says."""
@@ -116,18 +117,16 @@ class _Rebuilt:
 
 
 def _read_rebuilt(database: Path, cutoff_ns: int) -> _Rebuilt:
-    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    store = MetadataStore(database, Clock())
     try:
-        row = connection.execute("SELECT value FROM settings WHERE key = 'filespace_id'").fetchone()
-        if row is None:
+        if not store.initialised:
             raise InvalidArgument("the rebuilt filespace was never initialised")
-        live = {bytes(object_id) for (object_id,) in connection.execute("SELECT DISTINCT object_id FROM chunks")}
         recent, old = set(), set()
-        for object_id, since_ns in connection.execute("SELECT object_id, since_ns FROM garbage"):
-            (recent if since_ns > cutoff_ns else old).add(bytes(object_id))
-        return _Rebuilt(bytes(row[0]), live, recent, old)
+        for object_id, since_ns in store.garbage_times().items():
+            (recent if since_ns > cutoff_ns else old).add(object_id)
+        return _Rebuilt(store.filespace_id, store.chunk_objects(), recent, old)
     finally:
-        connection.close()
+        store.close()
 
 
 @defer.inlineCallbacks

@@ -649,6 +649,14 @@ class MetadataStore:
         """Object ids no chunk map references any more."""
         return [bytes(row[0]) for row in self._db.execute("SELECT object_id FROM garbage ORDER BY object_id")]
 
+    def garbage_times(self) -> dict[bytes, int]:
+        """:meth:`garbage` with, for each, when a chunk map last named it (nanoseconds since the epoch)."""
+        return {bytes(object_id): since for object_id, since in self._db.execute("SELECT object_id, since_ns FROM garbage")}
+
+    def chunk_objects(self) -> set[bytes]:
+        """Every object id a chunk map names."""
+        return {bytes(row[0]) for row in self._db.execute("SELECT DISTINCT object_id FROM chunks")}
+
     def dump(self) -> dict[str, Any]:
         """Everything the database holds, as plain values, for comparison and verification.
 

@@ -113,8 +113,8 @@ class LucidConnection(Protocol):
         self._in_flight = 0
         self._broken = False
         self._corked: list[bytes] | None = None
-        # Requests waiting for the handshake to finish (a client's), or None.
-        self._held: list[tuple[Any, int]] | None = None
+        # Frames of requests waiting for the handshake to finish (a client's), or None.
+        self._held: list[tuple[bytes, int]] | None = None
         # What the decoder calls with each frame; a server swaps it after the handshake.
         self._on_frame: Callable[[int, int, Any, int], None] = self._frame_received
 
@@ -139,15 +139,10 @@ class LucidConnection(Protocol):
         request_id = next(self._request_ids)
         if request_id >= _REQUEST_ID_LIMIT or request_id in pending:
             request_id = self._next_request_id()
-        held = self._held
-        if held is None:
-            try:
-                frame = frame_encoders[type(message)](message, request_id, 0, self.version)
-            except Exception:
-                frame = encode_frame(message, request_id, 0, self.version)  # raises the error that names the problem
-        else:
-            encode_frame(message, request_id, 0, self.version)  # refused now, not when the handshake is done
-            held.append((message, request_id))
+        try:
+            frame = frame_encoders[type(message)](message, request_id, 0, self.version)
+        except Exception:
+            frame = encode_frame(message, request_id, 0, self.version)  # raises the error that names the problem
         deferred: defer.Deferred[Any] = Deferred()
         if timeout is None:
             timeout = self.request_timeout
@@ -157,12 +152,12 @@ class LucidConnection(Protocol):
         pending[request_id] = (deferred, type(message), deadline, timeout)
         if deadline < self._timeout_at:  # one timer serves all; later requests expire later
             self._arm_request_timer(deadline, timeout)
-        if held is None:
-            corked = self._corked
-            if corked is not None:
-                corked.append(frame)
-            else:
-                self.transport.write(frame)  # type: ignore[union-attr]
+        if self._held is not None:
+            self._held.append((frame, request_id))
+        elif self._corked is not None:
+            self._corked.append(frame)
+        else:
+            self.transport.write(frame)  # type: ignore[union-attr]
         return deferred
 
     def push(self, message: Any) -> None:
@@ -433,9 +428,11 @@ class ClientConnection(LucidConnection):
         self.welcome = welcome
         self.handshaken = True
         held, self._held = self._held or [], None
-        for message, request_id in held:
-            if request_id in self._pending:
-                self._write(message, request_id, 0)
+        frames = [frame for frame, request_id in held if request_id in self._pending]
+        if self._corked is not None:
+            self._corked.extend(frames)
+        elif frames:
+            self.transport.write(b"".join(frames))  # type: ignore[union-attr]
         self.ready.callback(welcome)
 
     def _refused(self, failure: Failure) -> None:
