@@ -6,6 +6,8 @@ What systemd's ``Restart=on-failure`` does for a deployment, a
 :class:`SupervisedProcess` does for ``lucid demo``: a service that exits
 unexpectedly is started again after a capped, growing delay, and the log
 says why.  Stopping sends SIGTERM, then SIGKILL if the process lingers.
+On Linux a child is also sent SIGTERM when its supervisor dies, however it
+dies (a SIGKILL included), so no service outlives the demo that started it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'tw
 def twistd_command(*arguments: str) -> list[str]:
     """The argv that runs ``twistd ARGUMENTS`` with this interpreter, whatever PATH holds."""
     return [sys.executable, "-c", _TWISTD, *arguments]
+
+
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG, kept across exec
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("its supervisor is gone")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it is sent SIGTERM when this process (the thread that starts it) dies."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 RESTART_INITIAL = 0.5
@@ -90,7 +109,8 @@ class SupervisedProcess:
         log_file = self.log_path.open("ab")
         child = _Child(self, log_file)
         self._child = child
-        self._transport = self.reactor.spawnProcess(child, self.argv[0], self.argv, env=self.env)
+        argv = dying_with_parent(self.argv)
+        self._transport = self.reactor.spawnProcess(child, argv[0], argv, env=self.env)
 
     def _ended(self, child: _Child, reason: Failure) -> None:
         child.log_file.close()
