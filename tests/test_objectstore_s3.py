@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from twisted.web.server import Site
 from lucidlink import errors, tls
 from lucidlink.objectstore import open_store
 from lucidlink.objectstore.s3 import (
+    CRC32,
     THREAD_HASHING_THRESHOLD,
     Answer,
     BodyCheck,
@@ -207,6 +209,17 @@ class S3BodyCheckTests(SynchronousTestCase):
         check = body_check({"x-amz-checksum-sha256": sha256, "x-amz-checksum-type": "FULL_OBJECT"})
         assert check is not None
         self.assertEqual(check.digest(self.body), sha256)
+
+    def test_crc32_is_zlibs(self) -> None:
+        """The CRC32 (ISA-L's) is zlib's, whole or over pieces, from any size and alignment of piece."""
+        data = os.urandom(3 * 1024 * 1024 + 13)
+        self.assertEqual(crc32_checksum(data), base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode())
+        running = CRC32()
+        cuts = [0, 1, 4096, 70001, 2 * 1024 * 1024 + 7, len(data)]
+        for start, end in zip(cuts, cuts[1:]):
+            running.update(data[start:end])
+        self.assertEqual(running.digest(), zlib.crc32(data).to_bytes(4, "big"))
+        self.assertEqual(crc32_checksum(b""), base64.b64encode(bytes(4)).decode())
 
     def test_join_and_digest(self) -> None:
         """Pieces of a body are joined into it, and its value is the whole body's."""
