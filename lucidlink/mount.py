@@ -51,6 +51,7 @@ from typing import Any
 import llfuse
 from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 
 from lucidlink import fuse_locks
 from lucidlink.errors import LucidError
@@ -200,6 +201,17 @@ class Bridge:
         """Run ``function`` on the reactor; its result, or its error raised here."""
         return blockingCallFromThread(self.reactor, defer.maybeDeferred, function, *arguments, **keywords)
 
+    def here(self, function: Callable[..., Any], *arguments: Any) -> Any:
+        """Call ``function`` (a core method that answers from what it has cached) in this thread, errors as ``FUSEError``."""
+        try:
+            return function(*arguments)
+        except LucidError as error:
+            raise llfuse.FUSEError(errno_of(error)) from None
+
+    def post(self, function: Callable[..., Any], *arguments: Any) -> None:
+        """Run ``function`` on the reactor without waiting (in order with every other crossing)."""
+        self.reactor.callFromThread(function, *arguments)
+
 
 class KernelCaches:
     """
@@ -304,6 +316,8 @@ class FilespaceOperations(llfuse.Operations):
         self._cached_version: dict[int, int] = {}
         """The chunk map version whose content the kernel's page cache of an inode may hold."""
         self.kernel = KernelCaches(lambda: list(self._lookups))
+        self._closing: set[defer.Deferred[Any]] = set()
+        """Closes of clean handles under way on the reactor (only touched there): not waited for by ``release``."""
 
     # -- translation -------------------------------------------------------------
 
@@ -353,9 +367,13 @@ class FilespaceOperations(llfuse.Operations):
             return self._looked_up(self._call("getattr", parent_inode))
         if name == b"..":
             raise llfuse.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
-        return self._looked_up(self._call("lookup", parent_inode, name))
+        known = self.bridge.here(self.inodes.lookup_cached, parent_inode, name)
+        return self._looked_up(known if known is not None else self._call("lookup", parent_inode, name))
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        known = self.bridge.here(self.inodes.getattr_cached, inode)
+        if known is not None:
+            return self._entry(known)
         try:
             return self._entry(self._call("getattr", inode))
         except llfuse.FUSEError as error:
@@ -496,19 +514,46 @@ class FilespaceOperations(llfuse.Operations):
         return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
 
     def flush(self, fh: int) -> None:
-        self.bridge.call(self._file(fh).flush)
+        handle = self._file(fh)
+        if not handle.clean:
+            self.bridge.call(handle.flush)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.bridge.call(self._file(fh).fsync)
 
     def release(self, fh: int) -> None:
+        """Close the handle; one with nothing to store is closed on the reactor without waiting (nothing to tell)."""
         handle = self._files.pop(fh, None)
-        if handle is not None:
-            try:
-                self.bridge.call(handle.close)
-            finally:
-                if handle.inode in self._cached_version:
-                    self._cached_version[handle.inode] = max(self._cached_version[handle.inode], handle.version)
+        if handle is None:
+            return
+        if handle.clean:
+            self._note_version(handle)
+            self.bridge.post(self._close_clean, handle)
+            return
+        try:
+            self.bridge.call(handle.close)
+        finally:
+            self._note_version(handle)
+
+    def _note_version(self, handle: Any) -> None:
+        if handle.inode in self._cached_version:
+            self._cached_version[handle.inode] = max(self._cached_version[handle.inode], handle.version)
+
+    def _close_clean(self, handle: Any) -> None:
+        """On the reactor: close a handle that has nothing to store, remembering it until it is closed."""
+        closing = defer.maybeDeferred(handle.close)
+        self._closing.add(closing)
+
+        def closed(result: Any) -> None:
+            self._closing.discard(closing)
+            if isinstance(result, Failure):
+                log.warning("closing a file of inode %s failed: %s", handle.inode, result.getErrorMessage())
+
+        closing.addBoth(closed)
+
+    def _closed(self) -> defer.Deferred[Any]:
+        """On the reactor: fires once every close under way has ended."""
+        return defer.DeferredList(list(self._closing))
 
     def close_all(self) -> None:
         """Close every open file (storing buffered writes): the filesystem goes away."""
@@ -517,6 +562,8 @@ class FilespaceOperations(llfuse.Operations):
                 self.release(number)
             except llfuse.FUSEError as error:
                 log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
+        with self.bridge.released():
+            self.bridge.wait(self._closed)
         self._directories.clear()
 
     # -- locks (called by lucidlink.fuse_locks on llfuse's threads, without its lock) ---
@@ -535,6 +582,7 @@ class FilespaceOperations(llfuse.Operations):
     # -- extended attributes -----------------------------------------------------
 
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.bridge.here(self.inodes.getxattr_cached, inode, name)
         return self._call("getxattr", inode, name)  # type: ignore[no-any-return]
 
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
@@ -580,3 +628,4 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         finally:
             operations.bridge.locked = False  # main has ended its workers; nobody holds the lock now
     return None
+
