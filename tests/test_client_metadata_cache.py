@@ -204,11 +204,15 @@ class InodesCacheTests(ClientTestCase):
         del sent[:]
         yield inodes.unlink(folder.inode, b"f")
         yield self.assertFailure(inodes.lookup(folder.inode, b"f"), errors.NotFound)
-        self.assertEqual([type(message) for message in sent], [w.Unlink])
+        here = yield inodes.getattr(folder.inode)
+        self.assertEqual([type(message) for message in sent], [w.Unlink], "the unlink's answer tells the folder's")
+        server = yield fs.inodes.session.call(w.GetAttr(folder.inode))
+        self.assertEqual(here, server.attributes)
+        del sent[:]
         yield inodes.readdir(ROOT)
         yield inodes.lookup(ROOT, b"folder")
         yield self.assertFailure(inodes.lookup(ROOT, b"not-there"), errors.NotFound)
-        self.assertEqual([type(message) for message in sent], [w.Unlink, w.ReadDir])
+        self.assertEqual([type(message) for message in sent], [w.ReadDir])
 
     @defer.inlineCallbacks
     def test_changes_elsewhere_are_seen(self) -> Generator[Deferred[Any], Any, None]:

@@ -1295,11 +1295,13 @@ class Inodes:
     def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
         since = self.known.mark()
         try:
-            yield self.session.call(request)
+            answer = yield self.session.call(request)
         except BaseException:
             self.known.directory_changed(parent)  # it may have been removed before the error
             raise
         self.known.removed(parent, name, since)
+        if isinstance(answer, w.Entry):  # the directory's new attributes (older servers answer Ok)
+            self.known.learn(answer.attributes, since)
 
     @defer.inlineCallbacks
     def rename(
