@@ -69,6 +69,13 @@ class MetadataCacheTests(SynchronousTestCase):
 
         cache.added(ROOT, b"new", attributes(10, FileKind.DIRECTORY, nlink=2), cache.mark(), created=True)
         self.assertEqual(cache.lookup(10, b"anything"), ABSENT)
+        self.assertEqual(cache.listing(10), [])
+        cache.added(10, b"f", attributes(11), cache.mark(), created=True)
+        cache.learn_absent(10, b"g", cache.mark())
+        self.assertEqual(cache.listing(10), [(b"f", attributes(11))])
+        cache.inode_changed(11)
+        self.assertIsNone(cache.listing(10), "an entry's attributes are not known")
+        self.assertIsNone(cache.listing(ROOT), "not known whole")
 
     def test_answer_crossing_a_notification_is_not_learned(self) -> None:
         """The server may tell of a change before answering with the state before it: such an answer is dropped."""
@@ -194,6 +201,8 @@ class InodesCacheTests(ClientTestCase):
         yield self.assertFailure(inodes.getxattr(found.inode, b"user.none"), errors.NoAttribute)
         here = yield inodes.getattr(folder.inode)
         top = yield inodes.getattr(ROOT)
+        listed = yield inodes.readdir(folder.inode)
+        self.assertEqual(listed, [(b"f", found)])
         self.assertEqual(sent, [])
         server = yield fs.inodes.session.call(w.GetAttr(folder.inode))
         self.assertEqual(here, server.attributes, "the folder's times follow its new file's")

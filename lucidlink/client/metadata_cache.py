@@ -98,6 +98,22 @@ class MetadataCache:
             return inode
         return self.attributes(inode)
 
+    def listing(self, directory: int) -> list[tuple[bytes, Attributes]] | None:
+        """Every entry of ``directory`` with its attributes, if it is known whole and each of them is known."""
+        now = self.clock()
+        names = self._entries.get(directory)
+        if names is None or self._whole.get(directory, 0.0) <= now:
+            return None
+        entries = []
+        for name, (inode, expiry) in list(names.items()):
+            if inode == ABSENT:
+                continue
+            attributes = self.attributes(inode)
+            if expiry <= now or attributes is None:
+                return None
+            entries.append((name, attributes))
+        return entries
+
     def xattr_names(self, inode: int) -> frozenset[bytes] | None:
         """The names of ``inode``'s extended attributes, or None if not known."""
         return self._fresh(self._xattr_names.get(inode))
