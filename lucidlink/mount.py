@@ -229,6 +229,9 @@ class KernelCaches:
         self._known = known
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._queued = 0
+        self._carried_out = 0
+        self._counting = threading.Lock()
 
     def start(self) -> None:
         """Start carrying out invalidations (only while mounted)."""
@@ -244,15 +247,20 @@ class KernelCaches:
 
     def changed(self, inode: int, parent: int = 0, name: bytes | None = None) -> None:
         """Queue the invalidation a change calls for (see ``Inodes.on_change``)."""
-        self._queue.put((inode, parent, name))
+        self._put((inode, parent, name))
 
     def drop_pages(self, inode: int) -> None:
         """Queue dropping ``inode``'s attributes and pages."""
-        self._queue.put((inode, 0, None))
+        self._put((inode, 0, None))
+
+    def _put(self, item: tuple[int, int, bytes | None]) -> None:
+        with self._counting:
+            self._queued += 1
+            self._queue.put(item)
 
     def settle(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is carried out (at once when not running)."""
-        if self._thread is None:
+        """Wait until everything queued so far is carried out (at once when not running or nothing is left)."""
+        if self._thread is None or self._carried_out == self._queued:
             return True
         done = threading.Event()
         self._queue.put(done)
@@ -275,6 +283,7 @@ class KernelCaches:
             else:
                 for known in list(self._known()):
                     _quietly(llfuse.invalidate_inode, known)
+            self._carried_out += 1
 
 
 def _quietly(invalidate: Callable[..., None], *arguments: Any) -> None:
