@@ -114,6 +114,8 @@ class MetadataCacheTests(SynchronousTestCase):
         self.assertEqual(cache.attributes(9), attributes(9))
         cache.clear()
         self.assertIsNone(cache.attributes(9))
+        cache.learn(attributes(9, nlink=0), cache.mark())
+        self.assertIsNone(cache.attributes(9), "a file with no links goes when its last handle does, untold")
 
     def test_own_changes(self) -> None:
         """What this client makes and removes is known at once; its directory's times follow a new inode's."""

@@ -122,7 +122,8 @@ class MetadataCache:
 
     def learn(self, attributes: Attributes, since: int) -> None:
         """The server answered ``attributes`` to a request sent at ``since``."""
-        if since != self.epoch:
+        if since != self.epoch or attributes.nlink == 0:
+            # A file with no links lives only until its last handle anywhere is released, unannounced.
             self._attributes.pop(attributes.inode, None)
             return
         self._attributes[attributes.inode] = (attributes, self._expiry())
