@@ -9,9 +9,13 @@ crosses over in one place, :meth:`Bridge.call`: it releases the llfuse lock,
 runs the core call on the reactor with ``blockingCallFromThread``, waits,
 takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
 ``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
-table (:data:`ERRNO`) lives here and nowhere else.  The one exception is a
-read the core can serve at once from what it has cached
-(``FileHandle.read_cached``): it is answered in llfuse's thread.
+table (:data:`ERRNO`) lives here and nowhere else.  The exceptions are
+what the core can answer at once from what it has cached, in llfuse's
+thread (:meth:`Bridge.here`): a read (``FileHandle.read_cached``), a lookup,
+attributes or a missing extended attribute (``Inodes.lookup_cached``,
+``getattr_cached``, ``getxattr_cached``), and a flush with nothing to store;
+and the release of a handle with nothing to store, left to the reactor
+without waiting (:meth:`Bridge.post`).
 
 What another client changes reaches the kernel through :class:`KernelCaches`
 (its caches of attributes, entries and pages are dropped, from a thread that
