@@ -307,3 +307,29 @@ class InodesCacheTests(ClientTestCase):
         found = yield inodes.lookup(ROOT, b"f")
         self.assertIsNone(inodes.known.attributes(found.inode))
         self.assertIsNone(inodes.known.entry(ROOT, b"f"))
+
+    @defer.inlineCallbacks
+    def test_empty_file_needs_no_chunk_map(self) -> Generator[Deferred[Any], Any, None]:
+        """A write into a file known empty (new, or emptied by O_TRUNC) reads no chunk map; into content, it does."""
+        fs = yield self.filespace()
+        inodes = fs.inodes
+        sent = self.count_requests(fs)
+        handle = yield inodes.create(ROOT, b"new", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        yield handle.write(0, b"first")
+        yield handle.close()
+        self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
+
+        handle = yield inodes.open(handle.inode, os.O_WRONLY)
+        yield handle.write(2, b"!")
+        yield handle.close()
+        self.assertIn(w.ChunkMapRead, [type(message) for message in sent], "content to keep: the map is read")
+        data = yield fs.read_file("/new")
+        self.assertEqual(data, b"fi!st")
+
+        del sent[:]
+        handle = yield inodes.open(handle.inode, os.O_WRONLY | os.O_TRUNC)
+        yield handle.write(1, b"x")
+        yield handle.close()
+        self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
+        data = yield fs.read_file("/new")
+        self.assertEqual(data, b"\0x")

@@ -270,6 +270,8 @@ class OpenFile:
         self._map: dict[int, ChunkRef] = {}
         self._windows: set[int] = set()
         self._map_version: int | None = attributes.version
+        self._empty_version: int | None = attributes.version if attributes.size == 0 else None
+        """A chunk map version at which the file was empty, so its map had no entries (none to read)."""
         self._stale = False
         self._dirty: dict[int, _Dirty] = {}
         self._size_changed = False
@@ -444,6 +446,8 @@ class OpenFile:
     @defer.inlineCallbacks
     def _load(self, first: int, last: int) -> Generator[defer.Deferred[Any], Any, None]:
         """Make sure the chunk map cache holds chunks ``first`` to ``last`` (at one version)."""
+        if not self._stale and self._map_version is not None and self._map_version == self._empty_version:
+            return  # empty at the version known here: the server keeps no entry past a file's size
         for _ in range(MAX_COMMIT_ATTEMPTS):
             needed = [
                 window for window in range(first // CHUNKMAP_WINDOW, last // CHUNKMAP_WINDOW + 1)
@@ -856,7 +860,7 @@ class OpenFile:
         self._hide_view()
         self._map.clear()
         self._windows.clear()
-        self._map_version = self.version = committed.version
+        self._map_version = self.version = self._empty_version = committed.version
         self.size = 0
         self._dirty.clear()
         self._size_changed = False
