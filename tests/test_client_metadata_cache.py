@@ -229,9 +229,9 @@ class InodesCacheTests(ClientTestCase):
     def test_changes_elsewhere_are_seen(self) -> Generator[Deferred[Any], Any, None]:
         """Another session's new entries, removals, attribute and xattr changes drop what they change here."""
         writer = yield self.filespace()
-        watcher = yield self.filespace()
         yield writer.write_file("/f", b"one")
         yield writer.mkdir("/d")
+        watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
         inodes = watcher.inodes
         f = yield inodes.lookup(ROOT, b"f")
         d = yield inodes.lookup(ROOT, b"d")
@@ -269,23 +269,35 @@ class InodesCacheTests(ClientTestCase):
     def test_forgotten_when_the_connection_is_lost(self) -> Generator[Deferred[Any], Any, None]:
         """Changes made while this session could not be told are seen after it connects again."""
         writer = yield self.filespace()
-        watcher = yield self.filespace()
         yield writer.write_file("/f", b"one")
+        yield writer.mkdir("/d")
+        watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
         inodes = watcher.inodes
         f = yield inodes.lookup(ROOT, b"f")
+        d = yield inodes.lookup(ROOT, b"d")
         yield self.assertFailure(inodes.lookup(ROOT, b"g"), errors.NotFound)
+        yield inodes.readdir(d.inode)
+        yield inodes.listxattr(f.inode)
         sent = self.count_requests(watcher)
         yield inodes.getattr(f.inode)
+        yield inodes.readdir(d.inode)
+        yield self.assertFailure(inodes.getxattr(f.inode, b"user.tag"), errors.NoAttribute)
         self.assertEqual(sent, [])
         self.meta.drop_connections()
         yield deferLater(0.05)  # the watcher hears of it; nothing it is told can arrive any more
         yield writer.inodes.setattr(f.inode, mode=0o600)
         yield writer.write_file("/g", b"two")
+        yield writer.write_file("/d/new", b"three")
+        yield writer.inodes.setxattr(f.inode, b"user.tag", b"v")
         now = yield inodes.getattr(f.inode)
         self.assertEqual(stat.S_IMODE(now.mode), 0o600)
         g = yield inodes.lookup(ROOT, b"g")
         self.assertEqual(g.size, 3)
-        self.assertEqual([type(message) for message in sent], [w.GetAttr, w.Lookup])
+        listed = yield inodes.readdir(d.inode)
+        self.assertEqual([name for name, _ in listed], [b"new"])
+        value = yield inodes.getxattr(f.inode, b"user.tag")
+        self.assertEqual(value, b"v")
+        self.assertEqual([type(message) for message in sent], [w.GetAttr, w.Lookup, w.ReadDir, w.GetXattr])
         self.assertEqual(watcher.inodes.session.reconnects, 1)
 
     @defer.inlineCallbacks
