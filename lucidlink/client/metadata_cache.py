@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lucidlink.protocol.messages import Attributes, FileKind
 
@@ -269,7 +269,7 @@ class MetadataCache:
         self._entries.pop(directory, None)
         self._whole.pop(directory, None)
 
-    def _bound(self, kept: dict[int, object], *alongside: dict[int, object]) -> None:
+    def _bound(self, kept: dict[int, Any], *alongside: dict[int, Any]) -> None:
         while len(kept) > self.capacity:
             oldest = next(iter(kept))
             del kept[oldest]
