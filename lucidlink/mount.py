@@ -9,9 +9,13 @@ crosses over in one place, :meth:`Bridge.call`: it releases the llfuse lock,
 runs the core call on the reactor with ``blockingCallFromThread``, waits,
 takes the lock back, and turns a :class:`~lucidlink.errors.LucidError` into
 ``llfuse.FUSEError`` with the errno its ``errno_name`` names.  The errno
-table (:data:`ERRNO`) lives here and nowhere else.  The one exception is a
-read the core can serve at once from what it has cached
-(``FileHandle.read_cached``): it is answered in llfuse's thread.
+table (:data:`ERRNO`) lives here and nowhere else.  The exceptions are
+what the core can answer at once from what it has cached, in llfuse's
+thread (:meth:`Bridge.here`): a read (``FileHandle.read_cached``), a lookup,
+attributes or a missing extended attribute (``Inodes.lookup_cached``,
+``getattr_cached``, ``getxattr_cached``), and a flush with nothing to store;
+and the release of a handle with nothing to store, left to the reactor
+without waiting (:meth:`Bridge.post`).
 
 What another client changes reaches the kernel through :class:`KernelCaches`
 (its caches of attributes, entries and pages are dropped, from a thread that
@@ -51,6 +55,7 @@ from typing import Any
 import llfuse
 from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 
 from lucidlink import fuse_locks
 from lucidlink.errors import LucidError
@@ -200,6 +205,17 @@ class Bridge:
         """Run ``function`` on the reactor; its result, or its error raised here."""
         return blockingCallFromThread(self.reactor, defer.maybeDeferred, function, *arguments, **keywords)
 
+    def here(self, function: Callable[..., Any], *arguments: Any) -> Any:
+        """Call ``function`` (a core method that answers from what it has cached) in this thread, errors as ``FUSEError``."""
+        try:
+            return function(*arguments)
+        except LucidError as error:
+            raise llfuse.FUSEError(errno_of(error)) from None
+
+    def post(self, function: Callable[..., Any], *arguments: Any) -> None:
+        """Run ``function`` on the reactor without waiting (in order with every other crossing)."""
+        self.reactor.callFromThread(function, *arguments)
+
 
 class KernelCaches:
     """
@@ -217,6 +233,9 @@ class KernelCaches:
         self._known = known
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._queued = 0
+        self._carried_out = 0
+        self._counting = threading.Lock()
 
     def start(self) -> None:
         """Start carrying out invalidations (only while mounted)."""
@@ -232,15 +251,20 @@ class KernelCaches:
 
     def changed(self, inode: int, parent: int = 0, name: bytes | None = None) -> None:
         """Queue the invalidation a change calls for (see ``Inodes.on_change``)."""
-        self._queue.put((inode, parent, name))
+        self._put((inode, parent, name))
 
     def drop_pages(self, inode: int) -> None:
         """Queue dropping ``inode``'s attributes and pages."""
-        self._queue.put((inode, 0, None))
+        self._put((inode, 0, None))
+
+    def _put(self, item: tuple[int, int, bytes | None]) -> None:
+        with self._counting:
+            self._queued += 1
+            self._queue.put(item)
 
     def settle(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is carried out (at once when not running)."""
-        if self._thread is None:
+        """Wait until everything queued so far is carried out (at once when not running or nothing is left)."""
+        if self._thread is None or self._carried_out == self._queued:
             return True
         done = threading.Event()
         self._queue.put(done)
@@ -263,6 +287,7 @@ class KernelCaches:
             else:
                 for known in list(self._known()):
                     _quietly(llfuse.invalidate_inode, known)
+            self._carried_out += 1
 
 
 def _quietly(invalidate: Callable[..., None], *arguments: Any) -> None:
@@ -304,6 +329,8 @@ class FilespaceOperations(llfuse.Operations):
         self._cached_version: dict[int, int] = {}
         """The chunk map version whose content the kernel's page cache of an inode may hold."""
         self.kernel = KernelCaches(lambda: list(self._lookups))
+        self._closing: set[defer.Deferred[Any]] = set()
+        """Closes of clean handles under way on the reactor (only touched there): not waited for by ``release``."""
 
     # -- translation -------------------------------------------------------------
 
@@ -353,9 +380,13 @@ class FilespaceOperations(llfuse.Operations):
             return self._looked_up(self._call("getattr", parent_inode))
         if name == b"..":
             raise llfuse.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
-        return self._looked_up(self._call("lookup", parent_inode, name))
+        known = self.bridge.here(self.inodes.lookup_cached, parent_inode, name)
+        return self._looked_up(known if known is not None else self._call("lookup", parent_inode, name))
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        known = self.bridge.here(self.inodes.getattr_cached, inode)
+        if known is not None:
+            return self._entry(known)
         try:
             return self._entry(self._call("getattr", inode))
         except llfuse.FUSEError as error:
@@ -496,19 +527,46 @@ class FilespaceOperations(llfuse.Operations):
         return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
 
     def flush(self, fh: int) -> None:
-        self.bridge.call(self._file(fh).flush)
+        handle = self._file(fh)
+        if not handle.clean:
+            self.bridge.call(handle.flush)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.bridge.call(self._file(fh).fsync)
 
     def release(self, fh: int) -> None:
+        """Close the handle; one with nothing to store is closed on the reactor without waiting (nothing to tell)."""
         handle = self._files.pop(fh, None)
-        if handle is not None:
-            try:
-                self.bridge.call(handle.close)
-            finally:
-                if handle.inode in self._cached_version:
-                    self._cached_version[handle.inode] = max(self._cached_version[handle.inode], handle.version)
+        if handle is None:
+            return
+        if handle.clean:
+            self._note_version(handle)
+            self.bridge.post(self._close_clean, handle)
+            return
+        try:
+            self.bridge.call(handle.close)
+        finally:
+            self._note_version(handle)
+
+    def _note_version(self, handle: Any) -> None:
+        if handle.inode in self._cached_version:
+            self._cached_version[handle.inode] = max(self._cached_version[handle.inode], handle.version)
+
+    def _close_clean(self, handle: Any) -> None:
+        """On the reactor: close a handle that has nothing to store, remembering it until it is closed."""
+        closing = defer.maybeDeferred(handle.close)
+        self._closing.add(closing)
+
+        def closed(result: Any) -> None:
+            self._closing.discard(closing)
+            if isinstance(result, Failure):
+                log.warning("closing a file of inode %s failed: %s", handle.inode, result.getErrorMessage())
+
+        closing.addBoth(closed)
+
+    def _closed(self) -> defer.Deferred[Any]:
+        """On the reactor: fires once every close under way has ended."""
+        return defer.DeferredList(list(self._closing))
 
     def close_all(self) -> None:
         """Close every open file (storing buffered writes): the filesystem goes away."""
@@ -517,6 +575,8 @@ class FilespaceOperations(llfuse.Operations):
                 self.release(number)
             except llfuse.FUSEError as error:
                 log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
+        with self.bridge.released():
+            self.bridge.wait(self._closed)
         self._directories.clear()
 
     # -- locks (called by lucidlink.fuse_locks on llfuse's threads, without its lock) ---
@@ -535,6 +595,7 @@ class FilespaceOperations(llfuse.Operations):
     # -- extended attributes -----------------------------------------------------
 
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.bridge.here(self.inodes.getxattr_cached, inode, name)
         return self._call("getxattr", inode, name)  # type: ignore[no-any-return]
 
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
@@ -580,3 +641,4 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         finally:
             operations.bridge.locked = False  # main has ended its workers; nobody holds the lock now
     return None
+

@@ -174,13 +174,16 @@ class ReconnectTests(ClientTestCase):
     def test_dropped_connection(self) -> Generator[Deferred[Any], Any, None]:
         """The server drops the connection; the next call connects and logs in again, and succeeds."""
         session = yield self.login()
-        reconnected = []
+        reconnected: list[bool] = []
+        lost: list[bool] = []
         session.on_reconnect(lambda: reconnected.append(True))
+        session.on_connection_lost(lambda: lost.append(True))
         self.meta.drop_connections()
         yield deferLater(0.05)
+        self.assertEqual((lost, reconnected), ([True], []), "the loss is told at once, before any call")
         answer = yield session.call(w.GetAttr(1))
         self.assertEqual(answer.attributes.inode, 1)
-        self.assertEqual((session.reconnects, reconnected), (1, [True]))
+        self.assertEqual((session.reconnects, reconnected, lost), (1, [True], [True]))
 
     @defer.inlineCallbacks
     def test_open_handle_survives_reconnect(self) -> Generator[Deferred[Any], Any, None]:

@@ -275,6 +275,34 @@ class RequestTests(ConnectionTestCase):
         return asked
 
 
+class NoDelayTests(SynchronousTestCase):
+    """Small requests and answers leave at once: Nagle's algorithm is off on TCP connections."""
+
+    def test_no_delay_on_tcp(self) -> None:
+        """Both sides turn TCP_NODELAY on where the transport is TCP, and carry on where it is not."""
+        clock = Clock()
+
+        class TcpTransport(StringTransport):
+            no_delay = False
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.no_delay = enabled
+
+        class PipeTransport(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError(95, "not a socket option of this transport")
+
+        for connection in (ClientConnection(clock, keepalive_interval=0),
+                           ServerConnection(clock, ScriptedResponder(), keepalive_interval=0)):
+            tcp = TcpTransport()
+            connection.makeConnection(tcp)
+            self.assertTrue(tcp.no_delay)
+        pipe = PipeTransport()
+        client = ClientConnection(clock, keepalive_interval=0)
+        client.makeConnection(pipe)
+        self.assertNotEqual(pipe.value(), b"", "the Hello went out all the same")
+
+
 class KeepaliveTests(ConnectionTestCase):
     """Idle connections are pinged; a silent peer is dropped."""
 

@@ -52,6 +52,7 @@ from lucidlink.protocol.messages import (
     ReadDir,
     Release,
     Rename,
+    RmDir,
     Role,
     ServerStatus,
     SetAttr,
@@ -450,8 +451,23 @@ class NotificationTests(InitialisedTestCase):
         wendy.answer(Rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 0))
         entries = {(n.parent, n.name) for n in rita.notes() if n.kind == NotifyKind.ENTRY_CHANGED}
         self.assertEqual(entries, {(ROOT_INODE, b"a"), (ROOT_INODE, b"b")})
-        wendy.answer(Unlink(ROOT_INODE, b"b"))
+        removed = wendy.answer(Unlink(ROOT_INODE, b"b"))
         self.assertIn(Notify(NotifyKind.ENTRY_CHANGED, inode, ROOT_INODE, b"b"), rita.notes())
+        self.assertEqual(removed.attributes, wendy.answer(GetAttr(ROOT_INODE)).attributes, "the directory's, as it is now")
+
+    def test_removals_answer_the_directory(self) -> None:
+        """Unlink and RmDir answer with the directory's new times and links, so a client need not ask."""
+        wendy = self.logged_in("wendy")
+        before = wendy.answer(GetAttr(ROOT_INODE)).attributes
+        made = wendy.answer(MkDir(ROOT_INODE, b"d", 0o755, 0, 0)).attributes
+        wendy.answer(Create(made.inode, b"f", 0o644, 0, 0, True, O_WRONLY))
+        removed = wendy.answer(Unlink(made.inode, b"f")).attributes
+        self.assertEqual(removed, wendy.answer(GetAttr(made.inode)).attributes)
+        self.assertEqual(removed.nlink, 2)
+        removed = wendy.answer(RmDir(ROOT_INODE, b"d")).attributes
+        self.assertEqual(removed, wendy.answer(GetAttr(ROOT_INODE)).attributes)
+        self.assertEqual(removed.nlink, before.nlink)
+        self.assertGreaterEqual(removed.mtime_ns, made.ctime_ns)
 
 
 class OpenFileTests(InitialisedTestCase):

@@ -39,6 +39,9 @@ class SynchronousBridge(Bridge if llfuse is not None else object):  # type: igno
             result.raiseException()
         return result
 
+    def post(self, function: Any, *arguments: Any) -> None:
+        function(*arguments)
+
 
 class CountingBridge(SynchronousBridge):
     """The synchronous bridge, counting its crossings."""
@@ -138,6 +141,43 @@ class MountAdapterTests(MemoryFilespaceCase):
         self.assertEqual(bridge.crossings, crossings + 2, "the write and the read after it crossed")
         ops.release(fh)
         self.assertEqual(self.fuse_errno(ops.read, fh, 0, 1), errno.EBADF)
+
+
+    def test_known_answers_stay_in_llfuses_thread(self) -> None:
+        """What the core knows (entries, attributes, missing xattrs) and flushing nothing are answered without crossing.
+
+        Releasing a handle with nothing to store is left to the reactor without
+        waiting; one with writes to store waits for them.
+        """
+        bridge = CountingBridge(None)
+        posted: list[tuple[Any, tuple[Any, ...]]] = []
+        bridge.post = lambda function, *arguments: posted.append((function, arguments))  # type: ignore[method-assign]
+        ops = FilespaceOperations(self.fs.inodes, bridge)
+        ctx = Context()
+        made = ops.mkdir(llfuse.ROOT_INODE, b"dir", stat.S_IFDIR | 0o755, ctx)
+        fh, entry = ops.create(made.st_ino, b"f", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, ctx)
+        crossings = bridge.crossings
+        self.assertEqual(ops.lookup(made.st_ino, b"f", ctx).st_ino, entry.st_ino)
+        self.assertEqual(ops.getattr(entry.st_ino).st_mode, stat.S_IFREG | 0o644)
+        self.assertEqual(ops.getattr(made.st_ino).st_ino, made.st_ino)
+        self.assertEqual(self.fuse_errno(ops.lookup, made.st_ino, b"missing", ctx), errno.ENOENT)
+        self.assertEqual(self.fuse_errno(ops.lookup, made.st_ino, b"a/b", ctx), errno.EINVAL)
+        self.assertEqual(self.fuse_errno(ops.getxattr, entry.st_ino, b"security.capability", ctx), errno.ENODATA)
+        ops.flush(fh)
+        ops.release(fh)
+        self.assertEqual(bridge.crossings, crossings)
+        self.assertEqual(len(posted), 1)
+        self.assertEqual(self.fs.inodes.open_handles()[0].inode, entry.st_ino, "closed on the reactor, later")
+        function, arguments = posted.pop()
+        function(*arguments)
+        self.assertEqual(self.fs.inodes.open_handles(), [])
+
+        fh = ops.open(entry.st_ino, os.O_WRONLY, ctx)
+        ops.write(fh, 0, b"data")
+        crossings = bridge.crossings
+        ops.release(fh)
+        self.assertEqual((bridge.crossings, posted), (crossings + 1, []), "the writes are stored before it returns")
+        self.assertEqual(ops.getattr(entry.st_ino).st_size, 4)
 
 
 class FuseCheckTests(SynchronousTestCase):

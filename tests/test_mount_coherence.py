@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
+import threading
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ try:
     import llfuse
 
     from lucidlink import fuse_locks
-    from lucidlink.mount import FilespaceOperations
+    from lucidlink.mount import FilespaceOperations, KernelCaches
 except ImportError:
     llfuse = None
 
@@ -77,6 +79,28 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         self.ops.forget([(made.st_ino, 1)])
         self.assertNotIn(made.st_ino, known())
         self.assertTrue(self.ops.kernel.settle())  # not running (not mounted): nothing to wait for
+
+    def test_settle_waits_only_for_what_is_queued(self) -> None:
+        """``settle`` waits while invalidations are queued, and not at all once they are carried out."""
+        gate = threading.Event()
+        invalidated: list[int] = []
+
+        def invalidate_inode(inode: int, attributes_only: bool = False) -> None:
+            gate.wait(10)
+            invalidated.append(inode)
+
+        self.patch(llfuse, "invalidate_inode", invalidate_inode)
+        kernel = KernelCaches(lambda: [])
+        kernel.start()
+        self.addCleanup(kernel.stop)
+        kernel.drop_pages(7)
+        self.assertFalse(kernel.settle(timeout=0.05), "the invalidation is still under way")
+        gate.set()
+        self.assertTrue(kernel.settle())
+        self.assertEqual(invalidated, [7])
+        served, kernel._queue = kernel._queue, queue.SimpleQueue()  # what settle puts now is never answered
+        self.assertTrue(kernel.settle(timeout=0.05), "nothing left to wait for")
+        kernel._queue = served
 
     def test_removed_open_directory(self) -> None:
         """A directory removed while open keeps its attributes (as last changed here) with no links."""

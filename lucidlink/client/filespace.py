@@ -73,6 +73,7 @@ from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
+from lucidlink.client.metadata_cache import ABSENT, MetadataCache
 from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
 from lucidlink.client.writeback import Committing, Journal, PendingJournal, Truncate, Write, WriteBackJournals
@@ -87,6 +88,7 @@ from lucidlink.errors import (
     InvalidArgument,
     IsADirectory,
     LucidError,
+    NoAttribute,
     NotADirectory,
     NotFound,
     NotPermitted,
@@ -268,6 +270,8 @@ class OpenFile:
         self._map: dict[int, ChunkRef] = {}
         self._windows: set[int] = set()
         self._map_version: int | None = attributes.version
+        self._empty_version: int | None = attributes.version if attributes.size == 0 else None
+        """A chunk map version at which the file was empty, so its map had no entries (none to read)."""
         self._stale = False
         self._dirty: dict[int, _Dirty] = {}
         self._size_changed = False
@@ -442,6 +446,8 @@ class OpenFile:
     @defer.inlineCallbacks
     def _load(self, first: int, last: int) -> Generator[defer.Deferred[Any], Any, None]:
         """Make sure the chunk map cache holds chunks ``first`` to ``last`` (at one version)."""
+        if not self._stale and self._map_version is not None and self._map_version == self._empty_version:
+            return  # empty at the version known here: the server keeps no entry past a file's size
         for _ in range(MAX_COMMIT_ATTEMPTS):
             needed = [
                 window for window in range(first // CHUNKMAP_WINDOW, last // CHUNKMAP_WINDOW + 1)
@@ -731,8 +737,10 @@ class OpenFile:
                     self._forget_stale_uploads()
                 return w.ChunkMapCommit(self.inode, self._writer().id, expected, size, refs, 0)
 
+            since = self._inodes.known.mark()
             try:
                 committed = yield self._inodes.session.call(commit)
+                self._inodes.known.learn(committed.attributes, since)
             except _StaleUploads as error:
                 if attempt == MAX_COMMIT_ATTEMPTS:
                     raise
@@ -846,11 +854,13 @@ class OpenFile:
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
+        since = self._inodes.known.mark()
         committed = yield self._inodes.session.call(lambda: w.ChunkMapCommit(self.inode, server.id, 0, 0, [], 0))
+        self._inodes.known.learn(committed.attributes, since)
         self._hide_view()
         self._map.clear()
         self._windows.clear()
-        self._map_version = self.version = committed.version
+        self._map_version = self.version = self._empty_version = committed.version
         self.size = 0
         self._dirty.clear()
         self._size_changed = False
@@ -967,6 +977,11 @@ class FileHandle:
         """Make the file ``size`` bytes long, as its next commit will."""
         return self._checked(self._check_writable) or self.file.truncate(size)
 
+    @property
+    def clean(self) -> bool:
+        """Whether :meth:`flush` has nothing to do (a read-only handle, or nothing pending); read from any thread."""
+        return not self.writable or not self.file.pending
+
     def flush(self) -> defer.Deferred[None]:
         """Store the file's buffered chunks and commit its chunk map; nothing for a read-only handle (a close)."""
         if not self.writable:
@@ -1069,10 +1084,13 @@ class Inodes:
         self._handles: dict[int, set[FileHandle]] = {}
         self._files: dict[int, OpenFile] = {}
         self._change_listeners: list[ChangeListener] = []
+        self.known = MetadataCache(clock=reactor.seconds)
+        """Attributes and entries as the server last told, kept true by its notifications (lookups and getattrs)."""
         self.held_locks = LockTable()
         """The locks this client holds, as the server granted them: taken again after a reconnect."""
         self._unsubscribe = [
             session.on_notify(self._notified), session.on_reconnect(self._reconnected),
+            session.on_connection_lost(self.known.clear),
             session.keep_connected(lambda: bool(self.held_locks.all_held())),
         ]
 
@@ -1087,13 +1105,30 @@ class Inodes:
 
     @defer.inlineCallbacks
     def _entry(self, request: Any) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        since = self.known.mark()
         answer = yield self.session.call(request)
+        self.known.learn(answer.attributes, since)
+        return self._as_seen_here(answer.attributes)
+
+    @defer.inlineCallbacks
+    def _made(
+        self, parent: int, name: bytes, request: Any, created: bool = True
+    ) -> Generator[defer.Deferred[Any], Any, Attributes]:
+        """Send ``request``, which makes entry ``name`` of ``parent`` (and, ``created``, a new inode); its attributes."""
+        since = self.known.mark()
+        try:
+            answer = yield self.session.call(request)
+        except BaseException:
+            self.known.directory_changed(parent)  # it may have been made before the error
+            raise
+        self.known.added(parent, name, answer.attributes, since, created)
         return self._as_seen_here(answer.attributes)
 
     def _as_seen_here(self, attributes: Attributes) -> Attributes:
         """Attributes as this client sees them: plain, and grown by writes its handles have not committed."""
         attributes = _plain_attributes(attributes)
-        pending = [handle.size for handle in self._handles.get(attributes.inode, ()) if handle.pending]
+        handles = tuple(self._handles.get(attributes.inode, ()))  # one step: other threads call this too
+        pending = [handle.size for handle in handles if handle.pending]
         if pending and max(pending) > attributes.size:
             return dataclasses.replace(attributes, size=max(pending))
         return attributes
@@ -1102,13 +1137,42 @@ class Inodes:
 
     @defer.inlineCallbacks
     def lookup(self, parent: int, name: bytes) -> Generator[defer.Deferred[Any], Any, Attributes]:
-        """The attributes of entry ``name`` of directory ``parent``."""
-        attributes = yield self._entry(w.Lookup(parent, self._seal(parent, name)))
-        return attributes
+        """The attributes of entry ``name`` of directory ``parent`` (from :attr:`known` if it has them)."""
+        known = self.lookup_cached(parent, name)
+        if known is not None:
+            return known
+        since = self.known.mark()
+        try:
+            answer = yield self.session.call(w.Lookup(parent, self._seal(parent, name)))
+        except NotFound:
+            self.known.learn_absent(parent, name, since)
+            raise
+        self.known.learn_entry(parent, name, answer.attributes, since)
+        return self._as_seen_here(answer.attributes)
 
     def getattr(self, inode: int) -> defer.Deferred[Attributes]:
-        """The attributes of ``inode``."""
+        """The attributes of ``inode`` (from :attr:`known` if it has them)."""
+        known = self.getattr_cached(inode)
+        if known is not None:
+            return defer.succeed(known)
         return self._entry(w.GetAttr(inode))
+
+    def lookup_cached(self, parent: int, name: bytes) -> Attributes | None:
+        """
+        What :meth:`lookup` would give, at once and from any thread, when :attr:`known` has it; else None.
+
+        Raises as :meth:`lookup` would for a bad name, and ``NotFound`` for a name known to be absent.
+        """
+        crypto.check_name(name)
+        known = self.known.lookup(parent, name)
+        if known == ABSENT:
+            raise NotFound(f"no such entry in directory {parent}")
+        return self._as_seen_here(known) if isinstance(known, Attributes) else None
+
+    def getattr_cached(self, inode: int) -> Attributes | None:
+        """What :meth:`getattr` would give, at once and from any thread, when :attr:`known` has it; else None."""
+        known = self.known.attributes(inode)
+        return None if known is None else self._as_seen_here(known)
 
     @defer.inlineCallbacks
     def setattr(
@@ -1143,6 +1207,7 @@ class Inodes:
             fields |= SetAttrField.MTIME_NOW
         if size is not None:
             yield _gather([handle.flush() for handle in self._handles.get(inode, ())])
+        self.known.inode_changed(inode)  # whatever the answer, the old attributes are gone
         attributes = yield self._entry(w.SetAttr(
             inode, int(fields), mode or 0, uid or 0, gid or 0, size or 0, atime_ns or 0, mtime_ns or 0
         ))
@@ -1153,15 +1218,25 @@ class Inodes:
 
     @defer.inlineCallbacks
     def readdir(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[tuple[bytes, Attributes]]]:
-        """Every entry of directory ``inode``, names opened, in the server's order (by sealed name)."""
+        """
+        Every entry of directory ``inode``, names opened.
+
+        In the server's order (by sealed name); from :attr:`known`, in no
+        particular order, when it holds the directory whole.
+        """
+        known = self.known.listing(inode)
+        if known is not None:
+            return [(name, self._as_seen_here(attributes)) for name, attributes in known]
         entries: list[tuple[bytes, Attributes]] = []
         cursor = b""
+        since = self.known.mark()
         while True:
             page = yield self.session.call(w.ReadDir(inode, cursor, 0))
             for entry in page.entries:
-                entries.append((crypto.open_name(self.keys, inode, entry.name), self._as_seen_here(entry.attributes)))
+                entries.append((crypto.open_name(self.keys, inode, entry.name), entry.attributes))
             if page.done or not page.entries:
-                return entries
+                self.known.learn_listing(inode, entries, since)
+                return [(name, self._as_seen_here(attributes)) for name, attributes in entries]
             cursor = page.cursor
 
     @defer.inlineCallbacks
@@ -1169,7 +1244,7 @@ class Inodes:
         self, parent: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0
     ) -> Generator[defer.Deferred[Any], Any, Attributes]:
         """Make directory ``name`` in ``parent``."""
-        attributes = yield self._entry(w.MkDir(parent, self._seal(parent, name), mode, uid, gid))
+        attributes = yield self._made(parent, name, w.MkDir(parent, self._seal(parent, name), mode, uid, gid))
         return attributes
 
     @defer.inlineCallbacks
@@ -1179,14 +1254,24 @@ class Inodes:
     ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
         """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
         request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
-        server, attributes = yield self.session.create_handle(request)
+        since = self.known.mark()
+        # Known absent: had another session made it before this create, that would be told before the answer.
+        new = request.exclusive or self.known.entry(parent, name) == ABSENT
+        try:
+            server, attributes = yield self.session.create_handle(request)
+        except BaseException:
+            self.known.directory_changed(parent)
+            raise
+        self.known.added(parent, name, attributes, since, created=new)
         handle = yield self._opened(server, attributes, flags)
         return handle
 
     @defer.inlineCallbacks
     def open(self, inode: int, flags: int = os.O_RDONLY) -> Generator[defer.Deferred[Any], Any, FileHandle]:
         """Open ``inode`` with ``open(2)`` flags (``O_TRUNC`` empties it, ``O_APPEND`` writes at the end)."""
+        since = self.known.mark()
         server, attributes = yield self.session.open_handle(inode, flags)
+        self.known.learn(attributes, since)
         handle = yield self._opened(server, attributes, flags)
         return handle
 
@@ -1212,24 +1297,43 @@ class Inodes:
 
     def unlink(self, parent: int, name: bytes) -> defer.Deferred[None]:
         """Remove entry ``name`` (not a directory) from ``parent``."""
-        return self._simple(lambda: w.Unlink(parent, self._seal(parent, name)))
+        return self._removing(parent, name, w.Unlink(parent, self._seal(parent, name)))
 
     def rmdir(self, parent: int, name: bytes) -> defer.Deferred[None]:
         """Remove the empty directory ``name`` from ``parent``."""
-        return self._simple(lambda: w.RmDir(parent, self._seal(parent, name)))
+        return self._removing(parent, name, w.RmDir(parent, self._seal(parent, name)))
 
+    @defer.inlineCallbacks
+    def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
+        since = self.known.mark()
+        try:
+            answer = yield self.session.call(request)
+        except BaseException:
+            self.known.directory_changed(parent)  # it may have been removed before the error
+            raise
+        self.known.removed(parent, name, since)
+        if isinstance(answer, w.Entry):  # the directory's new attributes (older servers answer Ok)
+            self.known.learn(answer.attributes, since)
+
+    @defer.inlineCallbacks
     def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
-    ) -> defer.Deferred[None]:
+    ) -> Generator[defer.Deferred[Any], Any, None]:
         """Move an entry as ``renameat2`` does; the new name is sealed under the new parent."""
-        return self._simple(lambda: w.Rename(
-            parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)
-        ))
+        try:
+            yield self.session.call(lambda: w.Rename(
+                parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)
+            ))
+        finally:
+            self.known.renamed(parent, name, new_parent, new_name)
 
     @defer.inlineCallbacks
     def link(self, inode: int, new_parent: int, new_name: bytes) -> Generator[defer.Deferred[Any], Any, Attributes]:
         """Make a hard link to ``inode`` named ``new_name`` in ``new_parent``."""
-        attributes = yield self._entry(w.Link(inode, new_parent, self._seal(new_parent, new_name)))
+        self.known.inode_changed(inode)
+        attributes = yield self._made(
+            new_parent, new_name, w.Link(inode, new_parent, self._seal(new_parent, new_name)), created=False
+        )
         return attributes
 
     @defer.inlineCallbacks
@@ -1243,7 +1347,7 @@ class Inodes:
         is bound to the filespace's key, not to the inode (see docs/decisions.rst).
         """
         sealed_target = crypto.seal_symlink_target(self.keys, SYMLINK_BINDING, bytes(target))
-        attributes = yield self._entry(w.Symlink(parent, self._seal(parent, name), sealed_target, uid, gid))
+        attributes = yield self._made(parent, name, w.Symlink(parent, self._seal(parent, name), sealed_target, uid, gid))
         return attributes
 
     @defer.inlineCallbacks
@@ -1268,23 +1372,41 @@ class Inodes:
             sealed_value = crypto.seal_xattr_value(self.keys, inode, sealed_name, bytes(value))
             return w.SetXattr(inode, sealed_name, sealed_value, XattrFlags(flags))
 
+        self.known.inode_changed(inode)
         return self._simple(request)
 
     @defer.inlineCallbacks
     def getxattr(self, inode: int, name: bytes) -> Generator[defer.Deferred[Any], Any, bytes]:
         """The value of extended attribute ``name``."""
+        self.getxattr_cached(inode, name)
         sealed_name = crypto.seal_xattr_name(self.keys, inode, bytes(name))
         answer = yield self.session.call(w.GetXattr(inode, sealed_name))
         return crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
 
+    def getxattr_cached(self, inode: int, name: bytes) -> None:
+        """
+        Raises, at once and from any thread, what :meth:`getxattr` would when :attr:`known` knows the answer.
+
+        That is ``NoAttribute`` for a name the inode is known not to have (and
+        the errors of a bad name); values are not kept, so else it returns None.
+        """
+        names = self.known.xattr_names(inode)
+        if names is not None and bytes(name) not in names:
+            crypto.seal_xattr_name(self.keys, inode, bytes(name))  # a bad name's error first
+            raise NoAttribute(f"inode {inode} has no such extended attribute")
+
     @defer.inlineCallbacks
     def listxattr(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[bytes]]:
         """The names of ``inode``'s extended attributes."""
+        since = self.known.mark()
         answer = yield self.session.call(w.ListXattr(inode))
-        return sorted(crypto.open_xattr_name(self.keys, inode, name) for name in answer.names)
+        names = sorted(crypto.open_xattr_name(self.keys, inode, name) for name in answer.names)
+        self.known.learn_xattr_names(inode, names, since)
+        return names
 
     def removexattr(self, inode: int, name: bytes) -> defer.Deferred[None]:
         """Remove extended attribute ``name``."""
+        self.known.inode_changed(inode)
         return self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
 
     def statfs(self) -> defer.Deferred[w.FsStats]:
@@ -1487,6 +1609,7 @@ class Inodes:
         if not isinstance(message, w.Notify):
             return
         if message.kind == NotifyKind.INODE_CHANGED:
+            self.known.inode_changed(message.inode)
             for handle in self._handles.get(message.inode, ()):
                 handle.invalidate()
             self._tell_change(message.inode)
@@ -1494,11 +1617,14 @@ class Inodes:
             try:
                 name = crypto.open_name(self.keys, message.parent, message.name)
             except IntegrityError:
+                self.known.directory_changed(message.parent)
                 self._tell_change(message.parent)  # a name that does not open: the whole directory
             else:
+                self.known.entry_changed(message.parent, name, message.inode)
                 self._tell_change(message.inode, message.parent, name)
 
     def _reconnected(self) -> None:
+        self.known.clear()
         for handle in self.open_handles():
             handle.invalidate()
         self._tell_change(0)

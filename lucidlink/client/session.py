@@ -184,6 +184,7 @@ class FilespaceSession:
         self._handles: set[ServerHandle] = set()
         self._notify_listeners: list[Listener] = []
         self._reconnect_listeners: list[Callable[[], object]] = []
+        self._lost_listeners: list[Callable[[], object]] = []
         self._keep_connected: list[Callable[[], bool]] = []
         self._closed = False
 
@@ -201,6 +202,11 @@ class FilespaceSession:
         """Call ``listener`` after every reconnect: notifications may have been missed meanwhile."""
         self._reconnect_listeners.append(listener)
         return lambda: self._reconnect_listeners.remove(listener) if listener in self._reconnect_listeners else None
+
+    def on_connection_lost(self, listener: Callable[[], object]) -> Callable[[], None]:
+        """Call ``listener`` whenever the connection is lost or dropped: notifications may be missed from then on."""
+        self._lost_listeners.append(listener)
+        return lambda: self._lost_listeners.remove(listener) if listener in self._lost_listeners else None
 
     # -- requests ------------------------------------------------------------
 
@@ -436,6 +442,7 @@ class FilespaceSession:
     def _lost(self, reason: Any, live: _Live) -> None:
         if self._live is live:
             self._live = None
+            self._tell_lost()
             if not self._closed:
                 self.log.info(
                     "lost the connection to the metadata server of {filespace!r}: {reason}",
@@ -451,7 +458,15 @@ class FilespaceSession:
         """Stop using a connection that failed a request (closing it at once if it still looks alive)."""
         if self._live is live:
             self._live = None
+            self._tell_lost()
         live.connection.close("a request failed; connecting again", timeout=0)
+
+    def _tell_lost(self) -> None:
+        for listener in list(self._lost_listeners):
+            try:
+                listener()
+            except Exception:
+                self.log.failure("connection-lost listener failed")
 
     def _pushed(self, message: Any) -> None:
         for listener in list(self._notify_listeners):

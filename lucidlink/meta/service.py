@@ -563,14 +563,14 @@ class MetadataResponder:
         return w.Entry(applied.value)
 
     @answers(w.Unlink, role=Role.WRITER, doing="writing", grouped=True)
-    def _unlink(self, session: Session, message: w.Unlink) -> w.Ok:
-        self._apply(session, m.Unlink(message.parent, message.name))
-        return w.Ok()
+    def _unlink(self, session: Session, message: w.Unlink) -> w.Entry:
+        applied = self._apply(session, m.Unlink(message.parent, message.name))
+        return w.Entry(applied.value)
 
     @answers(w.RmDir, role=Role.WRITER, doing="writing", grouped=True)
-    def _rmdir(self, session: Session, message: w.RmDir) -> w.Ok:
-        self._apply(session, m.RemoveDirectory(message.parent, message.name))
-        return w.Ok()
+    def _rmdir(self, session: Session, message: w.RmDir) -> w.Entry:
+        applied = self._apply(session, m.RemoveDirectory(message.parent, message.name))
+        return w.Entry(applied.value)
 
     @answers(w.Rename, role=Role.WRITER, doing="writing", grouped=True)
     def _rename(self, session: Session, message: w.Rename) -> w.Ok:

@@ -963,15 +963,18 @@ class MetadataStore:
         tx.execute("DELETE FROM entries WHERE parent = ? AND name = ?", (parent, name))
         tx.changed(NotifyKind.ENTRY_CHANGED, row[0], parent, name)
 
-    def _unlink(self, tx: _Transaction, record: m.Unlink) -> None:
+    def _unlink(self, tx: _Transaction, record: m.Unlink) -> Attributes:
+        """Remove a non-directory entry; the directory's new attributes."""
         row = self._existing_entry(tx, record.parent, record.name)
         if row[1] == FileKind.DIRECTORY:
             raise IsADirectory("use rmdir to remove a directory")
         self._remove_entry(tx, record.parent, record.name, row)
         self._touch_directory(tx, record.parent)
         self._drop_link(tx, row)
+        return _attributes(self._inode_row(tx.cursor, record.parent))
 
-    def _rmdir(self, tx: _Transaction, record: m.RemoveDirectory) -> None:
+    def _rmdir(self, tx: _Transaction, record: m.RemoveDirectory) -> Attributes:
+        """Remove an empty directory; its parent's new attributes."""
         row = self._existing_entry(tx, record.parent, record.name)
         if row[0] == ROOT_INODE:
             raise NotPermitted("the root directory cannot be removed")
@@ -982,6 +985,7 @@ class MetadataStore:
         self._remove_entry(tx, record.parent, record.name, row)
         self._touch_directory(tx, record.parent, -1)
         self._drop_link(tx, row)
+        return _attributes(self._inode_row(tx.cursor, record.parent))
 
     def _rename(self, tx: _Transaction, record: m.Rename) -> None:
         flags = record.flags

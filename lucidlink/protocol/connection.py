@@ -214,6 +214,13 @@ class LucidConnection(Protocol):
     def connectionMade(self) -> None:
         self._last_received = self.clock.seconds()
         self._schedule_keepalive()
+        # A request sent while an earlier one is unanswered must leave at once, not wait for an ACK (Nagle).
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass  # not TCP
 
     def dataReceived(self, data: bytes) -> None:
         if self._lost or self._broken:

@@ -1,0 +1,347 @@
+"""
+What the client knows of the tree between questions to the metadata server
+(:mod:`lucidlink.client.metadata_cache`): alone, then inside the core against
+a real server on loopback, where it saves round trips and must still see
+every change another session makes, and forget everything when the
+connection goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Callable, Generator
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink import errors
+from lucidlink.client.filespace import Filespace
+from lucidlink.client.metadata_cache import ABSENT, MetadataCache
+from lucidlink.protocol import messages as w
+from lucidlink.protocol.messages import Attributes, FileKind
+from tests.client_helpers import ClientTestCase, deferLater
+
+ROOT = 1
+
+
+def attributes(inode: int, kind: FileKind = FileKind.FILE, mode: int = 0o644, nlink: int = 1,
+               time_ns: int = 1_000) -> Attributes:
+    bits = stat.S_IFDIR if kind == FileKind.DIRECTORY else stat.S_IFREG
+    return Attributes(inode, kind, bits | mode, nlink, 0, 0, 0, time_ns, time_ns, time_ns, 1)
+
+
+class MetadataCacheTests(SynchronousTestCase):
+    """The cache alone, on a fake clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.cache = MetadataCache(clock=self.clock.seconds, ttl=30.0, capacity=4)
+
+    def test_learned_answers_are_served(self) -> None:
+        """A looked-up entry, its attributes and a missing name are answered until they expire."""
+        cache = self.cache
+        self.assertIsNone(cache.lookup(ROOT, b"f"))
+        cache.learn_entry(ROOT, b"f", attributes(5), cache.mark())
+        cache.learn_absent(ROOT, b"gone", cache.mark())
+        self.assertEqual(cache.lookup(ROOT, b"f"), attributes(5))
+        self.assertEqual(cache.attributes(5), attributes(5))
+        self.assertEqual(cache.lookup(ROOT, b"gone"), ABSENT)
+        self.assertIsNone(cache.lookup(ROOT, b"other"), "not known: the directory was not read whole")
+        self.clock.advance(30)
+        self.assertIsNone(cache.lookup(ROOT, b"f"))
+        self.assertIsNone(cache.attributes(5))
+        self.assertIsNone(cache.lookup(ROOT, b"gone"))
+
+    def test_whole_directory(self) -> None:
+        """A directory read whole (or made here) answers every name it lacks as absent, until an entry changes."""
+        cache = self.cache
+        cache.learn_listing(7, [(b"a", attributes(8))], cache.mark())
+        self.assertEqual(cache.lookup(7, b"a"), attributes(8))
+        self.assertEqual(cache.lookup(7, b"b"), ABSENT)
+        cache.entry_changed(7, b"b", 9)
+        self.assertIsNone(cache.lookup(7, b"b"))
+        self.assertEqual(cache.lookup(7, b"a"), attributes(8), "the other entries stay")
+
+        cache.added(ROOT, b"new", attributes(10, FileKind.DIRECTORY, nlink=2), cache.mark(), created=True)
+        self.assertEqual(cache.lookup(10, b"anything"), ABSENT)
+        self.assertEqual(cache.listing(10), [])
+        cache.added(10, b"f", attributes(11), cache.mark(), created=True)
+        cache.learn_absent(10, b"g", cache.mark())
+        self.assertEqual(cache.listing(10), [(b"f", attributes(11))])
+        cache.inode_changed(11)
+        self.assertIsNone(cache.listing(10), "an entry's attributes are not known")
+        self.assertIsNone(cache.listing(ROOT), "not known whole")
+
+    def test_answer_crossing_a_notification_is_not_learned(self) -> None:
+        """The server may tell of a change before answering with the state before it: such an answer is dropped."""
+        cache = self.cache
+        cache.learn(attributes(5), cache.mark())
+        since = cache.mark()
+        cache.inode_changed(99)  # any notification while the requests were on their way
+        cache.learn(attributes(5, mode=0o600), since)
+        cache.learn_entry(ROOT, b"f", attributes(6), since)
+        cache.learn_absent(ROOT, b"g", since)
+        cache.learn_listing(7, [], since)
+        cache.learn_xattr_names(6, [], since)
+        self.assertIsNone(cache.attributes(5), "the older answer is forgotten too")
+        self.assertIsNone(cache.lookup(ROOT, b"f"))
+        self.assertIsNone(cache.lookup(ROOT, b"g"))
+        self.assertIsNone(cache.lookup(7, b"x"))
+        self.assertIsNone(cache.xattr_names(6))
+
+    def test_notifications_drop_what_they_name(self) -> None:
+        """A changed inode loses its attributes and xattr names; a changed entry its name, directory and inode."""
+        cache = self.cache
+        cache.learn_listing(7, [(b"a", attributes(8)), (b"b", attributes(9))], cache.mark())
+        cache.learn(attributes(7, FileKind.DIRECTORY), cache.mark())
+        cache.learn_xattr_names(8, [b"user.x"], cache.mark())
+        cache.inode_changed(8)
+        self.assertIsNone(cache.attributes(8))
+        self.assertIsNone(cache.xattr_names(8))
+        self.assertEqual(cache.attributes(9), attributes(9))
+        cache.entry_changed(7, b"b", 9)
+        self.assertIsNone(cache.attributes(9))
+        self.assertIsNone(cache.attributes(7))
+        self.assertIsNone(cache.lookup(7, b"b"))
+        cache.learn(attributes(9), cache.mark())
+        cache.directory_changed(7)
+        self.assertIsNone(cache.entry(7, b"a"))
+        self.assertEqual(cache.attributes(9), attributes(9))
+        cache.clear()
+        self.assertIsNone(cache.attributes(9))
+        cache.learn(attributes(9, nlink=0), cache.mark())
+        self.assertIsNone(cache.attributes(9), "a file with no links goes when its last handle does, untold")
+
+    def test_own_changes(self) -> None:
+        """What this client makes and removes is known at once; its directory's times follow a new inode's."""
+        cache = self.cache
+        cache.learn(attributes(ROOT, FileKind.DIRECTORY, nlink=2, time_ns=1), cache.mark())
+        cache.added(ROOT, b"d", attributes(5, FileKind.DIRECTORY, nlink=2, time_ns=50), cache.mark(), created=True)
+        self.assertEqual(cache.attributes(ROOT), dataclasses.replace(
+            attributes(ROOT, FileKind.DIRECTORY, nlink=3, time_ns=50), atime_ns=1
+        ))
+        self.assertEqual(cache.xattr_names(5), frozenset())
+        cache.added(ROOT, b"link", attributes(6, time_ns=2), cache.mark(), created=False)
+        self.assertIsNone(cache.attributes(ROOT), "a link's times are not the directory's")
+        self.assertEqual(cache.lookup(ROOT, b"link"), attributes(6, time_ns=2))
+        self.assertIsNone(cache.xattr_names(6))
+
+        cache.removed(ROOT, b"link", cache.mark())
+        self.assertEqual(cache.lookup(ROOT, b"link"), ABSENT)
+        self.assertIsNone(cache.attributes(6))
+        self.assertEqual(cache.attributes(5), attributes(5, FileKind.DIRECTORY, nlink=2, time_ns=50))
+        cache.removed(ROOT, b"unknown", cache.mark())
+        self.assertIsNone(cache.attributes(5), "some inode not known here lost a link")
+
+        cache.learn_entry(ROOT, b"a", attributes(7), cache.mark())
+        cache.learn_entry(5, b"b", attributes(8), cache.mark())
+        cache.renamed(ROOT, b"a", 5, b"b")
+        self.assertIsNone(cache.lookup(ROOT, b"a"))
+        self.assertIsNone(cache.lookup(5, b"b"))
+        self.assertIsNone(cache.attributes(7))
+        self.assertIsNone(cache.attributes(8))
+
+    def test_bounded(self) -> None:
+        """Past its capacity the oldest learned are forgotten."""
+        cache = self.cache
+        for inode in range(10, 20):
+            cache.learn_entry(inode, b"f", attributes(inode + 100), cache.mark())
+        self.assertIsNone(cache.attributes(110))
+        self.assertEqual(cache.attributes(119), attributes(119))
+        self.assertIsNone(cache.entry(10, b"f"))
+        self.assertEqual(cache.entry(19, b"f"), 119)
+
+
+class InodesCacheTests(ClientTestCase):
+    """The core against a real server: hits cost no request; changes elsewhere and lost connections are seen."""
+
+    def count_requests(self, fs: Filespace) -> list[Any]:
+        """Every request ``fs``'s core sends through ``call`` from now on."""
+        sent: list[Any] = []
+        session = fs.inodes.session
+        call = session.call
+
+        def counting(message: Any, timeout: float | None = None) -> Deferred[Any]:
+            sent.append(message() if callable(message) else message)
+            return call(message, timeout)
+
+        session.call = counting  # type: ignore[method-assign]
+        return sent
+
+    @defer.inlineCallbacks
+    def until(self, check: Callable[[], Deferred[Any]]) -> Generator[Deferred[Any], Any, Any]:
+        """``check()``'s result once it stops failing (with an assertion or a LucidError)."""
+        for _ in range(300):
+            try:
+                result = yield check()
+                return result
+            except (AssertionError, errors.LucidError):
+                yield deferLater(0.01)
+        result = yield check()
+        return result
+
+    @defer.inlineCallbacks
+    def test_hits_need_no_request(self) -> Generator[Deferred[Any], Any, None]:
+        """What this client made or read is answered without asking, and matches what the server says."""
+        fs = yield self.filespace()
+        inodes = fs.inodes
+        root = yield inodes.getattr(ROOT)
+        folder = yield inodes.mkdir(ROOT, b"folder", 0o755)
+        handle = yield inodes.create(folder.inode, b"f", 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        yield handle.write(0, b"hello")
+        yield handle.close()
+        sent = self.count_requests(fs)
+        found = yield inodes.lookup(folder.inode, b"f")
+        self.assertEqual((found.size, found.version), (5, handle.version), "the commit's answer is known")
+        yield inodes.getattr(found.inode)
+        yield self.assertFailure(inodes.lookup(folder.inode, b"missing"), errors.NotFound)
+        yield self.assertFailure(inodes.getxattr(found.inode, b"user.none"), errors.NoAttribute)
+        here = yield inodes.getattr(folder.inode)
+        top = yield inodes.getattr(ROOT)
+        listed = yield inodes.readdir(folder.inode)
+        self.assertEqual(listed, [(b"f", found)])
+        self.assertEqual(sent, [])
+        server = yield fs.inodes.session.call(w.GetAttr(folder.inode))
+        self.assertEqual(here, server.attributes, "the folder's times follow its new file's")
+        server = yield fs.inodes.session.call(w.GetAttr(ROOT))
+        self.assertEqual(top, server.attributes)
+        self.assertEqual(top.nlink, root.nlink + 1)
+
+        del sent[:]
+        yield inodes.unlink(folder.inode, b"f")
+        yield self.assertFailure(inodes.lookup(folder.inode, b"f"), errors.NotFound)
+        here = yield inodes.getattr(folder.inode)
+        self.assertEqual([type(message) for message in sent], [w.Unlink], "the unlink's answer tells the folder's")
+        server = yield fs.inodes.session.call(w.GetAttr(folder.inode))
+        self.assertEqual(here, server.attributes)
+        del sent[:]
+        yield inodes.readdir(ROOT)
+        yield inodes.lookup(ROOT, b"folder")
+        yield self.assertFailure(inodes.lookup(ROOT, b"not-there"), errors.NotFound)
+        self.assertEqual([type(message) for message in sent], [w.ReadDir])
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_are_seen(self) -> Generator[Deferred[Any], Any, None]:
+        """Another session's new entries, removals, attribute and xattr changes drop what they change here."""
+        writer = yield self.filespace()
+        yield writer.write_file("/f", b"one")
+        yield writer.mkdir("/d")
+        watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
+        inodes = watcher.inodes
+        f = yield inodes.lookup(ROOT, b"f")
+        d = yield inodes.lookup(ROOT, b"d")
+        yield inodes.readdir(d.inode)
+        yield self.assertFailure(inodes.lookup(ROOT, b"later"), errors.NotFound)
+        yield inodes.listxattr(f.inode)
+        yield self.assertFailure(inodes.getxattr(f.inode, b"user.tag"), errors.NoAttribute)
+
+        yield writer.write_file("/later", b"x")
+        yield writer.write_file("/d/new", b"y")
+        yield writer.inodes.setattr(f.inode, mode=0o600)
+        yield writer.inodes.setxattr(f.inode, b"user.tag", b"v")
+        yield writer.write_file("/f", b"longer content")
+
+        yield self.until(lambda: inodes.lookup(ROOT, b"later"))
+        yield self.until(lambda: inodes.lookup(d.inode, b"new"))
+        value = yield self.until(lambda: inodes.getxattr(f.inode, b"user.tag"))
+        self.assertEqual(value, b"v")
+
+        @defer.inlineCallbacks
+        def changed() -> Generator[Deferred[Any], Any, None]:
+            now = yield inodes.getattr(f.inode)
+            self.assertEqual((stat.S_IMODE(now.mode), now.size), (0o600, len(b"longer content")))
+
+        yield self.until(changed)
+        yield writer.remove("/d/new")
+
+        @defer.inlineCallbacks
+        def removed() -> Generator[Deferred[Any], Any, None]:
+            yield self.assertFailure(inodes.lookup(d.inode, b"new"), errors.NotFound)
+
+        yield self.until(removed)
+
+    @defer.inlineCallbacks
+    def test_forgotten_when_the_connection_is_lost(self) -> Generator[Deferred[Any], Any, None]:
+        """Changes made while this session could not be told are seen after it connects again."""
+        writer = yield self.filespace()
+        yield writer.write_file("/f", b"one")
+        yield writer.mkdir("/d")
+        watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
+        inodes = watcher.inodes
+        f = yield inodes.lookup(ROOT, b"f")
+        d = yield inodes.lookup(ROOT, b"d")
+        yield self.assertFailure(inodes.lookup(ROOT, b"g"), errors.NotFound)
+        yield inodes.readdir(d.inode)
+        yield inodes.listxattr(f.inode)
+        sent = self.count_requests(watcher)
+        yield inodes.getattr(f.inode)
+        yield inodes.readdir(d.inode)
+        yield self.assertFailure(inodes.getxattr(f.inode, b"user.tag"), errors.NoAttribute)
+        self.assertEqual(sent, [])
+        self.meta.drop_connections()
+        yield deferLater(0.05)  # the watcher hears of it; nothing it is told can arrive any more
+        yield writer.inodes.setattr(f.inode, mode=0o600)
+        yield writer.write_file("/g", b"two")
+        yield writer.write_file("/d/new", b"three")
+        yield writer.inodes.setxattr(f.inode, b"user.tag", b"v")
+        now = yield inodes.getattr(f.inode)
+        self.assertEqual(stat.S_IMODE(now.mode), 0o600)
+        g = yield inodes.lookup(ROOT, b"g")
+        self.assertEqual(g.size, 3)
+        listed = yield inodes.readdir(d.inode)
+        self.assertEqual([name for name, _ in listed], [b"new"])
+        value = yield inodes.getxattr(f.inode, b"user.tag")
+        self.assertEqual(value, b"v")
+        self.assertEqual([type(message) for message in sent], [w.GetAttr, w.Lookup, w.ReadDir, w.GetXattr])
+        self.assertEqual(watcher.inodes.session.reconnects, 1)
+
+    @defer.inlineCallbacks
+    def test_answer_after_a_notification_is_not_kept(self) -> Generator[Deferred[Any], Any, None]:
+        """A lookup answered just after the server told of a change to it is used once, not kept."""
+        fs = yield self.filespace()
+        yield fs.write_file("/f", b"one")
+        inodes = fs.inodes
+        session = inodes.session
+        call = session.call
+
+        def told_meanwhile(message: Any, timeout: float | None = None) -> Deferred[Any]:
+            answer = call(message, timeout)
+            inodes._notified(w.Notify(w.NotifyKind.INODE_CHANGED, 12345, 0, b""))
+            return answer
+
+        session.call = told_meanwhile  # type: ignore[method-assign]
+        inodes.known.clear()  # what writing the file taught
+        found = yield inodes.lookup(ROOT, b"f")
+        self.assertIsNone(inodes.known.attributes(found.inode))
+        self.assertIsNone(inodes.known.entry(ROOT, b"f"))
+
+    @defer.inlineCallbacks
+    def test_empty_file_needs_no_chunk_map(self) -> Generator[Deferred[Any], Any, None]:
+        """A write into a file known empty (new, or emptied by O_TRUNC) reads no chunk map; into content, it does."""
+        fs = yield self.filespace()
+        inodes = fs.inodes
+        sent = self.count_requests(fs)
+        handle = yield inodes.create(ROOT, b"new", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        yield handle.write(0, b"first")
+        yield handle.close()
+        self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
+
+        handle = yield inodes.open(handle.inode, os.O_WRONLY)
+        yield handle.write(2, b"!")
+        yield handle.close()
+        self.assertIn(w.ChunkMapRead, [type(message) for message in sent], "content to keep: the map is read")
+        data = yield fs.read_file("/new")
+        self.assertEqual(data, b"fi!st")
+
+        del sent[:]
+        handle = yield inodes.open(handle.inode, os.O_WRONLY | os.O_TRUNC)
+        yield handle.write(1, b"x")
+        yield handle.close()
+        self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
+        data = yield fs.read_file("/new")
+        self.assertEqual(data, b"\0x")
