@@ -87,6 +87,7 @@ from lucidlink.errors import (
     InvalidArgument,
     IsADirectory,
     LucidError,
+    NoAttribute,
     NotADirectory,
     NotFound,
     NotPermitted,
@@ -141,6 +142,8 @@ class LockLost(LucidError):
     """A lock held here could not be taken again after the metadata server restarted: I/O on the file fails."""
 
     errno_name = "EIO"
+_UNKNOWN: tuple[bytes, int] = (b"", -1)
+"""A chunk's base that only the reactor can find out (see ``OpenFile._base_of``; compared by identity)."""
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
@@ -274,11 +277,19 @@ class OpenFile:
         self._truncated_to: int | None = None
         self._grown_to = 0
         self._lock = defer.DeferredLock()
+        self._guard = threading.Lock()
+        """
+        Held by a write of another thread (:meth:`write_direct`) while it changes the file, and by the
+        reactor's code that changes what such a write reads or must not interleave with (see :meth:`write_direct`).
+        """
         self._reads = SequentialReads(self._chunk_size, inodes.chunks.read_ahead)
         self._reads_lock = threading.Lock()
         """Guards ``_reads``, which reads of other threads (:meth:`read_cached`) tell too."""
         self._invalidations = 0
         """Counts :meth:`invalidate` calls: a chunk map read across one may be older than the change."""
+        self._xattr_changes = 0
+        self.xattrs: dict[bytes, bytes | None] = {}
+        """Extended attributes read while the file is open here (None: it has none by that name); see ``Inodes.getxattr``."""
         self._view: _ReadView | None = None
         """What :meth:`read_cached` may serve from; None whenever the file is being changed or may be stale."""
         self._uploading: dict[int, defer.Deferred[None]] = {}
@@ -342,13 +353,14 @@ class OpenFile:
 
     def _publish_view(self) -> None:
         """Let other threads read from what is known now, if the file is at rest (see :meth:`read_cached`)."""
-        view = self._view
-        if (
-            self.pending or self._stale or self._lock.locked or self._map_version != self.version
-            or (view is not None and view.windows == self._windows)
-        ):
-            return
-        self._view = _ReadView(self.size, self.version, dict(self._map), frozenset(self._windows))
+        with self._guard:
+            view = self._view
+            if (
+                self.pending or self._stale or self._lock.locked or self._map_version != self.version
+                or (view is not None and view.windows == self._windows)
+            ):
+                return
+            self._view = _ReadView(self.size, self.version, dict(self._map), frozenset(self._windows))
 
     def _hide_view(self) -> None:
         """The file is about to change (or may have): reads of other threads go through the reactor."""
@@ -456,21 +468,22 @@ class OpenFile:
             if self._invalidations != invalidations:
                 # The server told of a change while the map was read: the answer may predate it.
                 continue
-            if version != self._map_version:
-                self._map.clear()
-                self._windows.clear()
-                self._map_version = version
-            if not self.pending:
-                self.size, self.version = size, version
-            elif self._truncated_to is None:
-                self.size = max(self.size, size)  # another writer's growth; a commit keeps it
-            self._stale = False
-            for window in needed:
-                base = window * CHUNKMAP_WINDOW
-                for index in [i for i in self._map if base <= i < base + CHUNKMAP_WINDOW]:
-                    del self._map[index]
-                self._windows.add(window)
-            self._map.update(entries)
+            with self._guard:
+                if version != self._map_version:
+                    self._map.clear()
+                    self._windows.clear()
+                    self._map_version = version
+                if not self.pending:
+                    self.size, self.version = size, version
+                elif self._truncated_to is None:
+                    self.size = max(self.size, size)  # another writer's growth; a commit keeps it
+                self._stale = False
+                for window in needed:
+                    base = window * CHUNKMAP_WINDOW
+                    for index in [i for i in self._map if base <= i < base + CHUNKMAP_WINDOW]:
+                        del self._map[index]
+                    self._windows.add(window)
+                self._map.update(entries)
         raise Conflict(f"the chunk map of inode {self.inode} kept changing while it was read")
 
     @defer.inlineCallbacks
@@ -499,7 +512,130 @@ class OpenFile:
         or a later write once more than the buffer limit is held.
         """
         self._hide_view()
-        return self._lock.run(self._write, offset, data, append)
+        return self._exclusively(self._write, offset, data, append)
+
+    def _exclusively(self, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
+        """Run ``function`` under the file's lock, with no write of another thread under way or begun meanwhile."""
+
+        def run(*arguments: Any) -> Any:
+            with self._guard:
+                pass  # a write of another thread that began before the lock was taken has ended
+            return function(*arguments)
+
+        return self._lock.run(run, *arguments)
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview, append: bool = False) -> int | None:
+        """
+        What :meth:`write` does, done at once in the calling thread (any thread) when it can be; else None.
+
+        It can when the write needs nothing from the reactor: the file's lock
+        is free (no write, cut or commit under way), the writer's handle is
+        not lost, each chunk it touches is buffered already, written whole,
+        or known (its chunk map window read) with none of its stored bytes
+        to keep, and it leaves at most ``max_dirty`` bytes buffered.  The
+        bytes are journaled and buffered as by :meth:`write`; chunks the
+        writer moved past are handed to the reactor to store.  None: nothing
+        was changed, and the caller goes through :meth:`write`, which also
+        gives every error of a write it refused.  While it runs it holds
+        ``_guard``; the reactor's code that takes the file's lock waits for
+        it first, and the code that changes the chunk map, the size or the
+        read view outside that lock holds the guard meanwhile.
+        """
+        with self._guard:
+            if self._lock.locked or self.replaying:
+                return None
+            try:
+                if self._writer().lost is not None:
+                    return None
+            except BadFileHandle:
+                return None
+            view = memoryview(data).cast("B")
+            length = len(view)
+            if append:
+                if self._stale and not self.pending:
+                    return None
+                offset = self.size
+            if offset < 0 or not length or offset + length > MAX_FILE_SIZE:
+                return None
+            pieces = self._direct_pieces(offset, length)
+            if pieces is None:
+                return None
+            self._hide_view()
+            position = 0
+            for index, low, high, base in pieces:
+                chunk = self._dirty.get(index)
+                if chunk is None:
+                    chunk = self._dirty[index] = _Dirty(bytearray(), base)
+                self._lay(chunk, index, low, view[position : position + high - low])
+                position += high - low
+            self.size = max(self.size, offset + length)
+            self._grown_to = max(self._grown_to, offset + length)
+        first, current = offset // self._chunk_size, (offset + length) // self._chunk_size
+        if current > first:
+            self._inodes.call_in_reactor(self._upload_in_background, first, current)
+        return length
+
+    def _direct_pieces(self, offset: int, length: int) -> list[tuple[int, int, int, tuple[bytes, int] | None]] | None:
+        """
+        ``(index, low, high, base)`` of each chunk a write touches, if :meth:`write_direct` can make it; else None.
+
+        ``base``: that of a new buffer for the chunk, if it has none yet.
+        """
+        chunk_size = self._chunk_size
+        pieces = []
+        grows = 0
+        end = offset + length
+        here = offset
+        while here < end:
+            index = here // chunk_size
+            low = here - index * chunk_size
+            high = min(chunk_size, end - index * chunk_size)
+            chunk = self._dirty.get(index)
+            base = None
+            if chunk is None:
+                base = self._base_of(index, low, high)
+                if base is _UNKNOWN:
+                    return None
+                grows += high
+            else:
+                grows += max(0, high - len(chunk.data))
+            pieces.append((index, low, high, base))
+            here += high - low
+        if grows and self.buffered + grows > self._inodes.max_dirty:
+            return None  # the write through the reactor stores them before it returns
+        return pieces
+
+    def _base_of(self, index: int, low: int, high: int) -> tuple[bytes, int] | None:
+        """
+        The base of a new buffer of chunk ``index`` for a write of ``[low, high)`` (see ``_Dirty.base``).
+
+        ``_UNKNOWN`` when the chunk map is not known there, or when stored bytes of the chunk would
+        have to be read (what :meth:`_dirty_chunk` does on the reactor).
+        """
+        if low == 0 and high == self._chunk_size:
+            return None
+        if self._stale or index // CHUNKMAP_WINDOW not in self._windows:
+            return _UNKNOWN
+        entry = self._map.get(index)
+        existing = self._visible_length(index, entry)
+        if existing and (low > 0 or high < existing):
+            return _UNKNOWN
+        return (entry.object_id, entry.length) if entry else (b"", 0)
+
+    @property
+    def xattr_changes(self) -> int:
+        """Counts what may have changed the file's extended attributes: an answer read across one is not kept."""
+        return self._invalidations + self._xattr_changes
+
+    def forget_xattrs(self) -> None:
+        """This client sets or removes an extended attribute of the file: what was kept goes."""
+        self._xattr_changes += 1
+        self.xattrs.clear()
+
+    def _upload_in_background(self, first: int, current: int) -> None:
+        """On the reactor: store the full chunks a write of another thread moved past (see :meth:`write_direct`)."""
+        if not self._lock.locked:  # else a write or a flush under way stores them
+            self._upload_finished_chunks(first, current)
 
     @defer.inlineCallbacks
     def _write(self, offset: int, data: Any, append: bool) -> Generator[defer.Deferred[Any], Any, int]:
@@ -524,14 +660,7 @@ class OpenFile:
             low = here - index * chunk_size
             high = min(chunk_size, low + length - position)
             chunk = yield self._dirty_chunk(index, low, high)
-            piece = view[position : position + high - low]
-            if self._journaling:
-                self._journaled().write(index, low, piece)
-            if low > len(chunk.data):
-                chunk.data.extend(bytes(low - len(chunk.data)))
-            chunk.data[low:high] = piece
-            _add_range(chunk.written, low, high)
-            chunk.changed()
+            self._lay(chunk, index, low, view[position : position + high - low])
             position += high - low
         self.size = max(self.size, offset + length)
         self._grown_to = max(self._grown_to, offset + length)
@@ -539,6 +668,17 @@ class OpenFile:
         if self.buffered > self._inodes.max_dirty:
             yield self._flush_locked()
         return length
+
+    def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
+        """Journal ``piece`` as written at ``low`` of chunk ``index``, then put it into the chunk's buffer."""
+        if self._journaling:
+            self._journaled().write(index, low, piece)
+        high = low + len(piece)
+        if low > len(chunk.data):
+            chunk.data.extend(bytes(low - len(chunk.data)))
+        chunk.data[low:high] = piece
+        _add_range(chunk.written, low, high)
+        chunk.changed()
 
     @property
     def _journaling(self) -> bool:
@@ -558,18 +698,22 @@ class OpenFile:
         A sequential writer has moved past them; when the next flush comes,
         they are stored already (unless written again meanwhile).
         """
-        for index in range(first, current):
-            chunk = self._dirty.get(index)
-            if (chunk is None or chunk.object_id is not None or index in self._uploading
-                    or len(chunk.data) != self._chunk_size):
-                continue
-            generation = chunk.generation
+        starting = []
+        with self._guard:
+            for index in range(first, current):
+                chunk = self._dirty.get(index)
+                if (chunk is None or chunk.object_id is not None or index in self._uploading
+                        or len(chunk.data) != self._chunk_size):
+                    continue
+                starting.append((index, chunk, chunk.generation, bytes(chunk.data)))
+        for index, chunk, generation, data in starting:
 
             def stored(object_id: bytes, index: int = index, chunk: _Dirty = chunk, generation: int = generation) -> None:
-                if self._dirty.get(index) is chunk and chunk.generation == generation:
-                    chunk.object_id, chunk.stored_at = object_id, self._now()
+                with self._guard:
+                    if self._dirty.get(index) is chunk and chunk.generation == generation:
+                        chunk.object_id, chunk.stored_at = object_id, self._now()
 
-            uploading = self._inodes.upload(self.inode, index, bytes(chunk.data)).addCallback(stored)
+            uploading = self._inodes.upload(self.inode, index, data).addCallback(stored)
             self._uploading[index] = uploading
 
             def ended(result: Any, index: int = index, uploading: defer.Deferred[None] = uploading) -> None:
@@ -606,7 +750,7 @@ class OpenFile:
         as zeros).
         """
         self._hide_view()
-        return self._lock.run(self._truncate, size)
+        return self._exclusively(self._truncate, size)
 
     @defer.inlineCallbacks
     def _truncate(self, size: int) -> Generator[defer.Deferred[Any], Any, None]:
@@ -649,7 +793,7 @@ class OpenFile:
 
     def flush(self) -> defer.Deferred[None]:
         """Store the buffered chunks and commit the chunk map (``fsync`` is the same)."""
-        return self._lock.run(self._flush_locked)
+        return self._exclusively(self._flush_locked)
 
     fsync = flush
 
@@ -842,7 +986,7 @@ class OpenFile:
         Writes buffered here before are dropped: the truncation ends them as it would have once committed.
         """
         self._hide_view()
-        return self._lock.run(self._truncate_at_open, server)
+        return self._exclusively(self._truncate_at_open, server)
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
@@ -863,10 +1007,11 @@ class OpenFile:
     def ended(self) -> None:
         """Its last handle here closed: writes that could not be committed stay journaled for the next mount."""
         self._hide_view()
-        if self._journal is not None:
-            self._journal.sync()
-            self._journal.close()
-            self._journal = None
+        with self._guard:
+            if self._journal is not None:
+                self._journal.sync()
+                self._journal.close()
+                self._journal = None
 
     # -- checks and notifications ---------------------------------------------------
 
@@ -892,15 +1037,17 @@ class OpenFile:
 
         ``attributes``: the file's new attributes, when the change was made here.
         """
-        self._hide_view()
-        self._invalidations += 1
-        self._map.clear()
-        self._windows.clear()
-        self._map_version = None
-        if not self.pending:
-            self._stale = True
-            if attributes is not None:
-                self.size, self.version = attributes.size, attributes.version
+        with self._guard:
+            self._hide_view()
+            self._invalidations += 1
+            self.xattrs.clear()
+            self._map.clear()
+            self._windows.clear()
+            self._map_version = None
+            if not self.pending:
+                self._stale = True
+                if attributes is not None:
+                    self.size, self.version = attributes.size, attributes.version
 
 
 class FileHandle:
@@ -962,6 +1109,17 @@ class FileHandle:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
         """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
         return self._checked(self._check_writable) or self.file.write(offset, data, bool(self.flags & os.O_APPEND))
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """
+        What :meth:`write` would do, done at once in the calling thread (any thread) when it can be; else None.
+
+        See :meth:`OpenFile.write_direct`; None also for a closed or
+        read-only handle, or one whose lock was lost (:meth:`write` gives their errors).
+        """
+        if self.closed or self.lock_lost is not None or not self.writable:
+            return None
+        return self.file.write_direct(offset, data, bool(self.flags & os.O_APPEND))
 
     def truncate(self, size: int) -> defer.Deferred[None]:
         """Make the file ``size`` bytes long, as its next commit will."""
@@ -1268,14 +1426,63 @@ class Inodes:
             sealed_value = crypto.seal_xattr_value(self.keys, inode, sealed_name, bytes(value))
             return w.SetXattr(inode, sealed_name, sealed_value, XattrFlags(flags))
 
-        return self._simple(request)
+        return self._changing_xattrs(inode, self._simple(request))
 
     @defer.inlineCallbacks
     def getxattr(self, inode: int, name: bytes) -> Generator[defer.Deferred[Any], Any, bytes]:
-        """The value of extended attribute ``name``."""
-        sealed_name = crypto.seal_xattr_name(self.keys, inode, bytes(name))
-        answer = yield self.session.call(w.GetXattr(inode, sealed_name))
-        return crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
+        """
+        The value of extended attribute ``name``.
+
+        Of a file open here, the answer (a value, or none by that name) is
+        kept until a change of the file is told (another client's, or a
+        reconnect) or this client sets or removes one of its attributes:
+        the kernel asks for ``security.capability`` before every ``write(2)``.
+        :meth:`getxattr_cached` answers from what is kept.
+        """
+        name = bytes(name)
+        file = self._files.get(inode)
+        changes = file.xattr_changes if file is not None else 0
+        sealed_name = crypto.seal_xattr_name(self.keys, inode, name)
+        try:
+            answer = yield self.session.call(w.GetXattr(inode, sealed_name))
+        except NoAttribute:
+            if file is not None and file.xattr_changes == changes:
+                file.xattrs[name] = None
+            raise
+        value = crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
+        if file is not None and file.xattr_changes == changes:
+            file.xattrs[name] = value
+        return value
+
+    def getxattr_cached(self, inode: int, name: bytes) -> bytes | None:
+        """
+        The value of extended attribute ``name`` as :meth:`getxattr` kept it, from any thread; None if not kept.
+
+        Raises NoAttribute when the file is known to have none by that name.
+        """
+        file = self._files.get(inode)
+        if file is None:
+            return None
+        try:
+            value = file.xattrs[bytes(name)]
+        except KeyError:
+            return None
+        if value is None:
+            raise NoAttribute(f"inode {inode} has no such extended attribute")
+        return value
+
+    @defer.inlineCallbacks
+    def _changing_xattrs(self, inode: int, change: defer.Deferred[None]) -> Generator[defer.Deferred[Any], Any, None]:
+        """Forget the kept attributes of ``inode`` while ``change`` (a set or a removal) is made, and after."""
+        file = self._files.get(inode)
+        if file is not None:
+            file.forget_xattrs()
+        try:
+            yield change
+        finally:
+            file = self._files.get(inode)
+            if file is not None:
+                file.forget_xattrs()
 
     @defer.inlineCallbacks
     def listxattr(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[bytes]]:
@@ -1285,7 +1492,9 @@ class Inodes:
 
     def removexattr(self, inode: int, name: bytes) -> defer.Deferred[None]:
         """Remove extended attribute ``name``."""
-        return self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
+        return self._changing_xattrs(
+            inode, self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
+        )
 
     def statfs(self) -> defer.Deferred[w.FsStats]:
         """The filespace's totals (``FsStats``)."""
