@@ -75,7 +75,15 @@ from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk
 from lucidlink.client.interface import IFilespaceInodes
 from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
-from lucidlink.client.writeback import Committing, Journal, PendingJournal, Truncate, Write, WriteBackJournals
+from lucidlink.client.writeback import (
+    Committing,
+    Journal,
+    PendingJournal,
+    StagedChunk,
+    Truncate,
+    Write,
+    WriteBackJournals,
+)
 from lucidlink.errors import (
     AlreadyExists,
     BadFileHandle,
@@ -98,6 +106,7 @@ from lucidlink.errors import (
     Unavailable,
 )
 from lucidlink.meta.locks import HeldLock, LockTable
+from lucidlink.objectstore.interface import IFileObjectStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import (
     Attributes,
@@ -115,6 +124,8 @@ _log = Logger()
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
 DEFAULT_PARALLEL_UPLOADS = 4
+STAGE_FROM = 4 * crypto.BLOCK_SIZE
+"""A chunk appended to from empty is staged (see ``OpenFile._journal_piece``) once it holds this many bytes."""
 CHUNKMAP_WINDOW = 1024
 """Chunk map entries read per ``ChunkMapRead``."""
 MAX_SYMLINK_FOLLOWS = 40
@@ -244,6 +255,21 @@ class _Dirty:
     """When ``object_id`` was stored (the session clock's seconds)."""
     generation: int = 0
     """Counts changes to ``data``: an upload begun before the last change does not hold it."""
+    appends_only: bool = True
+    """Whether ``data`` was only ever appended to, from empty (so it can be staged)."""
+    staged: StagedChunk | None = None
+    """The chunk object being built from ``data`` in the journal (see :mod:`~lucidlink.client.writeback`)."""
+
+    def rewritten(self) -> None:
+        """``data`` changes other than by appending: it is no longer staged."""
+        self.appends_only = False
+        self.staged = None
+
+    @property
+    def staged_whole(self) -> StagedChunk | None:
+        """The staged object, if it holds the whole of ``data`` (then ``data`` is the whole chunk)."""
+        staged = self.staged
+        return staged if staged is not None and staged.complete else None
 
     def changed(self) -> None:
         self.object_id = None
@@ -670,15 +696,43 @@ class OpenFile:
         return length
 
     def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
-        """Journal ``piece`` as written at ``low`` of chunk ``index``, then put it into the chunk's buffer."""
-        if self._journaling:
-            self._journaled().write(index, low, piece)
+        """Put ``piece`` into chunk ``index``'s buffer at ``low``, and journal it."""
         high = low + len(piece)
+        if low != len(chunk.data):
+            chunk.rewritten()
         if low > len(chunk.data):
             chunk.data.extend(bytes(low - len(chunk.data)))
         chunk.data[low:high] = piece
         _add_range(chunk.written, low, high)
         chunk.changed()
+        if self._journaling:
+            self._journal_piece(chunk, index, low, high)
+
+    def _journal_piece(self, chunk: _Dirty, index: int, low: int, high: int) -> None:
+        """
+        Journal bytes ``[low, high)`` of the chunk's buffer, just written.
+
+        A chunk appended to from empty is staged once it holds
+        :data:`STAGE_FROM` bytes: its whole blocks go sealed into the staged
+        object, only the rest of the write into a ``WRITE`` record.
+        """
+        journal = self._journaled()
+        start = low
+        try:
+            if (
+                chunk.staged is None and chunk.appends_only and len(chunk.data) >= STAGE_FROM
+                and self._chunk_size % crypto.BLOCK_SIZE == 0
+            ):
+                chunk.staged = journal.stage(index, self._chunk_size)
+            if chunk.staged is not None:
+                start = max(low, chunk.staged.add(chunk.data))
+        except (OSError, LucidError) as error:
+            _log.warn("chunk {index} of inode {inode} is journaled, not staged: {error}",
+                      index=index, inode=self.inode, error=error)
+            chunk.rewritten()
+            start = low
+        if start < high:
+            journal.write(index, start, chunk.data[start:high])
 
     @property
     def _journaling(self) -> bool:
@@ -705,7 +759,8 @@ class OpenFile:
                 if (chunk is None or chunk.object_id is not None or index in self._uploading
                         or len(chunk.data) != self._chunk_size):
                     continue
-                starting.append((index, chunk, chunk.generation, bytes(chunk.data)))
+                staged = chunk.staged_whole
+                starting.append((index, chunk, chunk.generation, staged or bytes(chunk.data)))
         for index, chunk, generation, data in starting:
 
             def stored(object_id: bytes, index: int = index, chunk: _Dirty = chunk, generation: int = generation) -> None:
@@ -713,7 +768,11 @@ class OpenFile:
                     if self._dirty.get(index) is chunk and chunk.generation == generation:
                         chunk.object_id, chunk.stored_at = object_id, self._now()
 
-            uploading = self._inodes.upload(self.inode, index, data).addCallback(stored)
+            if isinstance(data, StagedChunk):
+                uploading = self._inodes.upload_staged(self.inode, index, data)
+            else:
+                uploading = self._inodes.upload(self.inode, index, data)
+            uploading.addCallback(stored)
             self._uploading[index] = uploading
 
             def ended(result: Any, index: int = index, uploading: defer.Deferred[None] = uploading) -> None:
@@ -737,7 +796,9 @@ class OpenFile:
             data = b""
             if existing and (low > 0 or high < existing):
                 data = yield self._fetch(index, entry, 0, existing, existing)
-            chunk = _Dirty(bytearray(data), (entry.object_id, entry.length) if entry else (b"", 0))
+            chunk = _Dirty(
+                bytearray(data), (entry.object_id, entry.length) if entry else (b"", 0), appends_only=not data
+            )
         self._dirty[index] = chunk
         return chunk
 
@@ -776,13 +837,14 @@ class OpenFile:
                 if chunk is not None:
                     del chunk.data[keep:]
                     _clip_ranges(chunk.written, keep)
+                    chunk.rewritten()
                     chunk.changed()
                 else:
                     yield self._load(index, index)
                     entry = self._map.get(index)
                     if entry is not None and self._visible_length(index, entry) > keep:
                         data = yield self._fetch(index, entry, 0, keep, keep)
-                        self._dirty[index] = _Dirty(bytearray(data), (entry.object_id, entry.length))
+                        self._dirty[index] = _Dirty(bytearray(data), (entry.object_id, entry.length), appends_only=False)
             self._truncated_to = size if self._truncated_to is None else min(self._truncated_to, size)
         else:
             self._grown_to = max(self._grown_to, size)
@@ -833,7 +895,11 @@ class OpenFile:
 
     @defer.inlineCallbacks
     def _upload(self, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
-        chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
+        staged = chunk.staged_whole
+        if staged is not None:
+            chunk.object_id = yield self._inodes.upload_staged(self.inode, index, staged)
+        else:
+            chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
         chunk.stored_at = self._now()
 
     def _now(self) -> float:
@@ -957,6 +1023,7 @@ class OpenFile:
                     rebuilt.extend(bytes(start - len(rebuilt)))
                 rebuilt[start:end] = chunk.data[start:end]
             chunk.data, chunk.base = rebuilt, now
+            chunk.rewritten()
             chunk.changed()
         self.version = version
         if self._truncated_to is None:
@@ -1583,6 +1650,33 @@ class Inodes:
             except AlreadyExists:
                 continue  # 128 random bits met an existing object: draw again
             self.chunks.remember(object_id, len(data), sealed)  # in the background: the upload is done
+            return object_id
+        raise IntegrityError("the object store claims every new random chunk id exists already")
+
+    def upload_staged(self, inode: int, index: int, staged: StagedChunk) -> defer.Deferred[bytes]:
+        """Store a whole staged chunk object (see :mod:`~lucidlink.client.writeback`) as chunk ``index``; fires with its id.
+
+        A store that takes files (:class:`~lucidlink.objectstore.interface.IFileObjectStore`) links it
+        in; the chunk cache keeps it by a link too.
+        """
+        return self._uploads.run(self._put_staged, inode, index, staged)
+
+    @defer.inlineCallbacks
+    def _put_staged(self, inode: int, index: int, staged: StagedChunk) -> Generator[defer.Deferred[Any], Any, bytes]:
+        store = self.require_store()
+        takes_files = IFileObjectStore.providedBy(store)
+        sealed = None if takes_files else (yield self.offload(staged.read))
+        for _ in range(3):
+            object_id = crypto.new_chunk_id()
+            key = chunk_object_key(self.filespace_id, object_id)
+            try:
+                if takes_files:
+                    yield store.put_file(key, str(staged.path))
+                else:
+                    yield store.put(key, sealed, create_only=True)
+            except AlreadyExists:
+                continue
+            self.chunks.remember_file(object_id, staged.sealer.chunk_plain_length, staged.path)
             return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
 
