@@ -169,7 +169,7 @@ class StagedChunk:
         self.sealer = sealer
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(self._descriptor, crypto.CHUNK_HEADER, 0)
+            _write_all(self._descriptor, [crypto.CHUNK_HEADER], 0)
         except OSError as error:
             self.close()
             raise _write_error(error, path) from None
@@ -198,14 +198,18 @@ class StagedChunk:
             raise IntegrityError(f"the staged chunk {self.path} is closed")
         view = memoryview(data).cast("B")
         sealer = self.sealer
+        first = sealer.sealed
+        pieces: list[bytes] = []
         while not sealer.complete and len(view) >= self.staged + sealer.block_length():
             start = self.staged
-            sealed = sealer.seal_next(view[start : start + sealer.block_length()])
-            try:
-                _write_all(self._descriptor, sealer.prefix + sealed, crypto.sealed_block_offset(sealer.sealed))
-            except OSError as error:
-                raise _write_error(error, self.path) from None
+            pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
             sealer.advance()
+        if pieces:
+            try:
+                _write_all(self._descriptor, pieces, crypto.sealed_block_offset(first))
+            except OSError as error:
+                sealer.sealed = first  # not in the file: sealed again (the same bytes) by the next add
+                raise _write_error(error, self.path) from None
         return self.staged
 
     def sync(self) -> None:
@@ -222,11 +226,14 @@ class StagedChunk:
             self._descriptor = None
 
 
-def _write_all(descriptor: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(descriptor, view, offset)
-        view, offset = view[written:], offset + written
+def _write_all(descriptor: int, pieces: list[bytes], offset: int) -> None:
+    """Write ``pieces`` one after the other at ``offset`` (one system call as a rule)."""
+    written = os.pwritev(descriptor, pieces, offset)
+    rest = memoryview(b"".join(pieces))[written:] if written < sum(map(len, pieces)) else b""
+    offset += written
+    while rest:
+        written = os.pwrite(descriptor, rest, offset)
+        rest, offset = rest[written:], offset + written
 
 
 class Journal:

@@ -156,7 +156,7 @@ class LocalObjectStore:
         return self._run(self._put, check_key, key, view, create_only)
 
     def put_file(self, key: str, path: str) -> Deferred[None]:
-        """Store the file at ``path`` as object ``key``, create-only: synced, then hard-linked in (copied into a pack)."""
+        """Store the file at ``path`` as object ``key``, create-only: synced, then hard-linked in (else copied)."""
         return self._run(self._put_file_at, check_key, key, path)
 
     def delete(self, key: str) -> Deferred[None]:
@@ -381,10 +381,10 @@ class LocalObjectStore:
             self._make_folders(path.parent, key)
             try:
                 self._link(Path(source), path, key)
-            except (errors.NotSupported, OSError) as failure:
-                if isinstance(failure, OSError) and failure.errno != errno.EXDEV:
+            except OSError as failure:
+                if failure.errno != errno.EXDEV:
                     raise
-                with open(source, "rb") as file:
+                with open(source, "rb") as file:  # on another file system: copied
                     self._put_file(key, path, memoryview(file.read()), True)
                 return
             _fsync_folder(path.parent)
