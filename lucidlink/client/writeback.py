@@ -343,9 +343,14 @@ class PendingJournal:
         return self.records[-1] if self.records and isinstance(self.records[-1], Committing) else None
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        for staged in _staged_files(self.path):
-            staged.unlink(missing_ok=True)
+        remove_journal(self.path)
+
+
+def remove_journal(path: Path) -> None:
+    """Delete a journal file and the chunks it staged."""
+    path.unlink(missing_ok=True)
+    for staged in _staged_files(path):
+        staged.unlink(missing_ok=True)
 
 
 def read_journal(path: Path, keys: crypto.FilespaceKeys) -> PendingJournal:
