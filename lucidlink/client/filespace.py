@@ -1676,7 +1676,8 @@ class Inodes:
                     yield store.put(key, sealed, create_only=True)
             except AlreadyExists:
                 continue
-            self.chunks.remember_file(object_id, staged.sealer.chunk_plain_length, staged.path)
+            # Kept before the upload counts as done: the staged file goes with the journal after the commit.
+            yield self.chunks.remember_file(object_id, staged.sealer.chunk_plain_length, staged.path)
             return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
 
