@@ -32,8 +32,12 @@ reactor, when the file has nothing pending and the chunks it needs are
 known and cached (see :meth:`OpenFile.read_cached`); a mount tries it first.
 Writes are buffered per chunk (a partial overwrite of an existing chunk reads
 it first) and, with a cache folder, journaled sealed on disk
-(:mod:`lucidlink.client.writeback`); a chunk the writer has filled and moved
-past is stored in the background.  :meth:`FileHandle.flush` (and ``close``,
+(:mod:`lucidlink.client.writeback`; a chunk written in order is staged there
+as the object it will be stored as, and stored by a link); a chunk the
+writer has filled and moved past is stored in the background.
+:meth:`FileHandle.write_direct` makes a write from any thread, without the
+reactor, when it needs nothing from it (see :meth:`OpenFile.write_direct`);
+a mount tries it first.  :meth:`FileHandle.flush` (and ``close``,
 and a write that finds more than ``max_dirty`` bytes buffered) stores the
 rest: each changed chunk is sealed into a new object with a random id,
 stored create-only under :func:`chunk_object_key`, a bounded number at once,
@@ -706,11 +710,11 @@ class OpenFile:
         _add_range(chunk.written, low, high)
         chunk.changed()
         if self._journaling:
-            self._journal_piece(chunk, index, low, high)
+            self._journal_piece(chunk, index, low, piece)
 
-    def _journal_piece(self, chunk: _Dirty, index: int, low: int, high: int) -> None:
+    def _journal_piece(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
         """
-        Journal bytes ``[low, high)`` of the chunk's buffer, just written.
+        Journal ``piece``, just written at ``low`` of the chunk's buffer.
 
         A chunk appended to from empty is staged once it holds
         :data:`STAGE_FROM` bytes: its whole blocks go sealed into the staged
@@ -731,8 +735,8 @@ class OpenFile:
                       index=index, inode=self.inode, error=error)
             chunk.rewritten()
             start = low
-        if start < high:
-            journal.write(index, start, chunk.data[start:high])
+        if start < low + len(piece):
+            journal.write(index, start, piece[start - low :])
 
     @property
     def _journaling(self) -> bool:
