@@ -516,7 +516,7 @@ class ReplayModelTests(MemoryFilespaceCase):
         outcomes = self.now(second.recover())
         self.assertTrue(all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
         reader = self.now(second.inodes.open(handle.inode))
-        self.assertEqual(self.now(reader.read(0, 6 * CHUNK)), bytes(model))
+        self.assertEqual(self.now(reader.read(0, len(model) + CHUNK)), bytes(model))
         self.now(reader.close())
         self.now(second.close())
 
@@ -533,6 +533,17 @@ class StagedReplayModelTests(MemoryFilespaceCase):
         """Random writes, cuts and flushes, then a crash and a recovery: the file holds them all."""
         with patched(filespace_module, "STAGE_FROM", crypto.BLOCK_SIZE):
             self.check_replay(initial, changes)
+
+
+    def test_cut_between_appends(self) -> None:
+        """A cut (even one that grows the file) stops staging: the appends after it are records after it."""
+        block = crypto.BLOCK_SIZE
+        with patched(filespace_module, "STAGE_FROM", block):
+            self.check_replay(b"", [
+                ("write", 0, block + 1000, 1), ("truncate", block + 2000), ("write", block + 1000, block - 1000, 2),
+            ])
+            self.check_replay(b"", [("write", 0, block + 1000, 1), ("truncate", 10), ("append", 2 * block, 2)])
+            self.check_replay(b"", [("write", 4 * CHUNK, CHUNK - 9, 0), ("append", CHUNK + 10, 0)])
 
 
 @contextlib.contextmanager

@@ -828,6 +828,9 @@ class OpenFile:
             yield self._load(0, 0)
         if self._journaling:
             self._journaled().truncate(size)
+        for chunk in self._dirty.values():
+            # Blocks sealed after the cut would be replayed before it (at their STAGED record).
+            chunk.rewritten()
         chunk_size = self._chunk_size
         if size < self.size:
             kept_chunks = -(-size // chunk_size)

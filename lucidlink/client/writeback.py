@@ -46,10 +46,12 @@ bytes are written to disk once instead of three times.  The record stands
 for the whole blocks the file holds, at the record's place in the journal;
 the bytes of a block not yet whole are journaled in ``WRITE`` records.  The
 writer stops staging a chunk (and journals its writes in ``WRITE`` records
-again) as soon as a write, cut or merge changes it other than by appending,
-so the staged blocks always hold what the chunk held when each was sealed,
-and the records after them are laid over them on replay as they were
-over the chunk.  A staged block's nonce is the object's random prefix and
+again) as soon as a write changes it other than by appending, a merge
+rebuilds it, or the file is cut (even to a larger size: blocks sealed after
+a ``TRUNCATE`` record would be replayed before it), so the staged blocks
+always hold what the chunk held when each was sealed, and every record
+after the ``STAGED`` one is laid over them on replay as it was over the
+chunk.  A staged block's nonce is the object's random prefix and
 its index, and the writer seals each block once; the last block of the
 chunk is sealed only once the chunk is whole (its ``chunk length`` is the
 filespace's chunk size), so a chunk that ends shorter is sealed anew, from
