@@ -9,7 +9,6 @@ store.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import threading

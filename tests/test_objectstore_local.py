@@ -22,9 +22,9 @@ from zope.interface.verify import verifyObject
 
 from lucidlink import errors
 from lucidlink.objectstore import IObjectStore, open_store
-from lucidlink.objectstore.interface import IFileObjectStore
 from lucidlink.objectstore import local as local_module
 from lucidlink.objectstore.faults import FaultyObjectStore
+from lucidlink.objectstore.interface import IFileObjectStore
 from lucidlink.objectstore.local import LocalObjectStore
 from tests.objectstore_behaviour import ObjectStoreBehaviourMixin
 
