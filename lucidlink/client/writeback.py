@@ -35,14 +35,17 @@ Journal format (version 1)::
     STAGED      body = chunk index (u64) || chunk length (u64)
 
 A record cut short at the end (a crash while appending) ends the journal.
+``COMMITTING`` is written just before a commit is sent, so that a journal
+whose commit did succeed (the client died before removing it) is recognised
+on replay and not reported as a conflict.
 
 ``STAGED``: a chunk written in order from its first byte is kept as the
 chunk object it will be stored as, sealed block by block into a file of
 its own (``<journal>.<record number>``, :class:`StagedChunk`), instead of in
 ``WRITE`` records: each block is sealed once, on the way in, and once the
 chunk is whole the file is stored as it is (hard-linked into a local
-object store and the chunk cache, see :meth:`StagedChunk.path`), so its
-bytes are written to disk once instead of three times.  The record stands
+object store and the chunk cache), so its bytes are written to disk once
+instead of three times.  The record stands
 for the whole blocks the file holds, at the record's place in the journal;
 the bytes of a block not yet whole are journaled in ``WRITE`` records.  The
 writer stops staging a chunk (and journals its writes in ``WRITE`` records
@@ -55,10 +58,9 @@ chunk.  A staged block's nonce is the object's random prefix and
 its index, and the writer seals each block once; the last block of the
 chunk is sealed only once the chunk is whole (its ``chunk length`` is the
 filespace's chunk size), so a chunk that ends shorter is sealed anew, from
-memory, with another prefix.
-``COMMITTING`` is written just before a commit is sent, so that a journal
-whose commit did succeed (the client died before removing it) is recognised
-on replay and not reported as a conflict.
+memory, with another prefix.  (A lucidlink from before ``STAGED`` finds an
+unknown record kind in such a journal and keeps it as damaged: nothing is
+lost.)
 """
 
 from __future__ import annotations
@@ -188,11 +190,6 @@ class StagedChunk:
     def staged(self) -> int:
         """How many bytes of the chunk, from its first, the file holds sealed."""
         return self.sealer.sealed * crypto.BLOCK_SIZE
-
-    @property
-    def size(self) -> int:
-        """The object's size once complete."""
-        return crypto.sealed_chunk_size(self.sealer.chunk_plain_length)
 
     def add(self, data: bytes | bytearray | memoryview) -> int:
         """Seal into the file each block that ``data`` (the chunk from its first byte) holds whole; :attr:`staged` after."""
@@ -373,13 +370,16 @@ def read_journal(path: Path, keys: crypto.FilespaceKeys) -> PendingJournal:
         if len(body) < length:
             break  # cut short by a crash while appending
         position += _RECORD.size + length
-        journal.records.append(_parse(keys, inode, kind, body, number, path))
-        if kind == RecordKind.STAGED:
-            journal.records[-1] = _read_staged(keys, inode, journal.records[-1], staged_path(path, number))
+        record = _parse(keys, inode, kind, body, number, path)
+        if isinstance(record, Staged):
+            record = _read_staged(keys, inode, record, staged_path(path, number))
+        journal.records.append(record)
     return journal
 
 
-def _parse(keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, number: int, path: Path) -> Record:
+def _parse(
+    keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, number: int, path: Path
+) -> Record | Staged:
     where = f"record {number} of the write-back journal {path}"
     try:
         if kind == RecordKind.WRITE:
@@ -410,9 +410,8 @@ def _parse(keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, numbe
     raise IntegrityError(f"{where} has unknown kind {kind}")
 
 
-def _read_staged(keys: crypto.FilespaceKeys, inode: int, record: Record, path: Path) -> Write:
+def _read_staged(keys: crypto.FilespaceKeys, inode: int, record: Staged, path: Path) -> Write:
     """The whole blocks a staged chunk's file holds, as the write of their plaintext (IntegrityError if damaged)."""
-    assert isinstance(record, Staged)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
