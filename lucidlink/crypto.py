@@ -612,6 +612,56 @@ def seal_chunk(keys: FilespaceKeys, inode: int, chunk_index: int, plaintext: Buf
     return bytes(sealed)
 
 
+CHUNK_HEADER = bytes([CHUNK_FORMAT_VERSION])
+"""What a chunk object begins with, before block 0."""
+
+
+def sealed_block_offset(block_index: int) -> int:
+    """Where block ``block_index`` begins in a chunk object."""
+    return CHUNK_HEADER_SIZE + block_index * SEALED_BLOCK_SIZE
+
+
+class BlockSealer:
+    """
+    Seals the blocks of one chunk object one at a time, in order, as :func:`seal_chunk` seals them all at once.
+
+    ``chunk_plain_length`` is the object's whole plaintext length (it
+    decides which block is the last).  The object is :data:`CHUNK_HEADER`
+    and then each block at :func:`sealed_block_offset`.  Each block is
+    sealed once: its nonce is the object's prefix and its index.
+    """
+
+    def __init__(self, keys: FilespaceKeys, inode: int, chunk_index: int, chunk_plain_length: int) -> None:
+        self._cipher = keys.chunk_cipher(inode, chunk_index)
+        self._inode = inode
+        self._chunk_index = chunk_index
+        self.chunk_plain_length = chunk_plain_length
+        self.count = block_count(chunk_plain_length)
+        self.prefix = os.urandom(_PREFIX_SIZE)
+        self.sealed = 0
+        """How many blocks were sealed (blocks ``0`` to ``sealed - 1``)."""
+
+    @property
+    def complete(self) -> bool:
+        return self.sealed == self.count
+
+    def block_length(self) -> int:
+        """The plaintext length of the next block."""
+        return _block_plain_length(self.sealed, self.chunk_plain_length)
+
+    def seal_next(self, plaintext: Buffer) -> bytes:
+        """The next block sealed, without its prefix (:attr:`prefix` comes before it in the object)."""
+        index = self.sealed
+        if index >= self.count or len(memoryview(plaintext)) != self.block_length():
+            raise errors.InvalidArgument(f"no block {index} of {len(memoryview(plaintext))} bytes in this chunk")
+        associated_data = _BLOCK_AD.pack(CHUNK_FORMAT_VERSION, self._inode, self._chunk_index, index, index == self.count - 1)
+        return self._cipher.encrypt(self.prefix + index.to_bytes(4, "big"), plaintext, associated_data)
+
+    def advance(self) -> None:
+        """The block :meth:`seal_next` gave is in the object now."""
+        self.sealed += 1
+
+
 def _open_blocks(
     cipher: AESGCM,
     inode: int,

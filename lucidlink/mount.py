@@ -163,6 +163,21 @@ class ReactorThread:
             self._thread.join(timeout)
 
 
+@contextlib.contextmanager
+def fuse_errors(function: Callable[..., Any]) -> Iterator[None]:
+    """Errors of ``function`` (called inside) as ``FUSEError``: a LucidError's errno, anything unexpected EIO."""
+    try:
+        yield
+    except LucidError as error:
+        log.debug("%s: %s", getattr(function, "__name__", function), error)
+        raise llfuse.FUSEError(errno_of(error)) from None
+    except llfuse.FUSEError:
+        raise
+    except Exception:
+        log.exception("unexpected failure of %s", getattr(function, "__name__", function))
+        raise llfuse.FUSEError(errno.EIO) from None
+
+
 class Bridge:
     """
     The one crossing from llfuse's threads to the reactor.
@@ -190,16 +205,8 @@ class Bridge:
 
     def translated(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
         """Run ``function`` on the reactor and wait, errors as ``FUSEError`` (the llfuse lock is not touched)."""
-        try:
+        with fuse_errors(function):
             return self.wait(function, *arguments, **keywords)
-        except LucidError as error:
-            log.debug("%s: %s", getattr(function, "__name__", function), error)
-            raise llfuse.FUSEError(errno_of(error)) from None
-        except llfuse.FUSEError:
-            raise
-        except Exception:
-            log.exception("unexpected failure of %s", getattr(function, "__name__", function))
-            raise llfuse.FUSEError(errno.EIO) from None
 
     def wait(self, function: Callable[..., Any], *arguments: Any, **keywords: Any) -> Any:
         """Run ``function`` on the reactor; its result, or its error raised here."""
@@ -207,10 +214,8 @@ class Bridge:
 
     def here(self, function: Callable[..., Any], *arguments: Any) -> Any:
         """Call ``function`` (a core method that answers from what it has cached) in this thread, errors as ``FUSEError``."""
-        try:
+        with fuse_errors(function):
             return function(*arguments)
-        except LucidError as error:
-            raise llfuse.FUSEError(errno_of(error)) from None
 
     def post(self, function: Callable[..., Any], *arguments: Any) -> None:
         """Run ``function`` on the reactor without waiting (in order with every other crossing)."""
@@ -524,7 +529,14 @@ class FilespaceOperations(llfuse.Operations):
         return self.bridge.call(handle.read, off, size)  # type: ignore[no-any-return]
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.bridge.call(self._file(fh).write, off, buf)  # type: ignore[no-any-return]
+        """Made here when the core can make it at once (no crossing), else on the reactor."""
+        if PROFILES is not None:
+            PROFILES.enter()
+        handle = self._file(fh)
+        written = self.bridge.here(handle.write_direct, off, buf)
+        if written is not None:
+            return written  # type: ignore[no-any-return]
+        return self.bridge.call(handle.write, off, buf)  # type: ignore[no-any-return]
 
     def flush(self, fh: int) -> None:
         handle = self._file(fh)
@@ -595,7 +607,10 @@ class FilespaceOperations(llfuse.Operations):
     # -- extended attributes -----------------------------------------------------
 
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        self.bridge.here(self.inodes.getxattr_cached, inode, name)
+        """Answered here when the core knows the answer (the kernel asks before every write), else on the reactor."""
+        cached = self.bridge.here(self.inodes.getxattr_cached, inode, name)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         return self._call("getxattr", inode, name)  # type: ignore[no-any-return]
 
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:

@@ -8,9 +8,10 @@ against a real metadata server on loopback and a local object store.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,71 @@ class JournalTests(SynchronousTestCase):
         fresh = again.begin(5, 1)
         fresh.close()
         self.assertNotEqual(fresh.path.name, journal.path.name)
+
+
+    def test_staged_chunk_round_trip(self) -> None:
+        """A staged chunk holds sealed blocks only; read back, its whole blocks are one write at its record's place."""
+        block = crypto.BLOCK_SIZE
+        data = pattern(4 * block, 3)
+        journal = self.journals.begin(inode=9, version=2)
+        journal.write(1, 0, data[:1000])
+        staged = journal.stage(1, len(data))
+        self.assertEqual(staged.add(data[: 2 * block + 5]), 2 * block)
+        journal.write(1, 2 * block, data[2 * block : 2 * block + 5])
+        journal.truncate(10)
+        journal.close()
+        self.assertNotIn(data[:32], staged.path.read_bytes())
+        self.assertEqual(staged.path.name, f"{journal.path.name}.1", "named by its record's number")
+        (found,) = list(self.journals.pending())
+        assert not isinstance(found, tuple)
+        self.assertEqual(found.records, [
+            Write(1, 0, data[:1000]), Write(1, 0, data[: 2 * block]), Write(1, 2 * block, data[2 * block : 2 * block + 5]),
+            Truncate(10),
+        ])
+        found.remove()
+        self.assertEqual(list(self.journals.folder.rglob("*.journal*")), [])
+
+    def test_whole_staged_chunk_is_the_object(self) -> None:
+        """Once every block is in, the staged file is the chunk object seal_chunk would make (another prefix)."""
+        data = pattern(3 * crypto.BLOCK_SIZE, 4)
+        journal = self.journals.begin(inode=9, version=2)
+        staged = journal.stage(5, len(data))
+        staged.add(data[:100])
+        self.assertFalse(staged.complete)
+        staged.add(data)
+        self.assertTrue(staged.complete)
+        self.assertEqual(staged.add(data), len(data), "nothing sealed twice")
+        sealed = staged.read()
+        self.assertEqual(len(sealed), crypto.sealed_chunk_size(len(data)))
+        self.assertEqual(crypto.open_chunk(KEYS, 9, 5, sealed), data)
+        with self.assertRaises(errors.IntegrityError):
+            crypto.open_chunk(KEYS, 9, 6, sealed)
+        journal.remove()
+        self.assertFalse(staged.path.exists())
+
+    def test_staged_chunk_damage(self) -> None:
+        """A staged block cut short ends the staged write; one altered, or the file gone, is damage; kept together."""
+        block = crypto.BLOCK_SIZE
+        data = pattern(4 * block, 5)
+        journal = self.journals.begin(inode=3, version=1)
+        staged = journal.stage(0, len(data))
+        staged.add(data[: 3 * block])
+        journal.close()
+        whole = staged.path.read_bytes()
+        staged.path.write_bytes(whole[:-10])
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, data[: 2 * block])])
+        altered = bytearray(whole)
+        altered[100] ^= 1
+        staged.path.write_bytes(bytes(altered))
+        with self.assertRaises(errors.IntegrityError):
+            read_journal(journal.path, KEYS)
+        staged.path.unlink()
+        with self.assertRaises(errors.IntegrityError):
+            read_journal(journal.path, KEYS)
+        staged.path.write_bytes(whole)
+        kept = self.journals.keep(journal.path, "kept")
+        self.assertEqual(read_journal(kept, KEYS).records, [Write(0, 0, data[: 3 * block])])
+        self.assertFalse(staged.path.exists())
 
 
 class WriteBackTests(CacheFolderCase):
@@ -328,11 +394,95 @@ class WriteBackTests(CacheFolderCase):
 
 
 NAMES = (f"replayed-{number}".encode() for number in itertools.count())
-steps = st.lists(st.one_of(
+step = st.one_of(
     st.tuples(st.just("write"), st.integers(0, 4 * CHUNK), st.integers(1, 2 * CHUNK + 10), st.integers(0, 99)),
     st.tuples(st.just("truncate"), st.integers(0, 4 * CHUNK)),
     st.tuples(st.just("flush")),
-), max_size=10)
+)
+steps = st.lists(step, max_size=10)
+in_order = st.one_of(
+    st.tuples(st.just("append"), st.integers(1, CHUNK + 10), st.integers(0, 99)),
+    st.tuples(st.just("write"), st.integers(0, 4).map(lambda k: k * CHUNK), st.integers(1, 2 * CHUNK), st.integers(0, 99)),
+)
+staging_steps = st.lists(st.one_of(in_order, in_order, step), max_size=12)
+"""More writes in order from a chunk's first byte (staged), among the rest; ``append`` writes at the end."""
+
+
+class StagingTests(CacheFolderCase):
+    """Chunks written in order are staged, stored by hard links, and recovered from their staged files."""
+
+    chunk_size = 4 * crypto.BLOCK_SIZE
+
+    def setUp(self) -> Any:
+        self.patch(filespace_module, "STAGE_FROM", crypto.BLOCK_SIZE)
+        return super().setUp()
+
+    def staged(self) -> list[Path]:
+        return sorted((self.base / "cache").rglob("pending/*.journal.*"))
+
+    @defer.inlineCallbacks
+    def write_in_order(self, handle: Any, data: bytes, piece: int = 32 * 1024) -> Generator[Deferred[Any], Any, None]:
+        for offset in range(0, len(data), piece):
+            yield handle.write(offset, data[offset : offset + piece])
+
+    @defer.inlineCallbacks
+    def test_chunks_written_in_order_are_stored_by_links(self) -> Generator[Deferred[Any], Any, None]:
+        """Each whole chunk's staged file becomes its object and its cache entry: one copy on disk."""
+        chunk = self.chunk_size
+        fs = yield self.client()
+        handle = yield fs.open_path("/staged.bin", os.O_WRONLY | os.O_CREAT)
+        data = pattern(3 * chunk + 100, 8)
+        yield self.write_in_order(handle, data)
+        self.assertEqual(len(self.staged()), 3, "the last chunk holds less than a block")
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        stored = yield self.objects.list(f"{self.filespace_id.hex()}/chunks/")
+        self.assertEqual(len(stored), 3)
+        for info in stored:
+            path, _, size = self.objects.locate(info.key)
+            self.assertEqual(size, crypto.sealed_chunk_size(chunk))
+            self.assertEqual(path.stat().st_nlink, 3, "the object, the staged file and the cache entry")
+        yield handle.close()
+        self.assertEqual(self.staged(), [])
+        self.assertEqual(len(fs.cache), 4)
+        other = yield self.filespace()
+        self.assertEqual((yield other.read_file("/staged.bin")), data)
+
+    @defer.inlineCallbacks
+    def test_staged_writes_survive_a_client_restart(self) -> Generator[Deferred[Any], Any, None]:
+        """Staged chunks, a chunk no longer staged (written again) and the records after them are all recovered."""
+        chunk = self.chunk_size
+        first = yield self.client()
+        handle = yield first.open_path("/crash.bin", os.O_RDWR | os.O_CREAT)
+        expected = bytearray(pattern(2 * chunk + crypto.BLOCK_SIZE + 7, 9))
+        yield self.write_in_order(handle, bytes(expected))
+        yield handle.write(10, b"written again")
+        expected[10:23] = b"written again"
+        yield handle.write(chunk + 5, b"and again")
+        expected[chunk + 5 : chunk + 14] = b"and again"
+        self.assertEqual(len(self.staged()), 3)
+        yield self.crash(first)
+        yield task.deferLater(reactor, 0.3, lambda: None)  # what it was storing in the background is done
+
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual(self.staged(), [])
+        self.assertEqual((yield second.read_file("/crash.bin")), bytes(expected))
+
+    @defer.inlineCallbacks
+    def test_cut_chunk_is_sealed_anew(self) -> Generator[Deferred[Any], Any, None]:
+        """A whole staged chunk cut shorter is stored from memory, not from its staged file."""
+        chunk = self.chunk_size
+        store = FaultyObjectStore(self.objects, clock=reactor)
+        fs = yield self.client(store)
+        handle = yield fs.open_path("/cut.bin", os.O_RDWR | os.O_CREAT)
+        store.set_delay(0.2)
+        data = pattern(chunk + 10, 10)
+        yield self.write_in_order(handle, data)
+        yield handle.truncate(chunk - 3)
+        store.heal()
+        yield handle.close()
+        self.assertEqual((yield (yield self.filespace()).read_file("/cut.bin")), data[: chunk - 3])
 
 
 class ReplayModelTests(MemoryFilespaceCase):
@@ -344,6 +494,9 @@ class ReplayModelTests(MemoryFilespaceCase):
     @given(st.binary(max_size=3 * CHUNK), steps)
     def test_replay_matches_model(self, initial: bytes, changes: list[tuple[Any, ...]]) -> None:
         """Random writes, cuts and flushes, then a crash and a recovery: the file holds them all."""
+        self.check_replay(initial, changes)
+
+    def check_replay(self, initial: bytes, changes: list[tuple[Any, ...]]) -> None:
         cache_dir = Path(self.mktemp())
         name = next(NAMES)
         first = Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
@@ -352,6 +505,8 @@ class ReplayModelTests(MemoryFilespaceCase):
         self.now(handle.flush())
         model = bytearray(initial)
         for step in changes:
+            if step[0] == "append":
+                step = ("write", len(model), *step[1:])
             self.now(change(handle, model, step) or handle.flush())
         if handle.file._journal is not None:
             handle.file._journal.close()  # the client dies here
@@ -361,6 +516,42 @@ class ReplayModelTests(MemoryFilespaceCase):
         outcomes = self.now(second.recover())
         self.assertTrue(all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
         reader = self.now(second.inodes.open(handle.inode))
-        self.assertEqual(self.now(reader.read(0, 6 * CHUNK)), bytes(model))
+        self.assertEqual(self.now(reader.read(0, len(model) + CHUNK)), bytes(model))
         self.now(reader.close())
         self.now(second.close())
+
+
+class StagedReplayModelTests(MemoryFilespaceCase):
+    """The same, with every chunk appended to from empty staged from its first block."""
+
+    chunk_size = CHUNK
+    check_replay = ReplayModelTests.check_replay
+
+    @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
+    @given(st.binary(max_size=3 * CHUNK), staging_steps)
+    def test_staged_replay_matches_model(self, initial: bytes, changes: list[tuple[Any, ...]]) -> None:
+        """Random writes, cuts and flushes, then a crash and a recovery: the file holds them all."""
+        with patched(filespace_module, "STAGE_FROM", crypto.BLOCK_SIZE):
+            self.check_replay(initial, changes)
+
+
+    def test_cut_between_appends(self) -> None:
+        """A cut (even one that grows the file) stops staging: the appends after it are records after it."""
+        block = crypto.BLOCK_SIZE
+        with patched(filespace_module, "STAGE_FROM", block):
+            self.check_replay(b"", [
+                ("write", 0, block + 1000, 1), ("truncate", block + 2000), ("write", block + 1000, block - 1000, 2),
+            ])
+            self.check_replay(b"", [("write", 0, block + 1000, 1), ("truncate", 10), ("append", 2 * block, 2)])
+            self.check_replay(b"", [("write", 4 * CHUNK, CHUNK - 9, 0), ("append", CHUNK + 10, 0)])
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside (``TestCase.patch`` lasts the whole test, not one example)."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)

@@ -453,6 +453,38 @@ class ChunkTests(SynchronousTestCase):
             self.assertRaises(IntegrityError, crypto.open_chunk, KEYS, 1, 0, sealed + extra)
 
 
+class BlockSealerTests(SynchronousTestCase):
+    """Sealing a chunk block by block makes the object seal_chunk makes (with its own prefix)."""
+
+    def test_blocks_make_the_object(self) -> None:
+        for length in (BLOCK_SIZE, 3 * BLOCK_SIZE, 2 * BLOCK_SIZE + 100):
+            plaintext = random.Random(length).randbytes(length)
+            sealer = crypto.BlockSealer(KEYS, 7, 2, length)
+            parts = [crypto.CHUNK_HEADER]
+            while not sealer.complete:
+                start = sealer.sealed * BLOCK_SIZE
+                parts += [sealer.prefix, sealer.seal_next(plaintext[start : start + sealer.block_length()])]
+                self.assertEqual(sum(map(len, parts)), crypto.sealed_block_offset(sealer.sealed) + len(parts[-1]) + 8)
+                sealer.advance()
+            sealed = b"".join(parts)
+            self.assertEqual(len(sealed), len(crypto.seal_chunk(KEYS, 7, 2, plaintext)))
+            self.assertEqual(crypto.open_chunk(KEYS, 7, 2, sealed), plaintext)
+            with self.assertRaises(IntegrityError):
+                crypto.open_chunk(KEYS, 7, 3, sealed)
+            with self.assertRaises(IntegrityError, msg="the last block says it is last"):
+                crypto.open_chunk(KEYS, 7, 2, sealed[: crypto.sealed_block_offset(sealer.count - 1)])
+
+    def test_wrong_blocks_refused(self) -> None:
+        sealer = crypto.BlockSealer(KEYS, 7, 2, 2 * BLOCK_SIZE)
+        with self.assertRaises(InvalidArgument):
+            sealer.seal_next(bytes(BLOCK_SIZE - 1))
+        sealer.advance()
+        sealer.advance()
+        with self.assertRaises(InvalidArgument):
+            sealer.seal_next(bytes(BLOCK_SIZE))
+        self.assertNotEqual(crypto.BlockSealer(KEYS, 7, 2, BLOCK_SIZE).prefix, sealer.prefix)
+
+
 class RangedReadTests(SynchronousTestCase):
     """A ranged read fetches only the blocks it needs and opens to the same bytes as a slice."""
 

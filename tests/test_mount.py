@@ -142,7 +142,6 @@ class MountAdapterTests(MemoryFilespaceCase):
         ops.release(fh)
         self.assertEqual(self.fuse_errno(ops.read, fh, 0, 1), errno.EBADF)
 
-
     def test_known_answers_stay_in_llfuses_thread(self) -> None:
         """What the core knows (entries, attributes, missing xattrs) and flushing nothing are answered without crossing.
 
@@ -178,6 +177,43 @@ class MountAdapterTests(MemoryFilespaceCase):
         ops.release(fh)
         self.assertEqual((bridge.crossings, posted), (crossings + 1, []), "the writes are stored before it returns")
         self.assertEqual(ops.getattr(entry.st_ino).st_size, 4)
+
+    @defer.inlineCallbacks
+    def test_writes_and_kept_answers_stay_in_llfuses_thread(self) -> Any:
+        """Writes the core can buffer at once, and kept extended attributes, do not cross; errors keep their errno."""
+        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()))
+        self.addCleanup(fs.close)
+        bridge = CountingBridge(None)
+        ops = FilespaceOperations(fs.inodes, bridge)
+        fh, entry = ops.create(llfuse.ROOT_INODE, b"direct", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, Context())
+        self.assertEqual(ops.write(fh, 0, b"a" * 1000), 1000)
+        self.assertEqual(self.fuse_errno(ops.getxattr, entry.st_ino, b"security.capability", Context()), errno.ENODATA)
+        crossings = bridge.crossings
+        self.assertEqual(ops.write(fh, 1000, b"b" * 1000), 1000)
+        self.assertEqual(self.fuse_errno(ops.getxattr, entry.st_ino, b"security.capability", Context()), errno.ENODATA)
+        self.assertEqual(bridge.crossings, crossings, "answered in the calling thread")
+        self.assertEqual(ops.read(fh, 990, 20), b"a" * 10 + b"b" * 10)
+
+        journal = fs.inodes.open_handles()[0].file._journal
+        os.close(journal._descriptor)
+        journal._descriptor = os.open("/dev/full", os.O_WRONLY)
+        self.assertEqual(self.fuse_errno(ops.write, fh, 2000, b"c"), errno.ENOSPC)
+        os.close(journal._descriptor)
+        journal._descriptor = os.open(journal.path, os.O_WRONLY | os.O_APPEND)
+        ops.release(fh)
+
+
+class AllocatorTests(SynchronousTestCase):
+    """lucid-mount asks glibc's malloc to keep freed chunk buffers for reuse."""
+
+    def test_reuse_freed_buffers(self) -> None:
+        self.assertTrue(cli_mount.reuse_freed_buffers(), "glibc takes the settings")
+
+        def no_libc(name: str) -> None:
+            raise OSError("no such library")
+
+        self.patch(cli_mount.ctypes, "CDLL", no_libc)
+        self.assertFalse(cli_mount.reuse_freed_buffers(), "elsewhere nothing is changed")
 
 
 class FuseCheckTests(SynchronousTestCase):

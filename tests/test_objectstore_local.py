@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -23,6 +24,7 @@ from lucidlink import errors
 from lucidlink.objectstore import IObjectStore, open_store
 from lucidlink.objectstore import local as local_module
 from lucidlink.objectstore.faults import FaultyObjectStore
+from lucidlink.objectstore.interface import IFileObjectStore
 from lucidlink.objectstore.local import LocalObjectStore
 from tests.objectstore_behaviour import ObjectStoreBehaviourMixin
 
@@ -185,6 +187,60 @@ class LocalStoreTests(TestCase):
         failure = await self.assertFailure(self.store.put("k", b"x", create_only=True), errors.NotSupported)
         self.assertIn("hard links", str(failure))
         self.assertEqual(stray_files(self.root), [])
+
+    async def test_put_file_links_the_file_in(self) -> None:
+        """put_file makes the file the object (a hard link, synced with its folder), create-only."""
+        source = self.root.parent / f"{self.root.name}-staged"
+        source.write_bytes(b"sealed object")
+        self.addCleanup(source.unlink, missing_ok=True)
+        verifyObject(IFileObjectStore, self.store)
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def counting_fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        self.patch(os, "fsync", counting_fsync)
+        await self.store.put_file("chunks/ab/cd", str(source))
+        self.assertEqual(await self.store.get("chunks/ab/cd"), b"sealed object")
+        self.assertTrue(os.path.samefile(source, self.root / "chunks" / "ab" / "cd"))
+        self.assertGreaterEqual(len(synced), 2, "the file, then its folder")
+        await self.assertFailure(self.store.put_file("chunks/ab/cd", str(source)), errors.AlreadyExists)
+        self.assertEqual(stray_files(self.root), [])
+
+    async def test_put_file_from_another_file_system(self) -> None:
+        """A file on another file system (no hard link possible) is copied; without hard links at all, NotSupported."""
+        source = self.root.parent / f"{self.root.name}-staged"
+        source.write_bytes(b"copied")
+        self.addCleanup(source.unlink, missing_ok=True)
+        real_link = os.link
+        refusals = iter([errno.EXDEV])
+
+        def refused(*args: Any) -> None:
+            code = next(refusals, None)
+            if code is None:
+                real_link(*args)
+                return
+            raise OSError(code, os.strerror(code))
+
+        self.patch(os, "link", refused)
+        await self.store.put_file("a", str(source))
+        self.assertEqual(await self.store.get("a"), b"copied")
+        self.assertFalse(os.path.samefile(source, self.root / "a"))
+        refusals = iter([errno.EPERM, errno.EPERM])
+        await self.assertFailure(self.store.put_file("b", str(source)), errors.NotSupported)
+        await self.assertFailure(self.store.put_file("gone", str(source) + "-missing"), errors.Unavailable)
+        self.assertEqual(stray_files(self.root), [])
+
+    async def test_put_file_into_a_pack(self) -> None:
+        """A folder that packs its objects takes the file's bytes into its pack."""
+        source = self.root.parent / f"{self.root.name}-staged"
+        source.write_bytes(b"segment")
+        self.addCleanup(source.unlink, missing_ok=True)
+        await self.store.put_file("fs/journal/0001", str(source))
+        self.assertEqual(await self.store.get("fs/journal/0001"), b"segment")
+        self.assertFalse((self.root / "fs" / "journal" / "0001").exists())
 
     async def test_vanished_folder_is_unavailable(self) -> None:
         """If the store's folder disappears (an unmounted disk), operations fail as Unavailable, not NotFound."""

@@ -29,6 +29,7 @@ from a file written again fail their tags; never other plaintext.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -236,6 +237,26 @@ class ChunkCache:
                 written += os.pwrite(descriptor, view[written:], start + written)
         finally:
             os.close(descriptor)
+
+    def adopt(self, object_id: bytes, path: str | Path) -> None:
+        """
+        Make the whole object in the file at ``path`` the cached file of ``object_id`` (any thread; pin first).
+
+        A hard link where the cache folder's file system allows one, else a
+        copy; the file must never change afterwards (a stored object).
+        :meth:`record` it next.
+        """
+        target = self._file_name(object_id)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            os.unlink(target)
+            os.link(path, target)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            self.write_sealed(object_id, 0, Path(path).read_bytes())
 
     def record(self, object_id: bytes, object_length: int, start: int, length: int) -> None:
         """Note in the index that the object's file holds its whole sealed blocks in ``[start, start + length)``."""

@@ -31,6 +31,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -352,9 +353,33 @@ class ChunkReader:
             return defer.succeed(None)
         return self._keep(object_id, object_length, 0, sealed)
 
+    def remember_file(self, object_id: bytes, object_length: int, path: Path) -> defer.Deferred[None]:
+        """Keep a whole sealed object this client has just stored from the file at ``path`` (which never changes)."""
+        if self.cache is None:
+            return defer.succeed(None)
+        return self._track(self._adopt_into_cache(object_id, object_length, path))
+
+    @defer.inlineCallbacks
+    def _adopt_into_cache(
+        self, object_id: bytes, object_length: int, path: Path
+    ) -> Generator[defer.Deferred[Any], Any, None]:
+        cache = self.cache
+        assert cache is not None
+        cache.pin(object_id)
+        try:
+            yield self.offload(cache.adopt, object_id, path)
+            cache.record(object_id, object_length, 0, crypto.sealed_chunk_size(object_length))
+        except (OSError, sqlite3.Error) as error:
+            self.log.warn("could not keep chunk object {id} in the cache: {error}", id=object_id.hex(), error=error)
+        finally:
+            cache.unpin(object_id)
+
     def _keep(self, object_id: bytes, object_length: int, start: int, sealed: bytes) -> defer.Deferred[None]:
         """Write fetched bytes into the cache (the file in the offload pool, then the index here)."""
-        keeping = self._write_into_cache(object_id, object_length, start, sealed)
+        return self._track(self._write_into_cache(object_id, object_length, start, sealed))
+
+    def _track(self, keeping: defer.Deferred[None]) -> defer.Deferred[None]:
+        """Count ``keeping`` (something written into the cache) in until it is done (see :meth:`idle`)."""
         if not keeping.called:
             self._keeping.add(keeping)
             keeping.addBoth(lambda result: (self._keeping.discard(keeping), result)[1])

@@ -28,7 +28,7 @@ from typing import Any
 from twisted.internet import defer
 
 from lucidlink import crypto
-from lucidlink.client.writeback import CONFLICTS, Truncate, Write, read_journal
+from lucidlink.client.writeback import CONFLICTS, Truncate, Write, read_journal, remove_journal
 from lucidlink.errors import IntegrityError, InvalidArgument, NotFound
 
 _JOURNAL_ID = re.compile(r"^(\d+):(\d+-\d+)$")
@@ -113,7 +113,7 @@ def find_journal(root: Path, keys: crypto.FilespaceKeys, journal_id: str) -> Kep
 
 def discard(kept: KeptJournal) -> None:
     """Delete a kept journal and its note: its writes are gone for good."""
-    kept.path.unlink(missing_ok=True)
+    remove_journal(kept.path)
     kept.path.with_suffix(".why").unlink(missing_ok=True)
 
 

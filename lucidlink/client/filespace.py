@@ -32,8 +32,12 @@ reactor, when the file has nothing pending and the chunks it needs are
 known and cached (see :meth:`OpenFile.read_cached`); a mount tries it first.
 Writes are buffered per chunk (a partial overwrite of an existing chunk reads
 it first) and, with a cache folder, journaled sealed on disk
-(:mod:`lucidlink.client.writeback`); a chunk the writer has filled and moved
-past is stored in the background.  :meth:`FileHandle.flush` (and ``close``,
+(:mod:`lucidlink.client.writeback`; a chunk written in order is staged there
+as the object it will be stored as, and stored by a link); a chunk the
+writer has filled and moved past is stored in the background.
+:meth:`FileHandle.write_direct` makes a write from any thread, without the
+reactor, when it needs nothing from it (see :meth:`OpenFile.write_direct`);
+a mount tries it first.  :meth:`FileHandle.flush` (and ``close``,
 and a write that finds more than ``max_dirty`` bytes buffered) stores the
 rest: each changed chunk is sealed into a new object with a random id,
 stored create-only under :func:`chunk_object_key`, a bounded number at once,
@@ -76,7 +80,15 @@ from lucidlink.client.interface import IFilespaceInodes
 from lucidlink.client.metadata_cache import ABSENT, MetadataCache
 from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
-from lucidlink.client.writeback import Committing, Journal, PendingJournal, Truncate, Write, WriteBackJournals
+from lucidlink.client.writeback import (
+    Committing,
+    Journal,
+    PendingJournal,
+    StagedChunk,
+    Truncate,
+    Write,
+    WriteBackJournals,
+)
 from lucidlink.errors import (
     AlreadyExists,
     BadFileHandle,
@@ -99,6 +111,7 @@ from lucidlink.errors import (
     Unavailable,
 )
 from lucidlink.meta.locks import HeldLock, LockTable
+from lucidlink.objectstore.interface import IFileObjectStore
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import (
     Attributes,
@@ -116,6 +129,8 @@ _log = Logger()
 DEFAULT_MAX_DIRTY = 64 * 1024 * 1024
 """Buffered bytes per handle beyond which a write stores them before it returns."""
 DEFAULT_PARALLEL_UPLOADS = 4
+STAGE_FROM = 4 * crypto.BLOCK_SIZE
+"""A chunk appended to from empty is staged (see ``OpenFile._journal_piece``) once it holds this many bytes."""
 CHUNKMAP_WINDOW = 1024
 """Chunk map entries read per ``ChunkMapRead``."""
 MAX_SYMLINK_FOLLOWS = 40
@@ -143,6 +158,8 @@ class LockLost(LucidError):
     """A lock held here could not be taken again after the metadata server restarted: I/O on the file fails."""
 
     errno_name = "EIO"
+_UNKNOWN: tuple[bytes, int] = (b"", -1)
+"""A chunk's base that only the reactor can find out (see ``OpenFile._base_of``; compared by identity)."""
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
 SYMLINK_BINDING = 0
@@ -243,6 +260,21 @@ class _Dirty:
     """When ``object_id`` was stored (the session clock's seconds)."""
     generation: int = 0
     """Counts changes to ``data``: an upload begun before the last change does not hold it."""
+    appends_only: bool = True
+    """Whether ``data`` was only ever appended to, from empty (so it can be staged)."""
+    staged: StagedChunk | None = None
+    """The chunk object being built from ``data`` in the journal (see :mod:`~lucidlink.client.writeback`)."""
+
+    def rewritten(self) -> None:
+        """``data`` changes other than by appending: it is no longer staged."""
+        self.appends_only = False
+        self.staged = None
+
+    @property
+    def staged_whole(self) -> StagedChunk | None:
+        """The staged object, if it holds the whole of ``data`` (then ``data`` is the whole chunk)."""
+        staged = self.staged
+        return staged if staged is not None and staged.complete else None
 
     def changed(self) -> None:
         self.object_id = None
@@ -278,11 +310,19 @@ class OpenFile:
         self._truncated_to: int | None = None
         self._grown_to = 0
         self._lock = defer.DeferredLock()
+        self._guard = threading.Lock()
+        """
+        Held by a write of another thread (:meth:`write_direct`) while it changes the file, and by the
+        reactor's code that changes what such a write reads or must not interleave with (see :meth:`write_direct`).
+        """
         self._reads = SequentialReads(self._chunk_size, inodes.chunks.read_ahead)
         self._reads_lock = threading.Lock()
         """Guards ``_reads``, which reads of other threads (:meth:`read_cached`) tell too."""
         self._invalidations = 0
         """Counts :meth:`invalidate` calls: a chunk map read across one may be older than the change."""
+        self._xattr_changes = 0
+        self.xattrs: dict[bytes, bytes | None] = {}
+        """Extended attributes read while the file is open here (None: it has none by that name); see ``Inodes.getxattr``."""
         self._view: _ReadView | None = None
         """What :meth:`read_cached` may serve from; None whenever the file is being changed or may be stale."""
         self._uploading: dict[int, defer.Deferred[None]] = {}
@@ -346,13 +386,14 @@ class OpenFile:
 
     def _publish_view(self) -> None:
         """Let other threads read from what is known now, if the file is at rest (see :meth:`read_cached`)."""
-        view = self._view
-        if (
-            self.pending or self._stale or self._lock.locked or self._map_version != self.version
-            or (view is not None and view.windows == self._windows)
-        ):
-            return
-        self._view = _ReadView(self.size, self.version, dict(self._map), frozenset(self._windows))
+        with self._guard:
+            view = self._view
+            if (
+                self.pending or self._stale or self._lock.locked or self._map_version != self.version
+                or (view is not None and view.windows == self._windows)
+            ):
+                return
+            self._view = _ReadView(self.size, self.version, dict(self._map), frozenset(self._windows))
 
     def _hide_view(self) -> None:
         """The file is about to change (or may have): reads of other threads go through the reactor."""
@@ -443,11 +484,16 @@ class OpenFile:
         plain = yield self._inodes.chunks.read(self.inode, index, entry.object_id, entry.object_length, low, top)
         return plain + bytes(high - top)
 
+    @property
+    def _known_empty(self) -> bool:
+        """Whether the file is empty at the chunk map version known here: the server keeps no entry past its size."""
+        return not self._stale and self._map_version is not None and self._map_version == self._empty_version
+
     @defer.inlineCallbacks
     def _load(self, first: int, last: int) -> Generator[defer.Deferred[Any], Any, None]:
         """Make sure the chunk map cache holds chunks ``first`` to ``last`` (at one version)."""
-        if not self._stale and self._map_version is not None and self._map_version == self._empty_version:
-            return  # empty at the version known here: the server keeps no entry past a file's size
+        if self._known_empty:
+            return
         for _ in range(MAX_COMMIT_ATTEMPTS):
             needed = [
                 window for window in range(first // CHUNKMAP_WINDOW, last // CHUNKMAP_WINDOW + 1)
@@ -462,21 +508,22 @@ class OpenFile:
             if self._invalidations != invalidations:
                 # The server told of a change while the map was read: the answer may predate it.
                 continue
-            if version != self._map_version:
-                self._map.clear()
-                self._windows.clear()
-                self._map_version = version
-            if not self.pending:
-                self.size, self.version = size, version
-            elif self._truncated_to is None:
-                self.size = max(self.size, size)  # another writer's growth; a commit keeps it
-            self._stale = False
-            for window in needed:
-                base = window * CHUNKMAP_WINDOW
-                for index in [i for i in self._map if base <= i < base + CHUNKMAP_WINDOW]:
-                    del self._map[index]
-                self._windows.add(window)
-            self._map.update(entries)
+            with self._guard:
+                if version != self._map_version:
+                    self._map.clear()
+                    self._windows.clear()
+                    self._map_version = version
+                if not self.pending:
+                    self.size, self.version = size, version
+                elif self._truncated_to is None:
+                    self.size = max(self.size, size)  # another writer's growth; a commit keeps it
+                self._stale = False
+                for window in needed:
+                    base = window * CHUNKMAP_WINDOW
+                    for index in [i for i in self._map if base <= i < base + CHUNKMAP_WINDOW]:
+                        del self._map[index]
+                    self._windows.add(window)
+                self._map.update(entries)
         raise Conflict(f"the chunk map of inode {self.inode} kept changing while it was read")
 
     @defer.inlineCallbacks
@@ -505,7 +552,132 @@ class OpenFile:
         or a later write once more than the buffer limit is held.
         """
         self._hide_view()
-        return self._lock.run(self._write, offset, data, append)
+        return self._exclusively(self._write, offset, data, append)
+
+    def _exclusively(self, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
+        """Run ``function`` under the file's lock, with no write of another thread under way or begun meanwhile."""
+
+        def run(*arguments: Any) -> Any:
+            with self._guard:
+                pass  # a write of another thread that began before the lock was taken has ended
+            return function(*arguments)
+
+        return self._lock.run(run, *arguments)
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview, append: bool = False) -> int | None:
+        """
+        What :meth:`write` does, done at once in the calling thread (any thread) when it can be; else None.
+
+        It can when the write needs nothing from the reactor: the file's lock
+        is free (no write, cut or commit under way), the writer's handle is
+        not lost, each chunk it touches is buffered already, written whole,
+        or known (its chunk map window read) with none of its stored bytes
+        to keep, and it leaves at most ``max_dirty`` bytes buffered.  The
+        bytes are journaled and buffered as by :meth:`write`; chunks the
+        writer moved past are handed to the reactor to store.  None: nothing
+        was changed, and the caller goes through :meth:`write`, which also
+        gives every error of a write it refused.  While it runs it holds
+        ``_guard``; the reactor's code that takes the file's lock waits for
+        it first, and the code that changes the chunk map, the size or the
+        read view outside that lock holds the guard meanwhile.
+        """
+        with self._guard:
+            if self._lock.locked or self.replaying:
+                return None
+            try:
+                if self._writer().lost is not None:
+                    return None
+            except BadFileHandle:
+                return None
+            view = memoryview(data).cast("B")
+            length = len(view)
+            if append:
+                if self._stale and not self.pending:
+                    return None
+                offset = self.size
+            if offset < 0 or not length or offset + length > MAX_FILE_SIZE:
+                return None
+            pieces = self._direct_pieces(offset, length)
+            if pieces is None:
+                return None
+            self._hide_view()
+            position = 0
+            for index, low, high, base in pieces:
+                chunk = self._dirty.get(index)
+                if chunk is None:
+                    chunk = self._dirty[index] = _Dirty(bytearray(), base)
+                self._lay(chunk, index, low, view[position : position + high - low])
+                position += high - low
+            self.size = max(self.size, offset + length)
+            self._grown_to = max(self._grown_to, offset + length)
+        first, current = offset // self._chunk_size, (offset + length) // self._chunk_size
+        if current > first:
+            self._inodes.call_in_reactor(self._upload_in_background, first, current)
+        return length
+
+    def _direct_pieces(self, offset: int, length: int) -> list[tuple[int, int, int, tuple[bytes, int] | None]] | None:
+        """
+        ``(index, low, high, base)`` of each chunk a write touches, if :meth:`write_direct` can make it; else None.
+
+        ``base``: that of a new buffer for the chunk, if it has none yet.
+        """
+        chunk_size = self._chunk_size
+        pieces = []
+        grows = 0
+        end = offset + length
+        here = offset
+        while here < end:
+            index = here // chunk_size
+            low = here - index * chunk_size
+            high = min(chunk_size, end - index * chunk_size)
+            chunk = self._dirty.get(index)
+            base = None
+            if chunk is None:
+                base = self._base_of(index, low, high)
+                if base is _UNKNOWN:
+                    return None
+                grows += high
+            else:
+                grows += max(0, high - len(chunk.data))
+            pieces.append((index, low, high, base))
+            here += high - low
+        if grows and self.buffered + grows > self._inodes.max_dirty:
+            return None  # the write through the reactor stores them before it returns
+        return pieces
+
+    def _base_of(self, index: int, low: int, high: int) -> tuple[bytes, int] | None:
+        """
+        The base of a new buffer of chunk ``index`` for a write of ``[low, high)`` (see ``_Dirty.base``).
+
+        ``_UNKNOWN`` when the chunk map is not known there, or when stored bytes of the chunk would
+        have to be read (what :meth:`_dirty_chunk` does on the reactor).
+        """
+        if low == 0 and high == self._chunk_size:
+            return None
+        if self._known_empty:
+            return (b"", 0)
+        if self._stale or index // CHUNKMAP_WINDOW not in self._windows:
+            return _UNKNOWN
+        entry = self._map.get(index)
+        existing = self._visible_length(index, entry)
+        if existing and (low > 0 or high < existing):
+            return _UNKNOWN
+        return (entry.object_id, entry.length) if entry else (b"", 0)
+
+    @property
+    def xattr_changes(self) -> int:
+        """Counts what may have changed the file's extended attributes: an answer read across one is not kept."""
+        return self._invalidations + self._xattr_changes
+
+    def forget_xattrs(self) -> None:
+        """This client sets or removes an extended attribute of the file: what was kept goes."""
+        self._xattr_changes += 1
+        self.xattrs.clear()
+
+    def _upload_in_background(self, first: int, current: int) -> None:
+        """On the reactor: store the full chunks a write of another thread moved past (see :meth:`write_direct`)."""
+        if not self._lock.locked:  # else a write or a flush under way stores them
+            self._upload_finished_chunks(first, current)
 
     @defer.inlineCallbacks
     def _write(self, offset: int, data: Any, append: bool) -> Generator[defer.Deferred[Any], Any, int]:
@@ -530,14 +702,7 @@ class OpenFile:
             low = here - index * chunk_size
             high = min(chunk_size, low + length - position)
             chunk = yield self._dirty_chunk(index, low, high)
-            piece = view[position : position + high - low]
-            if self._journaling:
-                self._journaled().write(index, low, piece)
-            if low > len(chunk.data):
-                chunk.data.extend(bytes(low - len(chunk.data)))
-            chunk.data[low:high] = piece
-            _add_range(chunk.written, low, high)
-            chunk.changed()
+            self._lay(chunk, index, low, view[position : position + high - low])
             position += high - low
         self.size = max(self.size, offset + length)
         self._grown_to = max(self._grown_to, offset + length)
@@ -545,6 +710,45 @@ class OpenFile:
         if self.buffered > self._inodes.max_dirty:
             yield self._flush_locked()
         return length
+
+    def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
+        """Put ``piece`` into chunk ``index``'s buffer at ``low``, and journal it."""
+        high = low + len(piece)
+        if low != len(chunk.data):
+            chunk.rewritten()
+        if low > len(chunk.data):
+            chunk.data.extend(bytes(low - len(chunk.data)))
+        chunk.data[low:high] = piece
+        _add_range(chunk.written, low, high)
+        chunk.changed()
+        if self._journaling:
+            self._journal_piece(chunk, index, low, piece)
+
+    def _journal_piece(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
+        """
+        Journal ``piece``, just written at ``low`` of the chunk's buffer.
+
+        A chunk appended to from empty is staged once it holds
+        :data:`STAGE_FROM` bytes: its whole blocks go sealed into the staged
+        object, only the rest of the write into a ``WRITE`` record.
+        """
+        journal = self._journaled()
+        start = low
+        try:
+            if (
+                chunk.staged is None and chunk.appends_only and len(chunk.data) >= STAGE_FROM
+                and self._chunk_size % crypto.BLOCK_SIZE == 0
+            ):
+                chunk.staged = journal.stage(index, self._chunk_size)
+            if chunk.staged is not None:
+                start = max(low, chunk.staged.add(chunk.data))
+        except (OSError, LucidError) as error:
+            _log.warn("chunk {index} of inode {inode} is journaled, not staged: {error}",
+                      index=index, inode=self.inode, error=error)
+            chunk.rewritten()
+            start = low
+        if start < low + len(piece):
+            journal.write(index, start, piece[start - low :])
 
     @property
     def _journaling(self) -> bool:
@@ -564,18 +768,27 @@ class OpenFile:
         A sequential writer has moved past them; when the next flush comes,
         they are stored already (unless written again meanwhile).
         """
-        for index in range(first, current):
-            chunk = self._dirty.get(index)
-            if (chunk is None or chunk.object_id is not None or index in self._uploading
-                    or len(chunk.data) != self._chunk_size):
-                continue
-            generation = chunk.generation
+        starting = []
+        with self._guard:
+            for index in range(first, current):
+                chunk = self._dirty.get(index)
+                if (chunk is None or chunk.object_id is not None or index in self._uploading
+                        or len(chunk.data) != self._chunk_size):
+                    continue
+                staged = chunk.staged_whole
+                starting.append((index, chunk, chunk.generation, staged or bytes(chunk.data)))
+        for index, chunk, generation, data in starting:
 
             def stored(object_id: bytes, index: int = index, chunk: _Dirty = chunk, generation: int = generation) -> None:
-                if self._dirty.get(index) is chunk and chunk.generation == generation:
-                    chunk.object_id, chunk.stored_at = object_id, self._now()
+                with self._guard:
+                    if self._dirty.get(index) is chunk and chunk.generation == generation:
+                        chunk.object_id, chunk.stored_at = object_id, self._now()
 
-            uploading = self._inodes.upload(self.inode, index, bytes(chunk.data)).addCallback(stored)
+            if isinstance(data, StagedChunk):
+                uploading = self._inodes.upload_staged(self.inode, index, data)
+            else:
+                uploading = self._inodes.upload(self.inode, index, data)
+            uploading.addCallback(stored)
             self._uploading[index] = uploading
 
             def ended(result: Any, index: int = index, uploading: defer.Deferred[None] = uploading) -> None:
@@ -599,7 +812,9 @@ class OpenFile:
             data = b""
             if existing and (low > 0 or high < existing):
                 data = yield self._fetch(index, entry, 0, existing, existing)
-            chunk = _Dirty(bytearray(data), (entry.object_id, entry.length) if entry else (b"", 0))
+            chunk = _Dirty(
+                bytearray(data), (entry.object_id, entry.length) if entry else (b"", 0), appends_only=not data
+            )
         self._dirty[index] = chunk
         return chunk
 
@@ -612,7 +827,7 @@ class OpenFile:
         as zeros).
         """
         self._hide_view()
-        return self._lock.run(self._truncate, size)
+        return self._exclusively(self._truncate, size)
 
     @defer.inlineCallbacks
     def _truncate(self, size: int) -> Generator[defer.Deferred[Any], Any, None]:
@@ -625,6 +840,9 @@ class OpenFile:
             yield self._load(0, 0)
         if self._journaling:
             self._journaled().truncate(size)
+        for chunk in self._dirty.values():
+            # Blocks sealed after the cut would be replayed before it (at their STAGED record).
+            chunk.rewritten()
         chunk_size = self._chunk_size
         if size < self.size:
             kept_chunks = -(-size // chunk_size)
@@ -638,13 +856,14 @@ class OpenFile:
                 if chunk is not None:
                     del chunk.data[keep:]
                     _clip_ranges(chunk.written, keep)
+                    chunk.rewritten()
                     chunk.changed()
                 else:
                     yield self._load(index, index)
                     entry = self._map.get(index)
                     if entry is not None and self._visible_length(index, entry) > keep:
                         data = yield self._fetch(index, entry, 0, keep, keep)
-                        self._dirty[index] = _Dirty(bytearray(data), (entry.object_id, entry.length))
+                        self._dirty[index] = _Dirty(bytearray(data), (entry.object_id, entry.length), appends_only=False)
             self._truncated_to = size if self._truncated_to is None else min(self._truncated_to, size)
         else:
             self._grown_to = max(self._grown_to, size)
@@ -655,7 +874,7 @@ class OpenFile:
 
     def flush(self) -> defer.Deferred[None]:
         """Store the buffered chunks and commit the chunk map (``fsync`` is the same)."""
-        return self._lock.run(self._flush_locked)
+        return self._exclusively(self._flush_locked)
 
     fsync = flush
 
@@ -695,7 +914,11 @@ class OpenFile:
 
     @defer.inlineCallbacks
     def _upload(self, index: int, chunk: _Dirty) -> Generator[defer.Deferred[Any], Any, None]:
-        chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
+        staged = chunk.staged_whole
+        if staged is not None:
+            chunk.object_id = yield self._inodes.upload_staged(self.inode, index, staged)
+        else:
+            chunk.object_id = yield self._inodes.upload(self.inode, index, bytes(chunk.data))
         chunk.stored_at = self._now()
 
     def _now(self) -> float:
@@ -821,6 +1044,7 @@ class OpenFile:
                     rebuilt.extend(bytes(start - len(rebuilt)))
                 rebuilt[start:end] = chunk.data[start:end]
             chunk.data, chunk.base = rebuilt, now
+            chunk.rewritten()
             chunk.changed()
         self.version = version
         if self._truncated_to is None:
@@ -850,7 +1074,7 @@ class OpenFile:
         Writes buffered here before are dropped: the truncation ends them as it would have once committed.
         """
         self._hide_view()
-        return self._lock.run(self._truncate_at_open, server)
+        return self._exclusively(self._truncate_at_open, server)
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
@@ -873,10 +1097,11 @@ class OpenFile:
     def ended(self) -> None:
         """Its last handle here closed: writes that could not be committed stay journaled for the next mount."""
         self._hide_view()
-        if self._journal is not None:
-            self._journal.sync()
-            self._journal.close()
-            self._journal = None
+        with self._guard:
+            if self._journal is not None:
+                self._journal.sync()
+                self._journal.close()
+                self._journal = None
 
     # -- checks and notifications ---------------------------------------------------
 
@@ -902,15 +1127,17 @@ class OpenFile:
 
         ``attributes``: the file's new attributes, when the change was made here.
         """
-        self._hide_view()
-        self._invalidations += 1
-        self._map.clear()
-        self._windows.clear()
-        self._map_version = None
-        if not self.pending:
-            self._stale = True
-            if attributes is not None:
-                self.size, self.version = attributes.size, attributes.version
+        with self._guard:
+            self._hide_view()
+            self._invalidations += 1
+            self.xattrs.clear()
+            self._map.clear()
+            self._windows.clear()
+            self._map_version = None
+            if not self.pending:
+                self._stale = True
+                if attributes is not None:
+                    self.size, self.version = attributes.size, attributes.version
 
 
 class FileHandle:
@@ -972,6 +1199,17 @@ class FileHandle:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
         """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
         return self._checked(self._check_writable) or self.file.write(offset, data, bool(self.flags & os.O_APPEND))
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """
+        What :meth:`write` would do, done at once in the calling thread (any thread) when it can be; else None.
+
+        See :meth:`OpenFile.write_direct`; None also for a closed or
+        read-only handle, or one whose lock was lost (:meth:`write` gives their errors).
+        """
+        if self.closed or self.lock_lost is not None or not self.writable:
+            return None
+        return self.file.write_direct(offset, data, bool(self.flags & os.O_APPEND))
 
     def truncate(self, size: int) -> defer.Deferred[None]:
         """Make the file ``size`` bytes long, as its next commit will."""
@@ -1373,27 +1611,73 @@ class Inodes:
             return w.SetXattr(inode, sealed_name, sealed_value, XattrFlags(flags))
 
         self.known.inode_changed(inode)
-        return self._simple(request)
+        return self._changing_xattrs(inode, self._simple(request))
 
     @defer.inlineCallbacks
     def getxattr(self, inode: int, name: bytes) -> Generator[defer.Deferred[Any], Any, bytes]:
-        """The value of extended attribute ``name``."""
-        self.getxattr_cached(inode, name)
-        sealed_name = crypto.seal_xattr_name(self.keys, inode, bytes(name))
-        answer = yield self.session.call(w.GetXattr(inode, sealed_name))
-        return crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
-
-    def getxattr_cached(self, inode: int, name: bytes) -> None:
         """
-        Raises, at once and from any thread, what :meth:`getxattr` would when :attr:`known` knows the answer.
+        The value of extended attribute ``name``.
 
-        That is ``NoAttribute`` for a name the inode is known not to have (and
-        the errors of a bad name); values are not kept, so else it returns None.
+        Of a file open here, the answer (a value, or none by that name) is
+        kept until a change of the file is told (another client's, or a
+        reconnect) or this client sets or removes one of its attributes:
+        the kernel asks for ``security.capability`` before every ``write(2)``.
+        :meth:`getxattr_cached` answers from what is kept.
         """
+        name = bytes(name)
+        kept = self.getxattr_cached(inode, name)
+        if kept is not None:
+            return kept
+        file = self._files.get(inode)
+        changes = file.xattr_changes if file is not None else 0
+        sealed_name = crypto.seal_xattr_name(self.keys, inode, name)
+        try:
+            answer = yield self.session.call(w.GetXattr(inode, sealed_name))
+        except NoAttribute:
+            if file is not None and file.xattr_changes == changes:
+                file.xattrs[name] = None
+            raise
+        value = crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
+        if file is not None and file.xattr_changes == changes:
+            file.xattrs[name] = value
+        return value
+
+    def getxattr_cached(self, inode: int, name: bytes) -> bytes | None:
+        """
+        At once, from any thread: the value of extended attribute ``name`` if known here, else None.
+
+        Raises what :meth:`getxattr` would when the answer is known: ``NoAttribute``
+        for a name the inode is known not to have (:attr:`known` holds its
+        names, or an open file kept that answer), and the errors of a bad name.
+        """
+        name = bytes(name)
         names = self.known.xattr_names(inode)
-        if names is not None and bytes(name) not in names:
-            crypto.seal_xattr_name(self.keys, inode, bytes(name))  # a bad name's error first
+        if names is not None and name not in names:
+            crypto.seal_xattr_name(self.keys, inode, name)  # a bad name's error first
             raise NoAttribute(f"inode {inode} has no such extended attribute")
+        file = self._files.get(inode)
+        if file is None:
+            return None
+        try:
+            value = file.xattrs[name]
+        except KeyError:
+            return None
+        if value is None:
+            raise NoAttribute(f"inode {inode} has no such extended attribute")
+        return value
+
+    @defer.inlineCallbacks
+    def _changing_xattrs(self, inode: int, change: defer.Deferred[None]) -> Generator[defer.Deferred[Any], Any, None]:
+        """Forget the kept attributes of ``inode`` while ``change`` (a set or a removal) is made, and after."""
+        file = self._files.get(inode)
+        if file is not None:
+            file.forget_xattrs()
+        try:
+            yield change
+        finally:
+            file = self._files.get(inode)
+            if file is not None:
+                file.forget_xattrs()
 
     @defer.inlineCallbacks
     def listxattr(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[bytes]]:
@@ -1407,7 +1691,9 @@ class Inodes:
     def removexattr(self, inode: int, name: bytes) -> defer.Deferred[None]:
         """Remove extended attribute ``name``."""
         self.known.inode_changed(inode)
-        return self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
+        return self._changing_xattrs(
+            inode, self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
+        )
 
     def statfs(self) -> defer.Deferred[w.FsStats]:
         """The filespace's totals (``FsStats``)."""
@@ -1496,6 +1782,34 @@ class Inodes:
             except AlreadyExists:
                 continue  # 128 random bits met an existing object: draw again
             self.chunks.remember(object_id, len(data), sealed)  # in the background: the upload is done
+            return object_id
+        raise IntegrityError("the object store claims every new random chunk id exists already")
+
+    def upload_staged(self, inode: int, index: int, staged: StagedChunk) -> defer.Deferred[bytes]:
+        """Store a whole staged chunk object (see :mod:`~lucidlink.client.writeback`) as chunk ``index``; fires with its id.
+
+        A store that takes files (:class:`~lucidlink.objectstore.interface.IFileObjectStore`) links it
+        in; the chunk cache keeps it by a link too.
+        """
+        return self._uploads.run(self._put_staged, inode, index, staged)
+
+    @defer.inlineCallbacks
+    def _put_staged(self, inode: int, index: int, staged: StagedChunk) -> Generator[defer.Deferred[Any], Any, bytes]:
+        store = self.require_store()
+        takes_files = IFileObjectStore.providedBy(store)
+        sealed = None if takes_files else (yield self.offload(staged.read))
+        for _ in range(3):
+            object_id = crypto.new_chunk_id()
+            key = chunk_object_key(self.filespace_id, object_id)
+            try:
+                if takes_files:
+                    yield store.put_file(key, str(staged.path))
+                else:
+                    yield store.put(key, sealed, create_only=True)
+            except AlreadyExists:
+                continue
+            # Kept before the upload counts as done: the staged file goes with the journal after the commit.
+            yield self.chunks.remember_file(object_id, staged.sealer.chunk_plain_length, staged.path)
             return object_id
         raise IntegrityError("the object store claims every new random chunk id exists already")
 

@@ -67,6 +67,9 @@ class IFilespaceInodes(Interface):
     def getxattr(inode: int, name: bytes) -> Any:  # type: ignore[misc]
         """The value of an extended attribute."""
 
+    def getxattr_cached(inode: int, name: bytes) -> Any:  # type: ignore[misc]
+        """At once, from any thread: the value of an extended attribute if known here, else None (no Deferred)."""
+
     def listxattr(inode: int) -> Any:  # type: ignore[misc]
         """The names of an inode's extended attributes."""
 

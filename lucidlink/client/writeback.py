@@ -32,16 +32,42 @@ Journal format (version 1)::
     WRITE       body = chunk index (u64) || offset in chunk (u32) || nonce (12) || ciphertext || tag
     TRUNCATE    body = size (u64)
     COMMITTING  body = expected version (u64) || size (u64) || (index (u64) || object id (16) || length (u64))...
+    STAGED      body = chunk index (u64) || chunk length (u64)
 
 A record cut short at the end (a crash while appending) ends the journal.
 ``COMMITTING`` is written just before a commit is sent, so that a journal
 whose commit did succeed (the client died before removing it) is recognised
 on replay and not reported as a conflict.
+
+``STAGED``: a chunk written in order from its first byte is kept as the
+chunk object it will be stored as, sealed block by block into a file of
+its own (``<journal>.<record number>``, :class:`StagedChunk`), instead of in
+``WRITE`` records: each block is sealed once, on the way in, and once the
+chunk is whole the file is stored as it is (hard-linked into a local
+object store and the chunk cache), so its bytes are written to disk once
+instead of three times.  The record stands
+for the whole blocks the file holds, at the record's place in the journal;
+the bytes of a block not yet whole are journaled in ``WRITE`` records.  The
+writer stops staging a chunk (and journals its writes in ``WRITE`` records
+again) as soon as a write changes it other than by appending, a merge
+rebuilds it, or the file is cut (even to a larger size: blocks sealed after
+a ``TRUNCATE`` record would be replayed before it), so the staged blocks
+always hold what the chunk held when each was sealed, and every record
+after the ``STAGED`` one is laid over them on replay as it was over the
+chunk.  A staged block's nonce is the object's random prefix and
+its index, and the writer seals each block once; the last block of the
+chunk is sealed only once the chunk is whole (its ``chunk length`` is the
+filespace's chunk size), so a chunk that ends shorter is sealed anew, from
+memory, with another prefix.  (A lucidlink from before ``STAGED`` finds an
+unknown record kind in such a journal and keeps it as damaged: nothing is
+lost.)
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import glob
 import itertools
 import os
 import re
@@ -52,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucidlink import crypto
-from lucidlink.errors import IntegrityError
+from lucidlink.errors import IntegrityError, InvalidArgument, NoSpace
 from lucidlink.protocol.messages import ChunkRef
 
 MAGIC = b"LUCIDWB1"
@@ -62,6 +88,7 @@ _WRITE = struct.Struct(">QI")
 _SIZE = struct.Struct(">Q")
 _COMMITTING = struct.Struct(">QQ")
 _REF = struct.Struct(">Q16sQ")
+_STAGED = struct.Struct(">QQ")
 _AD = struct.Struct(">QQIQ")
 _LABEL = b"lucidlink write-back v1\x00"
 _NONCE_SIZE = 12
@@ -74,6 +101,7 @@ class RecordKind(enum.IntEnum):
     WRITE = 1
     TRUNCATE = 2
     COMMITTING = 3
+    STAGED = 4
 
 
 @dataclass(frozen=True)
@@ -99,11 +127,112 @@ class Committing:
     refs: tuple[ChunkRef, ...]
 
 
+@dataclass(frozen=True)
+class Staged:
+    """Chunk ``index`` was staged (read back as the :class:`Write` of its whole staged blocks)."""
+
+    index: int
+    chunk_length: int
+
+
 Record = Write | Truncate | Committing
 
 
 def _associated_data(inode: int, index: int, offset: int, number: int) -> bytes:
     return _LABEL + _AD.pack(inode, index, offset, number)
+
+
+def _write_error(error: OSError, path: Path) -> Exception:
+    """What a failed write of a journal means to the writer: the disk is full, or an unexpected I/O error."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no room left for the write-back journal {path}")
+    return error
+
+
+def staged_path(journal: Path, number: int) -> Path:
+    """The file of the chunk staged by record ``number`` of ``journal``."""
+    return journal.with_name(f"{journal.name}.{number}")
+
+
+def _staged_files(journal: Path) -> list[Path]:
+    """The staged chunks of ``journal`` (see :func:`staged_path`)."""
+    return [path for path in journal.parent.glob(f"{glob.escape(journal.name)}.*") if path.suffix[1:].isdigit()]
+
+
+class StagedChunk:
+    """
+    A chunk object built in a file as the writer appends to the chunk (see ``STAGED`` in the module).
+
+    :meth:`add` seals every block the chunk's buffer holds whole and that
+    is not in the file yet; once :attr:`complete`, the file is the chunk
+    object, ready to store.
+    """
+
+    def __init__(self, path: Path, sealer: crypto.BlockSealer) -> None:
+        self.path = path
+        self.sealer = sealer
+        self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(self._descriptor, [crypto.CHUNK_HEADER], 0)
+        except OSError as error:
+            self.close()
+            raise _write_error(error, path) from None
+
+    def __repr__(self) -> str:
+        return f"<StagedChunk {self.path.name}: {self.sealer.sealed} of {self.sealer.count} blocks>"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the file holds the whole object."""
+        return self.sealer.complete
+
+    @property
+    def staged(self) -> int:
+        """How many bytes of the chunk, from its first, the file holds sealed."""
+        return self.sealer.sealed * crypto.BLOCK_SIZE
+
+    def add(self, data: bytes | bytearray | memoryview) -> int:
+        """Seal into the file each block that ``data`` (the chunk from its first byte) holds whole; :attr:`staged` after."""
+        if self._descriptor is None:
+            raise IntegrityError(f"the staged chunk {self.path} is closed")
+        view = memoryview(data).cast("B")
+        sealer = self.sealer
+        first = sealer.sealed
+        pieces: list[bytes] = []
+        while not sealer.complete and len(view) >= self.staged + sealer.block_length():
+            start = self.staged
+            pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
+            sealer.advance()
+        if pieces:
+            try:
+                _write_all(self._descriptor, pieces, crypto.sealed_block_offset(first))
+            except OSError as error:
+                sealer.sealed = first  # not in the file: sealed again (the same bytes) by the next add
+                raise _write_error(error, self.path) from None
+        return self.staged
+
+    def sync(self) -> None:
+        if self._descriptor is not None:
+            os.fsync(self._descriptor)
+
+    def read(self) -> bytes:
+        """The object's bytes (those written so far)."""
+        return self.path.read_bytes()
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+def _write_all(descriptor: int, pieces: list[bytes], offset: int) -> None:
+    """Write ``pieces`` one after the other at ``offset`` (one system call as a rule)."""
+    written = os.pwritev(descriptor, pieces, offset)
+    rest = memoryview(b"".join(pieces))[written:] if written < sum(map(len, pieces)) else b""
+    offset += written
+    while rest:
+        written = os.pwrite(descriptor, rest, offset)
+        rest, offset = rest[written:], offset + written
 
 
 class Journal:
@@ -117,6 +246,7 @@ class Journal:
         self.size = 0
         self._records = 0
         self._named = False
+        self._staged: list[StagedChunk] = []
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._append(_HEADER.pack(MAGIC, inode, version))
 
@@ -127,9 +257,12 @@ class Journal:
         if self._descriptor is None:
             raise IntegrityError(f"the write-back journal {self.path} is closed")
         view = memoryview(data)
-        while view:
-            written = os.write(self._descriptor, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._descriptor, view)
+                view = view[written:]
+        except OSError as error:
+            raise _write_error(error, self.path) from None
         self.size += len(data)
 
     def _record(self, kind: RecordKind, body: bytes) -> None:
@@ -147,6 +280,15 @@ class Journal:
     def truncate(self, size: int) -> None:
         self._record(RecordKind.TRUNCATE, _SIZE.pack(size))
 
+    def stage(self, index: int, chunk_length: int) -> StagedChunk:
+        """Stage chunk ``index`` (``chunk_length`` bytes once whole) from here on: its file, recorded."""
+        staged = StagedChunk(
+            staged_path(self.path, self._records), crypto.BlockSealer(self.keys, self.inode, index, chunk_length)
+        )
+        self._staged.append(staged)
+        self._record(RecordKind.STAGED, _STAGED.pack(index, chunk_length))
+        return staged
+
     def committing(self, expected: int, size: int, refs: list[ChunkRef]) -> None:
         body = _COMMITTING.pack(expected, size) + b"".join(
             _REF.pack(ref.index, ref.object_id.ljust(16, b"\0"), ref.length) for ref in refs
@@ -156,6 +298,8 @@ class Journal:
     def sync(self) -> None:
         """Make what is recorded durable, and the journal's name the first time."""
         if self._descriptor is not None:
+            for staged in self._staged:
+                staged.sync()
             os.fsync(self._descriptor)
             if not self._named:
                 folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -167,6 +311,8 @@ class Journal:
 
     def close(self) -> None:
         """Close the file and leave it (for the next mount to replay)."""
+        for staged in self._staged:
+            staged.close()
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
@@ -175,6 +321,8 @@ class Journal:
         """Everything recorded is committed: the journal goes."""
         self.close()
         self.path.unlink(missing_ok=True)
+        for staged in self._staged:
+            staged.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -194,7 +342,14 @@ class PendingJournal:
         return self.records[-1] if self.records and isinstance(self.records[-1], Committing) else None
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        remove_journal(self.path)
+
+
+def remove_journal(path: Path) -> None:
+    """Delete a journal file and the chunks it staged."""
+    path.unlink(missing_ok=True)
+    for staged in _staged_files(path):
+        staged.unlink(missing_ok=True)
 
 
 def read_journal(path: Path, keys: crypto.FilespaceKeys) -> PendingJournal:
@@ -215,11 +370,16 @@ def read_journal(path: Path, keys: crypto.FilespaceKeys) -> PendingJournal:
         if len(body) < length:
             break  # cut short by a crash while appending
         position += _RECORD.size + length
-        journal.records.append(_parse(keys, inode, kind, body, number, path))
+        record = _parse(keys, inode, kind, body, number, path)
+        if isinstance(record, Staged):
+            record = _read_staged(keys, inode, record, staged_path(path, number))
+        journal.records.append(record)
     return journal
 
 
-def _parse(keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, number: int, path: Path) -> Record:
+def _parse(
+    keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, number: int, path: Path
+) -> Record | Staged:
     where = f"record {number} of the write-back journal {path}"
     try:
         if kind == RecordKind.WRITE:
@@ -242,9 +402,31 @@ def _parse(keys: crypto.FilespaceKeys, inode: int, kind: int, body: bytes, numbe
                 for index, object_id, length in _REF.iter_unpack(body[_COMMITTING.size :])
             )
             return Committing(expected, size, refs)
+        if kind == RecordKind.STAGED:
+            index, chunk_length = _STAGED.unpack(body)
+            return Staged(index, chunk_length)
     except struct.error:
         raise IntegrityError(f"{where} is malformed") from None
     raise IntegrityError(f"{where} has unknown kind {kind}")
+
+
+def _read_staged(keys: crypto.FilespaceKeys, inode: int, record: Staged, path: Path) -> Write:
+    """The whole blocks a staged chunk's file holds, as the write of their plaintext (IntegrityError if damaged)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"the staged chunk {path} of a write-back journal is missing") from None
+    if data[: crypto.CHUNK_HEADER_SIZE] != crypto.CHUNK_HEADER:
+        raise IntegrityError(f"the staged chunk {path} does not begin as a chunk object")
+    whole = (len(data) - crypto.CHUNK_HEADER_SIZE) // crypto.SEALED_BLOCK_SIZE
+    if not whole:
+        return Write(record.index, 0, b"")
+    sealed = data[crypto.CHUNK_HEADER_SIZE : crypto.sealed_block_offset(whole)]
+    try:
+        plain = crypto.open_blocks(keys, inode, record.index, 0, sealed, record.chunk_length)
+    except (IntegrityError, InvalidArgument):
+        raise IntegrityError(f"the staged chunk {path} was altered or does not belong there") from None
+    return Write(record.index, 0, plain)
 
 
 class WriteBackJournals:
@@ -284,6 +466,8 @@ class WriteBackJournals:
     def keep(self, path: Path, reason: str) -> Path:
         """Move a journal that cannot be committed to ``conflicts/``, with a note of why; its new path."""
         kept = self.conflicts_folder / path.name
+        for staged in _staged_files(path):
+            os.replace(staged, self.conflicts_folder / staged.name)
         os.replace(path, kept)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         kept.with_suffix(".why").write_text(f"{stamp} UTC: {reason}\n", encoding="utf-8")

@@ -146,3 +146,22 @@ class IObjectStore(Interface):
 
     def close() -> Deferred[None]:  # type: ignore[misc, empty-body]
         """Release what the store holds (threads, connections); it is not used afterwards."""
+
+
+class IFileObjectStore(IObjectStore):
+    """
+    A store on the local file system that can take a file as an object without copying it.
+
+    Writers that already hold an object's bytes in a file of the same file
+    system (a staged chunk of the write-back journal) store it with
+    :meth:`put_file` instead of reading it back for :meth:`put`.
+    """
+
+    def put_file(key: str, path: str) -> Deferred[None]:  # type: ignore[empty-body]
+        """
+        Store the file at ``path`` as object ``key``, create-only (as ``put(..., create_only=True)``).
+
+        The file becomes the object (a hard link where the store can make
+        one, else a copy), so it must not change afterwards; it is made
+        durable first.  Fires with None once the object is durable.
+        """

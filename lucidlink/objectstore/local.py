@@ -46,7 +46,14 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from lucidlink import errors
-from lucidlink.objectstore.interface import KEY_PART, IObjectStore, ObjectInfo, check_key, check_prefix
+from lucidlink.objectstore.interface import (
+    KEY_PART,
+    IFileObjectStore,
+    IObjectStore,
+    ObjectInfo,
+    check_key,
+    check_prefix,
+)
 from lucidlink.objectstore.pack import PACK_FOLDER, FolderPack, Packed
 
 _T = TypeVar("_T")
@@ -78,7 +85,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-@implementer(IObjectStore)
+@implementer(IObjectStore, IFileObjectStore)
 class LocalObjectStore:
     """
     An object store in a local directory (see the module).
@@ -147,6 +154,10 @@ class LocalObjectStore:
             if done is not None:
                 return done
         return self._run(self._put, check_key, key, view, create_only)
+
+    def put_file(self, key: str, path: str) -> Deferred[None]:
+        """Store the file at ``path`` as object ``key``, create-only: synced, then hard-linked in (else copied)."""
+        return self._run(self._put_file_at, check_key, key, path)
 
     def delete(self, key: str) -> Deferred[None]:
         return self._run(self._delete, check_key, key)
@@ -350,6 +361,33 @@ class LocalObjectStore:
             self._put_file(key, path, data, create_only)
             if pack is not None:
                 pack.remove(path.name)  # the file is the object now
+        except OSError as failure:
+            raise self._error(failure, "writing", key) from failure
+
+    def _put_file_at(self, key: str, source: str) -> None:
+        folder_key = key.rpartition("/")[0]
+        folder = os.path.join(self._root, *folder_key.split("/")) if folder_key else self._root
+        try:
+            if self._packed(folder_key) or self._existing_pack(folder) is not None:
+                with open(source, "rb") as file:
+                    self._put(key, memoryview(file.read()), True)
+                return
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path = Path(folder, key.rpartition("/")[2])
+            self._make_folders(path.parent, key)
+            try:
+                self._link(Path(source), path, key)
+            except OSError as failure:
+                if failure.errno != errno.EXDEV:
+                    raise
+                with open(source, "rb") as file:  # on another file system: copied
+                    self._put_file(key, path, memoryview(file.read()), True)
+                return
+            _fsync_folder(path.parent)
         except OSError as failure:
             raise self._error(failure, "writing", key) from failure
 
