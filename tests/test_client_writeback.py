@@ -591,6 +591,28 @@ class FullJournalTests(SynchronousTestCase):
         self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"before"), Write(0, 6, b"after")])
 
 
+    def test_failed_staged_blocks_are_not_left(self) -> None:
+        """Blocks of a staged chunk's write that ENOSPC cut short are taken back: a replay has none of them."""
+        block = crypto.BLOCK_SIZE
+        data = pattern(4 * block, 14)
+        journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+        journal = journals.begin(inode=4, version=1)
+        staged = journal.stage(0, len(data))
+        staged.add(data[:block])
+        shim = _ShortThenFull()
+
+        def pwritev(descriptor: int, pieces: list[bytes], offset: int) -> int:
+            os.lseek(descriptor, offset, os.SEEK_SET)
+            return shim.write(descriptor, b"".join(pieces))
+
+        shim.pwritev = pwritev  # type: ignore[attr-defined]
+        self.patch(writeback, "os", shim)
+        with self.assertRaises(errors.NoSpace):
+            staged.add(data[: 4 * block])
+        journal.close()
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, data[:block])])
+
+
 class FullDiskTests(MemoryFilespaceCase):
     """A write refused for want of room (NoSpace) changes nothing: not the buffer, not the journal, not the file."""
 
