@@ -104,6 +104,26 @@ class JournalTests(SynchronousTestCase):
         self.assertNotEqual(fresh.path.name, journal.path.name)
 
 
+    def test_staged_chunks_left_apart_from_their_journal(self) -> None:
+        """Staged chunks a death left apart from their journal (keeping or removing it) are put back, or deleted."""
+        data = pattern(2 * crypto.BLOCK_SIZE, 15)
+        journal = self.journals.begin(inode=9, version=2)
+        staged = journal.stage(0, len(data))
+        staged.add(data)
+        journal.close()
+        os.replace(staged.path, self.journals.conflicts_folder / staged.path.name)  # died keeping it
+        gone = self.journals.begin(inode=9, version=2)
+        gone.stage(0, len(data)).add(data)
+        gone.close()
+        gone.path.unlink()  # died removing it
+        again = WriteBackJournals(self.journals.folder, KEYS)
+        (found,) = list(again.pending())
+        assert not isinstance(found, tuple)
+        self.assertEqual(found.records, [Write(0, 0, data)])
+        self.assertEqual(sorted(path.name for path in again.pending_folder.iterdir()),
+                         sorted([journal.path.name, staged.path.name]))
+        self.assertEqual(list(again.conflicts_folder.iterdir()), [])
+
     def test_staged_chunk_round_trip(self) -> None:
         """A staged chunk holds sealed blocks only; read back, its whole blocks are one write at its record's place."""
         block = crypto.BLOCK_SIZE

@@ -466,8 +466,25 @@ class WriteBackJournals:
         self.conflicts_folder = self.folder / CONFLICTS
         self.pending_folder.mkdir(parents=True, exist_ok=True)
         self.conflicts_folder.mkdir(parents=True, exist_ok=True)
+        self._tidy_staged()
         numbers = [int(match.group(1)) for match in map(_NAME.match, self._names()) if match]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
+
+    def _tidy_staged(self) -> None:
+        """
+        Put each staged chunk where its journal is, or delete it if its journal is gone.
+
+        A process that died while keeping a journal (:meth:`keep`) or removing one left them apart.
+        """
+        for folder, other in ((self.pending_folder, self.conflicts_folder), (self.conflicts_folder, self.pending_folder)):
+            for path in list(folder.iterdir()):
+                journal, _, number = path.name.rpartition(".")
+                if not number.isdigit() or not _NAME.match(journal) or (folder / journal).exists():
+                    continue
+                if (other / journal).exists():
+                    os.replace(path, other / path.name)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _names(self) -> list[str]:
         return [path.name for folder in (self.pending_folder, self.conflicts_folder) for path in folder.iterdir()]
