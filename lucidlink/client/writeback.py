@@ -222,13 +222,15 @@ class StagedChunk:
 
         The writer stops staging the chunk: the bytes of those blocks are journaled in records, or their write failed.
         """
+        self._taken_back = True
+        if self.sealer.complete:
+            return  # a whole object may be stored by a link already: it never changes
         self.sealer.sealed = min(self.sealer.sealed, blocks_from // crypto.BLOCK_SIZE)
         if self._descriptor is not None:
             try:
                 os.ftruncate(self._descriptor, crypto.sealed_block_offset(self.sealer.sealed))
             except OSError as error:
                 raise _write_error(error, self.path) from None
-        self._taken_back = True
 
     def sync(self) -> None:
         if self._descriptor is not None:
