@@ -611,6 +611,14 @@ class FullJournalTests(SynchronousTestCase):
         self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"before"), Write(0, 6, b"after")])
 
 
+    def test_journal_begun_on_a_full_disk_leaves_no_file(self) -> None:
+        """A journal whose header found no room is not left behind (it would read as damaged at the next start)."""
+        journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+        self.patch(writeback, "os", _ShortThenFull())
+        with self.assertRaises(errors.NoSpace):
+            journals.begin(inode=4, version=1)
+        self.assertEqual(journals.pending_paths(), [])
+
     def test_failed_staged_blocks_are_not_left(self) -> None:
         """Blocks of a staged chunk's write that ENOSPC cut short are taken back: a replay has none of them."""
         block = crypto.BLOCK_SIZE

@@ -269,7 +269,12 @@ class Journal:
         self._named = False
         self._staged: list[StagedChunk] = []
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        self._append(_HEADER.pack(MAGIC, inode, version))
+        try:
+            self._append(_HEADER.pack(MAGIC, inode, version))
+        except BaseException:
+            self.close()  # left, it would read as a damaged journal at the next start
+            path.unlink(missing_ok=True)
+            raise
 
     def __repr__(self) -> str:
         return f"<Journal {self.path.name} of inode {self.inode}>"
