@@ -204,11 +204,11 @@ class WriteDirectTests(MemoryFilespaceCase):
     def test_thread_appends_staged_while_the_reactor_flushes(self) -> Generator[Deferred[Any], Any, None]:
         """A writer thread appending (staged chunks), flushes and background stores meanwhile, then a close or a crash."""
         self.patch(filespace_module, "STAGE_FROM", crypto.BLOCK_SIZE)
+        handed_lock = threading.Lock()
         for crash in (False, True):
             cache_dir = Path(self.mktemp())
             fs = yield self.memory_filespace(cache_dir=cache_dir)
             handed: list[tuple[Any, ...]] = []
-            handed_lock = threading.Lock()
 
             def hand(function: Any, *arguments: Any, handed: list[tuple[Any, ...]] = handed) -> None:
                 with handed_lock:
@@ -227,9 +227,12 @@ class WriteDirectTests(MemoryFilespaceCase):
             self.now(handle.flush())
             self.now(handle.read(0, 1))
             done = threading.Event()
-            refused = []
+            refused: list[tuple[int, bytes]] = []
 
-            def writer(handle: Any = handle, data: bytes = data, done: threading.Event = done) -> None:
+            def writer(
+                handle: Any = handle, data: bytes = data, done: threading.Event = done,
+                refused: list[tuple[int, bytes]] = refused,
+            ) -> None:
                 chooser = random.Random(5)
                 offset = 100
                 while offset < len(data):
