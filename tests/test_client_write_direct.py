@@ -20,7 +20,9 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from lucidlink import crypto, errors
+from lucidlink.client import filespace as filespace_module
 from lucidlink.client.filespace import Filespace
+from tests.cache_helpers import pattern
 from tests.client_helpers import MemoryFilespaceCase
 
 CHUNK = 4 * crypto.BLOCK_SIZE
@@ -194,6 +196,72 @@ class WriteDirectTests(MemoryFilespaceCase):
             end = max(end, offset + len(data))
         self.now(handle.close())
         self.assertEqual(self.now(self.fs.read_file("/file.bin")), bytes(model[:end]))
+
+    @defer.inlineCallbacks
+    def test_thread_appends_staged_while_the_reactor_flushes(self) -> Generator[Deferred[Any], Any, None]:
+        """A writer thread appending (staged chunks), flushes and background stores meanwhile, then a close or a crash."""
+        self.patch(filespace_module, "STAGE_FROM", crypto.BLOCK_SIZE)
+        handed_lock = threading.Lock()
+        for crash in (False, True):
+            cache_dir = Path(self.mktemp())
+            fs = yield self.memory_filespace(cache_dir=cache_dir)
+            handed: list[tuple[Any, ...]] = []
+
+            def hand(function: Any, *arguments: Any, handed: list[tuple[Any, ...]] = handed) -> None:
+                with handed_lock:
+                    handed.append((function, arguments))
+
+            def run_handed(handed: list[tuple[Any, ...]] = handed) -> None:
+                with handed_lock:
+                    calls, handed[:] = list(handed), []
+                for function, arguments in calls:
+                    function(*arguments)
+
+            fs.inodes.call_in_reactor = hand
+            handle = self.now(fs.inodes.create(fs.root_inode, b"file.bin", 0o644, os.O_RDWR | os.O_CREAT, 1000, 1000))
+            data = pattern(6 * CHUNK + 777, 20 + crash)
+            self.now(handle.write(0, data[:100]))
+            self.now(handle.flush())
+            self.now(handle.read(0, 1))
+            done = threading.Event()
+            refused: list[tuple[int, bytes]] = []
+
+            def writer(
+                handle: Any = handle, data: bytes = data, done: threading.Event = done,
+                refused: list[tuple[int, bytes]] = refused,
+            ) -> None:
+                chooser = random.Random(5)
+                offset = 100
+                while offset < len(data):
+                    piece = data[offset : offset + chooser.choice([100, 4096, 32768, 131072])]
+                    if handle.write_direct(offset, piece) is None:
+                        refused.append((offset, piece))
+                    offset += len(piece)
+                done.set()
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            flushes = random.Random(6)
+            while not done.is_set():
+                run_handed()
+                if flushes.random() < 0.3:
+                    self.now(handle.flush())
+            thread.join()
+            for offset, piece in refused:
+                self.now(handle.write(offset, piece))
+            run_handed()
+            if crash:
+                if handle.file._journal is not None:
+                    handle.file._journal.close()
+                self.now(fs.close())
+                fs = yield self.memory_filespace(cache_dir=cache_dir)
+                outcomes = self.now(fs.recover())
+                self.assertTrue(all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
+            else:
+                self.now(handle.close())
+            self.now(fs.close())
+            self.assertEqual(self.now(self.fs.read_file("/file.bin")), data)
+            self.now(self.fs.inodes.unlink(self.fs.root_inode, b"file.bin"))
 
 
 class KeptXattrTests(MemoryFilespaceCase):

@@ -9,6 +9,7 @@ against a real metadata server on loopback and a local object store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 from collections.abc import Generator, Iterator
@@ -102,6 +103,26 @@ class JournalTests(SynchronousTestCase):
         fresh.close()
         self.assertNotEqual(fresh.path.name, journal.path.name)
 
+
+    def test_staged_chunks_left_apart_from_their_journal(self) -> None:
+        """Staged chunks a death left apart from their journal (keeping or removing it) are put back, or deleted."""
+        data = pattern(2 * crypto.BLOCK_SIZE, 15)
+        journal = self.journals.begin(inode=9, version=2)
+        staged = journal.stage(0, len(data))
+        staged.add(data)
+        journal.close()
+        os.replace(staged.path, self.journals.conflicts_folder / staged.path.name)  # died keeping it
+        gone = self.journals.begin(inode=9, version=2)
+        gone.stage(0, len(data)).add(data)
+        gone.close()
+        gone.path.unlink()  # died removing it
+        again = WriteBackJournals(self.journals.folder, KEYS)
+        (found,) = list(again.pending())
+        assert not isinstance(found, tuple)
+        self.assertEqual(found.records, [Write(0, 0, data)])
+        self.assertEqual(sorted(path.name for path in again.pending_folder.iterdir()),
+                         sorted([journal.path.name, staged.path.name]))
+        self.assertEqual(list(again.conflicts_folder.iterdir()), [])
 
     def test_staged_chunk_round_trip(self) -> None:
         """A staged chunk holds sealed blocks only; read back, its whole blocks are one write at its record's place."""
@@ -555,3 +576,177 @@ def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(owner, name, old)
+
+
+class _ShortThenFull:
+    """``os`` as the journal sees it, whose next ``write`` takes half the bytes and then finds the disk full."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, descriptor: int, data: Any) -> int:
+        if not self.armed:
+            return os.write(descriptor, data)
+        self.armed = False
+        os.write(descriptor, bytes(memoryview(data)[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class FullJournalTests(SynchronousTestCase):
+    """A record the disk had no room for leaves nothing behind: the records after it read back."""
+
+    def test_failed_record_is_not_left_torn(self) -> None:
+        """Half a record written before ENOSPC is taken back, so later records are not read as its rest."""
+        journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+        journal = journals.begin(inode=4, version=1)
+        journal.write(0, 0, b"before")
+        self.patch(writeback, "os", _ShortThenFull())
+        with self.assertRaises(errors.NoSpace):
+            journal.write(0, 6, b"refused" * 100)
+        journal.write(0, 6, b"after")
+        journal.close()
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"before"), Write(0, 6, b"after")])
+
+
+    def test_journal_begun_on_a_full_disk_leaves_no_file(self) -> None:
+        """A journal whose header found no room is not left behind (it would read as damaged at the next start)."""
+        journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+        self.patch(writeback, "os", _ShortThenFull())
+        with self.assertRaises(errors.NoSpace):
+            journals.begin(inode=4, version=1)
+        self.assertEqual(journals.pending_paths(), [])
+
+    def test_failed_staged_blocks_are_not_left(self) -> None:
+        """Blocks of a staged chunk's write that ENOSPC cut short are taken back: a replay has none of them."""
+        block = crypto.BLOCK_SIZE
+        data = pattern(4 * block, 14)
+        journals = WriteBackJournals(Path(self.mktemp()), KEYS)
+        journal = journals.begin(inode=4, version=1)
+        staged = journal.stage(0, len(data))
+        staged.add(data[:block])
+        shim = _ShortThenFull()
+
+        def pwritev(descriptor: int, pieces: list[bytes], offset: int) -> int:
+            os.lseek(descriptor, offset, os.SEEK_SET)
+            return shim.write(descriptor, b"".join(pieces))
+
+        shim.pwritev = pwritev  # type: ignore[attr-defined]
+        self.patch(writeback, "os", shim)
+        with self.assertRaises(errors.NoSpace):
+            staged.add(data[: 4 * block])
+        journal.close()
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, data[:block])])
+
+
+class FullDiskTests(MemoryFilespaceCase):
+    """A write refused for want of room (NoSpace) changes nothing: not the buffer, not the journal, not the file."""
+
+    chunk_size = 4 * crypto.BLOCK_SIZE
+
+    def client(self, cache_dir: Path) -> Filespace:
+        return Filespace(self.fs.session, self.objects, cache_dir=cache_dir, offload=self.fs.inodes.offload)
+
+    def open_file(self, fs: Filespace) -> Any:
+        return self.now(fs.inodes.create(1, next(NAMES), 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+
+    def disk_full(self, handle: Any) -> Any:
+        """Writes of the handle's journal fail with ENOSPC until the returned function is called."""
+        journal = handle.file._journal
+        descriptor = journal._descriptor
+        journal._descriptor = os.open("/dev/full", os.O_WRONLY)
+
+        def room_again() -> None:
+            os.close(journal._descriptor)
+            journal._descriptor = descriptor
+
+        return room_again
+
+    def test_failed_write_leaves_no_bytes(self) -> None:
+        """Bytes of a refused write never show, even once the file grows over them; directly or not."""
+        for direct in (False, True):
+            handle = self.open_file(self.client(Path(self.mktemp())))
+            self.now(handle.write(0, b"a" * 100))
+            self.now(handle.read(0, 1))
+            room_again = self.disk_full(handle)
+            if direct:
+                with self.assertRaises(errors.NoSpace):
+                    handle.write_direct(100, b"b" * 100)
+            else:
+                self.assertIsInstance(self.failureResultOf(handle.write(100, b"b" * 100)).value, errors.NoSpace)
+            room_again()
+            self.now(handle.truncate(300))
+            self.assertEqual(self.now(handle.read(0, 300)), b"a" * 100 + bytes(200))
+
+    def test_failed_overwrite_of_a_whole_chunk_keeps_the_stored_one(self) -> None:
+        """A refused write of a whole stored chunk does not commit that chunk as empty."""
+        chunk = self.chunk_size
+        for direct in (False, True):
+            handle = self.open_file(self.client(Path(self.mktemp())))
+            stored = pattern(chunk + 10, 11)
+            self.now(handle.write(0, stored))
+            self.now(handle.flush())
+            self.now(handle.write(chunk + 10, b"tail"))
+            self.now(handle.read(0, 1))
+            room_again = self.disk_full(handle)
+            if direct:
+                with self.assertRaises(errors.NoSpace):
+                    handle.write_direct(0, b"x" * chunk)
+            else:
+                self.assertIsInstance(self.failureResultOf(handle.write(0, b"x" * chunk)).value, errors.NoSpace)
+            room_again()
+            self.now(handle.close())
+            reader = self.now(self.fs.inodes.open(handle.inode))
+            self.assertEqual(self.now(reader.read(0, 2 * chunk)), stored + b"tail")
+            self.now(reader.close())
+
+    def test_refused_write_is_not_replayed_from_a_staged_block(self) -> None:
+        """A block sealed into a staged chunk for a write then refused is not in the file after a crash."""
+        block = crypto.BLOCK_SIZE
+        cache_dir = Path(self.mktemp())
+        with patched(filespace_module, "STAGE_FROM", block):
+            first = self.client(cache_dir)
+            handle = self.open_file(first)
+            kept = pattern(block + 10, 12)
+            self.now(handle.write(0, kept))
+            self.assertIsNotNone(handle.file._dirty[0].staged)
+            room_again = self.disk_full(handle)
+            self.assertIsInstance(self.failureResultOf(handle.write(block + 10, b"r" * block)).value, errors.NoSpace)
+            room_again()
+            handle.file._journal.close()  # the client dies here
+            self.now(first.close())
+        second = self.client(cache_dir)
+        outcomes = self.now(second.recover())
+        self.assertTrue(outcomes and all(outcome.committed for outcome in outcomes), [str(o) for o in outcomes])
+        reader = self.now(second.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 3 * block)), kept)
+        self.now(reader.close())
+        self.now(second.close())
+
+    def test_write_across_chunks_is_cut_short(self) -> None:
+        """A write refused in its second chunk is a short write of the first: its count, size and bytes agree."""
+        chunk = self.chunk_size
+        self.patch(filespace_module, "STAGE_FROM", 10 * chunk)
+        data = pattern(chunk + 100, 13)
+        for direct in (False, True):
+            handle = self.open_file(self.client(Path(self.mktemp())))
+            self.now(handle.write(0, b"."))
+            self.now(handle.read(0, 1))
+            journal = handle.file._journal
+            calls = itertools.count()
+
+            def write_once(index: int, offset: int, piece: Any, journal: Any = journal, calls: Any = calls) -> None:
+                if next(calls):
+                    raise errors.NoSpace("the disk is full")
+                writeback.Journal.write(journal, index, offset, piece)
+
+            journal.write = write_once
+            written = handle.write_direct(0, data) if direct else self.now(handle.write(0, data))
+            self.assertEqual(written, chunk)
+            self.assertEqual(handle.size, chunk)
+            del journal.write
+            self.now(handle.truncate(2 * chunk))
+            self.assertEqual(self.now(handle.read(0, 2 * chunk)), data[:chunk] + bytes(chunk))
+            self.now(handle.close())

@@ -602,12 +602,17 @@ class OpenFile:
                 return None
             self._hide_view()
             position = 0
-            for index, low, high, base in pieces:
-                chunk = self._dirty.get(index)
-                if chunk is None:
-                    chunk = self._dirty[index] = _Dirty(bytearray(), base)
-                self._lay(chunk, index, low, view[position : position + high - low])
-                position += high - low
+            try:
+                for index, low, high, base in pieces:
+                    chunk = self._dirty.get(index)
+                    if chunk is None:
+                        chunk = self._dirty[index] = _Dirty(bytearray(), base)
+                    self._lay(chunk, index, low, view[position : position + high - low])
+                    position += high - low
+            except LucidError:
+                if not position:
+                    raise
+                length = position  # the chunks before the one that failed are written: a short write
             self.size = max(self.size, offset + length)
             self._grown_to = max(self._grown_to, offset + length)
         first, current = offset // self._chunk_size, (offset + length) // self._chunk_size
@@ -702,7 +707,13 @@ class OpenFile:
             low = here - index * chunk_size
             high = min(chunk_size, low + length - position)
             chunk = yield self._dirty_chunk(index, low, high)
-            self._lay(chunk, index, low, view[position : position + high - low])
+            try:
+                self._lay(chunk, index, low, view[position : position + high - low])
+            except LucidError:
+                if not position:
+                    raise
+                length = position  # the chunks before the one that failed are written: a short write
+                break
             position += high - low
         self.size = max(self.size, offset + length)
         self._grown_to = max(self._grown_to, offset + length)
@@ -712,17 +723,32 @@ class OpenFile:
         return length
 
     def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
-        """Put ``piece`` into chunk ``index``'s buffer at ``low``, and journal it."""
+        """
+        Put ``piece`` into chunk ``index``'s buffer at ``low``, and journal it.
+
+        If it cannot be journaled (a full disk), the buffer is left as it was and the error raised:
+        a write that fails must not be committed later, nor show.
+        """
         high = low + len(piece)
         if low != len(chunk.data):
             chunk.rewritten()
+        length, replaced, written = len(chunk.data), bytes(chunk.data[low:high]), [list(r) for r in chunk.written]
         if low > len(chunk.data):
             chunk.data.extend(bytes(low - len(chunk.data)))
         chunk.data[low:high] = piece
         _add_range(chunk.written, low, high)
         chunk.changed()
-        if self._journaling:
+        if not self._journaling:
+            return
+        try:
             self._journal_piece(chunk, index, low, piece)
+        except BaseException:
+            chunk.data[low : low + len(replaced)] = replaced
+            del chunk.data[length:]
+            chunk.written = written
+            if not chunk.data and not written and self._dirty.get(index) is chunk:
+                del self._dirty[index]  # made for this write: left, it would commit the chunk as empty
+            raise
 
     def _journal_piece(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
         """
@@ -733,22 +759,30 @@ class OpenFile:
         object, only the rest of the write into a ``WRITE`` record.
         """
         journal = self._journaled()
-        start = low
+        staged, before = chunk.staged, chunk.staged.staged if chunk.staged is not None else 0
+        if (
+            staged is None and chunk.appends_only and len(chunk.data) >= STAGE_FROM
+            and self._chunk_size % crypto.BLOCK_SIZE == 0
+        ):
+            try:
+                staged = chunk.staged = journal.stage(index, self._chunk_size)
+            except (OSError, LucidError) as error:
+                _log.warn("chunk {index} of inode {inode} is journaled, not staged: {error}",
+                          index=index, inode=self.inode, error=error)
+                chunk.rewritten()
         try:
-            if (
-                chunk.staged is None and chunk.appends_only and len(chunk.data) >= STAGE_FROM
-                and self._chunk_size % crypto.BLOCK_SIZE == 0
-            ):
-                chunk.staged = journal.stage(index, self._chunk_size)
-            if chunk.staged is not None:
-                start = max(low, chunk.staged.add(chunk.data))
+            start = max(low, staged.add(chunk.data)) if staged is not None else low
+            if start < low + len(piece):
+                journal.write(index, start, piece[start - low :])
         except (OSError, LucidError) as error:
+            if staged is None:
+                raise
             _log.warn("chunk {index} of inode {inode} is journaled, not staged: {error}",
                       index=index, inode=self.inode, error=error)
             chunk.rewritten()
-            start = low
-        if start < low + len(piece):
-            journal.write(index, start, piece[start - low :])
+            # The blocks sealed for this write go: the write may yet fail, and a replay must not bring them back.
+            staged.take_back(before)
+            journal.write(index, low, piece)
 
     @property
     def _journaling(self) -> bool:

@@ -65,6 +65,7 @@ lost.)
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import glob
@@ -171,11 +172,13 @@ class StagedChunk:
     def __init__(self, path: Path, sealer: crypto.BlockSealer) -> None:
         self.path = path
         self.sealer = sealer
+        self._taken_back = False
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _write_all(self._descriptor, [crypto.CHUNK_HEADER], 0)
         except OSError as error:
             self.close()
+            path.unlink(missing_ok=True)
             raise _write_error(error, path) from None
 
     def __repr__(self) -> str:
@@ -193,7 +196,7 @@ class StagedChunk:
 
     def add(self, data: bytes | bytearray | memoryview) -> int:
         """Seal into the file each block that ``data`` (the chunk from its first byte) holds whole; :attr:`staged` after."""
-        if self._descriptor is None:
+        if self._descriptor is None or self._taken_back:
             raise IntegrityError(f"the staged chunk {self.path} is closed")
         view = memoryview(data).cast("B")
         sealer = self.sealer
@@ -208,8 +211,26 @@ class StagedChunk:
                 _write_all(self._descriptor, pieces, crypto.sealed_block_offset(first))
             except OSError as error:
                 sealer.sealed = first  # not in the file: sealed again (the same bytes) by the next add
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._descriptor, crypto.sealed_block_offset(first))
                 raise _write_error(error, self.path) from None
         return self.staged
+
+    def take_back(self, blocks_from: int) -> None:
+        """
+        Drop the blocks sealed from byte ``blocks_from`` on (a multiple of the block size); no more are added.
+
+        The writer stops staging the chunk: the bytes of those blocks are journaled in records, or their write failed.
+        """
+        self._taken_back = True
+        if self.sealer.complete:
+            return  # a whole object may be stored by a link already: it never changes
+        self.sealer.sealed = min(self.sealer.sealed, blocks_from // crypto.BLOCK_SIZE)
+        if self._descriptor is not None:
+            try:
+                os.ftruncate(self._descriptor, crypto.sealed_block_offset(self.sealer.sealed))
+            except OSError as error:
+                raise _write_error(error, self.path) from None
 
     def sync(self) -> None:
         if self._descriptor is not None:
@@ -248,7 +269,12 @@ class Journal:
         self._named = False
         self._staged: list[StagedChunk] = []
         self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        self._append(_HEADER.pack(MAGIC, inode, version))
+        try:
+            self._append(_HEADER.pack(MAGIC, inode, version))
+        except BaseException:
+            self.close()  # left, it would read as a damaged journal at the next start
+            path.unlink(missing_ok=True)
+            raise
 
     def __repr__(self) -> str:
         return f"<Journal {self.path.name} of inode {self.inode}>"
@@ -262,6 +288,9 @@ class Journal:
                 written = os.write(self._descriptor, view)
                 view = view[written:]
         except OSError as error:
+            # Part of a record left in the middle would make the records after it unreadable.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._descriptor, self.size)
             raise _write_error(error, self.path) from None
         self.size += len(data)
 
@@ -285,8 +314,13 @@ class Journal:
         staged = StagedChunk(
             staged_path(self.path, self._records), crypto.BlockSealer(self.keys, self.inode, index, chunk_length)
         )
+        try:
+            self._record(RecordKind.STAGED, _STAGED.pack(index, chunk_length))
+        except BaseException:
+            staged.close()
+            staged.path.unlink(missing_ok=True)
+            raise
         self._staged.append(staged)
-        self._record(RecordKind.STAGED, _STAGED.pack(index, chunk_length))
         return staged
 
     def committing(self, expected: int, size: int, refs: list[ChunkRef]) -> None:
@@ -439,8 +473,25 @@ class WriteBackJournals:
         self.conflicts_folder = self.folder / CONFLICTS
         self.pending_folder.mkdir(parents=True, exist_ok=True)
         self.conflicts_folder.mkdir(parents=True, exist_ok=True)
+        self._tidy_staged()
         numbers = [int(match.group(1)) for match in map(_NAME.match, self._names()) if match]
         self._numbers = itertools.count(max(numbers, default=0) + 1)
+
+    def _tidy_staged(self) -> None:
+        """
+        Put each staged chunk where its journal is, or delete it if its journal is gone.
+
+        A process that died while keeping a journal (:meth:`keep`) or removing one left them apart.
+        """
+        for folder, other in ((self.pending_folder, self.conflicts_folder), (self.conflicts_folder, self.pending_folder)):
+            for path in list(folder.iterdir()):
+                journal, _, number = path.name.rpartition(".")
+                if not number.isdigit() or not _NAME.match(journal) or (folder / journal).exists():
+                    continue
+                if (other / journal).exists():
+                    os.replace(path, other / path.name)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _names(self) -> list[str]:
         return [path.name for folder in (self.pending_folder, self.conflicts_folder) for path in folder.iterdir()]
