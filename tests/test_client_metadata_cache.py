@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lucidlink import errors
+from lucidlink import crypto, errors
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.metadata_cache import ABSENT, MetadataCache
 from lucidlink.protocol import messages as w
@@ -345,3 +345,71 @@ class InodesCacheTests(ClientTestCase):
         self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
         data = yield fs.read_file("/new")
         self.assertEqual(data, b"\0x")
+
+    @defer.inlineCallbacks
+    def test_listing_read_across_an_own_change_is_not_kept(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A directory read in pages while this client removes, makes or writes entries is not learned whole.
+
+        The server tells others, not this session, of its own changes: the
+        first page, read before such a change, must not be kept as the directory.
+        """
+        from lucidlink.meta import store
+        self.patch(store, "MAX_READDIR_LIMIT", 1)  # one entry a page
+        fs = yield self.filespace()
+        yield fs.write_file("/a", b"one")
+        yield fs.write_file("/b", b"two")
+        inodes = fs.inodes
+        session = inodes.session
+        call = session.call
+
+        @defer.inlineCallbacks
+        def read_with_change_after_first_page(
+            change: Callable[[bytes], Deferred[Any]]
+        ) -> Generator[Deferred[Any], Any, bytes]:
+            """readdir(ROOT), with ``change(name on the first page)`` made before the second page is asked for."""
+            first: list[bytes] = []
+
+            def paged(message: Any, timeout: float | None = None) -> Deferred[Any]:
+                if isinstance(message, w.ReadDir) and message.cursor and len(first) == 1:
+                    first.append(b"changed")
+                    return change(first[0]).addCallback(lambda _: call(message, timeout))
+                answer = call(message, timeout)
+                if isinstance(message, w.ReadDir) and not message.cursor:
+                    answer.addCallback(lambda page: first.append(
+                        crypto.open_name(inodes.keys, ROOT, page.entries[0].name)) or page)
+                return answer
+
+            inodes.known.clear()
+            session.call = paged  # type: ignore[method-assign]
+            try:
+                yield inodes.readdir(ROOT)
+            finally:
+                session.call = call  # type: ignore[method-assign]
+            self.assertEqual(len(first), 2, "the change was made between the pages")
+            return first[0]
+
+        @defer.inlineCallbacks
+        def made_and_removed(name: bytes) -> Generator[Deferred[Any], Any, None]:
+            handle = yield inodes.create(ROOT, b"c", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            yield handle.close()
+            yield inodes.unlink(ROOT, name)
+
+        removed = yield read_with_change_after_first_page(made_and_removed)
+        yield self.assertFailure(inodes.lookup(ROOT, removed), errors.NotFound)
+        c = yield inodes.lookup(ROOT, b"c")
+        self.assertEqual(c.size, 0)
+        listed = yield inodes.readdir(ROOT)
+        self.assertEqual(len(listed), 2)
+        self.assertNotIn(removed, [name for name, _ in listed])
+
+        @defer.inlineCallbacks
+        def written(name: bytes) -> Generator[Deferred[Any], Any, None]:
+            found = yield inodes.lookup(ROOT, name)
+            handle = yield inodes.open(found.inode, os.O_WRONLY)
+            yield handle.write(0, b"grown longer")
+            yield handle.close()
+
+        grown = yield read_with_change_after_first_page(written)
+        found = yield inodes.lookup(ROOT, grown)
+        self.assertEqual(found.size, len(b"grown longer"), "the commit's size, not the first page's")

@@ -737,7 +737,7 @@ class OpenFile:
                     self._forget_stale_uploads()
                 return w.ChunkMapCommit(self.inode, self._writer().id, expected, size, refs, 0)
 
-            since = self._inodes.known.mark()
+            since = self._inodes.known.changing()
             try:
                 committed = yield self._inodes.session.call(commit)
                 self._inodes.known.learn(committed.attributes, since)
@@ -854,7 +854,7 @@ class OpenFile:
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
-        since = self._inodes.known.mark()
+        since = self._inodes.known.changing()
         committed = yield self._inodes.session.call(lambda: w.ChunkMapCommit(self.inode, server.id, 0, 0, [], 0))
         self._inodes.known.learn(committed.attributes, since)
         self._hide_view()
@@ -1115,7 +1115,7 @@ class Inodes:
         self, parent: int, name: bytes, request: Any, created: bool = True
     ) -> Generator[defer.Deferred[Any], Any, Attributes]:
         """Send ``request``, which makes entry ``name`` of ``parent`` (and, ``created``, a new inode); its attributes."""
-        since = self.known.mark()
+        since = self.known.changing()
         try:
             answer = yield self.session.call(request)
         except BaseException:
@@ -1254,7 +1254,7 @@ class Inodes:
     ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
         """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
         request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
-        since = self.known.mark()
+        since = self.known.changing()
         # Known absent: had another session made it before this create, that would be told before the answer.
         new = request.exclusive or self.known.entry(parent, name) == ABSENT
         try:
@@ -1305,7 +1305,7 @@ class Inodes:
 
     @defer.inlineCallbacks
     def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
-        since = self.known.mark()
+        since = self.known.changing()
         try:
             answer = yield self.session.call(request)
         except BaseException:
@@ -1320,6 +1320,7 @@ class Inodes:
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> Generator[defer.Deferred[Any], Any, None]:
         """Move an entry as ``renameat2`` does; the new name is sealed under the new parent."""
+        self.known.changing()
         try:
             yield self.session.call(lambda: w.Rename(
                 parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)

@@ -20,7 +20,9 @@ directory), and this client's own changes update it as their answers arrive:
   everything (:meth:`clear`);
 - an answer is only learned if no notification arrived while it was on its
   way: the server may tell of a change before it answers a request that
-  read the state before that change.  Every notification and :meth:`clear`
+  read the state before that change, and a directory read in pages may
+  cross a change this client makes (of which it is not told).  Every
+  notification, :meth:`clear` and change sent from here (:meth:`changing`)
   moves :attr:`epoch` on; a caller takes :meth:`mark` before sending and
   passes it with what it learned, which is kept only if the epoch has not
   moved since;
@@ -72,6 +74,17 @@ class MetadataCache:
 
     def mark(self) -> int:
         """Take before sending a request whose answer will be learned."""
+        return self.epoch
+
+    def changing(self) -> int:
+        """
+        Take instead of :meth:`mark` before sending a change of this client's own.
+
+        The server tells other sessions, not this one, of its changes, so the
+        epoch moves here: an answer already on its way (a directory read in
+        pages, one of them before the change) is not learned.
+        """
+        self.epoch += 1
         return self.epoch
 
     # -- reading (any thread) ------------------------------------------------------
