@@ -413,3 +413,29 @@ class InodesCacheTests(ClientTestCase):
         grown = yield read_with_change_after_first_page(written)
         found = yield inodes.lookup(ROOT, grown)
         self.assertEqual(found.size, len(b"grown longer"), "the commit's size, not the first page's")
+
+    @defer.inlineCallbacks
+    def test_create_racing_an_own_link_of_the_name(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A create of a name known absent, sent while this client's link to that name is on its way, opens the linked file.
+
+        That file is not new: its extended attributes are not known to be none.
+        """
+        fs = yield self.filespace()
+        yield fs.write_file("/tagged", b"x")
+        inodes = fs.inodes
+        tagged = yield inodes.lookup(ROOT, b"tagged")
+        yield inodes.setxattr(tagged.inode, b"user.tag", b"v")
+        yield self.assertFailure(inodes.lookup(ROOT, b"alias"), errors.NotFound)
+        linking = inodes.link(tagged.inode, ROOT, b"alias")
+        creating = inodes.create(ROOT, b"alias", 0o644, os.O_WRONLY | os.O_CREAT)
+        yield linking
+        handle = yield creating
+        self.assertEqual(handle.inode, tagged.inode, "the create opened what the link made")
+        yield handle.close()
+        value = yield inodes.getxattr(tagged.inode, b"user.tag")
+        self.assertEqual(value, b"v")
+        self.assertEqual(inodes._entries_changing, {}, "every change was answered")
+        yield inodes.rename(ROOT, b"alias", ROOT, b"renamed")
+        yield self.assertFailure(inodes.rename(ROOT, b"alias", ROOT, b"again"), errors.NotFound)
+        self.assertEqual(inodes._entries_changing, {}, "answered, or failed")

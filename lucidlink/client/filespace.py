@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1086,6 +1086,8 @@ class Inodes:
         self._change_listeners: list[ChangeListener] = []
         self.known = MetadataCache(clock=reactor.seconds)
         """Attributes and entries as the server last told, kept true by its notifications (lookups and getattrs)."""
+        self._entries_changing: Counter[int] = Counter()
+        """Directories with a change of their entries sent from here and not answered yet."""
         self.held_locks = LockTable()
         """The locks this client holds, as the server granted them: taken again after a reconnect."""
         self._unsubscribe = [
@@ -1117,12 +1119,25 @@ class Inodes:
         """Send ``request``, which makes entry ``name`` of ``parent`` (and, ``created``, a new inode); its attributes."""
         since = self.known.changing()
         try:
-            answer = yield self.session.call(request)
+            answer = yield self._changing_entries(self.session.call(request), parent)
         except BaseException:
             self.known.directory_changed(parent)  # it may have been made before the error
             raise
         self.known.added(parent, name, answer.attributes, since, created)
         return self._as_seen_here(answer.attributes)
+
+    def _changing_entries(self, answer: defer.Deferred[Any], *directories: int) -> defer.Deferred[Any]:
+        """``answer`` to a change of entries of ``directories``, counted in :attr:`_entries_changing` until it comes."""
+        self._entries_changing.update(directories)
+
+        def answered(result: Any) -> Any:
+            self._entries_changing.subtract(directories)
+            for directory in directories:
+                if self._entries_changing[directory] <= 0:
+                    self._entries_changing.pop(directory, None)
+            return result
+
+        return answer.addBoth(answered)
 
     def _as_seen_here(self, attributes: Attributes) -> Attributes:
         """Attributes as this client sees them: plain, and grown by writes its handles have not committed."""
@@ -1255,10 +1270,11 @@ class Inodes:
         """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
         request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
         since = self.known.changing()
-        # Known absent: had another session made it before this create, that would be told before the answer.
-        new = request.exclusive or self.known.entry(parent, name) == ABSENT
+        # Known absent: had another session made it before this create, that would be told before the answer;
+        # a change sent from here may make it before this create, untold.
+        new = request.exclusive or (self.known.entry(parent, name) == ABSENT and not self._entries_changing[parent])
         try:
-            server, attributes = yield self.session.create_handle(request)
+            server, attributes = yield self._changing_entries(self.session.create_handle(request), parent)
         except BaseException:
             self.known.directory_changed(parent)
             raise
@@ -1307,7 +1323,7 @@ class Inodes:
     def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
         since = self.known.changing()
         try:
-            answer = yield self.session.call(request)
+            answer = yield self._changing_entries(self.session.call(request), parent)
         except BaseException:
             self.known.directory_changed(parent)  # it may have been removed before the error
             raise
@@ -1322,9 +1338,9 @@ class Inodes:
         """Move an entry as ``renameat2`` does; the new name is sealed under the new parent."""
         self.known.changing()
         try:
-            yield self.session.call(lambda: w.Rename(
+            yield self._changing_entries(self.session.call(lambda: w.Rename(
                 parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)
-            ))
+            )), parent, new_parent)
         finally:
             self.known.renamed(parent, name, new_parent, new_name)
 
