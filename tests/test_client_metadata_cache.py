@@ -146,6 +146,28 @@ class MetadataCacheTests(SynchronousTestCase):
         self.assertIsNone(cache.attributes(7))
         self.assertIsNone(cache.attributes(8))
 
+    def test_read_across_a_listing_learned_meanwhile(self) -> None:
+        """
+        A lookup in another thread, crossing a listing being learned, does not take a name for absent.
+
+        It must not join the directory's entries as they were (without the
+        name) to the wholeness the listing brings.
+        """
+        cache = self.cache
+        cache.learn_entry(7, b"a", attributes(8), cache.mark())
+        listed: list[bool] = []
+
+        def clock_while_the_listing_is_learned() -> float:
+            if not listed:
+                listed.append(True)
+                cache.learn_listing(7, [(b"a", attributes(8)), (b"b", attributes(9))], cache.mark())
+            return self.clock.seconds()
+
+        cache.clock = clock_while_the_listing_is_learned
+        self.assertIn(cache.entry(7, b"b"), (None, 9))
+        self.assertEqual(listed, [True], "the listing came between the reads")
+        self.assertEqual(cache.entry(7, b"b"), 9)
+
     def test_bounded(self) -> None:
         """Past its capacity the oldest learned are forgotten."""
         cache = self.cache

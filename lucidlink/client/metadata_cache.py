@@ -33,7 +33,9 @@ directory), and this client's own changes update it as their answers arrive:
 It is bounded: past ``capacity`` inodes (or directories), the oldest learned
 are forgotten.  It changes on the reactor's thread only; its readers
 (:meth:`attributes`, :meth:`lookup`, :meth:`xattr_names`) are also called
-from other threads, and each of their dictionary reads is one step.
+from other threads, and each of their dictionary reads is one step: a name
+missing from a directory is absent only if the directory is whole and its
+entries are still those read (wholeness goes before entries, and comes after).
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ class MetadataCache:
         kept = names.get(name)
         if kept is not None:
             return kept[0] if kept[1] > now else None
-        return ABSENT if self._whole.get(parent, 0.0) > now else None
+        if self._whole.get(parent, 0.0) <= now:
+            return None
+        # Whole, but perhaps by entries learned since ``names`` was read (another thread): then not known.
+        return ABSENT if self._entries.get(parent) is names else None
 
     def lookup(self, parent: int, name: bytes) -> Attributes | int | None:
         """Entry ``name`` of ``parent`` with its attributes, :data:`ABSENT`, or None when either is not known."""
@@ -228,10 +233,10 @@ class MetadataCache:
     def entry_changed(self, parent: int, name: bytes, inode: int) -> None:
         """Entry ``name`` of ``parent`` now names ``inode``, or nothing."""
         self.inode_changed(inode)
+        self._whole.pop(parent, None)  # first: a reader that misses the name must not find it whole
         names = self._entries.get(parent)
         if names is not None:
             names.pop(name, None)
-        self._whole.pop(parent, None)
         self._attributes.pop(parent, None)
 
     def directory_changed(self, directory: int) -> None:
@@ -261,9 +266,9 @@ class MetadataCache:
     def _set_entry(self, parent: int, name: bytes, inode: int, since: int) -> None:
         names = self._entries.get(parent)
         if since != self.epoch:
+            self._whole.pop(parent, None)  # first: a reader that misses the name must not find it whole
             if names is not None:
                 names.pop(name, None)
-            self._whole.pop(parent, None)
             return
         if names is None:
             names = self._entries[parent] = {}
@@ -273,14 +278,15 @@ class MetadataCache:
             self._forget_directory(parent)
 
     def _whole_directory(self, directory: int, names: dict[bytes, tuple[int, float]]) -> None:
+        self._whole.pop(directory, None)
         self._entries.pop(directory, None)
         self._entries[directory] = names
         self._whole[directory] = self._expiry()
         self._bound(self._entries, self._whole)
 
     def _forget_directory(self, directory: int) -> None:
-        self._entries.pop(directory, None)
         self._whole.pop(directory, None)
+        self._entries.pop(directory, None)
 
     def _bound(self, kept: dict[int, Any], *alongside: dict[int, Any]) -> None:
         while len(kept) > self.capacity:
