@@ -1087,7 +1087,7 @@ class Inodes:
         self.known = MetadataCache(clock=reactor.seconds)
         """Attributes and entries as the server last told, kept true by its notifications (lookups and getattrs)."""
         self._entries_changing: Counter[int] = Counter()
-        """Directories with a change of their entries sent from here and not answered yet."""
+        """Directories with a change sent from here that may make an entry (not a removal), not answered yet."""
         self.held_locks = LockTable()
         """The locks this client holds, as the server granted them: taken again after a reconnect."""
         self._unsubscribe = [
@@ -1323,7 +1323,7 @@ class Inodes:
     def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
         since = self.known.changing()
         try:
-            answer = yield self._changing_entries(self.session.call(request), parent)
+            answer = yield self.session.call(request)  # a removal makes no name: not counted as changing entries
         except BaseException:
             self.known.directory_changed(parent)  # it may have been removed before the error
             raise
