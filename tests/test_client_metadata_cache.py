@@ -461,3 +461,89 @@ class InodesCacheTests(ClientTestCase):
         yield inodes.rename(ROOT, b"alias", ROOT, b"renamed")
         yield self.assertFailure(inodes.rename(ROOT, b"alias", ROOT, b"again"), errors.NotFound)
         self.assertEqual(inodes._entries_changing, {}, "answered, or failed")
+
+    @defer.inlineCallbacks
+    def assert_known_is_true(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """Everything ``fs``'s cache holds is what the server says now (asked past the cache)."""
+        inodes = fs.inodes
+        known = inodes.known
+        call = type(inodes.session).call.__get__(inodes.session)  # not a wrapper a test put on it
+        for inode, (attributes, _) in list(known._attributes.items()):
+            if known.attributes(inode) is None:
+                continue
+            answer = yield call(w.GetAttr(inode))
+            self.assertEqual(attributes, answer.attributes, f"attributes of inode {inode}")
+        for parent, names in list(known._entries.items()):
+            for name in list(names):
+                kept = known.entry(parent, name)
+                if kept is None:
+                    continue
+                try:
+                    answer = yield call(w.Lookup(parent, crypto.seal_name(inodes.keys, parent, name)))
+                except errors.NotFound:
+                    self.assertEqual(kept, ABSENT, f"entry {name!r} of {parent}")
+                else:
+                    self.assertEqual(kept, answer.attributes.inode, f"entry {name!r} of {parent}")
+            if known._whole.get(parent, 0.0) > known.clock():
+                page = yield call(w.ReadDir(parent, b"", 0))
+                listed = {crypto.open_name(inodes.keys, parent, entry.name) for entry in page.entries}
+                self.assertEqual({name for name, (inode, _) in names.items() if inode != ABSENT}, listed,
+                                 f"directory {parent} known whole")
+        for inode, (xattr_names, _) in list(known._xattr_names.items()):
+            answer = yield call(w.ListXattr(inode))
+            self.assertEqual(xattr_names, {crypto.open_xattr_name(inodes.keys, inode, n) for n in answer.names},
+                             f"extended attributes of inode {inode}")
+
+    @defer.inlineCallbacks
+    def test_own_changes_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
+        """After each change this client makes, all it knows matches the server: links, renames over, O_TRUNC..."""
+        fs = yield self.filespace()
+        inodes = fs.inodes
+        steps: list[Callable[[], Deferred[Any]]] = []
+
+        @defer.inlineCallbacks
+        def step_all() -> Generator[Deferred[Any], Any, None]:
+            yield inodes.readdir(ROOT)
+            yield inodes.getattr(ROOT)
+            for name, _ in (yield inodes.readdir(ROOT)):
+                found = yield inodes.lookup(ROOT, name)
+                yield inodes.getattr(found.inode)
+                if found.kind == FileKind.DIRECTORY:
+                    yield inodes.readdir(found.inode)
+                    yield inodes.getattr(found.inode)
+                else:
+                    yield inodes.listxattr(found.inode)
+            yield self.assert_known_is_true(fs)
+
+        yield fs.write_file("/a", b"aaaa")
+        yield fs.write_file("/b", b"bb")
+        yield fs.mkdir("/d")
+        yield fs.mkdir("/e")
+        a = yield inodes.lookup(ROOT, b"a")
+        b = yield inodes.lookup(ROOT, b"b")
+        d = yield inodes.lookup(ROOT, b"d")
+        e = yield inodes.lookup(ROOT, b"e")
+        steps = [
+            lambda: inodes.link(a.inode, d.inode, b"a-link"),
+            lambda: inodes.setxattr(a.inode, b"user.x", b"1"),
+            lambda: inodes.rename(ROOT, b"b", ROOT, b"a"),  # over a file with another link
+            lambda: inodes.rename(d.inode, b"a-link", ROOT, b"moved"),
+            lambda: inodes.symlink(d.inode, b"s", b"/target"),
+            lambda: inodes.mkdir(d.inode, b"sub"),
+            lambda: inodes.rename(ROOT, b"e", d.inode, b"sub"),  # a directory over an empty one, elsewhere
+            lambda: inodes.rmdir(d.inode, b"sub"),
+            lambda: fs.write_file("/a", b"x"),  # O_TRUNC, then a commit
+            lambda: inodes.setattr(b.inode, size=1),
+            lambda: inodes.link(b.inode, ROOT, b"b2"),
+            lambda: inodes.unlink(ROOT, b"a"),
+            lambda: inodes.rename(ROOT, b"b2", d.inode, b"s", w.RenameFlags.EXCHANGE),
+            lambda: inodes.unlink(ROOT, b"moved"),
+        ]
+        yield step_all()
+        for number, step in enumerate(steps):
+            yield step()
+            try:
+                yield step_all()
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")
+        self.assertIsNotNone(e)

@@ -205,8 +205,7 @@ class MetadataCache:
         self._attributes.pop(parent, None)
         inode = self.entry(parent, name)
         if inode:
-            self._attributes.pop(inode, None)  # fewer links
-            self._forget_directory(inode)
+            self._forget_inode(inode)  # fewer links, or gone
         else:
             self._attributes.clear()  # whichever inode it was has fewer links now
         self._set_entry(parent, name, ABSENT, since)
@@ -216,7 +215,7 @@ class MetadataCache:
         for directory, entry_name in ((parent, name), (new_parent, new_name)):
             inode = self.entry(directory, entry_name)
             if inode:
-                self._attributes.pop(inode, None)
+                self._forget_inode(inode)  # a replaced inode may be gone
             else:
                 self._attributes.clear()  # an inode not known here was moved or replaced
             self._attributes.pop(directory, None)
@@ -283,6 +282,11 @@ class MetadataCache:
         self._entries[directory] = names
         self._whole[directory] = self._expiry()
         self._bound(self._entries, self._whole)
+
+    def _forget_inode(self, inode: int) -> None:
+        self._attributes.pop(inode, None)
+        self._xattr_names.pop(inode, None)
+        self._forget_directory(inode)
 
     def _forget_directory(self, directory: int) -> None:
         self._whole.pop(directory, None)
