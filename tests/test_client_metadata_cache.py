@@ -495,26 +495,28 @@ class InodesCacheTests(ClientTestCase):
                              f"extended attributes of inode {inode}")
 
     @defer.inlineCallbacks
-    def test_own_changes_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
-        """After each change this client makes, all it knows matches the server: links, renames over, O_TRUNC..."""
-        fs = yield self.filespace()
+    def learn_everything(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """Read every directory, entry, attributes and xattr names from the root down, into ``fs``'s cache."""
         inodes = fs.inodes
-        steps: list[Callable[[], Deferred[Any]]] = []
-
-        @defer.inlineCallbacks
-        def step_all() -> Generator[Deferred[Any], Any, None]:
-            yield inodes.readdir(ROOT)
-            yield inodes.getattr(ROOT)
-            for name, _ in (yield inodes.readdir(ROOT)):
-                found = yield inodes.lookup(ROOT, name)
+        directories = [ROOT]
+        yield inodes.getattr(ROOT)
+        while directories:
+            directory = directories.pop()
+            for name, _ in (yield inodes.readdir(directory)):
+                found = yield inodes.lookup(directory, name)
                 yield inodes.getattr(found.inode)
+                yield inodes.listxattr(found.inode)
                 if found.kind == FileKind.DIRECTORY:
-                    yield inodes.readdir(found.inode)
-                    yield inodes.getattr(found.inode)
-                else:
-                    yield inodes.listxattr(found.inode)
-            yield self.assert_known_is_true(fs)
+                    directories.append(found.inode)
+            yield self.assertFailure(inodes.lookup(directory, b"never-made"), errors.NotFound)
 
+    def changes(self, fs: Filespace) -> Generator[Deferred[Any], Any, list[Callable[[], Deferred[Any]]]]:
+        """Set up a tree in ``fs``; the changes to make in it one by one, each with side effects on other inodes."""
+        return self._changes(fs)
+
+    @defer.inlineCallbacks
+    def _changes(self, fs: Filespace) -> Generator[Deferred[Any], Any, list[Callable[[], Deferred[Any]]]]:
+        inodes = fs.inodes
         yield fs.write_file("/a", b"aaaa")
         yield fs.write_file("/b", b"bb")
         yield fs.mkdir("/d")
@@ -522,8 +524,7 @@ class InodesCacheTests(ClientTestCase):
         a = yield inodes.lookup(ROOT, b"a")
         b = yield inodes.lookup(ROOT, b"b")
         d = yield inodes.lookup(ROOT, b"d")
-        e = yield inodes.lookup(ROOT, b"e")
-        steps = [
+        return [
             lambda: inodes.link(a.inode, d.inode, b"a-link"),
             lambda: inodes.setxattr(a.inode, b"user.x", b"1"),
             lambda: inodes.rename(ROOT, b"b", ROOT, b"a"),  # over a file with another link
@@ -535,15 +536,42 @@ class InodesCacheTests(ClientTestCase):
             lambda: fs.write_file("/a", b"x"),  # O_TRUNC, then a commit
             lambda: inodes.setattr(b.inode, size=1),
             lambda: inodes.link(b.inode, ROOT, b"b2"),
+            lambda: inodes.removexattr(a.inode, b"user.x"),
             lambda: inodes.unlink(ROOT, b"a"),
             lambda: inodes.rename(ROOT, b"b2", d.inode, b"s", w.RenameFlags.EXCHANGE),
             lambda: inodes.unlink(ROOT, b"moved"),
+            lambda: inodes.unlink(ROOT, b"b2"),  # the symlink, since the exchange
         ]
-        yield step_all()
+
+    @defer.inlineCallbacks
+    def test_own_changes_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
+        """After each change this client makes, all it knows matches the server: links, renames over, O_TRUNC..."""
+        fs = yield self.filespace()
+        steps = yield self.changes(fs)
+        yield self.learn_everything(fs)
+        yield self.assert_known_is_true(fs)
         for number, step in enumerate(steps):
             yield step()
             try:
-                yield step_all()
+                yield self.assert_known_is_true(fs)
+                yield self.learn_everything(fs)
+                yield self.assert_known_is_true(fs)
             except (AssertionError, errors.LucidError) as error:
                 self.fail(f"after step {number}: {error!r}")
-        self.assertIsNotNone(e)
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
+        """After each change another session makes, and a round trip, all this client knows matches the server."""
+        writer = yield self.filespace()
+        steps = yield self.changes(writer)
+        watcher = yield self.filespace()
+        yield self.learn_everything(watcher)
+        for number, step in enumerate(steps):
+            yield step()
+            yield watcher.inodes.statfs()  # answered after the notifications the change sent
+            try:
+                yield self.assert_known_is_true(watcher)
+                yield self.learn_everything(watcher)
+                yield self.assert_known_is_true(watcher)
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")

@@ -232,6 +232,7 @@ class MetadataCache:
     def entry_changed(self, parent: int, name: bytes, inode: int) -> None:
         """Entry ``name`` of ``parent`` now names ``inode``, or nothing."""
         self.inode_changed(inode)
+        self._forget_directory(inode)  # a directory removed, or replaced by a rename, is gone
         self._whole.pop(parent, None)  # first: a reader that misses the name must not find it whole
         names = self._entries.get(parent)
         if names is not None:
