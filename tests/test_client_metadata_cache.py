@@ -485,8 +485,14 @@ class InodesCacheTests(ClientTestCase):
                 else:
                     self.assertEqual(kept, answer.attributes.inode, f"entry {name!r} of {parent}")
             if known._whole.get(parent, 0.0) > known.clock():
-                page = yield call(w.ReadDir(parent, b"", 0))
-                listed = {crypto.open_name(inodes.keys, parent, entry.name) for entry in page.entries}
+                listed = set()
+                cursor = b""
+                while True:
+                    page = yield call(w.ReadDir(parent, cursor, 0))
+                    listed |= {crypto.open_name(inodes.keys, parent, entry.name) for entry in page.entries}
+                    if page.done or not page.entries:
+                        break
+                    cursor = page.cursor
                 self.assertEqual({name for name, (inode, _) in names.items() if inode != ABSENT}, listed,
                                  f"directory {parent} known whole")
         for inode, (xattr_names, _) in list(known._xattr_names.items()):
@@ -575,3 +581,30 @@ class InodesCacheTests(ClientTestCase):
                 yield self.assert_known_is_true(watcher)
             except (AssertionError, errors.LucidError) as error:
                 self.fail(f"after step {number}: {error!r}")
+
+    @defer.inlineCallbacks
+    def reads_crossing_changes(self, here: bool) -> Generator[Deferred[Any], Any, None]:
+        """Read everything while each change is made (by ``here``: the reader), then check what the reader knows."""
+        from lucidlink.meta import store
+        self.patch(store, "MAX_READDIR_LIMIT", 1)  # listings cross the changes
+        writer = yield self.filespace()
+        steps = yield self.changes(writer)
+        reader = writer if here else (yield self.filespace())
+        yield self.learn_everything(reader)
+        for number, step in enumerate(steps):
+            reading = self.learn_everything(reader)
+            yield step()
+            yield reading.addErrback(lambda failure: failure.trap(errors.NotFound))  # a name gone meanwhile
+            yield reader.inodes.statfs()  # answered after the notifications the change sent
+            try:
+                yield self.assert_known_is_true(reader)
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")
+
+    def test_reads_crossing_own_changes_keep_it_true(self) -> Deferred[None]:
+        """Reads on their way while this client changes the tree leave nothing untrue behind."""
+        return self.reads_crossing_changes(here=True)
+
+    def test_reads_crossing_changes_elsewhere_keep_it_true(self) -> Deferred[None]:
+        """Reads on their way while another session changes the tree leave nothing untrue behind."""
+        return self.reads_crossing_changes(here=False)
