@@ -168,6 +168,26 @@ class MetadataCacheTests(SynchronousTestCase):
         self.assertEqual(listed, [True], "the listing came between the reads")
         self.assertEqual(cache.entry(7, b"b"), 9)
 
+    def test_own_removal_or_rename_of_what_is_not_known(self) -> None:
+        """
+        A rename to a name known absent forgets only the inodes it names; one of a name
+        not known, or a removal of one, forgets all that is kept of any inode (it may be gone).
+        """
+        cache = MetadataCache(clock=self.clock.seconds, ttl=30.0, capacity=100)
+        cache.learn_listing(7, [(b"a", attributes(8)), (b"b", attributes(9))], cache.mark())
+        cache.learn(attributes(20), cache.mark())
+        cache.learn_xattr_names(20, [], cache.mark())
+        cache.renamed(7, b"a", 7, b"c")  # c: known absent, in the same directory
+        self.assertIsNone(cache.attributes(8))
+        self.assertEqual(cache.attributes(20), attributes(20), "not named by the rename")
+        self.assertEqual(cache.xattr_names(20), frozenset())
+        cache.learn_listing(21, [], cache.mark())
+        cache.removed(ROOT, b"unknown", cache.mark())
+        self.assertIsNone(cache.attributes(20))
+        self.assertIsNone(cache.xattr_names(20))
+        self.assertIsNone(cache.listing(21), "it may have been that directory")
+        self.assertEqual(cache.lookup(ROOT, b"unknown"), ABSENT)
+
     def test_bounded(self) -> None:
         """Past its capacity the oldest learned are forgotten."""
         cache = self.cache

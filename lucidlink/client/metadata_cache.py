@@ -206,18 +206,19 @@ class MetadataCache:
         inode = self.entry(parent, name)
         if inode:
             self._forget_inode(inode)  # fewer links, or gone
-        else:
-            self._attributes.clear()  # whichever inode it was has fewer links now
+        elif inode is None:
+            self._forget_every_inode()  # whichever inode it was has fewer links now, or is gone
         self._set_entry(parent, name, ABSENT, since)
 
     def renamed(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
         """This client moved an entry (or tried): both directories and the inodes involved are forgotten."""
-        for directory, entry_name in ((parent, name), (new_parent, new_name)):
-            inode = self.entry(directory, entry_name)
+        inodes = [self.entry(parent, name), self.entry(new_parent, new_name)]  # both before either is forgotten
+        for inode in inodes:
             if inode:
                 self._forget_inode(inode)  # a replaced inode may be gone
-            else:
-                self._attributes.clear()  # an inode not known here was moved or replaced
+            elif inode is None:
+                self._forget_every_inode()  # an inode not known here was moved or replaced
+        for directory in (parent, new_parent):
             self._attributes.pop(directory, None)
             self._forget_directory(directory)
 
@@ -288,6 +289,13 @@ class MetadataCache:
         self._attributes.pop(inode, None)
         self._xattr_names.pop(inode, None)
         self._forget_directory(inode)
+
+    def _forget_every_inode(self) -> None:
+        """An inode not known here lost a link, or went: nothing kept of any inode may stay (its epoch stays)."""
+        self._whole.clear()
+        self._entries.clear()
+        self._attributes.clear()
+        self._xattr_names.clear()
 
     def _forget_directory(self, directory: int) -> None:
         self._whole.pop(directory, None)
