@@ -536,12 +536,9 @@ class InodesCacheTests(ClientTestCase):
                     directories.append(found.inode)
             yield self.assertFailure(inodes.lookup(directory, b"never-made"), errors.NotFound)
 
+    @defer.inlineCallbacks
     def changes(self, fs: Filespace) -> Generator[Deferred[Any], Any, list[Callable[[], Deferred[Any]]]]:
         """Set up a tree in ``fs``; the changes to make in it one by one, each with side effects on other inodes."""
-        return self._changes(fs)
-
-    @defer.inlineCallbacks
-    def _changes(self, fs: Filespace) -> Generator[Deferred[Any], Any, list[Callable[[], Deferred[Any]]]]:
         inodes = fs.inodes
         yield fs.write_file("/a", b"aaaa")
         yield fs.write_file("/b", b"bb")
