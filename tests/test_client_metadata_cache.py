@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lucidlink import errors
+from lucidlink import crypto, errors
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.metadata_cache import ABSENT, MetadataCache
 from lucidlink.protocol import messages as w
@@ -145,6 +145,48 @@ class MetadataCacheTests(SynchronousTestCase):
         self.assertIsNone(cache.lookup(5, b"b"))
         self.assertIsNone(cache.attributes(7))
         self.assertIsNone(cache.attributes(8))
+
+    def test_read_across_a_listing_learned_meanwhile(self) -> None:
+        """
+        A lookup in another thread, crossing a listing being learned, does not take a name for absent.
+
+        It must not join the directory's entries as they were (without the
+        name) to the wholeness the listing brings.
+        """
+        cache = self.cache
+        cache.learn_entry(7, b"a", attributes(8), cache.mark())
+        listed: list[bool] = []
+
+        def clock_while_the_listing_is_learned() -> float:
+            if not listed:
+                listed.append(True)
+                cache.learn_listing(7, [(b"a", attributes(8)), (b"b", attributes(9))], cache.mark())
+            return self.clock.seconds()
+
+        cache.clock = clock_while_the_listing_is_learned
+        self.assertIn(cache.entry(7, b"b"), (None, 9))
+        self.assertEqual(listed, [True], "the listing came between the reads")
+        self.assertEqual(cache.entry(7, b"b"), 9)
+
+    def test_own_removal_or_rename_of_what_is_not_known(self) -> None:
+        """
+        A rename to a name known absent forgets only the inodes it names; one of a name
+        not known, or a removal of one, forgets all that is kept of any inode (it may be gone).
+        """
+        cache = MetadataCache(clock=self.clock.seconds, ttl=30.0, capacity=100)
+        cache.learn_listing(7, [(b"a", attributes(8)), (b"b", attributes(9))], cache.mark())
+        cache.learn(attributes(20), cache.mark())
+        cache.learn_xattr_names(20, [], cache.mark())
+        cache.renamed(7, b"a", 7, b"c")  # c: known absent, in the same directory
+        self.assertIsNone(cache.attributes(8))
+        self.assertEqual(cache.attributes(20), attributes(20), "not named by the rename")
+        self.assertEqual(cache.xattr_names(20), frozenset())
+        cache.learn_listing(21, [], cache.mark())
+        cache.removed(ROOT, b"unknown", cache.mark())
+        self.assertIsNone(cache.attributes(20))
+        self.assertIsNone(cache.xattr_names(20))
+        self.assertIsNone(cache.listing(21), "it may have been that directory")
+        self.assertEqual(cache.lookup(ROOT, b"unknown"), ABSENT)
 
     def test_bounded(self) -> None:
         """Past its capacity the oldest learned are forgotten."""
@@ -345,3 +387,241 @@ class InodesCacheTests(ClientTestCase):
         self.assertNotIn(w.ChunkMapRead, [type(message) for message in sent])
         data = yield fs.read_file("/new")
         self.assertEqual(data, b"\0x")
+
+    @defer.inlineCallbacks
+    def test_listing_read_across_an_own_change_is_not_kept(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A directory read in pages while this client removes, makes or writes entries is not learned whole.
+
+        The server tells others, not this session, of its own changes: the
+        first page, read before such a change, must not be kept as the directory.
+        """
+        from lucidlink.meta import store
+        self.patch(store, "MAX_READDIR_LIMIT", 1)  # one entry a page
+        fs = yield self.filespace()
+        yield fs.write_file("/a", b"one")
+        yield fs.write_file("/b", b"two")
+        inodes = fs.inodes
+        session = inodes.session
+        call = session.call
+
+        @defer.inlineCallbacks
+        def read_with_change_after_first_page(
+            change: Callable[[bytes], Deferred[Any]]
+        ) -> Generator[Deferred[Any], Any, bytes]:
+            """readdir(ROOT), with ``change(name on the first page)`` made before the second page is asked for."""
+            first: list[bytes] = []
+
+            def paged(message: Any, timeout: float | None = None) -> Deferred[Any]:
+                if isinstance(message, w.ReadDir) and message.cursor and len(first) == 1:
+                    first.append(b"changed")
+                    return change(first[0]).addCallback(lambda _: call(message, timeout))
+                answer = call(message, timeout)
+                if isinstance(message, w.ReadDir) and not message.cursor:
+                    answer.addCallback(lambda page: first.append(
+                        crypto.open_name(inodes.keys, ROOT, page.entries[0].name)) or page)
+                return answer
+
+            inodes.known.clear()
+            session.call = paged  # type: ignore[method-assign]
+            try:
+                yield inodes.readdir(ROOT)
+            finally:
+                session.call = call  # type: ignore[method-assign]
+            self.assertEqual(len(first), 2, "the change was made between the pages")
+            return first[0]
+
+        @defer.inlineCallbacks
+        def made_and_removed(name: bytes) -> Generator[Deferred[Any], Any, None]:
+            handle = yield inodes.create(ROOT, b"c", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            yield handle.close()
+            yield inodes.unlink(ROOT, name)
+
+        removed = yield read_with_change_after_first_page(made_and_removed)
+        yield self.assertFailure(inodes.lookup(ROOT, removed), errors.NotFound)
+        c = yield inodes.lookup(ROOT, b"c")
+        self.assertEqual(c.size, 0)
+        listed = yield inodes.readdir(ROOT)
+        self.assertEqual(len(listed), 2)
+        self.assertNotIn(removed, [name for name, _ in listed])
+
+        @defer.inlineCallbacks
+        def written(name: bytes) -> Generator[Deferred[Any], Any, None]:
+            found = yield inodes.lookup(ROOT, name)
+            handle = yield inodes.open(found.inode, os.O_WRONLY)
+            yield handle.write(0, b"grown longer")
+            yield handle.close()
+
+        grown = yield read_with_change_after_first_page(written)
+        found = yield inodes.lookup(ROOT, grown)
+        self.assertEqual(found.size, len(b"grown longer"), "the commit's size, not the first page's")
+
+    @defer.inlineCallbacks
+    def test_create_racing_an_own_link_of_the_name(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A create of a name known absent, sent while this client's link to that name is on its way, opens the linked file.
+
+        That file is not new: its extended attributes are not known to be none.
+        """
+        fs = yield self.filespace()
+        yield fs.write_file("/tagged", b"x")
+        inodes = fs.inodes
+        tagged = yield inodes.lookup(ROOT, b"tagged")
+        yield inodes.setxattr(tagged.inode, b"user.tag", b"v")
+        yield self.assertFailure(inodes.lookup(ROOT, b"alias"), errors.NotFound)
+        linking = inodes.link(tagged.inode, ROOT, b"alias")
+        creating = inodes.create(ROOT, b"alias", 0o644, os.O_WRONLY | os.O_CREAT)
+        yield linking
+        handle = yield creating
+        self.assertEqual(handle.inode, tagged.inode, "the create opened what the link made")
+        yield handle.close()
+        value = yield inodes.getxattr(tagged.inode, b"user.tag")
+        self.assertEqual(value, b"v")
+        self.assertEqual(inodes._entries_changing, {}, "every change was answered")
+        yield inodes.rename(ROOT, b"alias", ROOT, b"renamed")
+        yield self.assertFailure(inodes.rename(ROOT, b"alias", ROOT, b"again"), errors.NotFound)
+        self.assertEqual(inodes._entries_changing, {}, "answered, or failed")
+
+    @defer.inlineCallbacks
+    def assert_known_is_true(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """Everything ``fs``'s cache holds is what the server says now (asked past the cache)."""
+        inodes = fs.inodes
+        known = inodes.known
+        call = type(inodes.session).call.__get__(inodes.session)  # not a wrapper a test put on it
+        for inode, (attributes, _) in list(known._attributes.items()):
+            if known.attributes(inode) is None:
+                continue
+            answer = yield call(w.GetAttr(inode))
+            self.assertEqual(attributes, answer.attributes, f"attributes of inode {inode}")
+        for parent, names in list(known._entries.items()):
+            for name in list(names):
+                kept = known.entry(parent, name)
+                if kept is None:
+                    continue
+                try:
+                    answer = yield call(w.Lookup(parent, crypto.seal_name(inodes.keys, parent, name)))
+                except errors.NotFound:
+                    self.assertEqual(kept, ABSENT, f"entry {name!r} of {parent}")
+                else:
+                    self.assertEqual(kept, answer.attributes.inode, f"entry {name!r} of {parent}")
+            if known._whole.get(parent, 0.0) > known.clock():
+                listed = set()
+                cursor = b""
+                while True:
+                    page = yield call(w.ReadDir(parent, cursor, 0))
+                    listed |= {crypto.open_name(inodes.keys, parent, entry.name) for entry in page.entries}
+                    if page.done or not page.entries:
+                        break
+                    cursor = page.cursor
+                self.assertEqual({name for name, (inode, _) in names.items() if inode != ABSENT}, listed,
+                                 f"directory {parent} known whole")
+        for inode, (xattr_names, _) in list(known._xattr_names.items()):
+            answer = yield call(w.ListXattr(inode))
+            self.assertEqual(xattr_names, {crypto.open_xattr_name(inodes.keys, inode, n) for n in answer.names},
+                             f"extended attributes of inode {inode}")
+
+    @defer.inlineCallbacks
+    def learn_everything(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
+        """Read every directory, entry, attributes and xattr names from the root down, into ``fs``'s cache."""
+        inodes = fs.inodes
+        directories = [ROOT]
+        yield inodes.getattr(ROOT)
+        while directories:
+            directory = directories.pop()
+            for name, _ in (yield inodes.readdir(directory)):
+                found = yield inodes.lookup(directory, name)
+                yield inodes.getattr(found.inode)
+                yield inodes.listxattr(found.inode)
+                if found.kind == FileKind.DIRECTORY:
+                    directories.append(found.inode)
+            yield self.assertFailure(inodes.lookup(directory, b"never-made"), errors.NotFound)
+
+    @defer.inlineCallbacks
+    def changes(self, fs: Filespace) -> Generator[Deferred[Any], Any, list[Callable[[], Deferred[Any]]]]:
+        """Set up a tree in ``fs``; the changes to make in it one by one, each with side effects on other inodes."""
+        inodes = fs.inodes
+        yield fs.write_file("/a", b"aaaa")
+        yield fs.write_file("/b", b"bb")
+        yield fs.mkdir("/d")
+        yield fs.mkdir("/e")
+        a = yield inodes.lookup(ROOT, b"a")
+        b = yield inodes.lookup(ROOT, b"b")
+        d = yield inodes.lookup(ROOT, b"d")
+        return [
+            lambda: inodes.link(a.inode, d.inode, b"a-link"),
+            lambda: inodes.setxattr(a.inode, b"user.x", b"1"),
+            lambda: inodes.rename(ROOT, b"b", ROOT, b"a"),  # over a file with another link
+            lambda: inodes.rename(d.inode, b"a-link", ROOT, b"moved"),
+            lambda: inodes.symlink(d.inode, b"s", b"/target"),
+            lambda: inodes.mkdir(d.inode, b"sub"),
+            lambda: inodes.rename(ROOT, b"e", d.inode, b"sub"),  # a directory over an empty one, elsewhere
+            lambda: inodes.rmdir(d.inode, b"sub"),
+            lambda: fs.write_file("/a", b"x"),  # O_TRUNC, then a commit
+            lambda: inodes.setattr(b.inode, size=1),
+            lambda: inodes.link(b.inode, ROOT, b"b2"),
+            lambda: inodes.removexattr(a.inode, b"user.x"),
+            lambda: inodes.unlink(ROOT, b"a"),
+            lambda: inodes.rename(ROOT, b"b2", d.inode, b"s", w.RenameFlags.EXCHANGE),
+            lambda: inodes.unlink(ROOT, b"moved"),
+            lambda: inodes.unlink(ROOT, b"b2"),  # the symlink, since the exchange
+        ]
+
+    @defer.inlineCallbacks
+    def test_own_changes_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
+        """After each change this client makes, all it knows matches the server: links, renames over, O_TRUNC..."""
+        fs = yield self.filespace()
+        steps = yield self.changes(fs)
+        yield self.learn_everything(fs)
+        yield self.assert_known_is_true(fs)
+        for number, step in enumerate(steps):
+            yield step()
+            try:
+                yield self.assert_known_is_true(fs)
+                yield self.learn_everything(fs)
+                yield self.assert_known_is_true(fs)
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
+        """After each change another session makes, and a round trip, all this client knows matches the server."""
+        writer = yield self.filespace()
+        steps = yield self.changes(writer)
+        watcher = yield self.filespace()
+        yield self.learn_everything(watcher)
+        for number, step in enumerate(steps):
+            yield step()
+            yield watcher.inodes.statfs()  # answered after the notifications the change sent
+            try:
+                yield self.assert_known_is_true(watcher)
+                yield self.learn_everything(watcher)
+                yield self.assert_known_is_true(watcher)
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")
+
+    @defer.inlineCallbacks
+    def reads_crossing_changes(self, here: bool) -> Generator[Deferred[Any], Any, None]:
+        """Read everything while each change is made (by ``here``: the reader), then check what the reader knows."""
+        from lucidlink.meta import store
+        self.patch(store, "MAX_READDIR_LIMIT", 1)  # listings cross the changes
+        writer = yield self.filespace()
+        steps = yield self.changes(writer)
+        reader = writer if here else (yield self.filespace())
+        yield self.learn_everything(reader)
+        for number, step in enumerate(steps):
+            reading = self.learn_everything(reader)
+            yield step()
+            yield reading.addErrback(lambda failure: failure.trap(errors.NotFound))  # a name gone meanwhile
+            yield reader.inodes.statfs()  # answered after the notifications the change sent
+            try:
+                yield self.assert_known_is_true(reader)
+            except (AssertionError, errors.LucidError) as error:
+                self.fail(f"after step {number}: {error!r}")
+
+    def test_reads_crossing_own_changes_keep_it_true(self) -> Deferred[None]:
+        """Reads on their way while this client changes the tree leave nothing untrue behind."""
+        return self.reads_crossing_changes(here=True)
+
+    def test_reads_crossing_changes_elsewhere_keep_it_true(self) -> Deferred[None]:
+        """Reads on their way while another session changes the tree leave nothing untrue behind."""
+        return self.reads_crossing_changes(here=False)

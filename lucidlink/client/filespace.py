@@ -61,7 +61,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -994,7 +994,7 @@ class OpenFile:
                     self._forget_stale_uploads()
                 return w.ChunkMapCommit(self.inode, self._writer().id, expected, size, refs, 0)
 
-            since = self._inodes.known.mark()
+            since = self._inodes.known.changing()
             try:
                 committed = yield self._inodes.session.call(commit)
                 self._inodes.known.learn(committed.attributes, since)
@@ -1112,7 +1112,7 @@ class OpenFile:
 
     @defer.inlineCallbacks
     def _truncate_at_open(self, server: ServerHandle) -> Generator[defer.Deferred[Any], Any, None]:
-        since = self._inodes.known.mark()
+        since = self._inodes.known.changing()
         committed = yield self._inodes.session.call(lambda: w.ChunkMapCommit(self.inode, server.id, 0, 0, [], 0))
         self._inodes.known.learn(committed.attributes, since)
         self._hide_view()
@@ -1358,6 +1358,8 @@ class Inodes:
         self._change_listeners: list[ChangeListener] = []
         self.known = MetadataCache(clock=reactor.seconds)
         """Attributes and entries as the server last told, kept true by its notifications (lookups and getattrs)."""
+        self._entries_changing: Counter[int] = Counter()
+        """Directories with a change sent from here that may make an entry (not a removal), not answered yet."""
         self.held_locks = LockTable()
         """The locks this client holds, as the server granted them: taken again after a reconnect."""
         self._unsubscribe = [
@@ -1387,14 +1389,27 @@ class Inodes:
         self, parent: int, name: bytes, request: Any, created: bool = True
     ) -> Generator[defer.Deferred[Any], Any, Attributes]:
         """Send ``request``, which makes entry ``name`` of ``parent`` (and, ``created``, a new inode); its attributes."""
-        since = self.known.mark()
+        since = self.known.changing()
         try:
-            answer = yield self.session.call(request)
+            answer = yield self._changing_entries(self.session.call(request), parent)
         except BaseException:
             self.known.directory_changed(parent)  # it may have been made before the error
             raise
         self.known.added(parent, name, answer.attributes, since, created)
         return self._as_seen_here(answer.attributes)
+
+    def _changing_entries(self, answer: defer.Deferred[Any], *directories: int) -> defer.Deferred[Any]:
+        """``answer`` to a change of entries of ``directories``, counted in :attr:`_entries_changing` until it comes."""
+        self._entries_changing.update(directories)
+
+        def answered(result: Any) -> Any:
+            self._entries_changing.subtract(directories)
+            for directory in directories:
+                if self._entries_changing[directory] <= 0:
+                    self._entries_changing.pop(directory, None)
+            return result
+
+        return answer.addBoth(answered)
 
     def _as_seen_here(self, attributes: Attributes) -> Attributes:
         """Attributes as this client sees them: plain, and grown by writes its handles have not committed."""
@@ -1526,11 +1541,12 @@ class Inodes:
     ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
         """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
         request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
-        since = self.known.mark()
-        # Known absent: had another session made it before this create, that would be told before the answer.
-        new = request.exclusive or self.known.entry(parent, name) == ABSENT
+        since = self.known.changing()
+        # Known absent: had another session made it before this create, that would be told before the answer;
+        # a change sent from here may make it before this create, untold.
+        new = request.exclusive or (self.known.entry(parent, name) == ABSENT and not self._entries_changing[parent])
         try:
-            server, attributes = yield self.session.create_handle(request)
+            server, attributes = yield self._changing_entries(self.session.create_handle(request), parent)
         except BaseException:
             self.known.directory_changed(parent)
             raise
@@ -1577,9 +1593,9 @@ class Inodes:
 
     @defer.inlineCallbacks
     def _removing(self, parent: int, name: bytes, request: Any) -> Generator[defer.Deferred[Any], Any, None]:
-        since = self.known.mark()
+        since = self.known.changing()
         try:
-            answer = yield self.session.call(request)
+            answer = yield self.session.call(request)  # a removal makes no name: not counted as changing entries
         except BaseException:
             self.known.directory_changed(parent)  # it may have been removed before the error
             raise
@@ -1592,10 +1608,11 @@ class Inodes:
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> Generator[defer.Deferred[Any], Any, None]:
         """Move an entry as ``renameat2`` does; the new name is sealed under the new parent."""
+        self.known.changing()
         try:
-            yield self.session.call(lambda: w.Rename(
+            yield self._changing_entries(self.session.call(lambda: w.Rename(
                 parent, self._seal(parent, name), new_parent, self._seal(new_parent, new_name), int(flags)
-            ))
+            )), parent, new_parent)
         finally:
             self.known.renamed(parent, name, new_parent, new_name)
 

@@ -20,7 +20,9 @@ directory), and this client's own changes update it as their answers arrive:
   everything (:meth:`clear`);
 - an answer is only learned if no notification arrived while it was on its
   way: the server may tell of a change before it answers a request that
-  read the state before that change.  Every notification and :meth:`clear`
+  read the state before that change, and a directory read in pages may
+  cross a change this client makes (of which it is not told).  Every
+  notification, :meth:`clear` and change sent from here (:meth:`changing`)
   moves :attr:`epoch` on; a caller takes :meth:`mark` before sending and
   passes it with what it learned, which is kept only if the epoch has not
   moved since;
@@ -31,7 +33,9 @@ directory), and this client's own changes update it as their answers arrive:
 It is bounded: past ``capacity`` inodes (or directories), the oldest learned
 are forgotten.  It changes on the reactor's thread only; its readers
 (:meth:`attributes`, :meth:`lookup`, :meth:`xattr_names`) are also called
-from other threads, and each of their dictionary reads is one step.
+from other threads, and each of their dictionary reads is one step: a name
+missing from a directory is absent only if the directory is whole and its
+entries are still those read (wholeness goes before entries, and comes after).
 """
 
 from __future__ import annotations
@@ -74,6 +78,17 @@ class MetadataCache:
         """Take before sending a request whose answer will be learned."""
         return self.epoch
 
+    def changing(self) -> int:
+        """
+        Take instead of :meth:`mark` before sending a change of this client's own.
+
+        The server tells other sessions, not this one, of its changes, so the
+        epoch moves here: an answer already on its way (a directory read in
+        pages, one of them before the change) is not learned.
+        """
+        self.epoch += 1
+        return self.epoch
+
     # -- reading (any thread) ------------------------------------------------------
 
     def attributes(self, inode: int) -> Attributes | None:
@@ -89,7 +104,10 @@ class MetadataCache:
         kept = names.get(name)
         if kept is not None:
             return kept[0] if kept[1] > now else None
-        return ABSENT if self._whole.get(parent, 0.0) > now else None
+        if self._whole.get(parent, 0.0) <= now:
+            return None
+        # Whole, but perhaps by entries learned since ``names`` was read (another thread): then not known.
+        return ABSENT if self._entries.get(parent) is names else None
 
     def lookup(self, parent: int, name: bytes) -> Attributes | int | None:
         """Entry ``name`` of ``parent`` with its attributes, :data:`ABSENT`, or None when either is not known."""
@@ -187,20 +205,20 @@ class MetadataCache:
         self._attributes.pop(parent, None)
         inode = self.entry(parent, name)
         if inode:
-            self._attributes.pop(inode, None)  # fewer links
-            self._forget_directory(inode)
-        else:
-            self._attributes.clear()  # whichever inode it was has fewer links now
+            self._forget_inode(inode)  # fewer links, or gone
+        elif inode is None:
+            self._forget_every_inode()  # whichever inode it was has fewer links now, or is gone
         self._set_entry(parent, name, ABSENT, since)
 
     def renamed(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
         """This client moved an entry (or tried): both directories and the inodes involved are forgotten."""
-        for directory, entry_name in ((parent, name), (new_parent, new_name)):
-            inode = self.entry(directory, entry_name)
+        inodes = [self.entry(parent, name), self.entry(new_parent, new_name)]  # both before either is forgotten
+        for inode in inodes:
             if inode:
-                self._attributes.pop(inode, None)
-            else:
-                self._attributes.clear()  # an inode not known here was moved or replaced
+                self._forget_inode(inode)  # a replaced inode may be gone
+            elif inode is None:
+                self._forget_every_inode()  # an inode not known here was moved or replaced
+        for directory in (parent, new_parent):
             self._attributes.pop(directory, None)
             self._forget_directory(directory)
 
@@ -215,10 +233,11 @@ class MetadataCache:
     def entry_changed(self, parent: int, name: bytes, inode: int) -> None:
         """Entry ``name`` of ``parent`` now names ``inode``, or nothing."""
         self.inode_changed(inode)
+        self._forget_directory(inode)  # a directory removed, or replaced by a rename, is gone
+        self._whole.pop(parent, None)  # first: a reader that misses the name must not find it whole
         names = self._entries.get(parent)
         if names is not None:
             names.pop(name, None)
-        self._whole.pop(parent, None)
         self._attributes.pop(parent, None)
 
     def directory_changed(self, directory: int) -> None:
@@ -248,9 +267,9 @@ class MetadataCache:
     def _set_entry(self, parent: int, name: bytes, inode: int, since: int) -> None:
         names = self._entries.get(parent)
         if since != self.epoch:
+            self._whole.pop(parent, None)  # first: a reader that misses the name must not find it whole
             if names is not None:
                 names.pop(name, None)
-            self._whole.pop(parent, None)
             return
         if names is None:
             names = self._entries[parent] = {}
@@ -260,14 +279,27 @@ class MetadataCache:
             self._forget_directory(parent)
 
     def _whole_directory(self, directory: int, names: dict[bytes, tuple[int, float]]) -> None:
+        self._whole.pop(directory, None)
         self._entries.pop(directory, None)
         self._entries[directory] = names
         self._whole[directory] = self._expiry()
         self._bound(self._entries, self._whole)
 
+    def _forget_inode(self, inode: int) -> None:
+        self._attributes.pop(inode, None)
+        self._xattr_names.pop(inode, None)
+        self._forget_directory(inode)
+
+    def _forget_every_inode(self) -> None:
+        """An inode not known here lost a link, or went: nothing kept of any inode may stay (its epoch stays)."""
+        self._whole.clear()
+        self._entries.clear()
+        self._attributes.clear()
+        self._xattr_names.clear()
+
     def _forget_directory(self, directory: int) -> None:
-        self._entries.pop(directory, None)
         self._whole.pop(directory, None)
+        self._entries.pop(directory, None)
 
     def _bound(self, kept: dict[int, Any], *alongside: dict[int, Any]) -> None:
         while len(kept) > self.capacity:
