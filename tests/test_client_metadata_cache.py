@@ -268,15 +268,21 @@ class InodesCacheTests(ClientTestCase):
         self.assertEqual([type(message) for message in sent], [w.ReadDir])
 
     @defer.inlineCallbacks
-    def test_changes_elsewhere_are_seen(self) -> Generator[Deferred[Any], Any, None]:
-        """Another session's new entries, removals, attribute and xattr changes drop what they change here."""
+    def watched_tree(self) -> Generator[Deferred[Any], Any, tuple[Any, Any, Any, Any]]:
+        """A writer's file ``/f`` and folder ``/d``, then a watcher that looked both up: (writer, watcher, f, d)."""
         writer = yield self.filespace()
         yield writer.write_file("/f", b"one")
         yield writer.mkdir("/d")
         watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
+        f = yield watcher.inodes.lookup(ROOT, b"f")
+        d = yield watcher.inodes.lookup(ROOT, b"d")
+        return writer, watcher, f, d
+
+    @defer.inlineCallbacks
+    def test_changes_elsewhere_are_seen(self) -> Generator[Deferred[Any], Any, None]:
+        """Another session's new entries, removals, attribute and xattr changes drop what they change here."""
+        writer, watcher, f, d = yield self.watched_tree()
         inodes = watcher.inodes
-        f = yield inodes.lookup(ROOT, b"f")
-        d = yield inodes.lookup(ROOT, b"d")
         yield inodes.readdir(d.inode)
         yield self.assertFailure(inodes.lookup(ROOT, b"later"), errors.NotFound)
         yield inodes.listxattr(f.inode)
@@ -310,13 +316,8 @@ class InodesCacheTests(ClientTestCase):
     @defer.inlineCallbacks
     def test_forgotten_when_the_connection_is_lost(self) -> Generator[Deferred[Any], Any, None]:
         """Changes made while this session could not be told are seen after it connects again."""
-        writer = yield self.filespace()
-        yield writer.write_file("/f", b"one")
-        yield writer.mkdir("/d")
-        watcher = yield self.filespace()  # after those changes: none of their notifications is on its way
+        writer, watcher, f, d = yield self.watched_tree()
         inodes = watcher.inodes
-        f = yield inodes.lookup(ROOT, b"f")
-        d = yield inodes.lookup(ROOT, b"d")
         yield self.assertFailure(inodes.lookup(ROOT, b"g"), errors.NotFound)
         yield inodes.readdir(d.inode)
         yield inodes.listxattr(f.inode)
