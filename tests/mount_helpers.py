@@ -7,6 +7,7 @@ reason FUSE cannot be tested here, if it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from lucidlink.cli.mount import STACKS_SIGNAL
 from tests.demo_helpers import DemoCase, lucid
 
 
@@ -90,6 +92,10 @@ class MountProcess:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+        if self.process.poll() is None:
+            self.process.send_signal(STACKS_SIGNAL)  # where it hangs, into its log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(2)
         if self.process.poll() is None:
             self.process.kill()  # ends its FUSE connection, so nothing below blocks on the mount
             self.process.wait(10)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from lucidlink.cli.mount import STACKS_SIGNAL
 from tests.demo_helpers import RunningDemo, lucid
 from tests.mount_helpers import SKIP, DemoMountCase, is_mounted, unmount_lazily
 
@@ -225,6 +226,14 @@ class MountTests(DemoMountCase):
         self.assertErrno(errno.ENOTCONN, os.listdir, self.mnt)
         self.assertIn("fusermount -u", refused(self.mnt))
         again = self.start_mount("mnt", "--force")
+        self.assertIn("README.txt", os.listdir(self.mnt))
+
+        # SIGUSR2 writes where every thread is into the log, and the mount goes on.
+        again.process.send_signal(STACKS_SIGNAL)
+        deadline = time.monotonic() + 30
+        while "in serve" not in again.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertIn("in serve", again.log_text())
         self.assertIn("README.txt", os.listdir(self.mnt))
         self.assertEqual(again.stop(signal.SIGINT), 0, again.log_text())
         self.assertFalse(is_mounted(self.mnt))

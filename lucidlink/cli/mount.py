@@ -29,9 +29,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import faulthandler
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Generator, Sequence
@@ -53,6 +55,8 @@ MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
 """Blocks below this come from malloc's heap, not fresh pages of their own: chunk buffers (4 MiB) among them."""
 MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
 """Freed heap memory that malloc keeps for reuse instead of giving it back to the system at once."""
+STACKS_SIGNAL = signal.SIGUSR2
+"""``kill -USR2 PID`` makes a running mount write every thread's stack to its standard error (llfuse keeps SIGUSR1)."""
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -291,6 +295,7 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
     mountpoint = check_mountpoint(args.mountpoint, force=args.force)
     settings = cache_settings(args)
     reuse_freed_buffers()
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
 
     from twisted.internet import reactor as global_reactor
 
