@@ -29,13 +29,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import faulthandler
 import os
 import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,32 @@ def _tell(descriptor: int, message: str) -> None:
         os.write(descriptor, message.encode() + b"\n")
 
 
+def tell_stacks_on_signal(stream: Any = None) -> threading.Thread:
+    """
+    Write every thread's stack to ``stream`` (standard error) each time :data:`STACKS_SIGNAL` comes.
+
+    The signal is blocked in this thread, so in every thread started from it
+    later, and taken by a thread of its own with ``sigwait``: the stacks are
+    read holding the GIL, while no other thread runs Python code.  Call it
+    before any other thread starts.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {STACKS_SIGNAL})
+
+    def tell() -> None:
+        while True:
+            signal.sigwait({STACKS_SIGNAL})
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            lines = []
+            for ident, frame in sys._current_frames().items():
+                lines.append(f"Thread {names.get(ident, ident)}:\n")
+                lines.extend(traceback.format_stack(frame))
+            print("".join(lines), file=stream or sys.stderr, flush=True)
+
+    teller = threading.Thread(target=tell, name="stacks on SIGUSR2", daemon=True)
+    teller.start()
+    return teller
+
+
 def reuse_freed_buffers() -> bool:
     """
     Have glibc's malloc keep the memory of freed chunk buffers for the next ones (false: not glibc).
@@ -295,7 +322,7 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
     mountpoint = check_mountpoint(args.mountpoint, force=args.force)
     settings = cache_settings(args)
     reuse_freed_buffers()
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    tell_stacks_on_signal()
 
     from twisted.internet import reactor as global_reactor
 
