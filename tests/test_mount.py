@@ -119,14 +119,18 @@ class MountAdapterTests(MemoryFilespaceCase):
         self.assertEqual([(name, offset) for name, _, offset in self.ops.readdir(directory, 2)], [(b"f", 3)])
         self.ops.releasedir(directory)
 
+    @defer.inlineCallbacks
+    def counted_operations(self) -> Any:
+        """A filespace with a chunk cache, and operations over it whose crossings are counted: (fs, bridge, ops)."""
+        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()))
+        self.addCleanup(fs.close)
+        bridge = CountingBridge(None)
+        return fs, bridge, FilespaceOperations(fs.inodes, bridge)
 
     @defer.inlineCallbacks
     def test_cached_reads_stay_in_llfuses_thread(self) -> Any:
         """A read the core has known and cached is answered without crossing; any other crosses."""
-        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()))
-        self.addCleanup(fs.close)
-        bridge = CountingBridge(None)
-        ops = FilespaceOperations(fs.inodes, bridge)
+        fs, bridge, ops = yield self.counted_operations()
         fh, _ = ops.create(llfuse.ROOT_INODE, b"cached", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, Context())
         content = bytes(range(256)) * 1000
         self.assertEqual(ops.write(fh, 0, content), len(content))
@@ -181,10 +185,7 @@ class MountAdapterTests(MemoryFilespaceCase):
     @defer.inlineCallbacks
     def test_writes_and_kept_answers_stay_in_llfuses_thread(self) -> Any:
         """Writes the core can buffer at once, and kept extended attributes, do not cross; errors keep their errno."""
-        fs = yield self.memory_filespace(cache_dir=Path(self.mktemp()))
-        self.addCleanup(fs.close)
-        bridge = CountingBridge(None)
-        ops = FilespaceOperations(fs.inodes, bridge)
+        fs, bridge, ops = yield self.counted_operations()
         fh, entry = ops.create(llfuse.ROOT_INODE, b"direct", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, Context())
         self.assertEqual(ops.write(fh, 0, b"a" * 1000), 1000)
         self.assertEqual(self.fuse_errno(ops.getxattr, entry.st_ino, b"security.capability", Context()), errno.ENODATA)

@@ -112,8 +112,8 @@ class LocalStoreTests(TestCase):
         self.assertEqual(await self.store.get("precious"), b"old")
         self.assertEqual(stray_files(self.root), [])
 
-    async def test_fsync(self) -> None:
-        """A put fsyncs the file and its folder; new folders are made durable too."""
+    def count_fsyncs(self) -> list[int]:
+        """From now on, the descriptors every ``os.fsync`` is given (it still syncs them)."""
         synced: list[int] = []
         real_fsync = os.fsync
 
@@ -122,6 +122,11 @@ class LocalStoreTests(TestCase):
             real_fsync(fd)
 
         self.patch(os, "fsync", counting_fsync)
+        return synced
+
+    async def test_fsync(self) -> None:
+        """A put fsyncs the file and its folder; new folders are made durable too."""
+        synced = self.count_fsyncs()
         await self.store.put("x/y/first", b"1")
         self.assertEqual(len(synced), 4)  # root for x, x for y, the file, then y
         del synced[:]
@@ -194,14 +199,7 @@ class LocalStoreTests(TestCase):
         source.write_bytes(b"sealed object")
         self.addCleanup(source.unlink, missing_ok=True)
         verifyObject(IFileObjectStore, self.store)
-        synced: list[int] = []
-        real_fsync = os.fsync
-
-        def counting_fsync(fd: int) -> None:
-            synced.append(fd)
-            real_fsync(fd)
-
-        self.patch(os, "fsync", counting_fsync)
+        synced = self.count_fsyncs()
         await self.store.put_file("chunks/ab/cd", str(source))
         self.assertEqual(await self.store.get("chunks/ab/cd"), b"sealed object")
         self.assertTrue(os.path.samefile(source, self.root / "chunks" / "ab" / "cd"))
