@@ -133,6 +133,21 @@ def errno_of(error: LucidError) -> int:
     return ERRNO.get(error.errno_name, errno.EIO)
 
 
+def start_deaf_to_stop_signals(thread: threading.Thread) -> None:
+    """
+    Start ``thread`` with SIGINT, SIGTERM and SIGHUP blocked in it (and in the threads it starts).
+
+    llfuse stops on those signals only when one of its own threads takes
+    them; delivered to a thread of ours (the reactor's, the invalidations'),
+    they were lost and the mount went on serving.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class ReactorThread:
     """The Twisted reactor, run in a daemon helper thread without signal handlers."""
 
@@ -143,18 +158,10 @@ class ReactorThread:
         )
 
     def start(self) -> None:
-        """Start the thread with SIGINT, SIGTERM and SIGHUP blocked in it (and the threads it starts).
-
-        llfuse stops on those signals only when one of its own threads takes
-        them; delivered to the reactor's thread, they would be lost.
-        """
+        """Start the thread (see :func:`start_deaf_to_stop_signals`)."""
         if PROFILES is not None:
             PROFILES.install()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        start_deaf_to_stop_signals(self._thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the reactor (its shutdown triggers run) and wait for the thread."""
@@ -245,7 +252,7 @@ class KernelCaches:
     def start(self) -> None:
         """Start carrying out invalidations (only while mounted)."""
         self._thread = threading.Thread(target=self._run, name="lucid-invalidate", daemon=True)
-        self._thread.start()
+        start_deaf_to_stop_signals(self._thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Carry out what is queued, then stop."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,16 @@ from tests.client_helpers import MemoryFilespaceCase
 try:
     import llfuse
 
-    from lucidlink.mount import ATTRIBUTE_TIMEOUT, ERRNO, Bridge, FilespaceOperations, errno_of, mount_options
+    from lucidlink.mount import (
+        ATTRIBUTE_TIMEOUT,
+        ERRNO,
+        STOP_SIGNALS,
+        Bridge,
+        FilespaceOperations,
+        errno_of,
+        mount_options,
+        start_deaf_to_stop_signals,
+    )
 except ImportError:
     llfuse = None
 
@@ -215,6 +226,22 @@ class AllocatorTests(SynchronousTestCase):
 
         self.patch(cli_mount.ctypes, "CDLL", no_libc)
         self.assertFalse(cli_mount.reuse_freed_buffers(), "elsewhere nothing is changed")
+
+
+class StopSignalTests(SynchronousTestCase):
+    """Threads of ours never take the signals that stop llfuse (one they took was lost, and the mount went on)."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def test_started_deaf(self) -> None:
+        masks: list[set[int]] = []
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        thread = threading.Thread(target=lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        start_deaf_to_stop_signals(thread)
+        thread.join(10)
+        self.assertTrue(STOP_SIGNALS <= masks[0], masks)
+        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before, "this thread's own mask is kept")
 
 
 class FuseCheckTests(SynchronousTestCase):
