@@ -133,19 +133,36 @@ def errno_of(error: LucidError) -> int:
     return ERRNO.get(error.errno_name, errno.EIO)
 
 
-def start_deaf_to_stop_signals(thread: threading.Thread) -> None:
+class DeafThread(threading.Thread):
     """
-    Start ``thread`` with SIGINT, SIGTERM and SIGHUP blocked in it (and in the threads it starts).
+    A thread started with SIGINT, SIGTERM and SIGHUP blocked in it (and in the threads it starts).
 
-    llfuse stops on those signals only when one of its own threads takes
-    them; delivered to a thread of ours (the reactor's, the invalidations'),
-    they were lost and the mount went on serving.
+    llfuse ends its loop on those signals only when the thread that called
+    ``llfuse.main`` takes them: that thread waits in ``sem_wait``, which the
+    signal interrupts.  Taken by any other thread, the signal marked the
+    session as ended and nobody looked, and the mount went on serving.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class ThreadingForLlfuse:
+    """
+    ``threading`` as llfuse sees it: the thread it starts for notifications is a :class:`DeafThread`.
+
+    ``llfuse.main`` starts that thread itself, from the thread that must take
+    the stop signals, so it would hear them too.
+    """
+
+    Thread = DeafThread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(threading, name)
 
 
 class ReactorThread:
@@ -153,15 +170,15 @@ class ReactorThread:
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self._thread = threading.Thread(
+        self._thread = DeafThread(
             target=reactor.run, kwargs={"installSignalHandlers": False}, name="lucid-reactor", daemon=True
         )
 
     def start(self) -> None:
-        """Start the thread (see :func:`start_deaf_to_stop_signals`)."""
+        """Start the thread."""
         if PROFILES is not None:
             PROFILES.install()
-        start_deaf_to_stop_signals(self._thread)
+        self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the reactor (its shutdown triggers run) and wait for the thread."""
@@ -244,15 +261,15 @@ class KernelCaches:
     def __init__(self, known: Callable[[], Iterable[int]]) -> None:
         self._known = known
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: DeafThread | None = None
         self._queued = 0
         self._carried_out = 0
         self._counting = threading.Lock()
 
     def start(self) -> None:
         """Start carrying out invalidations (only while mounted)."""
-        self._thread = threading.Thread(target=self._run, name="lucid-invalidate", daemon=True)
-        start_deaf_to_stop_signals(self._thread)
+        self._thread = DeafThread(target=self._run, name="lucid-invalidate", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Carry out what is queued, then stop."""
@@ -635,6 +652,16 @@ def mount_options(filespace: str) -> set[str]:
     return {f"fsname=lucid:{filespace}", "subtype=lucid", "big_writes", "default_permissions"}
 
 
+@contextlib.contextmanager
+def _llfuse_starting_deaf_threads() -> Iterator[None]:
+    saved = llfuse.threading
+    llfuse.threading = ThreadingForLlfuse()
+    try:
+        yield
+    finally:
+        llfuse.threading = saved
+
+
 def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
           ready: Callable[[], None] = lambda: None) -> int | None:
     """
@@ -657,6 +684,7 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
         stack.callback(operations.bridge.wait, unsubscribe)
         ready()
+        stack.enter_context(_llfuse_starting_deaf_threads())
         operations.bridge.locked = True
         try:
             return llfuse.main(workers=None, handle_signals=True)  # type: ignore[no-any-return]

@@ -30,10 +30,11 @@ try:
         ERRNO,
         STOP_SIGNALS,
         Bridge,
+        DeafThread,
         FilespaceOperations,
+        ThreadingForLlfuse,
         errno_of,
         mount_options,
-        start_deaf_to_stop_signals,
     )
 except ImportError:
     llfuse = None
@@ -237,11 +238,17 @@ class StopSignalTests(SynchronousTestCase):
     def test_started_deaf(self) -> None:
         masks: list[set[int]] = []
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        thread = threading.Thread(target=lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))))
-        start_deaf_to_stop_signals(thread)
+        thread = DeafThread(target=lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        thread.start()
         thread.join(10)
         self.assertTrue(STOP_SIGNALS <= masks[0], masks)
         self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before, "this thread's own mask is kept")
+
+    def test_llfuse_starts_deaf_threads(self) -> None:
+        """The thread llfuse starts for notifications is deaf too; the rest of ``threading`` is the real one."""
+        seen = ThreadingForLlfuse()
+        self.assertIs(seen.Thread, DeafThread)
+        self.assertIs(seen.current_thread, threading.current_thread)
 
 
 class FuseCheckTests(SynchronousTestCase):

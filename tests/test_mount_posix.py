@@ -23,6 +23,19 @@ from lucidlink.cli.mount import STACKS_SIGNAL
 from tests.demo_helpers import RunningDemo, lucid
 from tests.mount_helpers import SKIP, DemoMountCase, is_mounted, unmount_lazily
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def threads_hearing_stop_signals(pid: int) -> list[int]:
+    """The threads of process ``pid`` that do not block some stop signal, from /proc."""
+    hearing = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda path: int(path.name)):
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        blocked = int(status["SigBlk"], 16)
+        if any(not blocked & (1 << (number - 1)) for number in STOP_SIGNALS):
+            hearing.append(int(task.name))
+    return hearing
+
 
 class MountTests(DemoMountCase):
     """A demo filespace mounted under a temporary folder."""
@@ -197,6 +210,8 @@ class MountTests(DemoMountCase):
         """Buffered writes survive SIGTERM; a busy, a non-empty and a stale mount point are refused clearly."""
         fd = os.open(self.mnt / "dirty.txt", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, b"not yet stored" * 1000)
+        self.assertEqual(threads_hearing_stop_signals(self.mount.process.pid), [self.mount.process.pid],
+                         "only the thread in llfuse.main may take a stop signal")
         self.assertEqual(self.mount.stop(signal.SIGTERM), 0, self.mount.log_text())
         with self.assertRaises(OSError):
             os.close(fd)

@@ -286,10 +286,10 @@ def tell_stacks_on_signal(stream: Any = None) -> threading.Thread:
                 lines.extend(traceback.format_stack(frame))
             print("".join(lines), file=stream or sys.stderr, flush=True)
 
-    from lucidlink.mount import start_deaf_to_stop_signals
+    from lucidlink.mount import DeafThread
 
-    teller = threading.Thread(target=tell, name="stacks on SIGUSR2", daemon=True)
-    start_deaf_to_stop_signals(teller)
+    teller = DeafThread(target=tell, name="stacks on SIGUSR2", daemon=True)
+    teller.start()
     return teller
 
 
