@@ -99,6 +99,23 @@ class ChunkCacheTests(SynchronousTestCase):
             sealed[middle.object_start : middle.object_start + middle.object_length],
         )
 
+    def test_adopted_files_are_never_written_into(self) -> None:
+        """An adopted file is linked in; bytes written for that object later go into a file of the cache's own."""
+        cache = self.open(10 * CHUNK)
+        _, sealed = sealed_object(CHUNK, 7)
+        source = Path(self.mktemp())
+        source.write_bytes(sealed)
+        object_id = b"\x07" * 16
+        cache.pin(object_id)
+        cache.adopt(object_id, source)
+        cache.record(object_id, CHUNK, 0, len(sealed))
+        self.assertTrue(os.path.samefile(cache.path_of(object_id), source))
+        self.assertEqual(cache.read_sealed(object_id, 0, len(sealed)), sealed)
+        cache.write_sealed(object_id, 0, b"\0" * 100)
+        cache.unpin(object_id)
+        self.assertEqual(source.read_bytes(), sealed, "the shared file is untouched")
+        self.assertFalse(os.path.samefile(cache.path_of(object_id), source))
+
     def test_survives_reopening(self) -> None:
         """Entries, their bytes and their recency are there after closing and opening again."""
         one = len(sealed_object(CHUNK, 0)[1])
@@ -290,7 +307,7 @@ class CachedReadTests(ClientTestCase):
     @defer.inlineCallbacks
     def test_damaged_entry_is_fetched_again(self) -> Generator[Deferred[Any], Any, None]:
         """A cached chunk altered on disk fails its tag: it is dropped and fetched again, never returned."""
-        fs = yield self.cached()
+        fs = yield self.cached(ConcurrencyCountingStore(self.objects))  # copies: the local store's files are linked
         self.assertEqual((yield self.read_all(fs)), self.content)
         yield fs.inodes.chunks.settled()  # no fetch ahead is still writing into a victim
         cache = fs.cache
@@ -390,6 +407,24 @@ class ReadAheadTests(ClientTestCase):
         reads_per_chunk = len(store.reads()) / self.CHUNKS
         self.assertLess(reads_per_chunk, 1.5, "about one fetch per chunk, not one per read")
         self.assertGreater(fs.cache.hits, len(pieces) // 2)
+
+    @defer.inlineCallbacks
+    def test_local_store_files_are_linked(self) -> Generator[Deferred[Any], Any, None]:
+        """From a store that gives files (the local one), chunks fetched ahead are its files, linked, not copies."""
+        fs = yield self.reader(self.objects, read_ahead=2)
+        handle = yield fs.open_path("/stream.bin")
+        step = 128 * 1024
+        pieces = []
+        for offset in range(0, len(self.content), step):
+            pieces.append((yield handle.read(offset, step)))
+        yield handle.close()
+        self.assertEqual(b"".join(pieces), self.content)
+        self.assertGreaterEqual(fs.inodes.chunks.prefetched, self.CHUNKS - 1)
+        stored = {path.name: path for path in (self.base / "objects").rglob("*") if path.is_file()}
+        cached = [path for path in (self.base / "cache-2").rglob("*") if path.is_file() and path.name in stored]
+        linked = [path for path in cached if os.path.samefile(path, stored[path.name])]
+        self.assertEqual(len(cached), self.CHUNKS)
+        self.assertGreaterEqual(len(linked), self.CHUNKS - 1, "all but the first, which the reader fetched itself")
 
     @defer.inlineCallbacks
     def test_random_reader_is_not(self) -> Generator[Deferred[Any], Any, None]:

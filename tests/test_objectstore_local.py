@@ -231,6 +231,22 @@ class LocalStoreTests(TestCase):
         await self.assertFailure(self.store.put_file("gone", str(source) + "-missing"), errors.Unavailable)
         self.assertEqual(stray_files(self.root), [])
 
+    async def test_file_of(self) -> None:
+        """A plain object's file is named (and outlives the object's deletion where linked); a packed or missing one is not."""
+        await self.store.put("chunks/ab/cd", b"sealed object", create_only=True)
+        path = await self.store.file_of("chunks/ab/cd")
+        self.assertEqual(Path(path).read_bytes(), b"sealed object")
+        kept = self.root.parent / f"{self.root.name}-kept"
+        os.link(path, kept)
+        self.addCleanup(kept.unlink, missing_ok=True)
+        await self.store.delete("chunks/ab/cd")
+        self.assertEqual(kept.read_bytes(), b"sealed object")
+        self.assertIsNone(await self.store.file_of("chunks/ab/cd"))
+        await self.store.put("fs/journal/0001", b"segment", create_only=True)
+        self.assertIsNone(await self.store.file_of("fs/journal/0001"), "packed")
+        self.assertIsNone(await self.store.file_of("fs"), "a folder")
+        await self.assertFailure(self.store.file_of("../escape"), errors.InvalidArgument)
+
     async def test_put_file_into_a_pack(self) -> None:
         """A folder that packs its objects takes the file's bytes into its pack."""
         source = self.root.parent / f"{self.root.name}-staged"

@@ -226,10 +226,20 @@ class ChunkCache:
         self.record(object_id, object_length, start, len(sealed))
 
     def write_sealed(self, object_id: bytes, start: int, sealed: bytes | memoryview) -> None:
-        """Write an object's bytes from ``start`` into its file (any thread; pin first); :meth:`record` them next."""
+        """
+        Write an object's bytes from ``start`` into its file (any thread; pin first); :meth:`record` them next.
+
+        A file linked in by :meth:`adopt` is shared with the object store or
+        the write-back journal: it is replaced by a file of the cache's own,
+        never written into.
+        """
         path = self.path_of(object_id)
         path.parent.mkdir(exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        if os.fstat(descriptor).st_nlink > 1:
+            os.close(descriptor)
+            path.unlink()
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(sealed)
             written = 0

@@ -13,7 +13,10 @@ the read fail, with ``IntegrityError``.
 
 :meth:`ChunkReader.prefetch` fetches whole objects ahead of a sequential
 reader (see :mod:`lucidlink.client.readahead`), at most ``read_ahead`` at
-once across the client.  A read that needs blocks a fetch is bringing waits
+once across the client.  From a store that holds objects as files of this
+machine (:class:`~lucidlink.objectstore.interface.IFileObjectStore`) the
+cache links the object's file instead (the kernel reading it in ahead), so
+no byte is read or written twice.  A read that needs blocks a fetch is bringing waits
 for that fetch instead of asking the store a second time.
 
 :meth:`ChunkReader.read_cached` serves a range whose blocks are cached from
@@ -41,6 +44,7 @@ from lucidlink import crypto
 from lucidlink.chunk_keys import chunk_object_key
 from lucidlink.client.chunk_cache import ChunkCache
 from lucidlink.errors import IntegrityError, NotFound
+from lucidlink.objectstore.interface import IFileObjectStore
 
 Offload = Callable[..., "defer.Deferred[Any]"]
 
@@ -342,6 +346,13 @@ class ChunkReader:
         last = crypto.block_count(object_length) - 1
         if self.cache.has(object_id, 0, last):
             return
+        store = self._store()
+        if IFileObjectStore.providedBy(store):
+            path = yield store.file_of(self.key(object_id))
+            if path is not None:
+                yield self._adopt_into_cache(object_id, object_length, path)
+                self.prefetched += 1
+                return
         start = crypto.CHUNK_HEADER_SIZE
         sealed = yield self._get(inode, index, object_id, start, crypto.sealed_chunk_size(object_length) - start)
         yield self._keep(object_id, object_length, start, sealed)

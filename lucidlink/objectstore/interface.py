@@ -150,11 +150,13 @@ class IObjectStore(Interface):
 
 class IFileObjectStore(IObjectStore):
     """
-    A store on the local file system that can take a file as an object without copying it.
+    A store on the local file system that can take a file as an object, and give one, without copying it.
 
     Writers that already hold an object's bytes in a file of the same file
     system (a staged chunk of the write-back journal) store it with
-    :meth:`put_file` instead of reading it back for :meth:`put`.
+    :meth:`put_file` instead of reading it back for :meth:`put`; readers
+    that keep whole objects (the chunk cache) link the file :meth:`file_of`
+    names instead of reading it and writing a copy.
     """
 
     def put_file(key: str, path: str) -> Deferred[None]:  # type: ignore[empty-body]
@@ -164,4 +166,14 @@ class IFileObjectStore(IObjectStore):
         The file becomes the object (a hard link where the store can make
         one, else a copy), so it must not change afterwards; it is made
         durable first.  Fires with None once the object is durable.
+        """
+
+    def file_of(key: str) -> Deferred[str | None]:  # type: ignore[empty-body]
+        """
+        Fire with the path of the file that holds exactly object ``key``, or None (packed, or missing).
+
+        The file never changes (an object is written once; a later put or
+        delete replaces or removes the name, not the file), so a reader may
+        link it where it keeps copies.  The kernel is asked to read its pages
+        in at once.
         """

@@ -159,6 +159,10 @@ class LocalObjectStore:
         """Store the file at ``path`` as object ``key``, create-only: synced, then hard-linked in (else copied)."""
         return self._run(self._put_file_at, check_key, key, path)
 
+    def file_of(self, key: str) -> Deferred[str | None]:
+        """The file of object ``key``, its pages read ahead (see ``IFileObjectStore``); None when packed or missing."""
+        return self._run(self._file_of, check_key, key)
+
     def delete(self, key: str) -> Deferred[None]:
         return self._run(self._delete, check_key, key)
 
@@ -296,6 +300,22 @@ class LocalObjectStore:
             return self._read_packed(key)
         except OSError as failure:
             raise self._error(failure, "reading", key) from failure
+
+    def _file_of(self, key: str) -> str | None:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # packed, missing or unreadable: a get says which
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return str(path)
 
     def _get_range(self, key: str, start: int, length: int) -> bytes:
         try:
