@@ -77,7 +77,7 @@ from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
-from lucidlink.client.metadata_cache import ABSENT, MetadataCache
+from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
 from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
 from lucidlink.client.writeback import (
@@ -320,9 +320,6 @@ class OpenFile:
         """Guards ``_reads``, which reads of other threads (:meth:`read_cached`) tell too."""
         self._invalidations = 0
         """Counts :meth:`invalidate` calls: a chunk map read across one may be older than the change."""
-        self._xattr_changes = 0
-        self.xattrs: dict[bytes, bytes | None] = {}
-        """Extended attributes read while the file is open here (None: it has none by that name); see ``Inodes.getxattr``."""
         self._view: _ReadView | None = None
         """What :meth:`read_cached` may serve from; None whenever the file is being changed or may be stale."""
         self._uploading: dict[int, defer.Deferred[None]] = {}
@@ -668,16 +665,6 @@ class OpenFile:
         if existing and (low > 0 or high < existing):
             return _UNKNOWN
         return (entry.object_id, entry.length) if entry else (b"", 0)
-
-    @property
-    def xattr_changes(self) -> int:
-        """Counts what may have changed the file's extended attributes: an answer read across one is not kept."""
-        return self._invalidations + self._xattr_changes
-
-    def forget_xattrs(self) -> None:
-        """This client sets or removes an extended attribute of the file: what was kept goes."""
-        self._xattr_changes += 1
-        self.xattrs.clear()
 
     def _upload_in_background(self, first: int, current: int) -> None:
         """On the reactor: store the full chunks a write of another thread moved past (see :meth:`write_direct`)."""
@@ -1164,7 +1151,7 @@ class OpenFile:
         with self._guard:
             self._hide_view()
             self._invalidations += 1
-            self.xattrs.clear()
+            self._inodes.known.xattrs_changed(self.inode)
             self._map.clear()
             self._windows.clear()
             self._map_version = None
@@ -1661,7 +1648,6 @@ class Inodes:
             sealed_value = crypto.seal_xattr_value(self.keys, inode, sealed_name, bytes(value))
             return w.SetXattr(inode, sealed_name, sealed_value, XattrFlags(flags))
 
-        self.known.inode_changed(inode)
         return self._changing_xattrs(inode, self._simple(request))
 
     @defer.inlineCallbacks
@@ -1669,28 +1655,27 @@ class Inodes:
         """
         The value of extended attribute ``name``.
 
-        Of a file open here, the answer (a value, or none by that name) is
-        kept until a change of the file is told (another client's, or a
-        reconnect) or this client sets or removes one of its attributes:
-        the kernel asks for ``security.capability`` before every ``write(2)``.
-        :meth:`getxattr_cached` answers from what is kept.
+        Of a file open here, :attr:`known` keeps the answer (a value, or none
+        by that name) until a change of the file is told (another client's,
+        or a reconnect), this client changes the file, or its last handle
+        closes: the kernel asks for ``security.capability`` before every
+        ``write(2)``.  :meth:`getxattr_cached` answers from what is kept.
         """
         name = bytes(name)
         kept = self.getxattr_cached(inode, name)
         if kept is not None:
             return kept
-        file = self._files.get(inode)
-        changes = file.xattr_changes if file is not None else 0
+        since = self.known.mark()
         sealed_name = crypto.seal_xattr_name(self.keys, inode, name)
         try:
             answer = yield self.session.call(w.GetXattr(inode, sealed_name))
         except NoAttribute:
-            if file is not None and file.xattr_changes == changes:
-                file.xattrs[name] = None
+            if inode in self._files:
+                self.known.learn_xattr(inode, name, None, since)
             raise
         value = crypto.open_xattr_value(self.keys, inode, sealed_name, answer.value)
-        if file is not None and file.xattr_changes == changes:
-            file.xattrs[name] = value
+        if inode in self._files:
+            self.known.learn_xattr(inode, name, value, since)
         return value
 
     def getxattr_cached(self, inode: int, name: bytes) -> bytes | None:
@@ -1699,36 +1684,26 @@ class Inodes:
 
         Raises what :meth:`getxattr` would when the answer is known: ``NoAttribute``
         for a name the inode is known not to have (:attr:`known` holds its
-        names, or an open file kept that answer), and the errors of a bad name.
+        names, or kept that answer), and the errors of a bad name.
         """
         name = bytes(name)
         names = self.known.xattr_names(inode)
         if names is not None and name not in names:
             crypto.seal_xattr_name(self.keys, inode, name)  # a bad name's error first
             raise NoAttribute(f"inode {inode} has no such extended attribute")
-        file = self._files.get(inode)
-        if file is None:
-            return None
-        try:
-            value = file.xattrs[name]
-        except KeyError:
-            return None
-        if value is None:
+        value = self.known.xattr(inode, name)
+        if value is ABSENT_XATTR:
             raise NoAttribute(f"inode {inode} has no such extended attribute")
         return value
 
     @defer.inlineCallbacks
     def _changing_xattrs(self, inode: int, change: defer.Deferred[None]) -> Generator[defer.Deferred[Any], Any, None]:
-        """Forget the kept attributes of ``inode`` while ``change`` (a set or a removal) is made, and after."""
-        file = self._files.get(inode)
-        if file is not None:
-            file.forget_xattrs()
+        """Forget what is kept of ``inode`` while ``change`` (a set or a removal) is made, and its xattrs after."""
+        self.known.inode_changed(inode)
         try:
             yield change
         finally:
-            file = self._files.get(inode)
-            if file is not None:
-                file.forget_xattrs()
+            self.known.xattrs_changed(inode)
 
     @defer.inlineCallbacks
     def listxattr(self, inode: int) -> Generator[defer.Deferred[Any], Any, list[bytes]]:
@@ -1741,7 +1716,6 @@ class Inodes:
 
     def removexattr(self, inode: int, name: bytes) -> defer.Deferred[None]:
         """Remove extended attribute ``name``."""
-        self.known.inode_changed(inode)
         return self._changing_xattrs(
             inode, self._simple(lambda: w.RemoveXattr(inode, crypto.seal_xattr_name(self.keys, inode, bytes(name))))
         )
@@ -1948,6 +1922,7 @@ class Inodes:
             if not handles:
                 del self._handles[handle.inode]
                 self._files.pop(handle.inode, None)
+                self.known.forget_xattr_values(handle.inode)
                 handle.file.ended()
                 self.held_locks.release_inode(_OWN, handle.inode)  # as the server does
 

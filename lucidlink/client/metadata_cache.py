@@ -5,10 +5,11 @@ What this client knows of the tree between two questions to the metadata server.
 attributes of inodes, the entries of directories (a name and the inode it
 names, or that the name is absent), which directories it knows whole (every
 entry, so a name it lacks there is absent), and the names of an inode's
-extended attributes when it knows them all (a listing, or a new inode: none;
-the kernel asks for ``security.capability`` before every write).
+extended attributes when it knows them all (a listing, or a new inode: none),
+and of files open here the answers ``getxattr`` got (the kernel asks for
+``security.capability`` before every write).
 :class:`~lucidlink.client.filespace.Inodes` answers lookups, ``getattr`` and
-missing extended attributes from it without a round trip.
+extended attributes from it without a round trip.
 
 It stays true because the server tells this session of every change another
 session makes (``Notify``: an inode's attributes or content, an entry of a
@@ -55,6 +56,9 @@ DEFAULT_TTL = 30.0
 ABSENT = 0
 """What :meth:`MetadataCache.entry` gives for a name known not to exist (no inode is 0)."""
 
+ABSENT_XATTR = object()
+"""What :meth:`MetadataCache.xattr` gives for an extended attribute known not to exist."""
+
 _Value = TypeVar("_Value")
 
 
@@ -73,6 +77,7 @@ class MetadataCache:
         self._entries: dict[int, dict[bytes, tuple[int, float]]] = {}
         self._whole: dict[int, float] = {}
         self._xattr_names: dict[int, tuple[frozenset[bytes], float]] = {}
+        self._xattr_values: dict[int, dict[bytes, bytes | object]] = {}
 
     def mark(self) -> int:
         """Take before sending a request whose answer will be learned."""
@@ -136,6 +141,11 @@ class MetadataCache:
         """The names of ``inode``'s extended attributes, or None if not known."""
         return self._fresh(self._xattr_names.get(inode))
 
+    def xattr(self, inode: int, name: bytes) -> bytes | object | None:
+        """The value of ``inode``'s extended attribute ``name``, :data:`ABSENT_XATTR` if it has none, None if not known."""
+        values = self._xattr_values.get(inode)
+        return None if values is None else values.get(name)
+
     # -- learning what the server answered --------------------------------------------
 
     def learn(self, attributes: Attributes, since: int) -> None:
@@ -167,6 +177,19 @@ class MetadataCache:
             names[name] = (attributes.inode, expiry)
             self.learn(attributes, since)
         self._whole_directory(directory, names)
+
+    def learn_xattr(self, inode: int, name: bytes, value: bytes | None, since: int) -> None:
+        """A ``getxattr`` of ``name`` sent at ``since`` found ``value`` (None: none by that name).
+
+        Kept until a change of the inode or :meth:`forget_xattr_values`; the
+        caller keeps only those of files open here, which bounds them.
+        """
+        if since == self.epoch:
+            self._xattr_values.setdefault(inode, {})[name] = ABSENT_XATTR if value is None else value
+
+    def forget_xattr_values(self, inode: int) -> None:
+        """Values learned of ``inode`` go (its last handle here closed); its names stay."""
+        self._xattr_values.pop(inode, None)
 
     def learn_xattr_names(self, inode: int, names: Iterable[bytes], since: int) -> None:
         """``inode``'s extended attributes are named ``names``, and no others."""
@@ -226,9 +249,14 @@ class MetadataCache:
 
     def inode_changed(self, inode: int) -> None:
         """``inode``'s attributes, content or extended attributes changed (told by the server, or changed here)."""
-        self.epoch += 1
+        self.xattrs_changed(inode)
         self._attributes.pop(inode, None)
+
+    def xattrs_changed(self, inode: int) -> None:
+        """``inode``'s extended attributes may have changed: what is kept of them goes, answers on their way too."""
+        self.epoch += 1
         self._xattr_names.pop(inode, None)
+        self._xattr_values.pop(inode, None)
 
     def entry_changed(self, parent: int, name: bytes, inode: int) -> None:
         """Entry ``name`` of ``parent`` now names ``inode``, or nothing."""
@@ -253,6 +281,7 @@ class MetadataCache:
         self._entries.clear()
         self._whole.clear()
         self._xattr_names.clear()
+        self._xattr_values.clear()
 
     # -- inside ---------------------------------------------------------------------
 
@@ -288,6 +317,7 @@ class MetadataCache:
     def _forget_inode(self, inode: int) -> None:
         self._attributes.pop(inode, None)
         self._xattr_names.pop(inode, None)
+        self._xattr_values.pop(inode, None)
         self._forget_directory(inode)
 
     def _forget_every_inode(self) -> None:
@@ -296,6 +326,7 @@ class MetadataCache:
         self._entries.clear()
         self._attributes.clear()
         self._xattr_names.clear()
+        self._xattr_values.clear()
 
     def _forget_directory(self, directory: int) -> None:
         self._whole.pop(directory, None)
