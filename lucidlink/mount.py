@@ -151,15 +151,29 @@ class DeafThread(threading.Thread):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class NotificationThread(DeafThread):
+    """
+    llfuse's notification thread: deaf, and once started the starting thread takes the stop signals again.
+
+    ``llfuse.main`` starts it from the thread that must take the stop
+    signals, once its handlers for them are in place: a signal held back
+    since mounting (see :func:`serve`) is taken by that handler then.
+    """
+
+    def start(self) -> None:
+        super().start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class ThreadingForLlfuse:
     """
-    ``threading`` as llfuse sees it: the thread it starts for notifications is a :class:`DeafThread`.
+    ``threading`` as llfuse sees it: the thread it starts for notifications is a :class:`NotificationThread`.
 
     ``llfuse.main`` starts that thread itself, from the thread that must take
     the stop signals, so it would hear them too.
     """
 
-    Thread = DeafThread
+    Thread = NotificationThread
 
     def __getattr__(self, name: str) -> Any:
         return getattr(threading, name)
@@ -653,6 +667,21 @@ def mount_options(filespace: str) -> set[str]:
 
 
 @contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """
+    Hold the stop signals back in this thread until ``llfuse.main`` handles them (see :class:`NotificationThread`).
+
+    Taken before, once mounted, SIGTERM and SIGHUP ended the process and left
+    the mount behind, stale; held, they end llfuse's loop as soon as it runs.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def _llfuse_starting_deaf_threads() -> Iterator[None]:
     saved = llfuse.threading
     llfuse.threading = ThreadingForLlfuse()
@@ -668,8 +697,10 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
     Mount, serve until unmounted or signalled, close open files, unmount.
 
     Returns what ``llfuse.main`` does: None after an unmount, else the signal number.
+    A stop signal that comes while mounting ends the loop as soon as it runs.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_stop_signals_held())
         llfuse.init(operations, mountpoint, mount_options(filespace))
         stack.callback(llfuse.close, unmount=True)
         try:

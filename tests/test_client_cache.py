@@ -21,15 +21,19 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from lucidlink import crypto, errors
+from lucidlink.chunk_keys import chunk_object_key
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
+from lucidlink.client.chunk_reader import ChunkReader
 from lucidlink.client.config import parse_size
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.readahead import STREAK, SequentialReads
 from lucidlink.objectstore.faults import FaultyObjectStore
+from lucidlink.objectstore.interface import IFileObjectStore
 from tests.cache_helpers import change
-from tests.client_helpers import ClientTestCase, MemoryFilespaceCase
+from tests.client_helpers import ClientTestCase, MemoryFilespaceCase, synchronous
 
 KEYS = crypto.FilespaceKeys(bytes(32), bytes(16))
 CHUNK = 4 * crypto.BLOCK_SIZE
@@ -40,6 +44,39 @@ def sealed_object(length: int, seed: int, inode: int = 7, index: int = 0) -> tup
     """A chunk's plaintext and its sealed object."""
     plain = random.Random(seed).randbytes(length)
     return plain, crypto.seal_chunk(KEYS, inode, index, plain)
+
+
+FILESPACE_ID = b"\x0f" * 16
+
+
+@implementer(IFileObjectStore)
+class LinkingStore:
+    """Objects as files of ``folder`` (given by :meth:`file_of`); ranged gets wait for :meth:`answer_gets`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.objects: dict[str, bytes] = {}
+        self._gets: list[tuple[Deferred[bytes], str, int, int]] = []
+
+    def file_path(self, key: str) -> Path:
+        return self.folder / key.replace("/", "_")
+
+    def file_of(self, key: str) -> Deferred[str | None]:
+        path = self.file_path(key)
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.objects[key])
+        return defer.succeed(str(path))
+
+    def get_range(self, key: str, start: int, length: int) -> Deferred[bytes]:
+        getting: Deferred[bytes] = Deferred()
+        self._gets.append((getting, key, start, length))
+        return getting
+
+    def answer_gets(self) -> None:
+        gets, self._gets = self._gets, []
+        for getting, key, start, length in gets:
+            getting.callback(self.objects[key][start : start + length])
 
 
 class ChunkCacheTests(SynchronousTestCase):
@@ -115,6 +152,31 @@ class ChunkCacheTests(SynchronousTestCase):
         cache.unpin(object_id)
         self.assertEqual(source.read_bytes(), sealed, "the shared file is untouched")
         self.assertFalse(os.path.samefile(cache.path_of(object_id), source))
+
+    def test_block_read_while_its_object_is_linked_in(self) -> None:
+        """
+        A ranged read of an object whose fetch crossed the link of the whole object keeps the object whole.
+
+        The reader's blocks were written into a file of the cache's own that
+        held only them, while the index said the whole object was there.
+        """
+        cache = self.open(10 * CHUNK)
+        plain, sealed = sealed_object(CHUNK, 8)
+        object_id = b"\x08" * 16
+        store = LinkingStore(Path(self.mktemp()))
+        store.objects[chunk_object_key(FILESPACE_ID, object_id)] = sealed
+        reader = ChunkReader(lambda: store, KEYS, FILESPACE_ID, synchronous, cache=cache)
+
+        reading = reader.read(7, 0, object_id, CHUNK, 0, crypto.BLOCK_SIZE)  # its ranged get is on its way
+        self.successResultOf(reader.prefetch(7, 0, object_id, CHUNK))  # the whole object, linked in
+        store.answer_gets()
+        self.assertEqual(self.successResultOf(reading), plain[: crypto.BLOCK_SIZE])
+
+        self.assertEqual(cache.read_sealed(object_id, 0, len(sealed)), sealed, "the cached file holds what the index says")
+        self.assertEqual(
+            reader.read_cached(7, 0, object_id, CHUNK, CHUNK - crypto.BLOCK_SIZE, CHUNK), plain[-crypto.BLOCK_SIZE :]
+        )
+        self.assertEqual(store.file_path(chunk_object_key(FILESPACE_ID, object_id)).read_bytes(), sealed)
 
     def test_survives_reopening(self) -> None:
         """Entries, their bytes and their recency are there after closing and opening again."""

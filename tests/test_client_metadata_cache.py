@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink import crypto, errors
 from lucidlink.client.filespace import Filespace
-from lucidlink.client.metadata_cache import ABSENT, MetadataCache
+from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import Attributes, FileKind
 from tests.client_helpers import ClientTestCase, deferLater
@@ -56,6 +56,18 @@ class MetadataCacheTests(SynchronousTestCase):
         self.assertIsNone(cache.lookup(ROOT, b"f"))
         self.assertIsNone(cache.attributes(5))
         self.assertIsNone(cache.lookup(ROOT, b"gone"))
+
+    def test_xattr_answers_expire(self) -> None:
+        """A kept ``getxattr`` answer is served until it expires, as everything learned: notifications may be lost unseen."""
+        cache = self.cache
+        cache.learn_xattr(5, b"user.colour", b"blue", cache.mark())
+        cache.learn_xattr(5, b"security.capability", None, cache.mark())
+        self.assertEqual(cache.xattr(5, b"user.colour"), b"blue")
+        self.assertIs(cache.xattr(5, b"security.capability"), ABSENT_XATTR)
+        self.assertIsNone(cache.xattr(5, b"user.other"))
+        self.clock.advance(30)
+        self.assertIsNone(cache.xattr(5, b"user.colour"))
+        self.assertIsNone(cache.xattr(5, b"security.capability"))
 
     def test_whole_directory(self) -> None:
         """A directory read whole (or made here) answers every name it lacks as absent, until an entry changes."""

@@ -247,8 +247,27 @@ class StopSignalTests(SynchronousTestCase):
     def test_llfuse_starts_deaf_threads(self) -> None:
         """The thread llfuse starts for notifications is deaf too; the rest of ``threading`` is the real one."""
         seen = ThreadingForLlfuse()
-        self.assertIs(seen.Thread, DeafThread)
+        self.assertTrue(issubclass(seen.Thread, DeafThread))
         self.assertIs(seen.current_thread, threading.current_thread)
+
+    def test_stop_signals_heard_once_llfuse_starts_its_thread(self) -> None:
+        """Held back while mounting, the stop signals reach the thread in ``llfuse.main`` once it starts its thread."""
+        masks: dict[str, set[int]] = {}
+
+        def in_llfuse_main() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # as serve holds them while mounting
+            notifier = ThreadingForLlfuse().Thread(
+                target=lambda: masks.setdefault("notifier", set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            )
+            notifier.start()
+            notifier.join(10)
+            masks["main"] = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+        thread = threading.Thread(target=in_llfuse_main)
+        thread.start()
+        thread.join(10)
+        self.assertTrue(STOP_SIGNALS <= masks["notifier"], masks)
+        self.assertFalse(STOP_SIGNALS & masks["main"], masks)
 
 
 class FuseCheckTests(SynchronousTestCase):

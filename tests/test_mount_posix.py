@@ -310,3 +310,46 @@ class DemoMountTests(TestCase):
         demo.stop()
         self.assertEqual(demo.process.returncode, 0, demo.log_path.read_text(errors="replace"))
         self.assertFalse(os.path.ismount(mnt))
+
+
+SERVE_SIGNALLED_EARLY = """
+import os, signal, sys
+from lucidlink.mount import FilespaceOperations, serve
+from tests.test_mount import SynchronousBridge
+
+class Inodes:
+    root_inode = 1
+    chunk_size = 4096
+
+    def on_change(self, listener):
+        return lambda: None
+
+stop = int(sys.argv[2])
+before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+ended = serve(FilespaceOperations(Inodes(), SynchronousBridge(None)), sys.argv[1], "early",
+              ready=lambda: os.kill(os.getpid(), stop))
+print(ended, signal.pthread_sigmask(signal.SIG_BLOCK, []) == before, flush=True)
+"""
+
+
+class EarlyStopSignalTests(TestCase):
+    """A stop signal that comes once the filesystem is mounted, before llfuse's loop runs, still ends it cleanly."""
+
+    timeout = 120
+    if SKIP:
+        skip = SKIP
+
+    def test_signal_before_the_loop(self) -> None:
+        """SIGTERM and SIGHUP sent while mounting end ``serve`` with that signal, and nothing stays mounted."""
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            mountpoint = Path(self.mktemp()).absolute()
+            mountpoint.mkdir(parents=True)
+            self.addCleanup(unmount_lazily, mountpoint)
+            done = subprocess.run(
+                [sys.executable, "-c", SERVE_SIGNALLED_EARLY, str(mountpoint), str(int(stop))],
+                capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+            )
+            self.assertEqual(
+                (done.returncode, done.stdout.split()), (0, [str(int(stop)).encode(), b"True"]), done.stderr
+            )
+            self.assertFalse(is_mounted(mountpoint), "not left mounted")

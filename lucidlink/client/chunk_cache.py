@@ -33,6 +33,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,23 +231,30 @@ class ChunkCache:
         Write an object's bytes from ``start`` into its file (any thread; pin first); :meth:`record` them next.
 
         A file linked in by :meth:`adopt` is shared with the object store or
-        the write-back journal: it is replaced by a file of the cache's own,
-        never written into.
+        the write-back journal: it is replaced by a copy of the cache's own
+        (which keeps the blocks the index says it holds), never written into.
         """
         path = self.path_of(object_id)
         path.parent.mkdir(exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        copy = None
         if os.fstat(descriptor).st_nlink > 1:
             os.close(descriptor)
-            path.unlink()
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            descriptor, copy = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
         try:
+            if copy is not None:
+                shutil.copyfile(path, copy)
             view = memoryview(sealed)
             written = 0
             while written < len(view):
                 written += os.pwrite(descriptor, view[written:], start + written)
+            if copy is not None:
+                os.replace(copy, path)
+                copy = None
         finally:
             os.close(descriptor)
+            if copy is not None:
+                os.unlink(copy)
 
     def adopt(self, object_id: bytes, path: str | Path) -> None:
         """

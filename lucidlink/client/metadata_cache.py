@@ -77,7 +77,7 @@ class MetadataCache:
         self._entries: dict[int, dict[bytes, tuple[int, float]]] = {}
         self._whole: dict[int, float] = {}
         self._xattr_names: dict[int, tuple[frozenset[bytes], float]] = {}
-        self._xattr_values: dict[int, dict[bytes, bytes | object]] = {}
+        self._xattr_values: dict[int, dict[bytes, tuple[bytes | object, float]]] = {}
 
     def mark(self) -> int:
         """Take before sending a request whose answer will be learned."""
@@ -144,7 +144,7 @@ class MetadataCache:
     def xattr(self, inode: int, name: bytes) -> bytes | object | None:
         """The value of ``inode``'s extended attribute ``name``, :data:`ABSENT_XATTR` if it has none, None if not known."""
         values = self._xattr_values.get(inode)
-        return None if values is None else values.get(name)
+        return None if values is None else self._fresh(values.get(name))
 
     # -- learning what the server answered --------------------------------------------
 
@@ -181,11 +181,13 @@ class MetadataCache:
     def learn_xattr(self, inode: int, name: bytes, value: bytes | None, since: int) -> None:
         """A ``getxattr`` of ``name`` sent at ``since`` found ``value`` (None: none by that name).
 
-        Kept until a change of the inode or :meth:`forget_xattr_values`; the
-        caller keeps only those of files open here, which bounds them.
+        Kept until a change of the inode, :meth:`forget_xattr_values` or ``ttl``
+        seconds have passed; the caller keeps only those of files open here,
+        which bounds them.
         """
         if since == self.epoch:
-            self._xattr_values.setdefault(inode, {})[name] = ABSENT_XATTR if value is None else value
+            kept = ABSENT_XATTR if value is None else value
+            self._xattr_values.setdefault(inode, {})[name] = (kept, self._expiry())
 
     def forget_xattr_values(self, inode: int) -> None:
         """Values learned of ``inode`` go (its last handle here closed); its names stay."""
