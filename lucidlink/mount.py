@@ -279,6 +279,7 @@ class KernelCaches:
         self._queued = 0
         self._carried_out = 0
         self._counting = threading.Lock()
+        self._stopping = False
 
     def start(self) -> None:
         """Start carrying out invalidations (only while mounted)."""
@@ -286,8 +287,15 @@ class KernelCaches:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Carry out what is queued, then stop."""
+        """
+        Stop; invalidations still queued are dropped (those waiting in :meth:`settle` let go).
+
+        It is called once llfuse's loop has ended: the mount is going, and
+        llfuse no longer passes invalidations to the kernel (past its queue's
+        1,000, each would wait for good).
+        """
         if self._thread is not None:
+            self._stopping = True
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
@@ -320,6 +328,8 @@ class KernelCaches:
                 return
             if isinstance(item, threading.Event):
                 item.set()
+                continue
+            if self._stopping:
                 continue
             inode, parent, name = item
             if name is not None:

@@ -13,6 +13,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,38 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         served, kernel._queue = kernel._queue, queue.SimpleQueue()  # what settle puts now is never answered
         self.assertTrue(kernel.settle(timeout=0.05), "nothing left to wait for")
         kernel._queue = served
+
+    def test_stop_drops_what_is_queued(self) -> None:
+        """Stopped (llfuse's loop has ended), the invalidations still queued are dropped, and settle lets go."""
+        gate, entered = threading.Event(), threading.Event()
+        invalidated: list[int] = []
+
+        def invalidate_inode(inode: int, attributes_only: bool = False) -> None:
+            entered.set()
+            gate.wait(10)
+            invalidated.append(inode)
+
+        self.patch(llfuse, "invalidate_inode", invalidate_inode)
+        kernel = KernelCaches(lambda: [])
+        kernel.start()
+        self.addCleanup(kernel.stop)
+        for inode in (7, 8, 9):
+            kernel.drop_pages(inode)
+        self.assertTrue(entered.wait(10))
+        settled: list[bool] = []
+        waiter = threading.Thread(target=lambda: settled.append(kernel.settle(timeout=10)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while kernel._queue.qsize() < 3 and time.monotonic() < deadline:  # 8, 9 and the waiter's mark
+            time.sleep(0.001)
+        stopping = threading.Thread(target=kernel.stop)
+        stopping.start()
+        gate.set()
+        stopping.join(10)
+        waiter.join(10)
+        self.assertFalse(stopping.is_alive())
+        self.assertEqual(invalidated, [7], "the one under way ends; the rest are dropped")
+        self.assertEqual(settled, [True])
 
     def test_removed_open_directory(self) -> None:
         """A directory removed while open keeps its attributes (as last changed here) with no links."""
