@@ -276,7 +276,7 @@ class MountVersusLocal(RuleBasedStateMachine):
                 self.stat(path, follow=False)
                 self.listdir(path)
                 self.read_whole(path)
-                self.both(f"xattrs of {path}", lambda root: _xattrs(root / path))
+                self.both(f"xattrs of {path}", lambda root, path=path: _xattrs(root / path))
         finally:
             for mounted, local in self.open.values():
                 for fd in (mounted, local):
