@@ -654,8 +654,14 @@ class FilespaceOperations(llfuse.Operations):
 
     # -- extended attributes -----------------------------------------------------
 
-    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        """Answered here when the core knows the answer (the kernel asks before every write), else on the reactor."""
+    def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        """
+        Answered here when the core knows the answer (the kernel asks before every write), else on the reactor.
+
+        llfuse itself asks without a context, before a ``setxattr`` with
+        ``XATTR_CREATE`` or ``XATTR_REPLACE`` (it checks those flags, and
+        does not pass them on): any error but ``FUSEError`` there ends the mount.
+        """
         cached = self.bridge.here(self.inodes.getxattr_cached, inode, name)
         if cached is not None:
             return cached  # type: ignore[no-any-return]

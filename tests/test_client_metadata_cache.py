@@ -9,12 +9,15 @@ connection goes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import stat
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet import defer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,9 +25,21 @@ from twisted.trial.unittest import SynchronousTestCase
 from lucidlink import crypto, errors
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
+from lucidlink.client.session import open_session
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import Attributes, FileKind
-from tests.client_helpers import ClientTestCase, deferLater
+from tests.client_helpers import (
+    ADMIN,
+    ADMIN_PASSPHRASE,
+    FILESPACE,
+    ClientTestCase,
+    InMemoryConnection,
+    MemoryFilespaceCase,
+    deferLater,
+    fast_backoff,
+    memory_resolver,
+    synchronous,
+)
 
 ROOT = 1
 
@@ -529,9 +544,24 @@ class InodesCacheTests(ClientTestCase):
                 self.assertEqual({name for name, (inode, _) in names.items() if inode != ABSENT}, listed,
                                  f"directory {parent} known whole")
         for inode, (xattr_names, _) in list(known._xattr_names.items()):
+            if known.xattr_names(inode) is None:
+                continue
             answer = yield call(w.ListXattr(inode))
             self.assertEqual(xattr_names, {crypto.open_xattr_name(inodes.keys, inode, n) for n in answer.names},
                              f"extended attributes of inode {inode}")
+        for inode, values in list(known._xattr_values.items()):
+            for name in list(values):
+                kept = known.xattr(inode, name)
+                if kept is None:
+                    continue
+                sealed_name = crypto.seal_xattr_name(inodes.keys, inode, name)
+                try:
+                    answer = yield call(w.GetXattr(inode, sealed_name))
+                except errors.NoAttribute:
+                    self.assertIs(kept, ABSENT_XATTR, f"extended attribute {name!r} of inode {inode}")
+                else:
+                    value = crypto.open_xattr_value(inodes.keys, inode, sealed_name, answer.value)
+                    self.assertEqual(kept, value, f"extended attribute {name!r} of inode {inode}")
 
     @defer.inlineCallbacks
     def learn_everything(self, fs: Filespace) -> Generator[Deferred[Any], Any, None]:
@@ -638,3 +668,230 @@ class InodesCacheTests(ClientTestCase):
     def test_reads_crossing_changes_elsewhere_keep_it_true(self) -> Deferred[None]:
         """Reads on their way while another session changes the tree leave nothing untrue behind."""
         return self.reads_crossing_changes(here=False)
+
+
+
+PATHS = [b"a", b"b", b"c", b"d", b"d/a", b"d/c", b"d/e", b"d/e/a"]
+"""Every path a step of :class:`CacheModelTests` may touch; most steps meet existing and missing ones alike."""
+XATTRS = [b"user.x", b"user.y"]
+RUNS = (f"run-{number}".encode() for number in itertools.count())
+"""The folder of each example, under the root."""
+
+_path = st.sampled_from(PATHS)
+_client = st.sampled_from(["here", "elsewhere"])
+cache_steps = st.lists(st.one_of(
+    st.tuples(_client, st.just("create"), _path, st.booleans()),
+    st.tuples(_client, st.just("mkdir"), _path),
+    st.tuples(_client, st.just("unlink"), _path),
+    st.tuples(_client, st.just("rmdir"), _path),
+    st.tuples(_client, st.just("rename"), _path, _path,
+              st.sampled_from([0, w.RenameFlags.NOREPLACE, w.RenameFlags.EXCHANGE])),
+    st.tuples(_client, st.just("link"), _path, _path),
+    st.tuples(_client, st.just("symlink"), _path),
+    st.tuples(_client, st.just("chmod"), _path, st.sampled_from([0o600, 0o644, 0o755])),
+    st.tuples(_client, st.just("truncate"), _path, st.integers(0, 3)),
+    st.tuples(_client, st.just("setxattr"), _path, st.sampled_from(XATTRS), st.binary(max_size=3),
+              st.sampled_from([w.XattrFlags.ANY, w.XattrFlags.CREATE, w.XattrFlags.REPLACE])),
+    st.tuples(_client, st.just("removexattr"), _path, st.sampled_from(XATTRS)),
+    st.tuples(_client, st.just("open"), _path, st.sampled_from([os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC])),
+    st.tuples(_client, st.just("write"), st.integers(0, 3), st.integers(0, 5), st.binary(min_size=1, max_size=4)),
+    st.tuples(_client, st.just("close"), st.integers(0, 3)),
+    st.tuples(_client, st.just("read"), _path),
+    st.tuples(st.just("here"), st.just("deliver"), st.integers(0, 7)),
+    st.tuples(st.just("here"), st.just("settle")),
+), min_size=3, max_size=30)
+"""
+Changes and reads by either of two sessions: this one ("here") and another
+("elsewhere"); and, when this one's answers are held back, the delivery of
+one of them, or of all.
+"""
+
+
+class HeldAnswers(InMemoryConnection):
+    """An in-memory connection whose answers, while :attr:`holding`, wait for :meth:`deliver` (notifications do not)."""
+
+    holding = False
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def request(self, message: Any, timeout: float | None = None) -> Deferred[Any]:
+        answer = super().request(message, timeout)
+        if not self.holding:
+            return answer
+        later: Deferred[Any] = Deferred()
+        self.held.append((answer, later))
+        return later
+
+    def deliver(self, index: int) -> None:
+        """Deliver the answer held at ``index`` (of those held, oldest first)."""
+        answer, later = self.held.pop(index)
+        answer.chainDeferred(later)
+
+    def settle(self) -> None:
+        """Deliver every answer held, those asked for meanwhile too, oldest first."""
+        while self.held:
+            self.deliver(0)
+
+
+class CacheModelTests(MemoryFilespaceCase):
+    """
+    Random changes and reads, by this session and another, over a small tree
+    (files, directories, hard and symbolic links, renames over and exchanges,
+    extended attributes, open files written and truncated): once every answer
+    has arrived, all that either session's metadata cache holds is what the
+    server says.  This session's answers may be held back (the server tells
+    of changes before it answers what was read before them; answers come in
+    any order), so its own steps cross each other and the other's.
+    """
+
+    assert_known_is_true = InodesCacheTests.assert_known_is_true
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Generator[Deferred[Any], Any, None]:
+        yield super().setUp()
+        self.connections: list[HeldAnswers] = []
+        session = yield open_session(
+            reactor, filespace=FILESPACE, user=ADMIN, passphrase=ADMIN_PASSPHRASE,
+            resolver=memory_resolver(self.folder / "state"), connect=self.connect, backoff=fast_backoff(), deadline=5,
+        )
+        self.addCleanup(session.close)
+        self.here = Filespace(session, self.objects, uid=1000, gid=1000, offload=synchronous)
+        self.elsewhere = self.fs
+
+    def connect(self, endpoint: str, identity: str) -> Deferred[HeldAnswers]:
+        self.connections.append(HeldAnswers(self.responder))
+        return defer.succeed(self.connections[-1])
+
+    @settings(max_examples=int(os.environ.get("LUCID_MODEL_EXAMPLES", 30)), deadline=None)
+    @given(st.booleans(), cache_steps)
+    def test_caches_match_the_server(self, hold: bool, steps: list[tuple[Any, ...]]) -> None:
+        """Whatever either session does, and in whatever order this one's answers come, no cache is left untrue."""
+        connection = self.connections[-1]
+        clients = {"here": self.here, "elsewhere": self.elsewhere}
+        handles: dict[str, list[Any]] = {"here": [], "elsewhere": []}
+        self.populate()
+        connection.holding = hold
+        under_way: list[Deferred[Any]] = []
+        try:
+            for number, step in enumerate(steps):
+                who, kind, *arguments = step
+                if kind == "deliver":
+                    if connection.held:
+                        connection.deliver(arguments[0] % len(connection.held))
+                elif kind == "settle":
+                    connection.settle()
+                else:
+                    doing = self.apply(clients[who], handles[who], kind, *arguments)
+                    under_way.append(doing.addErrback(lambda failure: failure.trap(errors.LucidError)))
+                if not connection.held:
+                    self.check(clients, f"after step {number} {step}")
+            connection.settle()
+            for doing in under_way:
+                self.now(doing)
+            self.check(clients, "at the end")
+        finally:
+            connection.holding = False
+            connection.settle()
+            for opened in handles.values():
+                for handle in opened:
+                    handle.close().addErrback(lambda failure: None)
+
+    def check(self, clients: dict[str, Filespace], when: str) -> None:
+        """Everything either session's cache holds is what the server says (asked without holding answers)."""
+        connection = self.connections[-1]
+        holding, connection.holding = connection.holding, False
+        try:
+            for name, fs in clients.items():
+                try:
+                    self.now(self.assert_known_is_true(fs))
+                except AssertionError as error:
+                    self.fail(f"{name}'s cache {when}: {error}")
+        finally:
+            connection.holding = holding
+
+    def populate(self) -> None:
+        """A new folder for the example, with files, folders and an xattr, learned by both sessions (and nothing else)."""
+        for fs in (self.here, self.elsewhere):
+            fs.inodes.known.clear()
+        self.top = self.now(self.here.inodes.mkdir(ROOT, next(RUNS))).inode
+        for path, content in ((b"a", b"aaa"), (b"d", None), (b"d/a", b"da"), (b"d/e", None), (b"b", b"")):
+            if content is None:
+                self.now(self.apply(self.here, [], "mkdir", path))
+            else:
+                opened: list[Any] = []
+                self.now(self.apply(self.here, opened, "create", path, True))
+                self.now(opened[0].write(0, content))
+                self.now(opened[0].close())
+        self.now(self.apply(self.here, [], "setxattr", b"a", b"user.x", b"1", w.XattrFlags.CREATE))
+        for fs in (self.here, self.elsewhere):
+            for path in PATHS:
+                self.now(self.apply(fs, [], "read", path).addErrback(lambda failure: failure.trap(errors.NotFound)))
+
+    @defer.inlineCallbacks
+    def parent_of(self, fs: Filespace, path: bytes) -> Generator[Deferred[Any], Any, tuple[int, bytes]]:
+        """The inode of ``path``'s directory (looked up through ``fs``'s cache) and its last name."""
+        *folders, name = path.split(b"/")
+        parent = self.top
+        for folder in folders:
+            parent = (yield fs.inodes.lookup(parent, folder)).inode
+        return parent, name
+
+    @defer.inlineCallbacks
+    def apply(
+        self, fs: Filespace, opened: list[Any], kind: str, *arguments: Any
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Make one step through ``fs``; the files it opens are added to ``opened``, those it closes taken out."""
+        inodes = fs.inodes
+        if kind in ("write", "close"):
+            if opened:
+                handle = opened[arguments[0] % len(opened)]
+                if kind == "close":
+                    opened.remove(handle)
+                    yield handle.close()
+                else:
+                    yield handle.write(arguments[1], arguments[2])
+            return
+        parent, name = yield self.parent_of(fs, arguments[0])
+        if kind == "create":
+            handle = yield inodes.create(parent, name, 0o644, os.O_RDWR | os.O_CREAT | (os.O_EXCL * arguments[1]))
+            opened.append(handle)
+        elif kind == "mkdir":
+            yield inodes.mkdir(parent, name)
+        elif kind == "unlink":
+            yield inodes.unlink(parent, name)
+        elif kind == "rmdir":
+            yield inodes.rmdir(parent, name)
+        elif kind == "symlink":
+            yield inodes.symlink(parent, name, b"d/a")
+        elif kind in ("rename", "link"):
+            new_parent, new_name = yield self.parent_of(fs, arguments[1])
+            if kind == "rename":
+                yield inodes.rename(parent, name, new_parent, new_name, arguments[2])
+            else:
+                found = yield inodes.lookup(parent, name)
+                yield inodes.link(found.inode, new_parent, new_name)
+        else:
+            found = yield inodes.lookup(parent, name)
+            if kind == "chmod":
+                yield inodes.setattr(found.inode, mode=arguments[1])
+            elif kind == "truncate":
+                yield inodes.setattr(found.inode, size=arguments[1])
+            elif kind == "setxattr":
+                yield inodes.setxattr(found.inode, arguments[1], arguments[2], arguments[3])
+            elif kind == "removexattr":
+                yield inodes.removexattr(found.inode, arguments[1])
+            elif kind == "open":
+                handle = yield inodes.open(found.inode, arguments[1])
+                opened.append(handle)
+            else:
+                yield inodes.getattr(found.inode)
+                yield inodes.listxattr(found.inode)
+                for xattr in XATTRS:
+                    try:
+                        yield inodes.getxattr(found.inode, xattr)
+                    except errors.NoAttribute:
+                        pass
+                if found.kind == FileKind.DIRECTORY:
+                    yield inodes.readdir(found.inode)

@@ -124,6 +124,10 @@ class MountAdapterTests(MemoryFilespaceCase):
         self.assertEqual(stat.S_IFMT(link.st_mode), stat.S_IFLNK)
         self.assertEqual(self.ops.readlink(link.st_ino, ctx), b"dir/f")
         self.assertEqual(self.fuse_errno(self.ops.getxattr, link.st_ino, b"user.none", ctx), errno.ENODATA)
+        # llfuse checks XATTR_CREATE and XATTR_REPLACE itself, asking getxattr without a context.
+        self.assertEqual(self.fuse_errno(self.ops.getxattr, made.st_ino, b"user.none"), errno.ENODATA)
+        self.ops.setxattr(made.st_ino, b"user.some", b"value", ctx)
+        self.assertEqual(self.ops.getxattr(made.st_ino, b"user.some"), b"value")
 
         directory = self.ops.opendir(made.st_ino, ctx)
         names = [name for name, _, _ in self.ops.readdir(directory, 0)]

@@ -196,6 +196,11 @@ class MountTests(DemoMountCase):
         os.removexattr(mnt / "hard.txt", "user.colour")
         self.assertEqual(os.listxattr(mnt / "hard.txt"), ["user.size"])
         self.assertErrno(errno.ENODATA, os.getxattr, mnt / "hard.txt", "user.colour")
+        self.assertErrno(errno.ENODATA, os.setxattr, mnt / "hard.txt", "user.colour", b"red", os.XATTR_REPLACE)
+        self.assertErrno(errno.EEXIST, os.setxattr, mnt / "hard.txt", "user.size", b"", os.XATTR_CREATE)
+        os.setxattr(mnt / "hard.txt", "user.colour", b"red", os.XATTR_CREATE)
+        os.setxattr(mnt / "hard.txt", "user.colour", b"green", os.XATTR_REPLACE)
+        self.assertEqual(os.getxattr(mnt / "hard.txt", "user.colour"), b"green")
 
         # Attributes: mode and times.
         os.chmod(mnt / "hard.txt", 0o600)

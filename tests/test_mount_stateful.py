@@ -2,12 +2,14 @@
 Random sequences of file operations, applied to a real mount and to a plain
 local directory, must give the same results: the same return values, the same
 errno, the same contents and the same stat fields (type, permission bits,
-size, link count).
+size, link count) and the same extended attributes.
 
 Hypothesis's stateful testing chooses the operations: create and open with
 every flag that matters, writes at offsets around chunk boundaries and far
 past the end (sparse files), truncation, reads, renames over existing names,
-unlinking open files, directories, hard and symbolic links, chmod, listings.
+unlinking open files, directories, hard and symbolic links, chmod, listings,
+extended attributes by path and by descriptor (with XATTR_CREATE and
+XATTR_REPLACE).
 Every example works in a fresh folder of one mount; the numbers of examples
 and steps are bounded so the whole test takes well under a minute.
 """
@@ -49,6 +51,10 @@ OPEN_FLAGS = [
     os.O_RDONLY | os.O_DIRECTORY,
 ]
 MODES = [0o600, 0o644, 0o755, 0o400, 0o000]
+XATTR_NAMES = ["user.a", "user.b", "user.long-name-of-an-attribute"]
+"""The extended attributes an operation may set or remove; reads also ask for one the kernel asks before writes."""
+XATTR_FLAGS = [0, os.XATTR_CREATE, os.XATTR_REPLACE]
+xattr_values = st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"1", b"2"]))
 WHOLE_READ_LIMIT = 16 * CHUNK
 """Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
 
@@ -185,6 +191,25 @@ class MountVersusLocal(RuleBasedStateMachine):
     def chmod(self, path: str, mode: int) -> None:
         self.both(f"chmod {path} {mode:o}", lambda root: os.chmod(root / path, mode))
 
+    @rule(path=st.sampled_from(["", *PATHS]), name=st.sampled_from(XATTR_NAMES), value=xattr_values,
+          flags=st.sampled_from(XATTR_FLAGS), follow=st.booleans())
+    def setxattr(self, path: str, name: str, value: bytes, flags: int, follow: bool) -> None:
+        self.both(f"setxattr {path} {name} {flags}",
+                  lambda root: os.setxattr(root / path, name, value, flags, follow_symlinks=follow))
+
+    @rule(path=st.sampled_from(["", *PATHS]), name=st.sampled_from([*XATTR_NAMES, "security.capability"]),
+          follow=st.booleans())
+    def getxattr(self, path: str, name: str, follow: bool) -> None:
+        self.both(f"getxattr {path} {name}", lambda root: os.getxattr(root / path, name, follow_symlinks=follow))
+
+    @rule(path=st.sampled_from(["", *PATHS]), follow=st.booleans())
+    def listxattr(self, path: str, follow: bool) -> None:
+        self.both(f"listxattr {path}", lambda root: sorted(os.listxattr(root / path, follow_symlinks=follow)))
+
+    @rule(path=st.sampled_from(["", *PATHS]), name=st.sampled_from(XATTR_NAMES), follow=st.booleans())
+    def removexattr(self, path: str, name: str, follow: bool) -> None:
+        self.both(f"removexattr {path} {name}", lambda root: os.removexattr(root / path, name, follow_symlinks=follow))
+
     @rule(path=st.sampled_from(["", *PATHS]))
     def listdir(self, path: str) -> None:
         self.both(f"listdir {path!r}", lambda root: sorted(os.listdir(root / path)))
@@ -219,6 +244,33 @@ class MountVersusLocal(RuleBasedStateMachine):
     def fsync(self, number: int) -> None:
         self.both_handles("fsync", number, os.fsync)
 
+    @rule(number=handles, name=st.sampled_from(XATTR_NAMES), value=xattr_values, flags=st.sampled_from(XATTR_FLAGS))
+    def fsetxattr(self, number: int, name: str, value: bytes, flags: int) -> None:
+        self.xattrs_by_handle(f"fsetxattr {name} {flags}", number, lambda fd: os.setxattr(fd, name, value, flags))
+
+    @rule(number=handles, name=st.sampled_from([*XATTR_NAMES, "security.capability"]))
+    def fgetxattr(self, number: int, name: str) -> None:
+        self.xattrs_by_handle(f"fgetxattr {name}", number, lambda fd: os.getxattr(fd, name))
+
+    @rule(number=handles)
+    def flistxattr(self, number: int) -> None:
+        self.xattrs_by_handle("flistxattr", number, lambda fd: sorted(os.listxattr(fd)))
+
+    @rule(number=handles, name=st.sampled_from(XATTR_NAMES))
+    def fremovexattr(self, number: int, name: str) -> None:
+        self.xattrs_by_handle(f"fremovexattr {name}", number, lambda fd: os.removexattr(fd, name))
+
+    def xattrs_by_handle(self, what: str, number: int, function: Callable[[int], Any]) -> None:
+        """
+        As :meth:`both_handles`, but not on a directory removed while open.
+
+        The metadata server keeps no removed directory for descriptors open
+        on it (see docs/decisions.rst): its extended attributes are gone.
+        """
+        removed = os.fstat(self.open[number][1])
+        if not (stat.S_ISDIR(removed.st_mode) and removed.st_nlink == 0):
+            self.both_handles(what, number, function)
+
     @rule(number=consumes(handles))
     def close(self, number: int) -> None:
         self.both_handles("close", number, os.close)
@@ -235,6 +287,7 @@ class MountVersusLocal(RuleBasedStateMachine):
                 self.stat(path, follow=False)
                 self.listdir(path)
                 self.read_whole(path)
+                self.both(f"xattrs of {path}", lambda root, path=path: _xattrs(root / path))
         finally:
             for mounted, local in self.open.values():
                 for fd in (mounted, local):
@@ -255,6 +308,11 @@ def _content(path: Path) -> Any:
         return [(offset, os.pread(fd, 8192, max(0, offset - 4096))) for offset in [*OFFSETS, *SIZES, size]]
     finally:
         os.close(fd)
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    """Every extended attribute of ``path`` (not followed if a symbolic link) with its value."""
+    return {name: os.getxattr(path, name, follow_symlinks=False) for name in os.listxattr(path, follow_symlinks=False)}
 
 
 def _short(result: Outcome) -> str:
