@@ -677,6 +677,21 @@ class FilespaceOperations(llfuse.Operations):
         self._call("removexattr", inode, name)
 
 
+FUSE_WORKER_PREFIX = "fuse-worker-"
+"""How llfuse names its worker threads (``threading.current_thread().name``)."""
+
+
+def fuse_workers_running() -> tuple[int, int]:
+    """
+    How many of llfuse's worker threads run still, and how many it started (for stack dumps).
+
+    llfuse starts them without ``threading`` and names them when they start,
+    so each stays listed after it ends; its task in /proc does not.
+    """
+    workers = [thread.native_id for thread in threading.enumerate() if thread.name.startswith(FUSE_WORKER_PREFIX)]
+    return sum(os.path.exists(f"/proc/self/task/{worker}") for worker in workers), len(workers)
+
+
 def mount_options(filespace: str) -> set[str]:
     """llfuse's options for a filespace's mount."""
     return {f"fsname=lucid:{filespace}", "subtype=lucid", "big_writes", "default_permissions"}

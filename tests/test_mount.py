@@ -6,12 +6,14 @@ nothing (every Deferred of the in-memory core has fired already).
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import signal
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,14 @@ try:
     from lucidlink.mount import (
         ATTRIBUTE_TIMEOUT,
         ERRNO,
+        FUSE_WORKER_PREFIX,
         STOP_SIGNALS,
         Bridge,
         DeafThread,
         FilespaceOperations,
         ThreadingForLlfuse,
         errno_of,
+        fuse_workers_running,
         mount_options,
     )
 except ImportError:
@@ -272,6 +276,36 @@ class StopSignalTests(SynchronousTestCase):
         thread.join(10)
         self.assertTrue(STOP_SIGNALS <= masks["notifier"], masks)
         self.assertFalse(STOP_SIGNALS & masks["main"], masks)
+
+
+class FuseWorkersTests(SynchronousTestCase):
+    """llfuse's workers, counted for the stack dump."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def test_counts_running_and_started(self) -> None:
+        """A worker is a thread llfuse started (not through ``threading``) and named; it runs while its task lives."""
+        started, leave, ended = threading.Event(), threading.Event(), threading.Event()
+        ids: list[int] = []
+
+        def work() -> None:
+            thread = threading.current_thread()  # a dummy thread, as in llfuse's workers: it stays listed
+            thread.name = FUSE_WORKER_PREFIX + "1"
+            ids.append(threading.get_native_id())
+            started.set()
+            leave.wait(10)
+            ended.set()
+
+        _thread.start_new_thread(work, ())
+        self.assertTrue(started.wait(10))
+        self.assertEqual(fuse_workers_running(), (1, 1))
+        leave.set()
+        self.assertTrue(ended.wait(10))
+        deadline = time.monotonic() + 10  # the task ends a little after the Python code
+        while os.path.exists(f"/proc/self/task/{ids[0]}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(fuse_workers_running(), (0, 1))
 
 
 class FuseCheckTests(SynchronousTestCase):

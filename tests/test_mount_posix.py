@@ -254,6 +254,7 @@ class MountTests(DemoMountCase):
         while "in serve" not in again.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertIn("in serve", again.log_text())
+        self.assertIn("llfuse workers running: 30 of 30", again.log_text())
         self.assertIn("README.txt", os.listdir(self.mnt))
         self.assertEqual(again.stop(signal.SIGINT), 0, again.log_text())
         self.assertFalse(is_mounted(self.mnt))
@@ -358,3 +359,4 @@ class EarlyStopSignalTests(TestCase):
                 (done.returncode, done.stdout.split()), (0, [str(int(stop)).encode(), b"True"]), done.stderr
             )
             self.assertFalse(is_mounted(mountpoint), "not left mounted")
+

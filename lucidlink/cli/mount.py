@@ -284,9 +284,11 @@ def tell_stacks_on_signal(stream: Any = None) -> threading.Thread:
             for ident, frame in sys._current_frames().items():
                 lines.append(f"Thread {names.get(ident, ident)}:\n")
                 lines.extend(traceback.format_stack(frame))
+            running, started = fuse_workers_running()
+            lines.append(f"llfuse workers running: {running} of {started}\n")
             print("".join(lines), file=stream or sys.stderr, flush=True)
 
-    from lucidlink.mount import DeafThread
+    from lucidlink.mount import DeafThread, fuse_workers_running
 
     teller = DeafThread(target=tell, name="stacks on SIGUSR2", daemon=True)
     teller.start()
