@@ -81,30 +81,8 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         self.assertNotIn(made.st_ino, known())
         self.assertTrue(self.ops.kernel.settle())  # not running (not mounted): nothing to wait for
 
-    def test_settle_waits_only_for_what_is_queued(self) -> None:
-        """``settle`` waits while invalidations are queued, and not at all once they are carried out."""
-        gate = threading.Event()
-        invalidated: list[int] = []
-
-        def invalidate_inode(inode: int, attributes_only: bool = False) -> None:
-            gate.wait(10)
-            invalidated.append(inode)
-
-        self.patch(llfuse, "invalidate_inode", invalidate_inode)
-        kernel = KernelCaches(lambda: [])
-        kernel.start()
-        self.addCleanup(kernel.stop)
-        kernel.drop_pages(7)
-        self.assertFalse(kernel.settle(timeout=0.05), "the invalidation is still under way")
-        gate.set()
-        self.assertTrue(kernel.settle())
-        self.assertEqual(invalidated, [7])
-        served, kernel._queue = kernel._queue, queue.SimpleQueue()  # what settle puts now is never answered
-        self.assertTrue(kernel.settle(timeout=0.05), "nothing left to wait for")
-        kernel._queue = served
-
-    def test_stop_drops_what_is_queued(self) -> None:
-        """Stopped (llfuse's loop has ended), the invalidations still queued are dropped, and settle lets go."""
+    def gated_kernel(self) -> tuple[KernelCaches, threading.Event, threading.Event, list[int]]:
+        """Running invalidations whose ``invalidate_inode`` waits for a gate: the kernel, the gate, entered, done."""
         gate, entered = threading.Event(), threading.Event()
         invalidated: list[int] = []
 
@@ -117,6 +95,23 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         kernel = KernelCaches(lambda: [])
         kernel.start()
         self.addCleanup(kernel.stop)
+        return kernel, gate, entered, invalidated
+
+    def test_settle_waits_only_for_what_is_queued(self) -> None:
+        """``settle`` waits while invalidations are queued, and not at all once they are carried out."""
+        kernel, gate, _, invalidated = self.gated_kernel()
+        kernel.drop_pages(7)
+        self.assertFalse(kernel.settle(timeout=0.05), "the invalidation is still under way")
+        gate.set()
+        self.assertTrue(kernel.settle())
+        self.assertEqual(invalidated, [7])
+        served, kernel._queue = kernel._queue, queue.SimpleQueue()  # what settle puts now is never answered
+        self.assertTrue(kernel.settle(timeout=0.05), "nothing left to wait for")
+        kernel._queue = served
+
+    def test_stop_drops_what_is_queued(self) -> None:
+        """Stopped (llfuse's loop has ended), the invalidations still queued are dropped, and settle lets go."""
+        kernel, gate, entered, invalidated = self.gated_kernel()
         for inode in (7, 8, 9):
             kernel.drop_pages(inode)
         self.assertTrue(entered.wait(10))
