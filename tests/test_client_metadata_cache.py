@@ -618,12 +618,7 @@ class InodesCacheTests(ClientTestCase):
         yield self.assert_known_is_true(fs)
         for number, step in enumerate(steps):
             yield step()
-            try:
-                yield self.assert_known_is_true(fs)
-                yield self.learn_everything(fs)
-                yield self.assert_known_is_true(fs)
-            except (AssertionError, errors.LucidError) as error:
-                self.fail(f"after step {number}: {error!r}")
+            yield self.still_true(fs, number)
 
     @defer.inlineCallbacks
     def test_changes_elsewhere_keep_it_true(self) -> Generator[Deferred[Any], Any, None]:
@@ -635,12 +630,17 @@ class InodesCacheTests(ClientTestCase):
         for number, step in enumerate(steps):
             yield step()
             yield watcher.inodes.statfs()  # answered after the notifications the change sent
-            try:
-                yield self.assert_known_is_true(watcher)
-                yield self.learn_everything(watcher)
-                yield self.assert_known_is_true(watcher)
-            except (AssertionError, errors.LucidError) as error:
-                self.fail(f"after step {number}: {error!r}")
+            yield self.still_true(watcher, number)
+
+    @defer.inlineCallbacks
+    def still_true(self, fs: Filespace, number: int) -> Generator[Deferred[Any], Any, None]:
+        """What ``fs`` knows after step ``number`` matches the server, and again once it has learned everything."""
+        try:
+            yield self.assert_known_is_true(fs)
+            yield self.learn_everything(fs)
+            yield self.assert_known_is_true(fs)
+        except (AssertionError, errors.LucidError) as error:
+            self.fail(f"after step {number}: {error!r}")
 
     @defer.inlineCallbacks
     def reads_crossing_changes(self, here: bool) -> Generator[Deferred[Any], Any, None]:

@@ -312,6 +312,7 @@ class WriteBackTests(CacheFolderCase):
         self.assertEqual(len(puts), 7)
         self.assertEqual((yield fs.read_file("/seq.bin")), data)
         self.assertEqual(self.pending(), [])
+        yield fs.inodes.chunks.idle()  # the last chunk, stored from memory, is kept in the background
         self.assertEqual(len(fs.cache), 7, "what was stored is cached: reading it back is local")
 
     @defer.inlineCallbacks
