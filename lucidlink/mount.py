@@ -44,7 +44,6 @@ import logging
 import os
 import pstats
 import queue
-import signal
 import stat
 import threading
 from collections import Counter
@@ -59,6 +58,12 @@ from twisted.python.failure import Failure
 
 from lucidlink import fuse_locks
 from lucidlink.errors import LucidError
+from lucidlink.fuse_threads import (
+    DeafThread,
+    llfuse_starting_deaf_threads,
+    stop_signals_held,
+    waking_stuck_workers,
+)
 from lucidlink.protocol.messages import Attributes, FileKind, LockKind, LockType
 
 log = logging.getLogger(__name__)
@@ -75,9 +80,6 @@ ERRNO: dict[str, int] = {
     )
 }
 """``LucidError.errno_name`` to errno: the only errno table of lucidlink."""
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-"""The signals that end llfuse's loop (and so the mount)."""
 
 _KIND_BITS = {FileKind.FILE: stat.S_IFREG, FileKind.DIRECTORY: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK}
 
@@ -131,52 +133,6 @@ PROFILES: ThreadProfiles | None = (
 def errno_of(error: LucidError) -> int:
     """The errno a :class:`LucidError` stands for (EIO for a name the table lacks)."""
     return ERRNO.get(error.errno_name, errno.EIO)
-
-
-class DeafThread(threading.Thread):
-    """
-    A thread started with SIGINT, SIGTERM and SIGHUP blocked in it (and in the threads it starts).
-
-    llfuse ends its loop on those signals only when the thread that called
-    ``llfuse.main`` takes them: that thread waits in ``sem_wait``, which the
-    signal interrupts.  Taken by any other thread, the signal marked the
-    session as ended and nobody looked, and the mount went on serving.
-    """
-
-    def start(self) -> None:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            super().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class NotificationThread(DeafThread):
-    """
-    llfuse's notification thread: deaf, and once started the starting thread takes the stop signals again.
-
-    ``llfuse.main`` starts it from the thread that must take the stop
-    signals, once its handlers for them are in place: a signal held back
-    since mounting (see :func:`serve`) is taken by that handler then.
-    """
-
-    def start(self) -> None:
-        super().start()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-class ThreadingForLlfuse:
-    """
-    ``threading`` as llfuse sees it: the thread it starts for notifications is a :class:`NotificationThread`.
-
-    ``llfuse.main`` starts that thread itself, from the thread that must take
-    the stop signals, so it would hear them too.
-    """
-
-    Thread = NotificationThread
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(threading, name)
 
 
 class ReactorThread:
@@ -677,49 +633,9 @@ class FilespaceOperations(llfuse.Operations):
         self._call("removexattr", inode, name)
 
 
-FUSE_WORKER_PREFIX = "fuse-worker-"
-"""How llfuse names its worker threads (``threading.current_thread().name``)."""
-
-
-def fuse_workers_running() -> tuple[int, int]:
-    """
-    How many of llfuse's worker threads run still, and how many it started (for stack dumps).
-
-    llfuse starts them without ``threading`` and names them when they start,
-    so each stays listed after it ends; its task in /proc does not.
-    """
-    workers = [thread.native_id for thread in threading.enumerate() if thread.name.startswith(FUSE_WORKER_PREFIX)]
-    return sum(os.path.exists(f"/proc/self/task/{worker}") for worker in workers), len(workers)
-
-
 def mount_options(filespace: str) -> set[str]:
     """llfuse's options for a filespace's mount."""
     return {f"fsname=lucid:{filespace}", "subtype=lucid", "big_writes", "default_permissions"}
-
-
-@contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """
-    Hold the stop signals back in this thread until ``llfuse.main`` handles them (see :class:`NotificationThread`).
-
-    Taken before, once mounted, SIGTERM and SIGHUP ended the process and left
-    the mount behind, stale; held, they end llfuse's loop as soon as it runs.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextlib.contextmanager
-def _llfuse_starting_deaf_threads() -> Iterator[None]:
-    saved = llfuse.threading
-    llfuse.threading = ThreadingForLlfuse()
-    try:
-        yield
-    finally:
-        llfuse.threading = saved
 
 
 def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
@@ -731,7 +647,7 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
     A stop signal that comes while mounting ends the loop as soon as it runs.
     """
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_stop_signals_held())
+        stack.enter_context(stop_signals_held())
         llfuse.init(operations, mountpoint, mount_options(filespace))
         stack.callback(llfuse.close, unmount=True)
         try:
@@ -746,7 +662,8 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
         stack.callback(operations.bridge.wait, unsubscribe)
         ready()
-        stack.enter_context(_llfuse_starting_deaf_threads())
+        stack.enter_context(llfuse_starting_deaf_threads())
+        stack.enter_context(waking_stuck_workers())
         operations.bridge.locked = True
         try:
             return llfuse.main(workers=None, handle_signals=True)  # type: ignore[no-any-return]

@@ -6,14 +6,10 @@ nothing (every Deferred of the in-memory core has fired already).
 
 from __future__ import annotations
 
-import _thread
 import errno
 import os
-import signal
 import stat
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +26,9 @@ try:
     from lucidlink.mount import (
         ATTRIBUTE_TIMEOUT,
         ERRNO,
-        FUSE_WORKER_PREFIX,
-        STOP_SIGNALS,
         Bridge,
-        DeafThread,
         FilespaceOperations,
-        ThreadingForLlfuse,
         errno_of,
-        fuse_workers_running,
         mount_options,
     )
 except ImportError:
@@ -235,77 +226,6 @@ class AllocatorTests(SynchronousTestCase):
 
         self.patch(cli_mount.ctypes, "CDLL", no_libc)
         self.assertFalse(cli_mount.reuse_freed_buffers(), "elsewhere nothing is changed")
-
-
-class StopSignalTests(SynchronousTestCase):
-    """Threads of ours never take the signals that stop llfuse (one they took was lost, and the mount went on)."""
-
-    if llfuse is None:
-        skip = "llfuse is not installed"
-
-    def test_started_deaf(self) -> None:
-        masks: list[set[int]] = []
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        thread = DeafThread(target=lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))))
-        thread.start()
-        thread.join(10)
-        self.assertTrue(STOP_SIGNALS <= masks[0], masks)
-        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before, "this thread's own mask is kept")
-
-    def test_llfuse_starts_deaf_threads(self) -> None:
-        """The thread llfuse starts for notifications is deaf too; the rest of ``threading`` is the real one."""
-        seen = ThreadingForLlfuse()
-        self.assertTrue(issubclass(seen.Thread, DeafThread))
-        self.assertIs(seen.current_thread, threading.current_thread)
-
-    def test_stop_signals_heard_once_llfuse_starts_its_thread(self) -> None:
-        """Held back while mounting, the stop signals reach the thread in ``llfuse.main`` once it starts its thread."""
-        masks: dict[str, set[int]] = {}
-
-        def in_llfuse_main() -> None:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # as serve holds them while mounting
-            notifier = ThreadingForLlfuse().Thread(
-                target=lambda: masks.setdefault("notifier", set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
-            )
-            notifier.start()
-            notifier.join(10)
-            masks["main"] = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-
-        thread = threading.Thread(target=in_llfuse_main)
-        thread.start()
-        thread.join(10)
-        self.assertTrue(STOP_SIGNALS <= masks["notifier"], masks)
-        self.assertFalse(STOP_SIGNALS & masks["main"], masks)
-
-
-class FuseWorkersTests(SynchronousTestCase):
-    """llfuse's workers, counted for the stack dump."""
-
-    if llfuse is None:
-        skip = "llfuse is not installed"
-
-    def test_counts_running_and_started(self) -> None:
-        """A worker is a thread llfuse started (not through ``threading``) and named; it runs while its task lives."""
-        started, leave, ended = threading.Event(), threading.Event(), threading.Event()
-        ids: list[int] = []
-
-        def work() -> None:
-            thread = threading.current_thread()  # a dummy thread, as in llfuse's workers: it stays listed
-            thread.name = FUSE_WORKER_PREFIX + "1"
-            ids.append(threading.get_native_id())
-            started.set()
-            leave.wait(10)
-            ended.set()
-
-        _thread.start_new_thread(work, ())
-        self.assertTrue(started.wait(10))
-        self.assertEqual(fuse_workers_running(), (1, 1))
-        leave.set()
-        self.assertTrue(ended.wait(10))
-        deadline = time.monotonic() + 10  # the task ends a little after the Python code
-        while os.path.exists(f"/proc/self/task/{ids[0]}") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertEqual(fuse_workers_running(), (0, 1))
 
 
 class FuseCheckTests(SynchronousTestCase):

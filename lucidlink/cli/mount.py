@@ -288,7 +288,7 @@ def tell_stacks_on_signal(stream: Any = None) -> threading.Thread:
             lines.append(f"llfuse workers running: {running} of {started}\n")
             print("".join(lines), file=stream or sys.stderr, flush=True)
 
-    from lucidlink.mount import DeafThread, fuse_workers_running
+    from lucidlink.fuse_threads import DeafThread, fuse_workers_running
 
     teller = DeafThread(target=tell, name="stacks on SIGUSR2", daemon=True)
     teller.start()
