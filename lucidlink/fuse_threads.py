@@ -25,7 +25,7 @@ import os
 import platform
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import llfuse
@@ -41,8 +41,17 @@ FUSE_WORKER_PREFIX = "fuse-worker-"
 WAKE_SIGNAL = signal.SIGRTMIN
 """What :class:`StuckWorkerWaker` interrupts a worker with (its handler does nothing)."""
 
-_TGKILL = {"x86_64": 234, "aarch64": 131, "riscv64": 131, "ppc64le": 208, "s390x": 241, "armv7l": 268}
-"""The number of the ``tgkill`` system call, by machine."""
+_SYSCALL_NUMBERS = {
+    "x86_64": (234, 0), "aarch64": (131, 63), "riscv64": (131, 63), "ppc64le": (250, 3), "s390x": (241, 3),
+    "armv7l": (268, 3),
+}
+"""The numbers of the ``tgkill`` and ``read`` system calls, by machine."""
+
+PTHREAD_DESCRIPTOR_BYTES = 2048
+"""How far into a thread's descriptor (from its ``pthread_t``) ``pthread_join`` may wait (glibc: the tid, at 720)."""
+
+WORKER_TIDS: dict[int, int] = {}
+"""llfuse's workers, ``pthread_t`` (``ident``) to kernel thread id, as each registered itself when it started."""
 
 
 class DeafThread(threading.Thread):
@@ -86,6 +95,11 @@ class ThreadingForLlfuse:
     """
 
     Thread = NotificationThread
+
+    def current_thread(self) -> threading.Thread:
+        """What each llfuse worker calls first, in its own thread: its ids are noted in :data:`WORKER_TIDS`."""
+        WORKER_TIDS[threading.get_ident()] = threading.get_native_id()
+        return threading.current_thread()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(threading, name)
@@ -132,93 +146,128 @@ def fuse_workers_running() -> tuple[int, int]:
     return sum(os.path.exists(f"/proc/self/task/{worker.native_id}") for worker in workers), len(workers)
 
 
-def worker_being_joined(joiner: int, workers: list[threading.Thread], proc: str = "/proc/self") -> threading.Thread | None:
+def worker_being_joined(joiner: int, workers: dict[int, int], proc: str = "/proc/self") -> tuple[int, int] | None:
     """
-    The worker that thread ``joiner`` (a native id) waits to join, from what it waits on in /proc; None if none.
+    The worker (``ident``, tid) that thread ``joiner`` (a tid) waits to join, from /proc; None if none.
 
     ``pthread_join`` waits on a futex inside the joined thread's descriptor,
     which starts at its ``pthread_t`` (a thread's ``ident``); llfuse's
     ``sem_wait`` waits on the joiner's own stack.
     """
+    fields = _syscall_of(joiner, proc)
+    if fields is None:
+        return None
+    address = int(fields[1], 16)
+    for ident, tid in workers.items():
+        if 0 <= address - ident < PTHREAD_DESCRIPTOR_BYTES:
+            return ident, tid
+    return None
+
+
+def reading_fuse_device(tid: int, proc: str = "/proc/self") -> bool:
+    """Whether thread ``tid`` waits in a ``read`` of /dev/fuse (as a worker waiting for a request does)."""
+    fields = _syscall_of(tid, proc)
+    if fields is None or platform.machine() not in _SYSCALL_NUMBERS:
+        return False
+    if int(fields[0]) != _SYSCALL_NUMBERS[platform.machine()][1]:
+        return False
     try:
-        with open(f"{proc}/task/{joiner}/syscall") as file:
+        return os.readlink(f"{proc}/fd/{int(fields[1], 16)}") == "/dev/fuse"
+    except OSError:
+        return False
+
+
+def _syscall_of(tid: int, proc: str) -> list[str] | None:
+    """The system call thread ``tid`` waits in and its arguments (hexadecimal), if it waits in one."""
+    try:
+        with open(f"{proc}/task/{tid}/syscall") as file:
             fields = file.read().split()
     except OSError:
         return None
     if len(fields) < 2 or fields[0] in ("running", "-1"):
         return None
-    address = int(fields[1], 16)
-    for worker in workers:
-        if worker.ident is not None and 0 <= address - worker.ident < 4096:
-            return worker
-    return None
+    return fields
 
 
-def _tgkill(native_id: int, signal_number: int) -> None:
+def _tgkill(tid: int, signal_number: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_TGKILL[platform.machine()], os.getpid(), native_id, signal_number) != 0:
+    if libc.syscall(_SYSCALL_NUMBERS[platform.machine()][0], os.getpid(), tid, signal_number) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
 
 
+def _install_wake_handler() -> None:
+    """A handler that does nothing, for good: restored, SIGRTMIN's default would end the process if one came late."""
+    if signal.getsignal(WAKE_SIGNAL) == signal.SIG_DFL:
+        signal.signal(WAKE_SIGNAL, lambda number, frame: None)
+
+
 class StuckWorkerWaker:
     """
-    Interrupts a worker of llfuse's that ``llfuse.main`` has been joining for a whole ``interval``.
+    Interrupts a worker of llfuse's that ``llfuse.main`` has been joining for a whole ``interval``, waiting in a read.
 
     Such a worker took llfuse's SIGUSR1 before its ``read`` of /dev/fuse
     instead of in it, and waits for a request that never comes.
     :data:`WAKE_SIGNAL` interrupts that ``read``; the worker then sees the
-    session ended and returns.  :meth:`start` in the thread that will call
-    ``llfuse.main`` (the main thread: it installs a signal handler).
+    session ended and returns.  A worker still busy with a request is left
+    to finish it.  ``joiner``: the tid of the thread in ``llfuse.main``.
     """
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, joiner: int, interval: float = 0.5, proc: str = "/proc/self",
+                 send: Callable[[int, int], None] = _tgkill) -> None:
+        self.joiner = joiner
         self.interval = interval
-        self.woken: list[str] = []
+        self.proc = proc
+        self.send = send
+        self._suspect: tuple[int, int] | None = None
+        self._warned: set[int] = set()
         self._stopped = threading.Event()
         self._thread: DeafThread | None = None
-        self._previous_handler: Any = None
 
     @classmethod
     def can_work(cls) -> bool:
-        """Whether this machine and thread allow it: a known ``tgkill`` and the main thread."""
-        return platform.machine() in _TGKILL and threading.current_thread() is threading.main_thread()
+        """Whether this machine and thread allow it: known system call numbers, and the main thread."""
+        return platform.machine() in _SYSCALL_NUMBERS and threading.current_thread() is threading.main_thread()
 
     def start(self) -> None:
-        """Watch the calling thread from now on."""
-        joiner = threading.get_native_id()
-        self._previous_handler = signal.signal(WAKE_SIGNAL, lambda number, frame: None)
-        self._thread = DeafThread(target=self._watch, args=(joiner,), name="lucid-worker-waker", daemon=True)
+        """Watch from now on, in a thread of its own (call in the main thread: it may install a signal handler)."""
+        _install_wake_handler()
+        self._thread = DeafThread(target=self._watch, name="lucid-worker-waker", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching and put the signal's handler back."""
+        """Stop watching."""
         self._stopped.set()
         if self._thread is not None:
             self._thread.join()
-            signal.signal(WAKE_SIGNAL, self._previous_handler)
 
-    def _watch(self, joiner: int) -> None:
-        suspect = None
+    def poll(self) -> None:
+        """Look once; wake the worker joined since the last look if it waits in a read."""
+        joined = worker_being_joined(self.joiner, dict(WORKER_TIDS), self.proc)
+        if joined is not None and joined == self._suspect and reading_fuse_device(joined[1], self.proc):
+            tid = joined[1]
+            if tid not in self._warned:
+                self._warned.add(tid)
+                log.warning("llfuse's worker %d missed the signal that ends it; interrupting its read", tid)
+            try:
+                self.send(tid, WAKE_SIGNAL)
+            except ProcessLookupError:
+                log.warning("llfuse's worker %d had ended when it was to be interrupted", tid)
+        self._suspect = joined
+
+    def _watch(self) -> None:
         while not self._stopped.wait(self.interval):
-            joined = worker_being_joined(joiner, fuse_workers())
-            if joined is not None and joined is suspect and joined.native_id is not None:
-                log.warning("llfuse's %s missed the signal that ends it; interrupting it again", joined.name)
-                self.woken.append(joined.name)
-                with contextlib.suppress(ProcessLookupError):
-                    _tgkill(joined.native_id, WAKE_SIGNAL)
-            suspect = joined
+            self.poll()
 
 
 @contextlib.contextmanager
 def waking_stuck_workers() -> Iterator[None]:
     """Within, a :class:`StuckWorkerWaker` watches the calling thread (where it can work)."""
     if not StuckWorkerWaker.can_work():
-        log.debug("llfuse's workers are not watched: not the main thread, or tgkill unknown on %s",
-                  platform.machine())
+        log.debug("llfuse's workers are not watched: not the main thread, or %s unknown", platform.machine())
         yield
         return
-    waker = StuckWorkerWaker()
+    waker = StuckWorkerWaker(threading.get_native_id())
     waker.start()
     try:
         yield

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import _thread
 import os
+import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -20,12 +19,16 @@ from tests.mount_helpers import SKIP, is_mounted, unmount_lazily
 try:
     import llfuse
 
+    from lucidlink import fuse_threads
     from lucidlink.fuse_threads import (
         FUSE_WORKER_PREFIX,
         STOP_SIGNALS,
+        WAKE_SIGNAL,
         DeafThread,
+        StuckWorkerWaker,
         ThreadingForLlfuse,
         fuse_workers_running,
+        reading_fuse_device,
         worker_being_joined,
     )
 except ImportError:
@@ -48,10 +51,13 @@ class StopSignalTests(SynchronousTestCase):
         self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before, "this thread's own mask is kept")
 
     def test_llfuse_starts_deaf_threads(self) -> None:
-        """The thread llfuse starts for notifications is deaf too; the rest of ``threading`` is the real one."""
+        """The thread llfuse starts for notifications is deaf too; its workers note their ids; the rest is ``threading``."""
+        self.patch(fuse_threads, "WORKER_TIDS", {})
         seen = ThreadingForLlfuse()
         self.assertTrue(issubclass(seen.Thread, DeafThread))
-        self.assertIs(seen.current_thread, threading.current_thread)
+        self.assertIs(seen.current_thread(), threading.current_thread())
+        self.assertEqual(fuse_threads.WORKER_TIDS, {threading.get_ident(): threading.get_native_id()})
+        self.assertIs(seen.enumerate, threading.enumerate)
 
     def test_stop_signals_heard_once_llfuse_starts_its_thread(self) -> None:
         """Held back while mounting, the stop signals reach the thread in ``llfuse.main`` once it starts its thread."""
@@ -103,34 +109,99 @@ class FuseWorkersTests(SynchronousTestCase):
         self.assertEqual(fuse_workers_running(), (0, 1))
 
 
-class WorkerBeingJoinedTests(SynchronousTestCase):
-    """What the thread in ``llfuse.main`` waits on, read from /proc, says which worker it joins."""
+MAIN, READER, BUSY = 7, 8, 9
+"""Thread ids in a made-up /proc: the thread in ``llfuse.main``, a worker in a read of /dev/fuse, a busy worker."""
+
+WORKERS = {0x7F0000001000: READER, 0x7F0000801000: BUSY}
+"""The made-up workers, ``ident`` to tid."""
+
+JOINING = "202 {:#x} 0x109 0x0 0x0 0x0 0x0 0x7ffd5a8c9e30 0x7f3df0ea6d36"
+"""``pthread_join``'s futex wait on a descriptor's tid (720 bytes in), as /proc shows it."""
+
+
+class StuckWorkerWakerTests(SynchronousTestCase):
+    """What the thread in ``llfuse.main`` and the workers wait on, read from /proc, says which worker to wake."""
 
     if llfuse is None:
         skip = "llfuse is not installed"
 
     def setUp(self) -> None:
         self.proc = Path(self.mktemp())
-        (self.proc / "task" / "7").mkdir(parents=True)
-        self.workers: list[Any] = [SimpleNamespace(ident=0x7F0000001000), SimpleNamespace(ident=0x7F0000801000)]
+        for tid in (MAIN, READER, BUSY):
+            (self.proc / "task" / str(tid)).mkdir(parents=True)
+        (self.proc / "fd").mkdir()
+        (self.proc / "fd" / "5").symlink_to("/dev/fuse")
+        (self.proc / "fd" / "6").symlink_to("/dev/null")
+        self.waits(READER, "0 0x5 0x7f0000100000 0x21000 0x0 0x0 0x0 0x7f00000ffe00 0x7f3df0ea6d36")
+        self.waits(BUSY, "202 0x7f0000900000 0x189 0x0 0x0 0x0 0xffffffff 0x7f00008ffe00 0x7f3df0ea6d36")
+        self.sent: list[tuple[int, int]] = []
+        self.waker = StuckWorkerWaker(MAIN, proc=str(self.proc), send=lambda *sent: self.sent.append(sent))
+        self.patch(fuse_threads, "WORKER_TIDS", dict(WORKERS))
+        self.patch(platform, "machine", lambda: "x86_64")
 
-    def waiting(self, syscall: str) -> Any:
-        (self.proc / "task" / "7" / "syscall").write_text(syscall + "\n")
-        return worker_being_joined(7, self.workers, proc=str(self.proc))
+    def waits(self, tid: int, syscall: str) -> None:
+        (self.proc / "task" / str(tid) / "syscall").write_text(syscall + "\n")
 
     def test_join(self) -> None:
         """``pthread_join`` waits on a futex in the worker's descriptor, a little past its ident."""
-        found = self.waiting("202 0x7f00008012d0 0x109 0x0 0x0 0x0 0x0 0x7ffd5a8c9e30 0x7f3df0ea6d36")
-        self.assertIs(found, self.workers[1])
+        self.waits(MAIN, JOINING.format(0x7F0000801000 + 720))
+        self.assertEqual(worker_being_joined(MAIN, WORKERS, proc=str(self.proc)), (0x7F0000801000, BUSY))
 
     def test_not_joining(self) -> None:
         """Waiting on its own stack (llfuse's ``sem_wait``), running, or not in a system call: no worker."""
-        self.assertIsNone(self.waiting("202 0x7ffc79e2fdb0 0x189 0x0 0x0 0x0 0xffffffff 0x7ffc79e2fd00 0x7f3df0ea6d36"))
-        self.assertIsNone(self.waiting("running"))
-        self.assertIsNone(self.waiting("-1 0x7ffc79e2fd00 0x7f3df0ea6d36"))
+        for syscall in ("202 0x7ffc79e2fdb0 0x189 0x0 0x0 0x0 0xffffffff 0x7ffc79e2fd00 0x7f3df0ea6d36",
+                        "running", "-1 0x7ffc79e2fd00 0x7f3df0ea6d36"):
+            self.waits(MAIN, syscall)
+            self.assertIsNone(worker_being_joined(MAIN, WORKERS, proc=str(self.proc)))
+        self.assertIsNone(worker_being_joined(10, WORKERS, proc=str(self.proc)), "no such thread")
 
-    def test_no_such_thread(self) -> None:
-        self.assertIsNone(worker_being_joined(8, self.workers, proc=str(self.proc)))
+    def test_reading_the_device(self) -> None:
+        """Only a ``read`` of /dev/fuse counts as waiting for a request."""
+        self.assertTrue(reading_fuse_device(READER, str(self.proc)))
+        self.assertFalse(reading_fuse_device(BUSY, str(self.proc)))
+        self.waits(READER, "0 0x6 0x7f0000100000 0x21000 0x0 0x0 0x0 0x7f00000ffe00 0x7f3df0ea6d36")
+        self.assertFalse(reading_fuse_device(READER, str(self.proc)), "a read of another file")
+
+    def test_wakes_a_worker_joined_for_a_whole_interval(self) -> None:
+        """The worker is interrupted at the second look that finds it joined and reading, and at each one after."""
+        self.waits(MAIN, JOINING.format(0x7F0000001000 + 720))
+        self.waker.poll()
+        self.assertEqual(self.sent, [], "a join is normally over at once")
+        with self.assertLogs("lucidlink.fuse_threads", "WARNING") as logs:
+            self.waker.poll()
+            self.waker.poll()
+        self.assertEqual(self.sent, [(READER, WAKE_SIGNAL)] * 2)
+        self.assertEqual(len(logs.records), 1, "said once")
+        self.assertIn(f"worker {READER} missed the signal", logs.output[0])
+
+    def test_leaves_a_busy_worker_alone(self) -> None:
+        """A worker joined while it finishes a request is not interrupted."""
+        self.waits(MAIN, JOINING.format(0x7F0000801000 + 720))
+        for _ in range(3):
+            self.waker.poll()
+        self.assertEqual(self.sent, [])
+
+    def test_new_join_starts_over(self) -> None:
+        """A join of another worker since the last look is not yet a stuck one."""
+        self.waits(MAIN, JOINING.format(0x7F0000801000 + 720))
+        self.waker.poll()
+        self.waits(MAIN, JOINING.format(0x7F0000001000 + 720))
+        self.waker.poll()
+        self.assertEqual(self.sent, [])
+
+    def test_runs_in_its_own_thread_and_stops(self) -> None:
+        """Started, it looks every ``interval``; stopped, its thread is gone and the handler stays."""
+        self.waits(MAIN, JOINING.format(0x7F0000001000 + 720))
+        self.waker.interval = 0.01
+        self.patch(fuse_threads.log, "warning", lambda *arguments: None)
+        self.waker.start()
+        deadline = time.monotonic() + 10
+        while not self.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.waker.stop()
+        self.assertEqual(self.sent[0], (READER, WAKE_SIGNAL))
+        self.assertFalse(any(thread.name == "lucid-worker-waker" for thread in threading.enumerate()))
+        self.assertNotEqual(signal.getsignal(WAKE_SIGNAL), signal.SIG_DFL, "a late signal must not end the process")
 
 
 SERVE_PRELUDE = """
@@ -168,15 +239,17 @@ def run_serving(test: TestCase, script: str, *arguments: str) -> tuple[Path, sub
 SERVE_WITH_A_DEAF_WORKER = """
 deaf = []
 
-def current_thread():
+registering = fuse_threads.ThreadingForLlfuse.current_thread
+
+def current_thread(self):
     # llfuse's workers call this first thing: the first to call it never hears llfuse's SIGUSR1,
     # as a worker that took it just before its read of /dev/fuse does not.
     if not deaf:
         deaf.append(threading.get_native_id())
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    return threading.current_thread()
+    return registering(self)
 
-fuse_threads.ThreadingForLlfuse.current_thread = staticmethod(current_thread)
+fuse_threads.ThreadingForLlfuse.current_thread = current_thread
 
 def stop_once_serving():
     while fuse_threads.fuse_workers_running() != (30, 30):
