@@ -15,6 +15,7 @@ without a reactor turn.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Generator
 from pathlib import Path
@@ -129,11 +130,14 @@ class InMemoryConnection:
         self.transport = None
         self.lost = False
         self._waiters: list[Deferred[Any]] = []
+        self._request_ids = itertools.count(1)
+        self.request_id: int | None = None
         self.welcome = responder.welcome(self, Hello(PROTOCOL_VERSION, "test", filespace))  # type: ignore[arg-type]
 
-    def request(self, message: Any, timeout: float | None = None) -> Deferred[Any]:
+    def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> Deferred[Any]:
         if self.lost:
             return fail(errors.ConnectionClosed(f"cannot send {type(message).__name__}: connection closed"))
+        self.request_id = request_id if request_id is not None else next(self._request_ids)
         return defer.maybeDeferred(self.responder.respond, self, message)  # type: ignore[arg-type]
 
     def push(self, message: Any) -> None:

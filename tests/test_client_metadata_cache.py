@@ -716,8 +716,8 @@ class HeldAnswers(InMemoryConnection):
         super().__init__(*arguments)
         self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
 
-    def request(self, message: Any, timeout: float | None = None) -> Deferred[Any]:
-        answer = super().request(message, timeout)
+    def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> Deferred[Any]:
+        answer = super().request(message, timeout, request_id)
         if not self.holding:
             return answer
         later: Deferred[Any] = Deferred()

@@ -280,51 +280,105 @@ class _OnceLost(InMemoryConnection):
         self.lose_on = lose_on
         self.tripped = tripped
 
-    def request(self, message: Any, timeout: float | None = None) -> Deferred[Any]:
+    def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> Deferred[Any]:
         if isinstance(message, self.lose_on) and not self.tripped:
             self.tripped.append(True)
-            super().request(message, timeout)
+            super().request(message, timeout, request_id).addErrback(lambda _: None)  # its answer is lost
             self.close("lost after the server acted")
             return fail(errors.ConnectionClosed("connection ended before the answer"))
-        return super().request(message, timeout)
+        return super().request(message, timeout, request_id)
 
 
-class RetryNoteTests(TestCase):
-    """A request sent again after its connection was lost may meet its own success; the error says so."""
+class ExactlyOnceTests(TestCase):
+    """A change sent again after its connection was lost is made once: the server answers it as it did."""
 
     @defer.inlineCallbacks
-    def session_losing(self, lose_on: type) -> Generator[Deferred[Any], Any, Any]:
+    def session_losing(self, lose_on: type, keeping: bool = True,
+                       restarting: bool = False) -> Generator[Deferred[Any], Any, Any]:
         folder = Path(self.mktemp())
         folder.mkdir()
         store = MetadataStore(folder / "metadata.sqlite3", reactor)
         self.addCleanup(store.close)
         bootstrap.prepare_token(store, folder / "token")
         responder = MetadataResponder(store, reactor, FILESPACE)
+        if not keeping:
+            responder.replies.remember_count = 0
+        restarted = MetadataResponder(store, reactor, FILESPACE)  # the same server after a restart: it kept nothing
         yield initialise_filespace(
             reactor, connection=InMemoryConnection(responder), token=bootstrap.read_token(folder / "token"),
             admin=ADMIN, passphrase=ADMIN_PASSPHRASE, chunk_size=4096, kdf=cheap_kdf(),
         )
-        tripped: list[bool] = []
+        self.tripped: list[bool] = []
         cache = EndpointCache(folder / "state")
         cache.put(Location(FILESPACE, ("memory:",), "x", ServerStatus.SERVING, 1000, 0.0))
         session = yield open_session(
             reactor, filespace=FILESPACE, user=ADMIN, passphrase=ADMIN_PASSPHRASE,
             resolver=Resolver(reactor, ["tcp:127.0.0.1:1"], connect=lambda *_: fail(errors.Unavailable()),
                               cache=cache),
-            connect=lambda endpoint, identity: defer.succeed(_OnceLost(responder, lose_on, tripped)),
+            connect=lambda endpoint, identity: defer.succeed(
+                _OnceLost(restarted if restarting and self.tripped else responder, lose_on, self.tripped)
+            ),
             backoff=fast_backoff(), deadline=5,
         )
         self.addCleanup(session.close)
+        self.store = store
         return Filespace(session, None, offload=synchronous)
 
     @defer.inlineCallbacks
-    def test_mkdir_meets_itself(self) -> Generator[Deferred[Any], Any, None]:
-        """A MkDir applied before the connection dropped answers AlreadyExists, with a note."""
+    def test_mkdir_made_once(self) -> Generator[Deferred[Any], Any, None]:
+        """A MkDir made before the connection dropped is answered with its directory, not AlreadyExists."""
         fs = yield self.session_losing(w.MkDir)
+        made = yield fs.mkdir("/once")
+        self.assertEqual(self.tripped, [True], "the first attempt was made, and its answer lost")
+        self.assertEqual(fs.session.reconnects, 1)
+        attributes = yield fs.resolve("/once")
+        self.assertEqual((attributes.inode, attributes.kind), (made.inode, w.FileKind.DIRECTORY))
+
+    @defer.inlineCallbacks
+    def test_create_made_once_and_its_file_open(self) -> Generator[Deferred[Any], Any, None]:
+        """A Create sent again answers the file it made, opened on the new connection: writing it works."""
+        fs = yield self.session_losing(w.Create)
+        handle = yield fs.inodes.create(1, b"new.txt", 0o644, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        self.assertEqual(self.tripped, [True])
+        yield handle.truncate(10)
+        yield handle.close()
+        attributes = yield fs.resolve("/new.txt")
+        self.assertEqual((attributes.inode, attributes.size), (handle.inode, 10))
+
+    @defer.inlineCallbacks
+    def test_unlink_made_once(self) -> Generator[Deferred[Any], Any, None]:
+        """An Unlink sent again is answered as done, not NotFound."""
+        fs = yield self.session_losing(w.Unlink)
+        yield fs.write_file("/gone.txt", b"")
+        yield fs.remove("/gone.txt")
+        self.assertEqual(self.tripped, [True])
+        yield self.assertFailure(fs.resolve("/gone.txt"), errors.NotFound)
+
+    @defer.inlineCallbacks
+    def test_error_of_the_first_attempt_is_kept(self) -> Generator[Deferred[Any], Any, None]:
+        """What the first attempt answered, an error too, is the answer to the second, without a note."""
+        fs = yield self.session_losing(w.MkDir)
+        yield fs.session.call(w.MkDir(1, fs.inodes._seal(1, b"taken"), 0o755, 0, 0))
+        self.tripped.clear()
+        failure = yield self.assertFailure(fs.mkdir("/taken"), errors.AlreadyExists)
+        self.assertEqual(self.tripped, [True])
+        self.assertNotIn("sent again", str(failure))
+
+    @defer.inlineCallbacks
+    def test_note_from_a_server_that_keeps_no_answers(self) -> Generator[Deferred[Any], Any, None]:
+        """Where the server kept no answer, a MkDir sent again meets its own success; the error says so."""
+        fs = yield self.session_losing(w.MkDir, keeping=False)
         failure = yield self.assertFailure(fs.mkdir("/once"), errors.AlreadyExists)
         self.assertIn("MkDir was sent again after the connection to the metadata server was lost", str(failure))
         attributes = yield fs.resolve("/once")
         self.assertEqual(attributes.kind, w.FileKind.DIRECTORY)
+
+    @defer.inlineCallbacks
+    def test_note_after_the_server_restarted(self) -> Generator[Deferred[Any], Any, None]:
+        """Sent again to a server that started since (another boot id), an error may be the first attempt's."""
+        fs = yield self.session_losing(w.MkDir, restarting=True)
+        failure = yield self.assertFailure(fs.mkdir("/once"), errors.AlreadyExists)
+        self.assertIn("the first attempt may have done it", str(failure))
 
     @defer.inlineCallbacks
     def test_idempotent_requests_just_succeed(self) -> Generator[Deferred[Any], Any, None]:

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from lucidlink import errors
 from lucidlink.protocol.codec import FrameDecoder, encode_frame
-from lucidlink.protocol.connection import ClientConnection, IResponder, ServerConnection
+from lucidlink.protocol.connection import OWN_REQUEST_ID_LIMIT, ClientConnection, IResponder, ServerConnection
 from lucidlink.protocol.messages import (
     PROTOCOL_VERSION,
     Flags,
@@ -151,6 +151,26 @@ class RequestTests(ConnectionTestCase):
         for index in (2, 0, 1):
             self.answer(index, Resolved(f"answer-{index}", [], "", 0, ServerStatus.SERVING))
         self.assertEqual([self.successResultOf(d).filespace for d in asked], ["answer-0", "answer-1", "answer-2"])
+
+    def test_request_under_a_given_id(self) -> None:
+        """A caller may give a request its id, from OWN_REQUEST_ID_LIMIT up; the server sees it while it answers."""
+        self.successResultOf(self.client.ready)
+        seen: list[int | None] = []
+        respond = self.responder.respond
+        self.patch(self.responder, "respond", lambda connection, message: (
+            seen.append(connection.request_id), respond(connection, message))[1])
+        given = self.client.request(Lookup(1, b"a"), request_id=OWN_REQUEST_ID_LIMIT + 7)
+        own = self.client.request(Lookup(1, b"b"))
+        self.pump.flush()
+        self.assertEqual(seen[0], OWN_REQUEST_ID_LIMIT + 7)
+        self.assertLess(seen[1], OWN_REQUEST_ID_LIMIT)  # type: ignore[operator]
+        self.failureResultOf(self.client.request(Lookup(1, b"c"), request_id=OWN_REQUEST_ID_LIMIT + 7),
+                             errors.InvalidArgument)  # in flight
+        self.failureResultOf(self.client.request(Lookup(1, b"c"), request_id=5), errors.InvalidArgument)
+        self.failureResultOf(self.client.request(Lookup(1, b"c"), request_id=2**32), errors.InvalidArgument)
+        self.answer(0, Resolved("given", [], "", 0, ServerStatus.SERVING))
+        self.answer(1, Resolved("own", [], "", 0, ServerStatus.SERVING))
+        self.assertEqual((self.successResultOf(given).filespace, self.successResultOf(own).filespace), ("given", "own"))
 
     def test_requests_before_welcome_are_queued(self) -> None:
         """A request made before the handshake finishes goes out after it."""

@@ -28,6 +28,7 @@ from lucidlink.protocol.messages import (
     ChunkMapCommitted,
     ChunkMapRead,
     ChunkRef,
+    ClientId,
     Create,
     Entry,
     FileKind,
@@ -657,6 +658,96 @@ class GroupCommitServiceTests(InitialisedTestCase):
         self.store.lookup(ROOT_INODE, b"a")
 
 
+class KeptAnswerTests(InitialisedTestCase):
+    """A named client's change sent again under its request id is answered as the first time, not made twice."""
+
+    CLIENT = b"client-of-wendy!"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.wendy = self.named("wendy")
+
+    def named(self, user: str, client: bytes = CLIENT) -> Peer:
+        peer = self.logged_in(user)
+        known = peer.answer(ClientId(client))
+        self.assertEqual(known.boot_id, self.responder.replies.boot_id)
+        return peer
+
+    def send(self, peer: Peer, message: Any, request_id: int) -> Any:
+        """``message`` handed to the responder as its connection would, under ``request_id``."""
+        peer.server.request_id = request_id
+        return self.responder.respond(peer.server, message)
+
+    def test_sent_again_on_a_new_connection(self) -> None:
+        """MkDir, Create and Unlink sent again on another connection: each made once, answered as before."""
+        made = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        created = self.send(self.wendy, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY), 2**31 + 2)
+        self.clock.advance(0)
+        self.wendy.disconnect()
+        again = self.named("wendy")
+        self.assertEqual(self.successResultOf(self.send(again, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)),
+                         self.successResultOf(made))
+        reopened = self.successResultOf(
+            self.send(again, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY), 2**31 + 2))
+        first = self.successResultOf(created)
+        self.assertEqual(reopened.attributes, first.attributes)
+        self.assertIn(reopened.handle, again.server.session.handles, "the file is open in the new session")
+        removed = self.send(again, Unlink(ROOT_INODE, b"f"), 2**31 + 3)
+        self.clock.advance(0)
+        self.successResultOf(removed)
+        self.successResultOf(self.send(again, Unlink(ROOT_INODE, b"f"), 2**31 + 3))
+        self.assertEqual([entry.name for entry in again.answer(ReadDir(ROOT_INODE, b"", 0)).entries], [b"a"])
+
+    def test_sent_again_before_the_first_is_answered(self) -> None:
+        """A change sent again while the first attempt still waits for its commit gets the same answer then."""
+        other = self.named("wendy")
+        first = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        second = self.send(other, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.assertNoResult(second)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(second), self.successResultOf(first))
+
+    def test_an_error_is_kept_too(self) -> None:
+        """A change that failed fails the same way when sent again."""
+        self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.clock.advance(0)
+        failed = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 2)
+        self.clock.advance(0)
+        self.failureResultOf(failed, errors.AlreadyExists)
+        self.failureResultOf(self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 2),
+                             errors.AlreadyExists)
+
+    def test_try_again_is_not_kept(self) -> None:
+        """A change answered "try again" (Busy, Restoring, Unavailable) is made when sent again."""
+        self.patch(self.responder, "_answer_in_turn", lambda *_, **__: (_ for _ in ()).throw(errors.Unavailable("x")))
+        self.assertRaises(errors.Unavailable, self.send, self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.assertIsNone(self.responder.replies.get(self.CLIENT, 2**31 + 1))
+
+    def test_another_kind_under_the_same_id_is_refused(self) -> None:
+        self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.clock.advance(0)
+        self.assertRaises(errors.InvalidArgument, self.send, self.wendy, Unlink(ROOT_INODE, b"a"), 2**31 + 1)
+
+    def test_a_client_id_is_its_users(self) -> None:
+        """Another user cannot take a client's id, nor its answers; a bad id is refused."""
+        rita = self.logged_in("rita")
+        self.assertIsInstance(rita.refused(ClientId(self.CLIENT), errors.AccessDenied), errors.AccessDenied)
+        rita.refused(ClientId(b"short"), errors.InvalidArgument)
+        stranger = self.connect()
+        stranger.refused(ClientId(b"client-of-nobody"), errors.AccessDenied)
+
+    def test_unnamed_sessions_keep_nothing(self) -> None:
+        """Without a client id, a change is made each time it is sent."""
+        plain = self.logged_in("wendy")
+        first = self.send(plain, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.clock.advance(0)
+        self.successResultOf(first)
+        again = self.send(plain, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        self.clock.advance(0)
+        self.failureResultOf(again, errors.AlreadyExists)
+        self.assertEqual(len(self.responder.replies), 0)
+
+
 class SessionHandleTests(SynchronousTestCase):
     """A session counts its handles per inode."""
 
@@ -731,10 +822,17 @@ class CoverageTests(SynchronousTestCase):
             messages.LoginChallenge, messages.LoginOk, messages.UserListing, messages.Entry, messages.DirPage,
             messages.LinkTarget, messages.XattrValue, messages.XattrNames, messages.FsStats, messages.Opened,
             messages.ChunkMap, messages.ChunkMapCommitted, messages.LockState, messages.Notify,
-            messages.StatusChanged,
+            messages.StatusChanged, messages.ClientKnown,
         }
         requests = {
             cls for number, cls in messages.MESSAGE_CLASSES.items() if number >> 8 == 0x02
         } - answers_and_pushes
         self.assertEqual(requests - set(_ANSWERS), set())
         self.assertEqual(set(_ANSWERS) - requests, set())
+
+    def test_clients_know_which_answers_are_kept(self) -> None:
+        """The changes a client counts on the server to keep answers of are the ones that wait for a group commit."""
+        from lucidlink.client.session import CHANGES_KEPT
+        from lucidlink.meta.service import _ANSWERS
+
+        self.assertEqual(CHANGES_KEPT, {kind for kind, (_, _, _, grouped) in _ANSWERS.items() if grouped})

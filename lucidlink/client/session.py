@@ -24,8 +24,14 @@ This goes on until the session's ``deadline``: ``None`` waits for ever (a
 ``--hard`` mount), a number of seconds fails with ``Unavailable`` once a
 call has tried for that long (``--soft``, the ``lucid`` command).
 
-Requests that change the tree are not idempotent.  One sent again after the
-connection dropped may meet its own earlier success: a ``MkDir``,
+Requests that change the tree are not idempotent, so every attempt of a
+call goes under the same request id, and the session names itself to the
+server after each login (``ClientId``): the server answers a change sent
+again as it answered the first attempt, and makes it once.  Where the server
+cannot have kept that answer (it restarted: another ``boot_id``; too long
+or too many calls ago; it does not know ``ClientId``; a change of users,
+which it does not keep), one sent again after
+the connection dropped may meet its own earlier success: a ``MkDir``,
 ``Create`` (exclusive), ``Symlink``, ``Link`` or ``UserAdd`` answered
 ``AlreadyExists``; an ``Unlink``, ``RmDir``, ``Rename`` or ``UserRemove``
 answered ``NotFound``; a ``RemoveXattr`` answered ``NoAttribute``.  The
@@ -68,19 +74,32 @@ from lucidlink.errors import (
     LucidError,
     NoAttribute,
     NotFound,
+    NotSupported,
     RequestTimeout,
     Restoring,
     Unavailable,
 )
 from lucidlink.protocol import messages as w
+from lucidlink.protocol.connection import OWN_REQUEST_ID_LIMIT
 from lucidlink.protocol.messages import Role
 
 DEFAULT_CHUNK_SIZE = crypto.DEFAULT_CHUNK_SIZE
 
 O_ACCMODE = os.O_ACCMODE
+
+CALL_ID_BASE = OWN_REQUEST_ID_LIMIT
+"""A session's calls carry request ids from here up (a connection numbers its own requests below)."""
+
+
 class Reconnect:
     """What :meth:`Session._retrying` is doing when a session connects again on its own (to keep its locks)."""
 
+
+CHANGES_KEPT = frozenset({
+    w.SetAttr, w.MkDir, w.Create, w.Symlink, w.Link, w.Unlink, w.RmDir, w.Rename, w.SetXattr, w.RemoveXattr,
+    w.ChunkMapCommit,
+})
+"""The requests whose answers a server keeps for a named client: the changes that wait for a group commit."""
 
 _RETRY_ANSWERS = (Busy, Restoring, Unavailable)
 _CONNECTION_GONE = (ConnectionClosed, RequestTimeout)
@@ -126,6 +145,8 @@ class _Live:
 
     connection: Any
     generation: int
+    known: w.ClientKnown | None = None
+    """What the server keeps of this client's answers (None: nothing)."""
 
 
 def _offload(reactor: Any, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
@@ -179,6 +200,9 @@ class FilespaceSession:
         self._wrapped_key = b""
         self._live: _Live | None = None
         self._generation = 0
+        self.client_id = os.urandom(16)
+        """This client's name to the server, the same on every connection (see ``ClientId``)."""
+        self._calls = 0
         self._establishing = False
         self._waiting: list[defer.Deferred[_Live]] = []
         self._handles: set[ServerHandle] = set()
@@ -229,9 +253,9 @@ class FilespaceSession:
         attempt may wait for its answer (the connection's default if None).
         """
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
             request = message() if callable(message) else message
-            return live.connection.request(request, timeout=timeout)
+            return live.connection.request(request, timeout=timeout, request_id=request_id)
 
         kind = type(message() if callable(message) else message)
         return self._retrying(send, kind)
@@ -250,10 +274,12 @@ class FilespaceSession:
         if handle.lost is not None:
             return defer.succeed(None)
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
             if live.generation != handle.generation:
                 return defer.succeed(None)
-            return live.connection.request(w.Release(handle.id)).addErrback(_ignore, BadFileHandle)
+            return live.connection.request(w.Release(handle.id), request_id=request_id).addErrback(
+                _ignore, BadFileHandle
+            )
 
         return self._retrying(send, w.Release).addCallback(lambda _: None)
 
@@ -263,12 +289,12 @@ class FilespaceSession:
     ) -> Generator[defer.Deferred[Any], Any, tuple[ServerHandle, w.Attributes]]:
         answered: list[int] = []
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
             def note(answer: Any) -> Any:
                 answered.append(live.generation)
                 return answer
 
-            return live.connection.request(request).addCallback(note)
+            return live.connection.request(request, request_id=request_id).addCallback(note)
 
         opened = yield self._retrying(send, type(request))
         reopen_flags = flags & O_ACCMODE
@@ -280,13 +306,22 @@ class FilespaceSession:
 
     @defer.inlineCallbacks
     def _retrying(
-        self, send: Callable[[_Live], defer.Deferred[Any]], kind: type
+        self, send: Callable[[_Live, int], defer.Deferred[Any]], kind: type
     ) -> Generator[defer.Deferred[Any], Any, Any]:
+        """
+        ``send(live, request_id)`` until it is answered, as the module says.
+
+        Every attempt carries the same request id, so a server that keeps
+        answers (:class:`~lucidlink.protocol.messages.ClientKnown`) answers
+        a change sent again as it answered it the first time.
+        """
         what = kind.__name__
         clock = self.reactor
         started = clock.seconds()
         deadline = None if self.deadline is None else started + self.deadline
         attempt = 0
+        request_id = self._next_call_id()
+        first_sent: _Live | None = None
         maybe_done = False
         run = FallingRateLog(clock)
         while True:
@@ -295,7 +330,9 @@ class FilespaceSession:
             live = None
             try:
                 live = yield self._connected(deadline)
-                answer = yield send(live)
+                if first_sent is None:
+                    first_sent = live
+                answer = yield send(live, request_id)
                 return answer
             except _CONNECTION_GONE as error:
                 if live is not None:
@@ -305,7 +342,10 @@ class FilespaceSession:
             except _RETRY_ANSWERS as error:
                 last = error
             except LucidError as error:
-                if maybe_done and isinstance(error, _NOT_IDEMPOTENT.get(kind, ())):
+                if (
+                    maybe_done and isinstance(error, _NOT_IDEMPOTENT.get(kind, ()))
+                    and not (kind in CHANGES_KEPT and self._answer_kept(first_sent, live, request_id, started))
+                ):
                     raise type(error)(
                         f"{error} ({what} was sent again after the connection to the metadata server was lost;"
                         " the first attempt may have done it)"
@@ -326,6 +366,27 @@ class FilespaceSession:
                     what=what, filespace=self.filespace, failures=run.failures, delay=delay, error=last,
                 )
             yield task.deferLater(clock, delay, lambda: None)
+
+    def _next_call_id(self) -> int:
+        """A request id for one call, the same at every attempt (see ``Connection.request``)."""
+        self._calls += 1
+        return CALL_ID_BASE + self._calls % CALL_ID_BASE
+
+    def _answer_kept(self, first: _Live | None, live: _Live | None, request_id: int, started: float) -> bool:
+        """
+        Whether the answer to a call sent again on ``live`` is the one its first attempt got.
+
+        So when the server named the same boot on both connections and keeps
+        answers long enough and many enough to still hold this call's.
+        """
+        if first is None or live is None or first.known is None or live.known is None:
+            return False
+        known = live.known
+        return (
+            bytes(first.known.boot_id) == bytes(known.boot_id)
+            and self.reactor.seconds() - started < known.remember_ms / 1000
+            and (CALL_ID_BASE + self._calls % CALL_ID_BASE - request_id) % CALL_ID_BASE < known.remember_count
+        )
 
     # -- the connection --------------------------------------------------------
 
@@ -358,6 +419,7 @@ class FilespaceSession:
         try:
             connection.on_push = self._pushed
             yield self._log_in(connection)
+            live.known = yield self._name_client(connection)
             yield self._reopen_handles(live)
         except BaseException:
             connection.close("login failed", timeout=0)
@@ -423,6 +485,15 @@ class FilespaceSession:
         self._wrapped_key = bytes(ok.wrapped_key)
 
     @defer.inlineCallbacks
+    def _name_client(self, connection: Any) -> Generator[defer.Deferred[Any], Any, w.ClientKnown | None]:
+        """Tell the server this client's id; what it keeps of answers (None: a server that keeps none)."""
+        try:
+            known = yield connection.request(w.ClientId(self.client_id))
+        except NotSupported:
+            return None
+        return known  # type: ignore[no-any-return]
+
+    @defer.inlineCallbacks
     def _reopen_handles(self, live: _Live) -> Generator[defer.Deferred[Any], Any, None]:
         for handle in list(self._handles):
             if handle.generation == live.generation or handle.lost is not None:
@@ -450,7 +521,7 @@ class FilespaceSession:
                 )
                 if any(wanted() for wanted in self._keep_connected):
                     # Retried like any request: a server that is restarting or restoring closes early attempts.
-                    self._retrying(lambda live: defer.succeed(None), Reconnect).addErrback(
+                    self._retrying(lambda live, request_id: defer.succeed(None), Reconnect).addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
 
@@ -576,7 +647,7 @@ def open_session(
         backoff=backoff,
     )
     session._passphrase = passphrase
-    yield session._retrying(lambda live: defer.succeed(None), w.Login)
+    yield session._retrying(lambda live, request_id: defer.succeed(None), w.Login)
     return session
 
 

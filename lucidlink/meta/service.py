@@ -52,12 +52,15 @@ from lucidlink.errors import (
     NotFound,
     NotInitialized,
     NotSupported,
+    Restoring,
+    Unavailable,
     UnknownFilespace,
 )
 from lucidlink.meta import bootstrap
 from lucidlink.meta import mutations as m
 from lucidlink.meta.interface import IMetadataStore
 from lucidlink.meta.locks import LockTable
+from lucidlink.meta.replies import RepliesKept
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
 from lucidlink.meta.store import ROOT_INODE, Applied, Change
 from lucidlink.protocol import messages as w
@@ -160,6 +163,8 @@ class MetadataResponder:
         if lock_grace > 0 and store.initialised:  # before its initialisation no one can hold a lock
             self.locks.begin_grace()
         self.sessions: dict[int, Session] = {}
+        self.replies = RepliesKept(clock)
+        """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self._session_ids = itertools.count(1)
         self._handle_ids = itertools.count(1)
 
@@ -189,10 +194,49 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
+        request_id = getattr(connection, "request_id", None)
+        if grouped and session.client is not None and request_id is not None:
+            return self._once(session, method, message, request_id)
+        return self._answer_in_turn(session, method, message, grouped)
+
+    def _answer_in_turn(self, session: Session, method: Answer, message: Any, grouped: bool) -> Any:
         if (grouped and self.group_window is not None) or session.id in self._queued_sessions:
             # Behind its session's queued changes, a request waits its turn: each session's requests run in order.
             return self._enqueue(session, method, message)
         return self._answer_alone(session, method, message)
+
+    def _once(self, session: Session, method: Answer, message: Any, request_id: int) -> Any:
+        """A named client's change: made and its answer kept, or, sent again, answered as the first time."""
+        assert session.client is not None
+        reply = self.replies.get(session.client, request_id)
+        if reply is not None:
+            if reply.kind is not type(message):
+                raise InvalidArgument(
+                    f"request {request_id} of this client was a {reply.kind.__name__}, not a {type(message).__name__}"
+                )
+            return reply.replay().addCallback(self._answered_again, session, message)
+        client = session.client
+        reply = self.replies.add(client, request_id, type(message))
+
+        def settle(result: Any) -> Any:
+            if isinstance(result, Failure) and result.check(Busy, Restoring, Unavailable):
+                self.replies.forget(client, request_id)  # "try again": the next attempt is made, not answered
+            return reply.settle(result)
+
+        try:
+            result = self._answer_in_turn(session, method, message, grouped=True)
+        except BaseException:
+            settle(Failure())
+            raise
+        if isinstance(result, defer.Deferred):
+            return result.addBoth(settle)
+        return settle(result)
+
+    def _answered_again(self, answer: Any, session: Session, message: Any) -> Any:
+        """The kept answer to a change sent again; a file created then is opened again in this session."""
+        if isinstance(answer, w.Opened) and isinstance(message, w.Create):
+            return self._open(session, w.Open(answer.attributes.inode, message.open_flags))
+        return answer
 
     def _answer_alone(self, session: Session, method: Answer, message: Any) -> Any:
         if self.shipper is None:
@@ -458,6 +502,16 @@ class MetadataResponder:
         return w.LoginOk(user.role, user.wrapped_key, self.store.chunk_size, ROOT_INODE, self.store.filespace_id)
 
     # -- users -------------------------------------------------------------------
+
+    @answers(w.ClientId, role=Role.READER)
+    def _client_id(self, session: Session, message: w.ClientId) -> w.ClientKnown:
+        client = bytes(message.client_id)
+        if not 8 <= len(client) <= 64:
+            raise InvalidArgument(f"a client id has 8 to 64 bytes, not {len(client)}")
+        assert session.user is not None
+        self.replies.register(client, session.user)
+        session.client = client
+        return self.replies.known()
 
     @answers(w.UserAdd, role=Role.ADMIN, doing="adding users")
     def _user_add(self, session: Session, message: w.UserAdd) -> w.Ok:

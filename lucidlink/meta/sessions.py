@@ -50,6 +50,8 @@ class Session:
     source: str
     user: str | None = None
     role: Role | None = None
+    client: bytes | None = None
+    """The id the client named itself by (``ClientId``), if it did."""
     handles: dict[int, Handle] = field(default_factory=dict)
     _open_per_inode: Counter[int] = field(default_factory=Counter, repr=False)
 

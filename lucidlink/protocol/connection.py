@@ -30,6 +30,7 @@ from lucidlink.errors import (
     Busy,
     ConnectionClosed,
     InternalError,
+    InvalidArgument,
     LucidError,
     NotSupported,
     ProtocolError,
@@ -57,6 +58,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_MAX_IN_FLIGHT = 256
 _REQUEST_ID_LIMIT = 2**32
+OWN_REQUEST_ID_LIMIT = 2**31
+"""A connection numbers its requests below this; ids from here up are its caller's to give."""
 _RESPONSE = int(Flags.RESPONSE)
 _PUSH = int(Flags.PUSH)
 _MESSAGE_TYPES = frozenset(MESSAGE_CLASSES.values())
@@ -131,14 +134,24 @@ class LucidConnection(Protocol):
         port = getattr(address, "port", None)
         return f"{host}:{port}" if host is not None else str(address)
 
-    def request(self, message: Any, timeout: float | None = None) -> defer.Deferred[Any]:
-        """Send ``message``; the Deferred fires with the answer or fails with a LucidError."""
+    def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> defer.Deferred[Any]:
+        """
+        Send ``message``; the Deferred fires with the answer or fails with a LucidError.
+
+        ``request_id``: the id to send it under (from ``OWN_REQUEST_ID_LIMIT``
+        up, not in flight), for a request sent again as itself; else the
+        connection numbers it.
+        """
         if self._lost or self.closing or self.peer_goodbye is not None:
             return defer.fail(self._closed_error(f"cannot send {type(message).__name__}"))
         pending = self._pending
-        request_id = next(self._request_ids)
-        if request_id >= _REQUEST_ID_LIMIT or request_id in pending:
-            request_id = self._next_request_id()
+        if request_id is not None:
+            if not OWN_REQUEST_ID_LIMIT <= request_id < _REQUEST_ID_LIMIT or request_id in pending:
+                return defer.fail(InvalidArgument(f"request id {request_id} is not free on this connection"))
+        else:
+            request_id = next(self._request_ids)
+            if request_id >= OWN_REQUEST_ID_LIMIT or request_id in pending:
+                request_id = self._next_request_id()
         try:
             frame = frame_encoders[type(message)](message, request_id, 0, self.version)
         except Exception:
@@ -330,10 +343,10 @@ class LucidConnection(Protocol):
             self.transport.write(b"".join(corked))  # type: ignore[union-attr]
 
     def _next_request_id(self) -> int:
-        """The next id not in use, wrapping around before 2**32."""
+        """The next id not in use, wrapping around before ``OWN_REQUEST_ID_LIMIT``."""
         request_id = next(self._request_ids)
-        while request_id >= _REQUEST_ID_LIMIT or request_id in self._pending:
-            if request_id >= _REQUEST_ID_LIMIT:
+        while request_id >= OWN_REQUEST_ID_LIMIT or request_id in self._pending:
+            if request_id >= OWN_REQUEST_ID_LIMIT:
                 self._request_ids = itertools.count(1)
             request_id = next(self._request_ids)
         return request_id
@@ -485,6 +498,8 @@ class ServerConnection(LucidConnection):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_in_flight = max_in_flight
+        self.request_id: int | None = None
+        """The id of the request being answered, while the responder's ``respond`` runs."""
         self.hello: Hello | None = None
         self.session: Any = None
         self._handshake_call: Any = None
@@ -572,6 +587,7 @@ class ServerConnection(LucidConnection):
         if self._in_flight >= self.max_in_flight:
             self._answer(request_id, Busy(f"more than {self.max_in_flight} requests in flight", retry_after_ms=50))
             return
+        self.request_id = request_id
         try:
             result = self.responder.respond(self, message)
         except Exception:

@@ -90,6 +90,8 @@ class MessageType(enum.IntEnum):
     LOGIN = 0x0203
     LOGIN_OK = 0x0204
     BOOTSTRAP = 0x0205
+    CLIENT_ID = 0x0206
+    CLIENT_KNOWN = 0x0207
     USER_ADD = 0x0210
     USER_REMOVE = 0x0211
     USER_PASSWD = 0x0212
@@ -477,6 +479,34 @@ class LoginOk(Message):
     chunk_size: int = wire(U32)
     root_inode: int = wire(InodeId)
     filespace_id: bytes = wire(ShortBytes)
+
+
+@message(MessageType.CLIENT_ID)
+class ClientId(Message):
+    """
+    After login: the client's random id, the same on each of its connections.
+
+    A change to the tree sent again under the same request id, by the same
+    client, is answered with what the first attempt did instead of being
+    made twice (see :class:`ClientKnown`).
+    """
+
+    client_id: bytes = wire(ShortBytes)
+
+
+@message(MessageType.CLIENT_KNOWN)
+class ClientKnown(Message):
+    """
+    What the server remembers of a client's changes, to answer one sent again as it was answered.
+
+    Answers are kept ``remember_ms`` and, per client, for the last
+    ``remember_count`` changes; ``boot_id`` is new each time the server
+    starts (it remembers nothing from before).
+    """
+
+    boot_id: bytes = wire(ShortBytes)
+    remember_ms: int = wire(U32)
+    remember_count: int = wire(U32)
 
 
 @message(MessageType.BOOTSTRAP)
