@@ -49,6 +49,7 @@ from lucidlink.errors import (
     InvalidArgument,
     IsADirectory,
     LucidError,
+    NotADirectory,
     NotFound,
     NotInitialized,
     NotSupported,
@@ -59,6 +60,7 @@ from lucidlink.errors import (
 from lucidlink.meta import bootstrap
 from lucidlink.meta import mutations as m
 from lucidlink.meta.interface import IMetadataStore
+from lucidlink.meta.leases import DirectoryLeases, Lease
 from lucidlink.meta.locks import LockTable
 from lucidlink.meta.replies import RepliesKept
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
@@ -78,6 +80,27 @@ _log = Logger()
 
 Answer = Callable[["MetadataResponder", Session, Any], Any]
 _ANSWERS: dict[type, tuple[Answer, Role | None, str, bool]] = {}
+
+
+_LEASE_SCOPE: dict[type, Callable[[Any], tuple[tuple[int, ...], tuple[int, ...]]]] = {
+    w.Lookup: lambda m: ((m.parent,), ()),
+    w.ReadDir: lambda m: ((m.inode,), ()),
+    w.MkDir: lambda m: ((m.parent,), ()),
+    w.Create: lambda m: ((m.parent,), ()),
+    w.Symlink: lambda m: ((m.parent,), ()),
+    w.Link: lambda m: ((m.new_parent,), ()),
+    w.Unlink: lambda m: ((m.parent,), ()),
+    w.RmDir: lambda m: ((m.parent,), ()),
+    w.Rename: lambda m: ((m.old_parent, m.new_parent), ()),
+    w.GetAttr: lambda m: ((), (m.inode,)),
+    w.SetAttr: lambda m: ((), (m.inode,)),
+    w.Open: lambda m: ((), (m.inode,)),
+    w.GetXattr: lambda m: ((), (m.inode,)),
+    w.ListXattr: lambda m: ((), (m.inode,)),
+    w.SetXattr: lambda m: ((), (m.inode,)),
+    w.RemoveXattr: lambda m: ((), (m.inode,)),
+}
+"""Per request: the directories whose entries it reads or changes, and the inodes whose attributes it does."""
 
 
 def answers(message_class: type, role: Role | None = Role.READER, doing: str = "",
@@ -164,6 +187,8 @@ class MetadataResponder:
             self.locks.begin_grace()
         self.sessions: dict[int, Session] = {}
         self.replies = RepliesKept(clock)
+        self.leases = DirectoryLeases(clock)
+        """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self._session_ids = itertools.count(1)
         self._handle_ids = itertools.count(1)
@@ -194,10 +219,68 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
+        scope = _LEASE_SCOPE.get(type(message))
+        if scope is not None:
+            self._mind_leases(session, message, scope)
         request_id = getattr(connection, "request_id", None)
         if grouped and session.client is not None and request_id is not None:
             return self._once(session, method, message, request_id)
-        return self._answer_in_turn(session, method, message, grouped)
+        answer = self._answer_in_turn(session, method, message, grouped)
+        if self.leases and isinstance(message, (w.Lookup, w.ReadDir)):
+            if isinstance(answer, defer.Deferred):
+                return answer.addCallback(self._no_lease_shown, session)
+            return self._no_lease_shown(answer, session)
+        return answer
+
+    # -- leases --------------------------------------------------------------------------
+
+    def _mind_leases(self, session: Session, message: Any, scope: Callable[[Any], tuple[Any, Any]]) -> None:
+        """Busy (and a recall) if ``message`` reads or changes a directory another session holds a lease on."""
+        entries, attributes = scope(message)
+        self.leases.touch(session.id, entries, self._recall)
+        if self.leases:
+            self.leases.touch(session.id, (*attributes, *self._directories_named(message)), self._recall,
+                              remember=False)
+
+    def _directories_named(self, message: Any) -> list[int]:
+        """The entries a removal or a rename acts on, when they are directories whose own entries it reads."""
+        names = {w.RmDir: lambda m: [(m.parent, m.name)],
+                 w.Rename: lambda m: [(m.old_parent, m.old_name), (m.new_parent, m.new_name)]}.get(type(message))
+        found = []
+        for parent, name in names(message) if names is not None else ():
+            try:
+                attributes = self.store.lookup(parent, name)
+            except LucidError:
+                continue
+            if attributes.kind == FileKind.DIRECTORY:
+                found.append(attributes.inode)
+        return found
+
+    def _no_lease_shown(self, answer: Any, session: Session) -> Any:
+        """A lookup or listing may not show the attributes of a directory another session holds a lease on."""
+        shown = [answer.attributes] if isinstance(answer, w.Entry) else [entry.attributes for entry in answer.entries]
+        self.leases.touch(session.id, [attributes.inode for attributes in shown
+                                       if attributes.kind == FileKind.DIRECTORY], self._recall, remember=False)
+        return answer
+
+    def _recall(self, lease: Lease) -> None:
+        holder = self.sessions.get(lease.holder)
+        if holder is not None:
+            holder.connection.push(w.LeaseRecall(lease.directory))
+
+    @answers(w.LeaseDirectory, role=Role.WRITER, doing="leasing directories")
+    def _lease_directory(self, session: Session, message: w.LeaseDirectory) -> w.Lease:
+        if self.store.getattr(message.inode).kind != FileKind.DIRECTORY:
+            raise NotADirectory(f"inode {message.inode} is not a directory")
+        lease = self.leases.grant(session.id, message.inode)
+        return w.Lease(message.inode, max(0, int((lease.expires - self.clock.seconds()) * 1000)))
+
+    @answers(w.LeaseReturned, role=Role.WRITER, doing="leasing directories")
+    def _lease_returned(self, session: Session, message: w.LeaseReturned) -> w.Ok:
+        self.leases.returned(session.id, message.inode)
+        return w.Ok()
+
+    # -- answering in turn -----------------------------------------------------------------
 
     def _answer_in_turn(self, session: Session, method: Answer, message: Any, grouped: bool) -> Any:
         if (grouped and self.group_window is not None) or session.id in self._queued_sessions:
@@ -362,6 +445,7 @@ class MetadataResponder:
         if session.id in self._queued_sessions:
             self.commit_group()  # what it sent is applied before its handles close
         del self.sessions[session.id]
+        self.leases.end_session(session.id)
         inodes = {handle.inode for handle in session.handles.values()}
         for handle in list(session.handles.values()):
             self._close_handle(session, handle)

@@ -133,6 +133,10 @@ class MessageType(enum.IntEnum):
     LOCK_RECLAIM = 0x0253
     NOTIFY = 0x0260
     STATUS_CHANGED = 0x0261
+    LEASE_DIRECTORY = 0x0270
+    LEASE = 0x0271
+    LEASE_RECALL = 0x0272
+    LEASE_RETURNED = 0x0273
 
 
 class ServerStatus(enum.IntEnum):
@@ -897,3 +901,32 @@ class StatusChanged(Message):
     status: ServerStatus = wire(IntEnumField(U8, ServerStatus))
     retry_after_ms: int = wire(U32)
     text: str = wire(Text)
+
+
+@message(MessageType.LEASE_DIRECTORY)
+class LeaseDirectory(Message):
+    """Ask for a lease on a directory: no other session reads or changes its entries until it is recalled."""
+
+    inode: int = wire(InodeId)
+
+
+@message(MessageType.LEASE)
+class Lease(Message):
+    """A lease granted (or renewed) until ``expires_ms`` from now, unless recalled first."""
+
+    inode: int = wire(InodeId)
+    expires_ms: int = wire(U32)
+
+
+@message(MessageType.LEASE_RECALL)
+class LeaseRecall(Message):
+    """Pushed to a lease's holder: another session wants the directory; send ``LeaseReturned`` once done."""
+
+    inode: int = wire(InodeId)
+
+
+@message(MessageType.LEASE_RETURNED)
+class LeaseReturned(Message):
+    """The holder gives a lease back, after every change it made under it (answered ``Ok``)."""
+
+    inode: int = wire(InodeId)

@@ -1,0 +1,170 @@
+"""Directory leases on the metadata server (:mod:`lucidlink.meta.leases`): granted, recalled, returned, ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink import errors
+from lucidlink.meta.leases import LEASE_SECONDS, READS_REMEMBERED, DirectoryLeases
+from lucidlink.meta.store import ROOT_INODE
+from lucidlink.protocol.messages import (
+    Create,
+    GetAttr,
+    GetXattr,
+    Lease,
+    LeaseDirectory,
+    LeaseRecall,
+    LeaseReturned,
+    Link,
+    ListXattr,
+    Lookup,
+    MkDir,
+    Open,
+    ReadDir,
+    RemoveXattr,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetAttrField,
+    SetXattr,
+    Symlink,
+    Unlink,
+    XattrFlags,
+)
+from tests.test_meta_service import O_RDONLY, O_WRONLY, InitialisedTestCase, Peer
+
+
+class LeaseServiceTests(InitialisedTestCase):
+    """Two writers' sessions: wendy leases the folders she makes; the other meets her leases."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.wendy = self.logged_in("wendy")
+        self.other = self.logged_in("wendy", host="192.0.2.7")
+        self.folders = 0
+
+    def leased_folder(self) -> int:
+        """A folder wendy made and holds a lease on (the other session never saw it)."""
+        self.folders += 1
+        inode = self.wendy.answer(MkDir(ROOT_INODE, b"d%d" % self.folders, 0o755, 0, 0)).attributes.inode
+        lease = self.wendy.answer(LeaseDirectory(inode))
+        self.assertEqual(lease, Lease(inode, int(LEASE_SECONDS * 1000)))
+        return inode
+
+    def recalls(self, peer: Peer) -> list[int]:
+        return [note.inode for note in peer.notes() if isinstance(note, LeaseRecall)]
+
+    def test_recalled_then_returned(self) -> None:
+        """Another session is told Busy while the holder is asked back once; after the return it is served."""
+        folder = self.leased_folder()
+        self.wendy.notes()
+        busy = self.other.refused(ReadDir(folder, b"", 100), errors.Busy)
+        self.assertLess(busy.retry_after_ms, 1000)
+        self.other.refused(Lookup(folder, b"x"), errors.Busy)
+        self.assertEqual(self.recalls(self.wendy), [folder])
+        made = self.wendy.answer(Create(folder, b"x", 0o644, 0, 0, True, O_WRONLY))
+        self.wendy.answer(LeaseReturned(folder))
+        self.assertEqual(self.other.answer(Lookup(folder, b"x")).attributes, made.attributes)
+
+    def test_every_request_that_reads_or_changes_it(self) -> None:
+        """Each request that reads or changes a leased folder's entries or attributes recalls the lease."""
+        file = self.wendy.answer(Create(ROOT_INODE, b"file", 0o644, 0, 0, True, O_WRONLY)).attributes.inode
+        asks: list[Any] = [
+            lambda d: Lookup(d, b"x"), lambda d: ReadDir(d, b"", 10), lambda d: MkDir(d, b"m", 0o755, 0, 0),
+            lambda d: Create(d, b"c", 0o644, 0, 0, True, O_WRONLY), lambda d: Symlink(d, b"s", b"t", 0, 0),
+            lambda d: Link(file, d, b"l"), lambda d: Unlink(d, b"x"), lambda d: RmDir(d, b"x"),
+            lambda d: Rename(d, b"x", ROOT_INODE, b"y", 0), lambda d: Rename(ROOT_INODE, b"file", d, b"y", 0),
+            lambda d: GetAttr(d), lambda d: SetAttr(d, SetAttrField.MODE, 0o700, 0, 0, 0, 0, 0),
+            lambda d: Open(d, O_RDONLY), lambda d: GetXattr(d, b"user.a"), lambda d: ListXattr(d),
+            lambda d: SetXattr(d, b"user.a", b"v", XattrFlags(0)), lambda d: RemoveXattr(d, b"user.a"),
+            lambda d: Lookup(ROOT_INODE, b"d%d" % self.folders),  # shows the folder's attributes
+            lambda d: ReadDir(ROOT_INODE, b"", 100),  # so does the listing of its parent
+            lambda d: RmDir(ROOT_INODE, b"d%d" % self.folders),
+            lambda d: Rename(ROOT_INODE, b"file", ROOT_INODE, b"d%d" % self.folders, 0),
+        ]
+        for ask in asks:
+            folder = self.leased_folder()
+            self.wendy.notes()
+            message = ask(folder)
+            self.other.refused(message, errors.Busy)
+            self.assertEqual(self.recalls(self.wendy), [folder], message)
+            self.wendy.answer(LeaseReturned(folder))
+
+    def test_not_granted_where_another_session_looked_lately(self) -> None:
+        """A folder another session listed within the remembered time (what it may have cached) is not leased."""
+        folder = self.wendy.answer(MkDir(ROOT_INODE, b"shared", 0o755, 0, 0)).attributes.inode
+        self.other.answer(ReadDir(folder, b"", 10))
+        self.wendy.refused(LeaseDirectory(folder), errors.Busy)
+        self.clock.advance(READS_REMEMBERED + 2)
+        self.wendy.answer(LeaseDirectory(folder))
+        self.other.refused(LeaseDirectory(folder), errors.Busy)
+
+    def test_the_holder_is_never_kept_waiting(self) -> None:
+        folder = self.leased_folder()
+        self.wendy.answer(Create(folder, b"mine", 0o644, 0, 0, True, O_WRONLY))
+        self.wendy.answer(ReadDir(folder, b"", 10))
+        self.wendy.answer(GetAttr(folder))
+        self.assertEqual(self.recalls(self.wendy), [])
+
+    def test_ends_by_itself_and_with_its_session(self) -> None:
+        """Not renewed, a lease ends after its time; renewed, it lasts; its holder's session ending ends it."""
+        folder = self.leased_folder()
+        self.clock.advance(LEASE_SECONDS / 2)
+        self.wendy.answer(LeaseDirectory(folder))  # renewed
+        self.clock.advance(LEASE_SECONDS * 0.75)
+        self.other.refused(GetAttr(folder), errors.Busy)
+        self.wendy.answer(LeaseReturned(folder))
+        self.clock.advance(READS_REMEMBERED + 2)
+        self.wendy.answer(LeaseDirectory(folder))
+        self.clock.advance(LEASE_SECONDS + 1)
+        self.other.answer(GetAttr(folder))
+        another = self.leased_folder()
+        self.wendy.disconnect()
+        self.other.answer(GetAttr(another))
+        self.assertEqual(len(self.responder.leases), 0)
+
+    def test_a_recalled_lease_is_not_renewed(self) -> None:
+        folder = self.leased_folder()
+        self.other.refused(GetAttr(folder), errors.Busy)
+        self.wendy.refused(LeaseDirectory(folder), errors.Busy)
+
+    def test_only_folders_and_only_writers(self) -> None:
+        file = self.wendy.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY)).attributes.inode
+        self.wendy.refused(LeaseDirectory(file), errors.NotADirectory)
+        self.wendy.refused(LeaseDirectory(424242), errors.NotFound)
+        rita = self.logged_in("rita")
+        rita.refused(LeaseDirectory(ROOT_INODE), errors.AccessDenied)
+
+
+class DirectoryLeasesTests(SynchronousTestCase):
+    """The lease table alone."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.leases = DirectoryLeases(self.clock, lease_seconds=10, reads_remembered=30)
+        self.recalled: list[int] = []
+
+    def test_reads_are_forgotten(self) -> None:
+        """A session's reads stop standing in others' way after the remembered time; they are swept."""
+        self.leases.touch(1, [5], lambda lease: self.recalled.append(lease.directory))
+        self.assertRaises(errors.Busy, self.leases.grant, 2, 5)
+        self.clock.advance(31)
+        self.leases.touch(1, [6], lambda lease: None)  # sweeps
+        self.assertEqual(self.leases.grant(2, 5).holder, 2)
+        self.assertNotIn(5, self.leases._touched)
+
+    def test_returned_only_by_its_holder(self) -> None:
+        self.leases.grant(1, 5)
+        self.assertFalse(self.leases.returned(2, 5))
+        self.assertTrue(self.leases.returned(1, 5))
+        self.assertFalse(self.leases.returned(1, 5))
+
+    def test_end_session(self) -> None:
+        self.leases.grant(1, 5)
+        self.leases.grant(1, 6)
+        self.leases.touch(1, [7], lambda lease: None)
+        self.assertEqual(sorted(self.leases.end_session(1)), [5, 6])
+        self.assertEqual(self.leases.grant(2, 7).holder, 2)
