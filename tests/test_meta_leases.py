@@ -126,6 +126,23 @@ class LeaseServiceTests(InitialisedTestCase):
         self.other.answer(GetAttr(another))
         self.assertEqual(len(self.responder.leases), 0)
 
+    def test_two_holders_renaming_into_each_others_folders(self) -> None:
+        """Nothing is held back: each is told Busy, each holder is asked back, and both renames then go through."""
+        mine = self.leased_folder()
+        self.wendy.answer(MkDir(mine, b"a", 0o755, 0, 0))
+        theirs = self.other.answer(MkDir(ROOT_INODE, b"theirs", 0o755, 0, 0)).attributes.inode
+        self.other.answer(MkDir(theirs, b"b", 0o755, 0, 0))
+        self.other.answer(LeaseDirectory(theirs))
+        self.wendy.notes(), self.other.notes()
+        self.wendy.refused(Rename(mine, b"a", theirs, b"a", 0), errors.Busy)
+        self.other.refused(Rename(theirs, b"b", mine, b"b", 0), errors.Busy)
+        self.assertEqual((self.recalls(self.wendy), self.recalls(self.other)), ([mine], [theirs]))
+        self.wendy.answer(LeaseReturned(mine))
+        self.other.answer(LeaseReturned(theirs))
+        self.wendy.answer(Rename(mine, b"a", theirs, b"a", 0))
+        self.other.answer(Rename(theirs, b"b", mine, b"b", 0))
+        self.assertEqual([entry.name for entry in self.wendy.answer(ReadDir(mine, b"", 10)).entries], [b"b"])
+
     def test_a_recalled_lease_is_not_renewed(self) -> None:
         folder = self.leased_folder()
         self.other.refused(GetAttr(folder), errors.Busy)
