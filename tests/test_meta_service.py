@@ -822,7 +822,7 @@ class CoverageTests(SynchronousTestCase):
             messages.LoginChallenge, messages.LoginOk, messages.UserListing, messages.Entry, messages.DirPage,
             messages.LinkTarget, messages.XattrValue, messages.XattrNames, messages.FsStats, messages.Opened,
             messages.ChunkMap, messages.ChunkMapCommitted, messages.LockState, messages.Notify,
-            messages.StatusChanged, messages.ClientKnown, messages.Lease, messages.LeaseRecall,
+            messages.StatusChanged, messages.ClientKnown, messages.Lease, messages.LeaseRecall, messages.InodeBlock,
         }
         requests = {
             cls for number, cls in messages.MESSAGE_CLASSES.items() if number >> 8 == 0x02

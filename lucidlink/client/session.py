@@ -97,7 +97,7 @@ class Reconnect:
 
 CHANGES_KEPT = frozenset({
     w.SetAttr, w.MkDir, w.Create, w.Symlink, w.Link, w.Unlink, w.RmDir, w.Rename, w.SetXattr, w.RemoveXattr,
-    w.ChunkMapCommit,
+    w.ChunkMapCommit, w.ReserveInodes,
 })
 """The requests whose answers a server keeps for a named client: the changes that wait for a group commit."""
 

@@ -258,6 +258,14 @@ class CommitChunks(Mutation):
     time_ns: int | None = None
 
 
+@mutation("reserve-inodes")
+class ReserveInodes(Mutation):
+    """Move the next inode id past ``count`` ids a client gives its own creations, from ``first``."""
+
+    count: int
+    first: int | None = None
+
+
 @mutation("reclaim")
 class Reclaim(Mutation):
     """Delete inodes that have no links left (no longer open); their chunks become garbage."""

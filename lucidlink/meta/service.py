@@ -59,6 +59,7 @@ from lucidlink.errors import (
 )
 from lucidlink.meta import bootstrap
 from lucidlink.meta import mutations as m
+from lucidlink.meta.inode_blocks import InodeBlocks
 from lucidlink.meta.interface import IMetadataStore
 from lucidlink.meta.leases import DirectoryLeases, Lease
 from lucidlink.meta.locks import LockTable
@@ -188,6 +189,8 @@ class MetadataResponder:
         self.sessions: dict[int, Session] = {}
         self.replies = RepliesKept(clock)
         self.leases = DirectoryLeases(clock)
+        self.inode_blocks = InodeBlocks()
+        """The inode ids named clients reserved and have not used (see :mod:`lucidlink.meta.inode_blocks`)."""
         """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self._session_ids = itertools.count(1)
@@ -678,21 +681,51 @@ class MetadataResponder:
     @answers(w.MkDir, role=Role.WRITER, doing="writing", grouped=True)
     def _mkdir(self, session: Session, message: w.MkDir) -> w.Entry:
         applied = self._apply(session, m.MakeDirectory(message.parent, message.name, message.mode, message.uid,
-                                                       message.gid))
+                                                       message.gid, self._own_inode(session, message.inode)))
+        self._used_inode(session, message.inode, applied.value.inode)
         return w.Entry(applied.value)
 
     @answers(w.Create, role=Role.WRITER, doing="writing", grouped=True)
     def _create(self, session: Session, message: w.Create) -> w.Opened:
         applied = self._apply(session, m.CreateFile(message.parent, message.name, message.mode, message.uid,
-                                                    message.gid, message.exclusive))
+                                                    message.gid, message.exclusive,
+                                                    self._own_inode(session, message.inode)))
         attributes, _created = applied.value
+        self._used_inode(session, message.inode, attributes.inode)
         handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
         return w.Opened(handle.id, attributes)
+
+    @answers(w.ReserveInodes, role=Role.WRITER, doing="creating files", grouped=True)
+    def _reserve_inodes(self, session: Session, message: w.ReserveInodes) -> w.InodeBlock:
+        client = session.client
+        if client is None:
+            raise InvalidArgument("inode ids are reserved for a named client (ClientId first)")
+        first = self._apply(session, m.ReserveInodes(message.count)).value
+        self.inode_blocks.add(client, first, message.count)
+        if self._undo is not None:  # inside a group commit, which may yet fail
+            self._undo.append(lambda: self.inode_blocks.remove(client, first, message.count))
+        return w.InodeBlock(first, message.count)
+
+    def _own_inode(self, session: Session, inode: int) -> int | None:
+        """The id a creation gives its new inode: None (the store's next) for 0, else one of the client's own."""
+        if not inode:
+            return None
+        self.inode_blocks.check(session.client, inode)
+        return inode
+
+    def _used_inode(self, session: Session, inode: int, made: int) -> None:
+        """A creation that named ``inode`` made ``made``: the client's id is used if they are the same."""
+        client = session.client
+        if inode and made == inode and client is not None:
+            self.inode_blocks.take(client, inode)
+            if self._undo is not None:  # inside a group commit, which may yet fail
+                self._undo.append(lambda: self.inode_blocks.give_back(client, inode))
 
     @answers(w.Symlink, role=Role.WRITER, doing="writing", grouped=True)
     def _symlink(self, session: Session, message: w.Symlink) -> w.Entry:
         applied = self._apply(session, m.MakeSymlink(message.parent, message.name, message.target, message.uid,
-                                                     message.gid))
+                                                     message.gid, self._own_inode(session, message.inode)))
+        self._used_inode(session, message.inode, applied.value.inode)
         return w.Entry(applied.value)
 
     @answers(w.Link, role=Role.WRITER, doing="writing", grouped=True)

@@ -79,6 +79,8 @@ from lucidlink.protocol.messages import (
 
 ROOT_INODE = 1
 SCHEMA_VERSION = 2
+MAX_INODE_BLOCK = 65536
+"""The most inode ids one ``ReserveInodes`` sets aside."""
 
 MAX_NAME_LENGTH = 1024
 """Longest sealed entry name, in bytes."""
@@ -312,6 +314,7 @@ class MetadataStore:
             m.RemoveXattr: self._removexattr,
             m.CommitChunks: self._commit_chunks,
             m.Reclaim: self._reclaim,
+            m.ReserveInodes: self._reserve_inodes,
         }
 
     def _create_schema(self) -> None:
@@ -465,6 +468,8 @@ class MetadataStore:
         if isinstance(record, m.MakeDirectory | m.CreateFile | m.MakeSymlink):
             if record.inode is None:
                 updates["inode"] = self._setting(tx.cursor, "next_inode", ROOT_INODE + 1)
+        if isinstance(record, m.ReserveInodes) and record.first is None:
+            updates["first"] = self._setting(tx.cursor, "next_inode", ROOT_INODE + 1)
         if isinstance(record, m.SetBootstrapToken | m.Initialise) and record.server_secret is None:
             existing = self._setting(tx.cursor, "server_secret")
             updates["server_secret"] = existing if existing is not None else os.urandom(SERVER_SECRET_LENGTH)
@@ -898,6 +903,14 @@ class MetadataStore:
         tx.execute("INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, inode))
         self._touch_directory(tx, parent, 1 if subdirectory else 0)
         tx.changed(NotifyKind.ENTRY_CHANGED, inode, parent, name)
+
+    def _reserve_inodes(self, tx: _Transaction, record: m.ReserveInodes) -> int:
+        if not 1 <= record.count <= MAX_INODE_BLOCK:
+            raise InvalidArgument(f"a block of inode ids holds 1 to {MAX_INODE_BLOCK}, not {record.count}")
+        assert record.first is not None
+        next_inode = self._setting(tx.cursor, "next_inode", ROOT_INODE + 1)
+        self._put_setting(tx, "next_inode", max(next_inode, record.first + record.count))
+        return record.first
 
     def _mkdir(self, tx: _Transaction, record: m.MakeDirectory) -> Attributes:
         self._make_entry(tx, record.parent, record.name)

@@ -92,6 +92,8 @@ class MessageType(enum.IntEnum):
     BOOTSTRAP = 0x0205
     CLIENT_ID = 0x0206
     CLIENT_KNOWN = 0x0207
+    RESERVE_INODES = 0x0208
+    INODE_BLOCK = 0x0209
     USER_ADD = 0x0210
     USER_REMOVE = 0x0211
     USER_PASSWD = 0x0212
@@ -513,6 +515,26 @@ class ClientKnown(Message):
     remember_count: int = wire(U32)
 
 
+@message(MessageType.RESERVE_INODES)
+class ReserveInodes(Message):
+    """
+    Ask for ``count`` inode ids of the client's own, for new files, directories and symbolic links.
+
+    Needs a named client (``ClientId``); the ids are the client's until the
+    server restarts, each good for one creation (its ``inode`` field).
+    """
+
+    count: int = wire(U32)
+
+
+@message(MessageType.INODE_BLOCK)
+class InodeBlock(Message):
+    """The ids reserved: ``first`` to ``first + count - 1``."""
+
+    first: int = wire(InodeId)
+    count: int = wire(U32)
+
+
 @message(MessageType.BOOTSTRAP)
 class Bootstrap(Message):
     """Initialise a new filespace with its first admin, once, with the bootstrap token."""
@@ -628,6 +650,8 @@ class MkDir(Message):
     mode: int = wire(U32)
     uid: int = wire(U32)
     gid: int = wire(U32)
+    inode: int = wire(InodeId, default=0)
+    """0: the server gives it an id; else one of the client's own (:class:`ReserveInodes`)."""
 
 
 @message(MessageType.RMDIR)
@@ -649,6 +673,8 @@ class Create(Message):
     gid: int = wire(U32)
     exclusive: bool = wire(Bool)
     open_flags: int = wire(U32)
+    inode: int = wire(InodeId, default=0)
+    """For a new file: 0, the server gives it an id; else one of the client's own (:class:`ReserveInodes`)."""
 
 
 @message(MessageType.UNLINK)
@@ -688,6 +714,8 @@ class Symlink(Message):
     target: bytes = wire(ShortBytes)
     uid: int = wire(U32)
     gid: int = wire(U32)
+    inode: int = wire(InodeId, default=0)
+    """0: the server gives it an id; else one of the client's own (:class:`ReserveInodes`)."""
 
 
 @message(MessageType.READLINK)

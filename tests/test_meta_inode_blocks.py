@@ -1,0 +1,119 @@
+"""Inode ids clients reserve and give their own creations (:mod:`lucidlink.meta.inode_blocks`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lucidlink import errors
+from lucidlink.meta import mutations as m
+from lucidlink.meta.inode_blocks import InodeBlocks
+from lucidlink.meta.service import MetadataResponder
+from lucidlink.meta.store import MAX_INODE_BLOCK, ROOT_INODE, MetadataStore
+from lucidlink.protocol.messages import ClientId, Create, InodeBlock, MkDir, ReserveInodes, Symlink
+from tests.meta_helpers import initialise_record
+from tests.test_meta_replay import Workload
+from tests.test_meta_service import FILESPACE, O_WRONLY, InitialisedTestCase, Peer
+
+CLIENT = b"client-of-wendy!"
+
+
+class ReservedInodeServiceTests(InitialisedTestCase):
+    """A named writer reserves ids and gives them to what it creates; nobody else can."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.wendy = self.named("wendy", CLIENT)
+
+    def named(self, user: str, client: bytes) -> Peer:
+        peer = self.logged_in(user)
+        peer.answer(ClientId(client))
+        return peer
+
+    def test_own_ids_for_files_folders_and_links(self) -> None:
+        """Creations take the ids given; the server's own ids go past the block."""
+        block = self.wendy.answer(ReserveInodes(3))
+        self.assertIsInstance(block, InodeBlock)
+        first = block.first
+        made = [
+            self.wendy.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY, first)).attributes.inode,
+            self.wendy.answer(MkDir(ROOT_INODE, b"d", 0o755, 0, 0, first + 1)).attributes.inode,
+            self.wendy.answer(Symlink(ROOT_INODE, b"s", b"target", 0, 0, first + 2)).attributes.inode,
+        ]
+        self.assertEqual(made, [first, first + 1, first + 2])
+        plain = self.logged_in("wendy").answer(MkDir(ROOT_INODE, b"server's", 0o755, 0, 0)).attributes.inode
+        self.assertGreaterEqual(plain, first + 3)
+
+    def test_each_id_once_and_only_its_clients(self) -> None:
+        """An id used, outside the block, or of another client is refused, and nothing is made."""
+        first = self.wendy.answer(ReserveInodes(2)).first
+        self.wendy.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first))
+        self.wendy.refused(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first), errors.InvalidArgument)
+        self.wendy.refused(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first + 2), errors.InvalidArgument)
+        other = self.named("wendy", b"another-client!!")
+        other.refused(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first + 1), errors.InvalidArgument)
+        unnamed = self.logged_in("wendy")
+        unnamed.refused(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first + 1), errors.InvalidArgument)
+        unnamed.refused(ReserveInodes(2), errors.InvalidArgument)
+        self.wendy.refused(ReserveInodes(0), errors.InvalidArgument)
+        self.wendy.refused(ReserveInodes(MAX_INODE_BLOCK + 1), errors.InvalidArgument)
+        self.logged_in("rita").refused(ReserveInodes(2), errors.AccessDenied)
+        self.assertEqual(self.wendy.answer(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first + 1)).attributes.inode,
+                         first + 1)
+
+    def test_a_refused_creation_keeps_its_id(self) -> None:
+        """A creation the store refuses (the name is taken) does not use the id; nor does opening an existing file."""
+        first = self.wendy.answer(ReserveInodes(1)).first
+        self.wendy.answer(MkDir(ROOT_INODE, b"taken", 0o755, 0, 0))
+        self.wendy.refused(MkDir(ROOT_INODE, b"taken", 0o755, 0, 0, first), errors.AlreadyExists)
+        existing = self.wendy.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY)).attributes.inode
+        opened = self.wendy.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, False, O_WRONLY, first))
+        self.assertEqual(opened.attributes.inode, existing)
+        self.assertEqual(self.wendy.answer(MkDir(ROOT_INODE, b"new", 0o755, 0, 0, first)).attributes.inode, first)
+
+    def test_a_restarted_server_knows_no_block(self) -> None:
+        """After a restart the client's ids are refused, and the server's own go on past them."""
+        first = self.wendy.answer(ReserveInodes(4)).first
+        self.responder = MetadataResponder(self.store, self.clock, FILESPACE)
+        again = self.named("wendy", CLIENT)
+        again.refused(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first), errors.InvalidArgument)
+        self.assertGreaterEqual(again.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0)).attributes.inode, first + 4)
+
+
+class ReplayTests(SynchronousTestCase):
+    def test_a_reservation_replays(self) -> None:
+        """Replayed, a reservation moves the replica's next id as it moved the original's."""
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        workload = Workload(folder, Clock())
+        self.addCleanup(lambda: workload.store.close())
+        replica = MetadataStore(folder / "replica.sqlite3", Clock())
+        self.addCleanup(replica.close)
+        store = workload.store
+        store.apply(initialise_record())
+        first = store.apply(m.ReserveInodes(10)).value
+        store.apply(m.CreateFile(ROOT_INODE, b"f", 0o644, 0, 0, True, first + 3))
+        for data in workload.records:
+            replica.apply(m.decode(data))
+        self.assertEqual(replica.dump(), store.dump())
+        next_here = store.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0)).value.inode
+        next_there = replica.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0)).value.inode
+        self.assertEqual((next_here, next_there), (first + 10, first + 10))
+
+
+class InodeBlocksTests(SynchronousTestCase):
+    def test_blocks(self) -> None:
+        blocks = InodeBlocks()
+        blocks.add(CLIENT, 100, 2)
+        blocks.take(CLIENT, 100)
+        self.assertRaises(errors.InvalidArgument, blocks.take, CLIENT, 100)
+        blocks.give_back(CLIENT, 100)
+        blocks.take(CLIENT, 100)
+        blocks.take(CLIENT, 101)
+        self.assertEqual(blocks._blocks[CLIENT], {}, "a block all used is forgotten")
+        blocks.add(CLIENT, 200, 5)
+        blocks.remove(CLIENT, 200, 5)
+        self.assertRaises(errors.InvalidArgument, blocks.check, CLIENT, 200)
+        self.assertRaises(errors.InvalidArgument, blocks.check, None, 200)
