@@ -18,7 +18,7 @@ from lucidlink.meta.segments import parse_segment, parse_segment_key, segment_pr
 from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore.faults import FaultyObjectStore
-from lucidlink.protocol.messages import GetAttr, Lookup, MkDir, Notify
+from lucidlink.protocol.messages import ClientId, GetAttr, Lookup, MkDir, Notify
 from tests.client_helpers import MemoryObjectStore
 from tests.meta_helpers import START_TIME, initialise_record
 from tests.test_meta_service import FILESPACE, InitialisedTestCase
@@ -234,6 +234,26 @@ class SyncServiceTests(InitialisedTestCase):
         self.assertTrue(watcher.notes())
         self.assertEqual(self.shipper.pending(), 0)
         self.assertEqual(stored_chain(self.memory, FILESPACE)[-1], self.shipper.head())
+
+    def test_store_unreachable_change_sent_again(self) -> None:
+        """A named client's change made but not stored is, sent again, answered once stored, and made once."""
+        writer = self.logged_in("wendy")
+        writer.answer(ClientId(b"client-of-wendy!"))
+        self.objects.fail_always(operations={"put"})
+
+        def send() -> Any:
+            writer.server.request_id = 2**31 + 1
+            answer = self.responder.respond(writer.server, MkDir(ROOT_INODE, b"kept", 0o755, 0, 0))
+            self.flush()
+            return answer
+
+        self.failureResultOf(send(), errors.Unavailable)
+        self.failureResultOf(send(), errors.Unavailable)  # still not stored: still Unavailable, not AlreadyExists
+        self.objects.heal()
+        self.clock.advance(60)
+        made = self.successResultOf(send())
+        self.assertEqual(made.attributes, writer.answer(Lookup(ROOT_INODE, b"kept")).attributes)
+        self.assertEqual(self.shipper.pending(), 0)
 
     def test_store_unreachable(self) -> None:
         """A write fails with Unavailable but is kept; reads work; the retry says it exists; shipping resumes."""

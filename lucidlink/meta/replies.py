@@ -8,7 +8,10 @@ of each change of a named client (:class:`Reply`: pending, then the answer
 or the error) for ``remember_seconds`` and, per client, for its last
 ``remember_count`` changes, in memory: a change sent again within those
 bounds gets the first attempt's answer, or waits for it, and is not made
-twice.  A restarted server remembers nothing; its ``boot_id`` tells the
+twice.  A change that was made but whose journal record could not be
+stored was answered ``Unavailable``; sent again, it is answered once the
+journal is stored, with what it made, and is not made again.  A restarted
+server remembers nothing; its ``boot_id`` tells the
 client so (``ClientKnown``), and the client then says that an error may
 come from its own first attempt, as it does with a server that keeps no
 answers.
@@ -43,6 +46,8 @@ class Reply:
         self.kind = kind
         self.at = at
         self.outcome: Any = _PENDING
+        self.made: Any = None
+        """The answer of a change made whose journal record could not be stored (its outcome says Unavailable)."""
         self._waiters: list[defer.Deferred[Any]] = []
 
     def settle(self, result: Any) -> Any:

@@ -63,7 +63,7 @@ from lucidlink.meta.inode_blocks import InodeBlocks
 from lucidlink.meta.interface import IMetadataStore
 from lucidlink.meta.leases import DirectoryLeases, Lease
 from lucidlink.meta.locks import LockTable
-from lucidlink.meta.replies import RepliesKept
+from lucidlink.meta.replies import RepliesKept, Reply
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
 from lucidlink.meta.store import ROOT_INODE, Applied, Change
 from lucidlink.protocol import messages as w
@@ -132,6 +132,8 @@ class _Queued:
     """The answer, or the Failure to send instead."""
     changes: list[tuple[Session, tuple[Change, ...]]] = field(default_factory=list)
     """What each mutation the request applied changed (one entry per mutation)."""
+    reply: Reply | None = None
+    """Where a named client's change that is made but not stored is noted (see :mod:`lucidlink.meta.replies`)."""
 
 
 @implementer(IResponder)
@@ -285,11 +287,13 @@ class MetadataResponder:
 
     # -- answering in turn -----------------------------------------------------------------
 
-    def _answer_in_turn(self, session: Session, method: Answer, message: Any, grouped: bool) -> Any:
+    def _answer_in_turn(self, session: Session, method: Answer, message: Any, grouped: bool,
+                        reply: Reply | None = None) -> Any:
+        """Answer now, or queue behind the session's changes; ``reply``: where a change made but not stored is noted."""
         if (grouped and self.group_window is not None) or session.id in self._queued_sessions:
             # Behind its session's queued changes, a request waits its turn: each session's requests run in order.
-            return self._enqueue(session, method, message)
-        return self._answer_alone(session, method, message)
+            return self._enqueue(session, method, message, reply)
+        return self._answer_alone(session, method, message, reply)
 
     def _once(self, session: Session, method: Answer, message: Any, request_id: int) -> Any:
         """A named client's change: made and its answer kept, or, sent again, answered as the first time."""
@@ -300,17 +304,19 @@ class MetadataResponder:
                 raise InvalidArgument(
                     f"request {request_id} of this client was a {reply.kind.__name__}, not a {type(message).__name__}"
                 )
+            if reply.made is not None and isinstance(reply.outcome, Failure):
+                return self._stored_again(reply).addCallback(self._answered_again, session, message)
             return reply.replay().addCallback(self._answered_again, session, message)
         client = session.client
         reply = self.replies.add(client, request_id, type(message))
 
         def settle(result: Any) -> Any:
-            if isinstance(result, Failure) and result.check(Busy, Restoring, Unavailable):
-                self.replies.forget(client, request_id)  # "try again": the next attempt is made, not answered
+            if isinstance(result, Failure) and result.check(Busy, Restoring, Unavailable) and reply.made is None:
+                self.replies.forget(client, request_id)  # "try again", and nothing was made: the next attempt is
             return reply.settle(result)
 
         try:
-            result = self._answer_in_turn(session, method, message, grouped=True)
+            result = self._answer_in_turn(session, method, message, grouped=True, reply=reply)
         except BaseException:
             settle(Failure())
             raise
@@ -318,13 +324,18 @@ class MetadataResponder:
             return result.addBoth(settle)
         return settle(result)
 
+    def _stored_again(self, reply: Reply) -> defer.Deferred[Any]:
+        """A change made whose journal could not be stored: its answer once the journal is (Unavailable till then)."""
+        durable = self.shipper.durable() if self.shipper is not None else defer.succeed(None)
+        return durable.addCallback(lambda _: reply.made)
+
     def _answered_again(self, answer: Any, session: Session, message: Any) -> Any:
         """The kept answer to a change sent again; a file created then is opened again in this session."""
         if isinstance(answer, w.Opened) and isinstance(message, w.Create):
             return self._open(session, w.Open(answer.attributes.inode, message.open_flags))
         return answer
 
-    def _answer_alone(self, session: Session, method: Answer, message: Any) -> Any:
+    def _answer_alone(self, session: Session, method: Answer, message: Any, reply: Reply | None = None) -> Any:
         if self.shipper is None:
             return method(self, session, message)
         # A write is answered, and the others told, only once its journal record is durable.
@@ -345,14 +356,17 @@ class MetadataResponder:
         def publish(result: Any) -> Any:
             # Published even if shipping failed: the change is in the database and reads show it.
             self._publish_all(unpublished)
+            if reply is not None and isinstance(result, Failure):
+                reply.made = answer
             return result
 
         return durable.addBoth(publish).addCallback(lambda _: answer)
 
     # -- group commit ----------------------------------------------------------------
 
-    def _enqueue(self, session: Session, method: Answer, message: Any) -> defer.Deferred[Any]:
-        queued = _Queued(session, method, message)
+    def _enqueue(self, session: Session, method: Answer, message: Any,
+                 reply: Reply | None = None) -> defer.Deferred[Any]:
+        queued = _Queued(session, method, message, reply=reply)
         self._queue.append(queued)
         self._queued_sessions.add(session.id)
         if self._commit_call is None:
@@ -413,6 +427,8 @@ class MetadataResponder:
             for queued in queue:
                 outcome = queued.outcome
                 if isinstance(shipped, Failure) and queued.changes and not isinstance(outcome, Failure):
+                    if queued.reply is not None:
+                        queued.reply.made = outcome
                     outcome = shipped
                 if isinstance(outcome, Failure):
                     queued.answered.errback(outcome)
