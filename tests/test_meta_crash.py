@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from lucidlink.meta.server import DATABASE_NAME
 from lucidlink.meta.snapshots import restore
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore import open_store
-from lucidlink.protocol.messages import Bootstrap, Create, Login, MkDir
+from lucidlink.protocol.messages import Bootstrap, Create, Login, MkDir, ServerStatus
 from lucidlink.protocol.network import connect_tls
 from tests.meta_helpers import CHUNK_SIZE, FILESPACE_ID, credentials
 from tests.processes import free_port, start_service, wait_for_port
@@ -93,12 +94,24 @@ class KillMidGroupTests(TestCase):
         yield wait_for_port(port, server)
         data_dir = directory / "data" / FILESPACE
 
-        connections = []
-        for _ in range(CLIENTS):
-            connection = yield connect_tls(
+        def connect() -> Any:
+            return connect_tls(
                 reactor, f"tcp:127.0.0.1:{port}", directory / "ca" / "ca.pem", identity_for(FILESPACE),
                 filespace=FILESPACE, keepalive_interval=0,
             )
+
+        # A connection made while the server still checks its database is closed once it serves.
+        deadline = time.monotonic() + 60
+        while True:
+            probe = yield connect()
+            status = probe.welcome.status
+            yield probe.close("probe")
+            if status == ServerStatus.UNINITIALIZED or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        connections = []
+        for _ in range(CLIENTS):
+            connection = yield connect()
             self.addCleanup(connection.close, "test over")
             connections.append(connection)
         yield connections[0].request(Bootstrap(
