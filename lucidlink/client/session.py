@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 
 from lucidlink import crypto
 from lucidlink.client.backoff import Backoff, FallingRateLog, retry_after_seconds
+from lucidlink.client.pipeline import ChangePipeline
 from lucidlink.client.resolver import Connect, Resolver, connect_to_filespace, tls_connector
 from lucidlink.errors import (
     AlreadyExists,
@@ -211,6 +212,8 @@ class FilespaceSession:
         self._lost_listeners: list[Callable[[], object]] = []
         self._keep_connected: list[Callable[[], bool]] = []
         self._closed = False
+        self.pipeline = ChangePipeline(self)
+        """The changes sent without waiting for their answers (see :mod:`lucidlink.client.pipeline`)."""
 
     def __repr__(self) -> str:
         return f"<FilespaceSession {self.user!r} on {self.filespace!r}>"
@@ -421,6 +424,7 @@ class FilespaceSession:
             yield self._log_in(connection)
             live.known = yield self._name_client(connection)
             yield self._reopen_handles(live)
+            self.pipeline.send_again(live)  # before any other request: changes go in the order they were made
         except BaseException:
             connection.close("login failed", timeout=0)
             raise
@@ -551,6 +555,7 @@ class FilespaceSession:
         """Say goodbye and close the connection; the server releases the session's handles and locks."""
         self._closed = True
         self._handles.clear()
+        self.pipeline.fail_all(ConnectionClosed(f"the session with {self.filespace!r} is closed"))
         live, self._live = self._live, None
         if live is not None:
             yield live.connection.close("session closed")
