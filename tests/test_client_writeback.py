@@ -727,6 +727,33 @@ class FullDiskTests(MemoryFilespaceCase):
         self.now(reader.close())
         self.now(second.close())
 
+    def test_refused_write_of_a_staged_chunk_leaves_no_bytes(self) -> None:
+        """A write whose staged blocks and records both find the disk full is refused (NoSpace), its bytes gone."""
+        block = crypto.BLOCK_SIZE
+        with patched(filespace_module, "STAGE_FROM", block):
+            for direct in (False, True):
+                handle = self.open_file(self.client(Path(self.mktemp())))
+                kept = pattern(block + 10, 15)
+                self.now(handle.write(0, kept))
+                self.assertIsNotNone(handle.file._dirty[0].staged)
+                room_again = self.disk_full(handle)
+
+                def no_room(*arguments: Any) -> None:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                with patched(writeback, "_write_all", no_room):
+                    if direct:
+                        with self.assertRaises(errors.NoSpace):
+                            handle.write_direct(block + 10, b"r" * block)
+                    else:
+                        failure = self.failureResultOf(handle.write(block + 10, b"r" * block))
+                        self.assertIsInstance(failure.value, errors.NoSpace)
+                room_again()
+                self.assertEqual(handle.size, len(kept))
+                self.now(handle.truncate(3 * block))
+                self.assertEqual(self.now(handle.read(0, 3 * block)), kept + bytes(3 * block - len(kept)))
+                self.now(handle.close())
+
     def test_write_across_chunks_is_cut_short(self) -> None:
         """A write refused in its second chunk is a short write of the first: its count, size and bytes agree."""
         chunk = self.chunk_size

@@ -198,14 +198,15 @@ class StagedChunk:
         """Seal into the file each block that ``data`` (the chunk from its first byte) holds whole; :attr:`staged` after."""
         if self._descriptor is None or self._taken_back:
             raise IntegrityError(f"the staged chunk {self.path} is closed")
-        view = memoryview(data).cast("B")
         sealer = self.sealer
         first = sealer.sealed
         pieces: list[bytes] = []
-        while not sealer.complete and len(view) >= self.staged + sealer.block_length():
-            start = self.staged
-            pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
-            sealer.advance()
+        # Released here: a view left in the frame of an error would keep the writer's buffer from being cut back.
+        with memoryview(data).cast("B") as view:
+            while not sealer.complete and len(view) >= self.staged + sealer.block_length():
+                start = self.staged
+                pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
+                sealer.advance()
         if pieces:
             try:
                 _write_all(self._descriptor, pieces, crypto.sealed_block_offset(first))
