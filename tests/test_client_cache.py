@@ -213,6 +213,25 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(len(again), 2)
         self.assertEqual(sorted(again._entries), [b"\x02" * 16, b"\x03" * 16])
 
+    def test_unusable_index_is_named(self) -> None:
+        """An index SQLite cannot open (a full or read-only disk) is a LucidError naming it, not a traceback."""
+        (self.folder / "index.sqlite3").mkdir(parents=True)
+        with self.assertRaises(errors.LucidError) as caught:
+            ChunkCache(self.folder, 1024)
+        self.assertIn(str(self.folder / "index.sqlite3"), str(caught.exception))
+
+    def test_damaged_index_is_rebuilt(self) -> None:
+        """A damaged index is only a cache's: it is started again empty, and the files it named go."""
+        cache = ChunkCache(self.folder, 10 * CHUNK)
+        cache.store(b"\x01" * 16, CHUNK, 0, sealed_object(CHUNK, 1)[1])
+        cache.close()
+        (self.folder / "index.sqlite3").write_bytes(b"not a database" * 1000)
+        again = self.open(10 * CHUNK)
+        self.assertEqual(len(again), 0)
+        self.assertEqual(list(self.folder.glob("objects/*/*")), [])
+        again.store(b"\x02" * 16, CHUNK, 0, sealed_object(CHUNK, 2)[1])
+        self.assertIn(b"\x02" * 16, again)
+
     def test_refusals_and_defaults(self) -> None:
         """A capacity must be positive; the default fits the disk; sizes parse with suffixes."""
         with self.assertRaises(errors.InvalidArgument):

@@ -16,7 +16,9 @@ more than ``capacity`` bytes (an entry being read is pinned meanwhile).  The
 index is loaded at open and kept in memory; a file the index does not know
 (left by a crash between writing the file and the index) is removed at open.
 A crash can leave an index that claims blocks the disk lost: those fail
-their tags and are fetched again.
+their tags and are fetched again.  A damaged index is started again empty;
+one SQLite cannot open or write at all (a full or read-only disk) stops the
+cache from opening with an error that names it.
 
 The index and the set of entries are the reactor thread's.  Other threads
 may ask :meth:`ChunkCache.has`, read files with :meth:`ChunkCache.read_sealed`
@@ -37,9 +39,14 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
 
 from lucidlink import crypto
-from lucidlink.errors import InvalidArgument
+from lucidlink.errors import InvalidArgument, LucidError
+
+_log = Logger()
 
 INDEX_NAME = "index.sqlite3"
 OBJECTS_FOLDER = "objects"
@@ -103,10 +110,7 @@ class ChunkCache:
         self.objects = self.folder / OBJECTS_FOLDER
         self.objects.mkdir(parents=True, exist_ok=True)
         self._objects_prefix = os.path.join(self.objects, "")
-        self._db = sqlite3.connect(self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db, rows = self._open_index()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._pins: dict[bytes, int] = {}
         self._touched: set[bytes] = set()
@@ -118,14 +122,43 @@ class ChunkCache:
         """Bytes held."""
         self.hits = 0
         self.misses = 0
-        self._load()
+        self._load(rows)
         self._evict()
 
     def __repr__(self) -> str:
         return f"<ChunkCache {self.folder}: {self.size} of {self.capacity} bytes>"
 
-    def _load(self) -> None:
-        rows = self._db.execute("SELECT id, object_length, blocks, bytes, used FROM objects ORDER BY used").fetchall()
+    def _open_index(self) -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
+        """
+        The index and its rows; a damaged index is started again empty (its files then go, unknown).
+
+        An index SQLite cannot open or write at all (a full or read-only disk) is a LucidError naming it.
+        """
+        path = self.folder / INDEX_NAME
+        for attempt in range(2):
+            db = None
+            try:
+                db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(_SCHEMA)
+                rows = db.execute("SELECT id, object_length, blocks, bytes, used FROM objects ORDER BY used").fetchall()
+                return db, rows
+            except sqlite3.Error as error:
+                if db is not None:
+                    db.close()
+                damaged = type(error) is sqlite3.DatabaseError  # not a database, malformed; not an I/O error
+                if not damaged or attempt:
+                    raise LucidError(
+                        f"the chunk cache index {path} cannot be used: {error} (is its disk full or read-only?)"
+                    ) from None
+                _log.warn("the chunk cache index {path} is damaged ({error}); the cache starts again empty",
+                          path=path, error=error)
+                for suffix in ("", "-wal", "-shm"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _load(self, rows: list[tuple[Any, ...]]) -> None:
         for object_id, object_length, blocks, size, used in rows:
             if not self.path_of(object_id).is_file():
                 self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
