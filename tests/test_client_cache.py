@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from zope.interface import implementer
 
 from lucidlink import crypto, errors
 from lucidlink.chunk_keys import chunk_object_key
+from lucidlink.client import chunk_cache as chunk_cache_module
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import ChunkReader
 from lucidlink.client.config import parse_size
@@ -85,7 +87,7 @@ class ChunkCacheTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
 
-    def open(self, capacity: int) -> ChunkCache:
+    def open(self, capacity: int | None) -> ChunkCache:
         cache = ChunkCache(self.folder, capacity)
         self.addCleanup(cache.close)
         return cache
@@ -231,6 +233,26 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(list(self.folder.glob("objects/*/*")), [])
         again.store(b"\x02" * 16, CHUNK, 0, sealed_object(CHUNK, 2)[1])
         self.assertIn(b"\x02" * 16, again)
+
+    def test_default_capacity_leaves_the_disk_room(self) -> None:
+        """
+        By default the cache takes half of the room it has (the disk's free space and what it holds), however
+        small: the other half is the write-back journals', which fail with ENOSPC when the cache took it all.
+        """
+        one = len(sealed_object(CHUNK, 0)[1])
+        free = [100 * 1024**2]
+        self.patch(chunk_cache_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free[0]))
+        self.assertEqual(default_capacity(self.folder), 50 * 1024**2)
+        cache = ChunkCache(self.folder, None)
+        self.assertEqual(cache.capacity, 50 * 1024**2)
+        for number in range(4):
+            cache.store(bytes([number]) * 16, CHUNK, 0, sealed_object(CHUNK, number)[1])
+        cache.close()
+        held = 4 * (one - crypto.CHUNK_HEADER_SIZE)
+        free[0] = one
+        again = self.open(None)
+        self.assertEqual(again.capacity, (one + held) // 2)
+        self.assertEqual(len(again), 2, "what it holds beyond half its room goes at once")
 
     def test_refusals_and_defaults(self) -> None:
         """A capacity must be positive; the default fits the disk; sizes parse with suffixes."""

@@ -53,7 +53,6 @@ OBJECTS_FOLDER = "objects"
 GIB = 1024**3
 DEFAULT_CAPACITY = 10 * GIB
 """The cache size when none is given and the disk has room for it."""
-MINIMUM_DEFAULT_CAPACITY = 256 * 1024**2
 TOUCHES_PER_SAVE = 256
 """Recency updates kept in memory before they are written to the index."""
 
@@ -68,13 +67,18 @@ CREATE TABLE IF NOT EXISTS objects (
 """
 
 
-def default_capacity(folder: Path) -> int:
-    """10 GiB, or half the free space of the disk that holds ``folder`` when that is less (at least 256 MiB)."""
+def default_capacity(folder: Path, held: int = 0) -> int:
+    """
+    10 GiB, or half the room of a cache in ``folder`` when that is less: the disk's free space and ``held``, what
+    the cache holds already.
+
+    The other half is left to the write-back journals in the same folder, which cannot evict anything.
+    """
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    return max(MINIMUM_DEFAULT_CAPACITY, min(DEFAULT_CAPACITY, free // 2))
+    room = shutil.disk_usage(probe).free + held
+    return max(1, min(DEFAULT_CAPACITY, room // 2))
 
 
 def _block_span(object_length: int, block: int) -> tuple[int, int]:
@@ -99,14 +103,15 @@ class ChunkCache:
     """
     Sealed chunk objects in ``folder``, at most ``capacity`` bytes of them (see the module).
 
-    :param capacity: bytes; the least recently used entries go beyond it.
+    :param capacity: bytes; the least recently used entries go beyond it.  None: :func:`default_capacity`,
+        counting what the cache holds as room.
     """
 
-    def __init__(self, folder: Path, capacity: int) -> None:
-        if capacity <= 0:
+    def __init__(self, folder: Path, capacity: int | None) -> None:
+        if capacity is not None and capacity <= 0:
             raise InvalidArgument(f"a chunk cache holds a positive number of bytes, not {capacity}")
         self.folder = Path(folder)
-        self.capacity = capacity
+        self.capacity = capacity if capacity is not None else DEFAULT_CAPACITY
         self.objects = self.folder / OBJECTS_FOLDER
         self.objects.mkdir(parents=True, exist_ok=True)
         self._objects_prefix = os.path.join(self.objects, "")
@@ -123,6 +128,8 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self._load(rows)
+        if capacity is None:
+            self.capacity = default_capacity(self.folder, held=self.size)
         self._evict()
 
     def __repr__(self) -> str:

@@ -74,7 +74,7 @@ from zope.interface import implementer
 
 from lucidlink import crypto
 from lucidlink.client.cache_folder import CacheFolder
-from lucidlink.client.chunk_cache import ChunkCache, default_capacity
+from lucidlink.client.chunk_cache import ChunkCache
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
 from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
@@ -2034,8 +2034,7 @@ class Filespace:
             if read_ahead < 0:
                 raise InvalidArgument(f"read-ahead is a number of chunks, not {read_ahead}")
             self.local_folder = CacheFolder(Path(cache_dir) / session.filespace_id.hex())
-            capacity = cache_size if cache_size is not None else default_capacity(self.local_folder.chunks)
-            self.cache = ChunkCache(self.local_folder.chunks, capacity)
+            self.cache = ChunkCache(self.local_folder.chunks, cache_size)
             journals = WriteBackJournals(self.local_folder.writeback, session.keys)
         self.inodes = Inodes(
             session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload,
