@@ -252,6 +252,24 @@ class ReconnectTests(ClientTestCase):
         self.assertEqual(answer.attributes.inode, 1)
 
     @defer.inlineCallbacks
+    def test_soft_gives_up_on_a_server_that_stopped_answering(self) -> Generator[Deferred[Any], Any, None]:
+        """A server that keeps the connection but answers nothing (hung) costs a soft call its deadline, no more."""
+        session = yield self.login(deadline=0.6)
+        yield session.call(w.GetAttr(1))
+        hung = [live.connection.transport for live in self.meta.responder.sessions.values()]
+        for transport in hung:
+            transport.pauseProducing()
+        started = time.monotonic()
+        try:
+            failure = yield self.assertFailure(session.call(w.GetAttr(1)), errors.Unavailable)
+        finally:
+            for transport in hung:
+                transport.resumeProducing()
+        elapsed = time.monotonic() - started
+        self.assertTrue(elapsed < 5, elapsed)
+        self.assertIn("did not answer GetAttr within 0.6 s", str(failure))
+
+    @defer.inlineCallbacks
     def test_notifications(self) -> Generator[Deferred[Any], Any, None]:
         """Changes made by one session are pushed to another's listeners."""
         writer = yield self.filespace()

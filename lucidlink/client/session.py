@@ -128,6 +128,17 @@ class _Live:
     generation: int
 
 
+def _attempt_timeout(live: _Live, asked: float | None, left: float | None) -> float | None:
+    """
+    Seconds one attempt waits for its answer: what the caller ``asked`` (else the connection's own
+    timeout), at most ``left``; None: the connection's.
+    """
+    if left is None:
+        return asked
+    bound = asked if asked is not None else getattr(live.connection, "request_timeout", None)
+    return left if bound is None else min(bound, left)
+
+
 def _offload(reactor: Any, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
     """Run CPU-heavy ``function`` in the reactor's thread pool."""
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *arguments)
@@ -229,9 +240,9 @@ class FilespaceSession:
         attempt may wait for its answer (the connection's default if None).
         """
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, left: float | None) -> defer.Deferred[Any]:
             request = message() if callable(message) else message
-            return live.connection.request(request, timeout=timeout)
+            return live.connection.request(request, timeout=_attempt_timeout(live, timeout, left))
 
         kind = type(message() if callable(message) else message)
         return self._retrying(send, kind)
@@ -250,10 +261,11 @@ class FilespaceSession:
         if handle.lost is not None:
             return defer.succeed(None)
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, left: float | None) -> defer.Deferred[Any]:
             if live.generation != handle.generation:
                 return defer.succeed(None)
-            return live.connection.request(w.Release(handle.id)).addErrback(_ignore, BadFileHandle)
+            release = live.connection.request(w.Release(handle.id), timeout=_attempt_timeout(live, None, left))
+            return release.addErrback(_ignore, BadFileHandle)
 
         return self._retrying(send, w.Release).addCallback(lambda _: None)
 
@@ -263,12 +275,12 @@ class FilespaceSession:
     ) -> Generator[defer.Deferred[Any], Any, tuple[ServerHandle, w.Attributes]]:
         answered: list[int] = []
 
-        def send(live: _Live) -> defer.Deferred[Any]:
+        def send(live: _Live, left: float | None) -> defer.Deferred[Any]:
             def note(answer: Any) -> Any:
                 answered.append(live.generation)
                 return answer
 
-            return live.connection.request(request).addCallback(note)
+            return live.connection.request(request, timeout=_attempt_timeout(live, None, left)).addCallback(note)
 
         opened = yield self._retrying(send, type(request))
         reopen_flags = flags & O_ACCMODE
@@ -280,8 +292,14 @@ class FilespaceSession:
 
     @defer.inlineCallbacks
     def _retrying(
-        self, send: Callable[[_Live], defer.Deferred[Any]], kind: type
+        self, send: Callable[[_Live, float | None], defer.Deferred[Any]], kind: type
     ) -> Generator[defer.Deferred[Any], Any, Any]:
+        """
+        ``send(live connection, seconds left)`` until it answers, as the module says.
+
+        ``seconds left`` (None without a deadline) bounds the wait for one answer, so that a server that
+        keeps the connection but answers nothing costs a soft session its deadline, not a request timeout.
+        """
         what = kind.__name__
         clock = self.reactor
         started = clock.seconds()
@@ -295,7 +313,7 @@ class FilespaceSession:
             live = None
             try:
                 live = yield self._connected(deadline)
-                answer = yield send(live)
+                answer = yield send(live, None if deadline is None else max(0.001, deadline - clock.seconds()))
                 return answer
             except _CONNECTION_GONE as error:
                 if live is not None:
@@ -450,7 +468,7 @@ class FilespaceSession:
                 )
                 if any(wanted() for wanted in self._keep_connected):
                     # Retried like any request: a server that is restarting or restoring closes early attempts.
-                    self._retrying(lambda live: defer.succeed(None), Reconnect).addErrback(
+                    self._retrying(lambda live, left: defer.succeed(None), Reconnect).addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
 
@@ -576,7 +594,7 @@ def open_session(
         backoff=backoff,
     )
     session._passphrase = passphrase
-    yield session._retrying(lambda live: defer.succeed(None), w.Login)
+    yield session._retrying(lambda live, left: defer.succeed(None), w.Login)
     return session
 
 
