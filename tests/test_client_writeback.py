@@ -654,15 +654,29 @@ class FullDiskTests(MemoryFilespaceCase):
     def open_file(self, fs: Filespace) -> Any:
         return self.now(fs.inodes.create(1, next(NAMES), 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
 
-    def disk_full(self, handle: Any) -> Any:
-        """Writes of the handle's journal fail with ENOSPC until the returned function is called."""
+    def disk_full(self, handle: Any, new_journals_too: bool = True) -> Any:
+        """
+        Writes of the handle's journal fail with ENOSPC until the returned function is called, and so does
+        beginning a new one (``new_journals_too``; else a commit makes room).
+        """
         journal = handle.file._journal
         descriptor = journal._descriptor
         journal._descriptor = os.open("/dev/full", os.O_WRONLY)
+        journals = handle.file._inodes.journals
+
+        def no_room(inode: int, version: int) -> Any:
+            raise errors.NoSpace("no room left for a new write-back journal")
+
+        if new_journals_too:
+            journals.begin = no_room
 
         def room_again() -> None:
-            os.close(journal._descriptor)
-            journal._descriptor = descriptor
+            if journal._descriptor is None:  # a commit to make room removed the journal meanwhile
+                os.close(descriptor)
+            else:
+                os.close(journal._descriptor)
+                journal._descriptor = descriptor
+            journals.__dict__.pop("begin", None)
 
         return room_again
 
@@ -674,10 +688,8 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.read(0, 1))
             room_again = self.disk_full(handle)
             if direct:
-                with self.assertRaises(errors.NoSpace):
-                    handle.write_direct(100, b"b" * 100)
-            else:
-                self.assertIsInstance(self.failureResultOf(handle.write(100, b"b" * 100)).value, errors.NoSpace)
+                self.assertIsNone(handle.write_direct(100, b"b" * 100), "left to the reactor, which can commit")
+            self.assertIsInstance(self.failureResultOf(handle.write(100, b"b" * 100)).value, errors.NoSpace)
             room_again()
             self.now(handle.truncate(300))
             self.assertEqual(self.now(handle.read(0, 300)), b"a" * 100 + bytes(200))
@@ -694,10 +706,8 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.read(0, 1))
             room_again = self.disk_full(handle)
             if direct:
-                with self.assertRaises(errors.NoSpace):
-                    handle.write_direct(0, b"x" * chunk)
-            else:
-                self.assertIsInstance(self.failureResultOf(handle.write(0, b"x" * chunk)).value, errors.NoSpace)
+                self.assertIsNone(handle.write_direct(0, b"x" * chunk), "left to the reactor, which can commit")
+            self.assertIsInstance(self.failureResultOf(handle.write(0, b"x" * chunk)).value, errors.NoSpace)
             room_again()
             self.now(handle.close())
             reader = self.now(self.fs.inodes.open(handle.inode))
@@ -715,6 +725,7 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.write(0, kept))
             self.assertIsNotNone(handle.file._dirty[0].staged)
             room_again = self.disk_full(handle)
+            handle.file._commit_for_room = defer.fail  # the commit that would make room fails too: the journal stays
             self.assertIsInstance(self.failureResultOf(handle.write(block + 10, b"r" * block)).value, errors.NoSpace)
             room_again()
             handle.file._journal.close()  # the client dies here
@@ -726,6 +737,27 @@ class FullDiskTests(MemoryFilespaceCase):
         self.assertEqual(self.now(reader.read(0, 3 * block)), kept)
         self.now(reader.close())
         self.now(second.close())
+
+    def test_full_journal_disk_commits_early(self) -> None:
+        """
+        A write the journal has no room for commits what is buffered (its journal then goes) and is made after
+        all; directly it is left to the reactor, which can commit.
+        """
+        for direct in (False, True):
+            handle = self.open_file(self.client(Path(self.mktemp())))
+            self.now(handle.write(0, b"a" * 100))
+            self.now(handle.read(0, 1))
+            self.disk_full(handle, new_journals_too=False)
+            if direct:
+                self.assertIsNone(handle.write_direct(100, b"b" * 100))
+            self.assertEqual(self.now(handle.write(100, b"b" * 100)), 100)
+            reader = self.now(self.fs.inodes.open(handle.inode))
+            self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100, "committed before the write")
+            self.now(reader.close())
+            self.now(handle.close())
+            reader = self.now(self.fs.inodes.open(handle.inode))
+            self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100 + b"b" * 100)
+            self.now(reader.close())
 
     def test_refused_write_of_a_staged_chunk_leaves_no_bytes(self) -> None:
         """A write whose staged blocks and records both find the disk full is refused (NoSpace), its bytes gone."""
@@ -743,11 +775,9 @@ class FullDiskTests(MemoryFilespaceCase):
 
                 with patched(writeback, "_write_all", no_room):
                     if direct:
-                        with self.assertRaises(errors.NoSpace):
-                            handle.write_direct(block + 10, b"r" * block)
-                    else:
-                        failure = self.failureResultOf(handle.write(block + 10, b"r" * block))
-                        self.assertIsInstance(failure.value, errors.NoSpace)
+                        self.assertIsNone(handle.write_direct(block + 10, b"r" * block))
+                    failure = self.failureResultOf(handle.write(block + 10, b"r" * block))
+                    self.assertIsInstance(failure.value, errors.NoSpace)
                 room_again()
                 self.assertEqual(handle.size, len(kept))
                 self.now(handle.truncate(3 * block))

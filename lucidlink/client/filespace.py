@@ -101,6 +101,7 @@ from lucidlink.errors import (
     IsADirectory,
     LucidError,
     NoAttribute,
+    NoSpace,
     NotADirectory,
     NotFound,
     NotPermitted,
@@ -606,6 +607,10 @@ class OpenFile:
                         chunk = self._dirty[index] = _Dirty(bytearray(), base)
                     self._lay(chunk, index, low, view[position : position + high - low])
                     position += high - low
+            except NoSpace:
+                if not position:
+                    return None  # through the reactor, which can commit what is buffered to make room
+                length = position
             except LucidError:
                 if not position:
                     raise
@@ -688,6 +693,7 @@ class OpenFile:
             return 0
         chunk_size = self._chunk_size
         position = 0
+        made_room = False
         while position < length:
             here = offset + position
             index = here // chunk_size
@@ -696,6 +702,15 @@ class OpenFile:
             chunk = yield self._dirty_chunk(index, low, high)
             try:
                 self._lay(chunk, index, low, view[position : position + high - low])
+            except NoSpace as full:
+                if position or made_room or not self.pending:
+                    if not position:
+                        raise
+                    length = position
+                    break
+                made_room = True
+                yield self._commit_for_room(full)
+                continue
             except LucidError:
                 if not position:
                     raise
@@ -708,6 +723,21 @@ class OpenFile:
         if self.buffered > self._inodes.max_dirty:
             yield self._flush_locked()
         return length
+
+    @defer.inlineCallbacks
+    def _commit_for_room(self, full: NoSpace) -> Generator[defer.Deferred[Any], Any, None]:
+        """
+        The journal's disk is full: commit what is buffered, so that its journal goes and makes room.
+
+        If that fails too, the write fails with ``full`` (the disk is the problem to name).
+        """
+        _log.warn("{error}; committing the buffered writes of inode {inode} early to make room",
+                  error=full, inode=self.inode)
+        try:
+            yield self._flush_locked()
+        except LucidError as error:
+            _log.warn("committing the buffered writes of inode {inode} failed: {error}", inode=self.inode, error=error)
+            raise full from None
 
     def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
         """
@@ -974,7 +1004,13 @@ class OpenFile:
             refs, size = yield defer.maybeDeferred(prepare)
             expected = self.version
             if self._journal is not None and final:
-                self._journal.committing(expected, size, refs)
+                try:
+                    self._journal.committing(expected, size, refs)
+                except NoSpace as error:
+                    # Not worth failing the commit over: a crash before the journal goes would keep its
+                    # writes as a conflict (nothing lost), where this note would have said they were in.
+                    _log.warn("{error}; committing inode {inode} without noting it in the journal",
+                              error=error, inode=self.inode)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
                 if refs:
