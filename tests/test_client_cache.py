@@ -8,6 +8,7 @@ client core, a real metadata server on loopback and a local object store.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
@@ -154,6 +155,31 @@ class ChunkCacheTests(SynchronousTestCase):
         cache.unpin(object_id)
         self.assertEqual(source.read_bytes(), sealed, "the shared file is untouched")
         self.assertFalse(os.path.samefile(cache.path_of(object_id), source))
+
+    def test_adopted_over_a_partial_file_across_file_systems(self) -> None:
+        """An object adopted where the cache holds some of its blocks, from another file system, is copied in."""
+        cache = self.open(10 * CHUNK)
+        _, sealed = sealed_object(CHUNK, 8)
+        source = Path(self.mktemp())
+        source.write_bytes(sealed)
+        object_id = b"\x08" * 16
+        first_block = crypto.CHUNK_HEADER_SIZE + crypto.SEALED_BLOCK_SIZE
+        cache.store(object_id, CHUNK, 0, sealed[:first_block])
+        link = os.link
+
+        def across_file_systems(source: Any, target: Any) -> None:
+            if os.path.exists(target):
+                raise FileExistsError(errno.EEXIST, "File exists")
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(chunk_cache_module.os, "link", across_file_systems)
+        cache.pin(object_id)
+        cache.adopt(object_id, source)
+        cache.record(object_id, CHUNK, 0, len(sealed))
+        cache.unpin(object_id)
+        self.patch(chunk_cache_module.os, "link", link)
+        self.assertEqual(cache.read_sealed(object_id, 0, len(sealed)), sealed)
+        self.assertEqual(cache.path_of(object_id).read_bytes(), sealed)
 
     def test_block_read_while_its_object_is_linked_in(self) -> None:
         """

@@ -306,15 +306,19 @@ class ChunkCache:
         """
         target = self._file_name(object_id)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            os.link(path, target)
-        except FileExistsError:
-            os.unlink(target)
-            os.link(path, target)
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            self.write_sealed(object_id, 0, Path(path).read_bytes())
+        for attempt in range(2):
+            try:
+                os.link(path, target)
+                return
+            except FileExistsError:
+                if attempt:
+                    raise
+                os.unlink(target)  # blocks of it fetched before: the whole object replaces them
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                break
+        self.write_sealed(object_id, 0, Path(path).read_bytes())
 
     def record(self, object_id: bytes, object_length: int, start: int, length: int) -> None:
         """Note in the index that the object's file holds its whole sealed blocks in ``[start, start + length)``."""
