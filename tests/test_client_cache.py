@@ -280,6 +280,20 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(again.capacity, (one + held) // 2)
         self.assertEqual(len(again), 2, "what it holds beyond half its room goes at once")
 
+    def test_gives_back_room(self) -> None:
+        """Asked for room (the journals' disk is full), the cache drops its least recently used unpinned entries."""
+        one = len(sealed_object(CHUNK, 0)[1])
+        cache = self.open(10 * one)
+        ids = [bytes([n]) * 16 for n in range(4)]
+        for number, object_id in enumerate(ids):
+            cache.store(object_id, CHUNK, 0, sealed_object(CHUNK, number)[1])
+        cache.pin(ids[0])
+        self.assertGreaterEqual(cache.give_back(one + 1), one + 1)
+        self.assertEqual(sorted(cache._entries), [ids[0], ids[3]], "two went, least recently used, the pinned kept")
+        self.assertEqual(sorted(path.name for path in self.folder.glob("objects/*/*")), sorted(i.hex() for i in ids[::3]))
+        self.assertEqual(cache.give_back(100 * one), one - crypto.CHUNK_HEADER_SIZE)
+        self.assertEqual(list(cache._entries), [ids[0]])
+
     def test_refusals_and_defaults(self) -> None:
         """A capacity must be positive; the default fits the disk; sizes parse with suffixes."""
         with self.assertRaises(errors.InvalidArgument):

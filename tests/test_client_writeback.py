@@ -725,7 +725,7 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.write(0, kept))
             self.assertIsNotNone(handle.file._dirty[0].staged)
             room_again = self.disk_full(handle)
-            handle.file._commit_for_room = defer.fail  # the commit that would make room fails too: the journal stays
+            handle.file._make_room = lambda full, wanted: defer.fail(full)  # the commit that would make room fails too: the journal stays
             self.assertIsInstance(self.failureResultOf(handle.write(block + 10, b"r" * block)).value, errors.NoSpace)
             room_again()
             handle.file._journal.close()  # the client dies here
@@ -758,6 +758,27 @@ class FullDiskTests(MemoryFilespaceCase):
             reader = self.now(self.fs.inodes.open(handle.inode))
             self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100 + b"b" * 100)
             self.now(reader.close())
+
+    def test_full_journal_disk_takes_room_from_the_chunk_cache(self) -> None:
+        """A first write that finds no room for a journal has the chunk cache give back room, and is made."""
+        fs = self.client(Path(self.mktemp()))
+        cache = fs.inodes.chunks.cache
+        cache.store(b"\x01" * 16, 10, 0, crypto.seal_chunk(KEYS, 9, 0, bytes(10)))
+        handle = self.open_file(fs)
+        journals, begin = fs.inodes.journals, fs.inodes.journals.begin
+
+        def begin_once_there_is_room(inode: int, version: int) -> Any:
+            if len(cache):
+                raise errors.NoSpace("no room left for a new write-back journal")
+            return begin(inode, version)
+
+        journals.begin = begin_once_there_is_room
+        self.assertEqual(self.now(handle.write(0, b"a" * 100)), 100)
+        self.assertEqual(len(cache), 0)
+        self.now(handle.close())
+        reader = self.now(self.fs.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 200)), b"a" * 100)
+        self.now(reader.close())
 
     def test_refused_write_of_a_staged_chunk_leaves_no_bytes(self) -> None:
         """A write whose staged blocks and records both find the disk full is refused (NoSpace), its bytes gone."""

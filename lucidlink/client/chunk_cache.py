@@ -364,6 +364,32 @@ class ChunkCache:
         self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
         self.path_of(object_id).unlink(missing_ok=True)
 
+    def give_back(self, wanted: int) -> int:
+        """
+        Drop the least recently used unpinned entries until ``wanted`` bytes went (or none is left); the bytes gone.
+
+        For the write-back journals in the same folder, which found the disk full: a file goes even if the
+        index cannot say so (SQLite needs room too), and one the index names but the disk lacks is dropped
+        at the next open.
+        """
+        self._take_uses()
+        freed = 0
+        for object_id in list(self._entries):
+            if freed >= wanted:
+                break
+            if object_id in self._pins:
+                continue
+            entry = self._entries.pop(object_id)
+            self.size -= entry.bytes
+            freed += entry.bytes
+            self._touched.discard(object_id)
+            self.path_of(object_id).unlink(missing_ok=True)
+            try:
+                self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
+            except sqlite3.Error:
+                pass
+        return freed
+
     def _evict(self, keep: bytes | None = None) -> None:
         if self.size <= self.capacity:
             return

@@ -703,13 +703,13 @@ class OpenFile:
             try:
                 self._lay(chunk, index, low, view[position : position + high - low])
             except NoSpace as full:
-                if position or made_room or not self.pending:
+                if position or made_room:
                     if not position:
                         raise
                     length = position
                     break
                 made_room = True
-                yield self._commit_for_room(full)
+                yield self._make_room(full, high - low)
                 continue
             except LucidError:
                 if not position:
@@ -725,14 +725,20 @@ class OpenFile:
         return length
 
     @defer.inlineCallbacks
-    def _commit_for_room(self, full: NoSpace) -> Generator[defer.Deferred[Any], Any, None]:
+    def _make_room(self, full: NoSpace, wanted: int) -> Generator[defer.Deferred[Any], Any, None]:
         """
-        The journal's disk is full: commit what is buffered, so that its journal goes and makes room.
+        The journal's disk is full: the chunk cache gives back room, and what is buffered is committed (its
+        journal then goes).
 
-        If that fails too, the write fails with ``full`` (the disk is the problem to name).
+        If the commit fails, the write fails with ``full`` (the disk is the problem to name).
         """
-        _log.warn("{error}; committing the buffered writes of inode {inode} early to make room",
-                  error=full, inode=self.inode)
+        cache = self._inodes.chunks.cache
+        freed = cache.give_back(wanted + 2 * self._chunk_size) if cache is not None else 0
+        if not self.pending:
+            _log.warn("{error}; {freed} bytes of the chunk cache were dropped to make room", error=full, freed=freed)
+            return
+        _log.warn("{error}; {freed} bytes of the chunk cache were dropped and the buffered writes of inode {inode}"
+                  " are committed early to make room", error=full, freed=freed, inode=self.inode)
         try:
             yield self._flush_locked()
         except LucidError as error:
