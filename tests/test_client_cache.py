@@ -27,7 +27,9 @@ from zope.interface import implementer
 
 from lucidlink import crypto, errors
 from lucidlink.chunk_keys import chunk_object_key
+from lucidlink.client import cache_folder as cache_folder_module
 from lucidlink.client import chunk_cache as chunk_cache_module
+from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import ChunkReader
 from lucidlink.client.config import parse_size
@@ -306,6 +308,25 @@ class ChunkCacheTests(SynchronousTestCase):
         for bad in ("", "-1G", "10X", "0", "G"):
             with self.assertRaises(errors.InvalidArgument):
                 parse_size(bad)
+
+
+class CacheFolderTests(SynchronousTestCase):
+    """A process's slot of a filespace's cache folder."""
+
+    def test_slot_taken_on_a_full_disk(self) -> None:
+        """The process id noted in the slot's lock file is only a note: a disk with no room for it does not stop it."""
+        root = Path(self.mktemp())
+
+        def no_room(descriptor: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(cache_folder_module.os, "write", no_room)
+        folder = CacheFolder(root)
+        self.addCleanup(folder.close)
+        self.assertEqual(folder.slot, root / "1")
+        second = CacheFolder(root)
+        self.addCleanup(second.close)
+        self.assertEqual(second.slot, root / "2", "the first slot stays locked")
 
 
 class SequentialReadsTests(SynchronousTestCase):
