@@ -28,9 +28,9 @@ from lucidlink.client import writeback
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
 from lucidlink.objectstore.faults import FaultyObjectStore
-from lucidlink.protocol.messages import ChunkRef
+from lucidlink.protocol.messages import ChunkRef, Role
 from tests.cache_helpers import change, pattern
-from tests.client_helpers import CacheFolderCase, MemoryFilespaceCase
+from tests.client_helpers import CacheFolderCase, MemoryFilespaceCase, cheap_kdf
 
 KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
 CHUNK = 2 * crypto.BLOCK_SIZE
@@ -413,6 +413,32 @@ class WriteBackTests(CacheFolderCase):
         (outcome,) = yield second.recover()
         self.assertTrue(outcome.committed, str(outcome))
         self.assertEqual((yield second.read_file("/later.bin")), b"to be committed later")
+
+    @defer.inlineCallbacks
+    def test_reader_leaves_writes_pending(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A reader's client cannot commit a writer's writes left behind: they stay pending (not conflicts, nobody
+        changed the file) for the next writer's client, which commits them.
+        """
+        first = yield self.client()
+        yield first.session.add_user("rita", Role.READER, "rita's passphrase", kdf=cheap_kdf())
+        handle = yield first.open_path("/left.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"left by a writer")
+        yield self.crash(first)
+        session = yield self.login(user="rita", passphrase="rita's passphrase")
+        reader = Filespace(session, self.objects, cache_dir=self.base / "cache")
+        self.addCleanup(reader.close)
+        (outcome,) = yield reader.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIsNone(outcome.kept)
+        self.assertIn("stay pending", str(outcome))
+        self.assertIn("user 'rita' is a reader", str(outcome))
+        self.assertEqual(len(self.pending()), 1)
+        yield reader.close()
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/left.bin")), b"left by a writer")
 
 
 NAMES = (f"replayed-{number}".encode() for number in itertools.count())

@@ -90,6 +90,7 @@ from lucidlink.client.writeback import (
     WriteBackJournals,
 )
 from lucidlink.errors import (
+    AccessDenied,
     AlreadyExists,
     BadFileHandle,
     Busy,
@@ -106,6 +107,7 @@ from lucidlink.errors import (
     NotFound,
     NotPermitted,
     NotSupported,
+    ReadOnly,
     RequestTimeout,
     Restoring,
     TooManyLinks,
@@ -163,6 +165,11 @@ _UNKNOWN: tuple[bytes, int] = (b"", -1)
 """A chunk's base that only the reactor can find out (see ``OpenFile._base_of``; compared by identity)."""
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
+_NOT_THE_FILES = (AccessDenied, NoSpace, ReadOnly)
+"""
+Errors that say nothing about a file either: the user's role (a reader's client finding a writer's
+writes left behind), a full disk or store, a read-only store.
+"""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
@@ -1892,7 +1899,9 @@ class Inodes:
         Each journal in ``journals`` (default: this client's) is replayed onto
         its file if the file's chunk map is still at the journal's base
         version, and committed with that version expected; otherwise it is
-        kept in the conflicts folder.  Fires with what became of each journal.
+        kept in the conflicts folder.  One this client cannot commit for reasons
+        that are not the file's (servers away, a reader's role, no room) stays
+        pending.  Fires with what became of each journal.
         """
         outcomes: list[Recovery] = []
         journals = journals or self.journals
@@ -1915,6 +1924,11 @@ class Inodes:
                 outcome = Recovery(
                     found.path, found.inode, False, None,
                     f"the servers could not be reached ({error}); they stay pending for the next mount",
+                )
+            except _NOT_THE_FILES as error:
+                outcome = Recovery(
+                    found.path, found.inode, False, None,
+                    f"they cannot be committed by this client ({error}); they stay pending for the next mount",
                 )
             except LucidError as error:
                 outcome = keep(f"inode {found.inode} could not take its writes back: {error}")
