@@ -785,6 +785,19 @@ class FullDiskTests(MemoryFilespaceCase):
             self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100 + b"b" * 100)
             self.now(reader.close())
 
+    def test_full_journal_disk_commits_before_a_cut(self) -> None:
+        """A cut the journal has no room for commits what is buffered first, and is made."""
+        handle = self.open_file(self.client(Path(self.mktemp())))
+        self.now(handle.write(0, b"a" * 100))
+        self.now(handle.read(0, 1))
+        self.disk_full(handle, new_journals_too=False)
+        self.now(handle.truncate(50))
+        self.assertEqual(self.now(handle.read(0, 100)), b"a" * 50)
+        self.now(handle.close())
+        reader = self.now(self.fs.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 200)), b"a" * 50)
+        self.now(reader.close())
+
     def test_full_journal_disk_takes_room_from_the_chunk_cache(self) -> None:
         """A first write that finds no room for a journal has the chunk cache give back room, and is made."""
         fs = self.client(Path(self.mktemp()))

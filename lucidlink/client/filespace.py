@@ -903,7 +903,11 @@ class OpenFile:
         if self._stale and not self.pending:
             yield self._load(0, 0)
         if self._journaling:
-            self._journaled().truncate(size)
+            try:
+                self._journaled().truncate(size)
+            except NoSpace as full:
+                yield self._make_room(full, 0)
+                self._journaled().truncate(size)
         for chunk in self._dirty.values():
             # Blocks sealed after the cut would be replayed before it (at their STAGED record).
             chunk.rewritten()
