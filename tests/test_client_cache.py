@@ -243,6 +243,14 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(len(again), 2)
         self.assertEqual(sorted(again._entries), [b"\x02" * 16, b"\x03" * 16])
 
+    def test_objects_folder_removed_meanwhile(self) -> None:
+        """Objects kept after the folder of objects was removed (a cleaner, a person) make it again."""
+        cache = self.open(10 * CHUNK)
+        shutil.rmtree(self.folder / "objects")
+        _, sealed = sealed_object(CHUNK, 3)
+        cache.store(b"\x03" * 16, CHUNK, 0, sealed)
+        self.assertEqual(cache.read_sealed(b"\x03" * 16, 0, len(sealed)), sealed)
+
     def test_unusable_index_is_named(self) -> None:
         """An index SQLite cannot open (a full or read-only disk) is a LucidError naming it, not a traceback."""
         (self.folder / "index.sqlite3").mkdir(parents=True)

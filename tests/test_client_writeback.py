@@ -12,6 +12,7 @@ import contextlib
 import errno
 import itertools
 import os
+import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,15 @@ class JournalTests(SynchronousTestCase):
         (first, second) = list(self.journals.pending())
         self.assertIsInstance(first, tuple)
         self.assertIsInstance(second, tuple)
+
+    def test_folder_removed_meanwhile_is_made_again(self) -> None:
+        """A journal begun after its folder was removed (a cleaner, a person) makes the folder again."""
+        shutil.rmtree(self.journals.folder)
+        journal = self.journals.begin(inode=5, version=1)
+        journal.write(0, 0, b"still journaled")
+        journal.close()
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"still journaled")])
+        self.assertEqual(self.journals.pending_paths(), [journal.path])
 
     def test_keep_and_numbering(self) -> None:
         """Kept journals move to conflicts/ with a note; new journals never reuse a number."""

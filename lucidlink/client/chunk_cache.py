@@ -275,7 +275,7 @@ class ChunkCache:
         (which keeps the blocks the index says it holds), never written into.
         """
         path = self.path_of(object_id)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the whole folder may have been removed meanwhile
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         copy = None
         if os.fstat(descriptor).st_nlink > 1:

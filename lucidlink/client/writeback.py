@@ -498,8 +498,19 @@ class WriteBackJournals:
         return [path.name for folder in (self.pending_folder, self.conflicts_folder) for path in folder.iterdir()]
 
     def begin(self, inode: int, version: int) -> Journal:
-        """A new journal for changes to ``inode`` made on top of chunk map ``version``."""
-        return Journal(self.pending_folder / f"{next(self._numbers)}-{inode}.journal", self.keys, inode, version)
+        """
+        A new journal for changes to ``inode`` made on top of chunk map ``version``.
+
+        A folder removed meanwhile (a cleaner of old files, a person clearing the cache) is made again:
+        else no write could be journaled until the next mount.
+        """
+        path = self.pending_folder / f"{next(self._numbers)}-{inode}.journal"
+        try:
+            return Journal(path, self.keys, inode, version)
+        except FileNotFoundError:
+            self.pending_folder.mkdir(parents=True, exist_ok=True)
+            self.conflicts_folder.mkdir(parents=True, exist_ok=True)
+            return Journal(path, self.keys, inode, version)
 
     def pending_paths(self) -> list[Path]:
         """The journals left behind, oldest first."""
