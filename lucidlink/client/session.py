@@ -130,13 +130,13 @@ class _Live:
 
 def _attempt_timeout(live: _Live, asked: float | None, left: float | None) -> float | None:
     """
-    Seconds one attempt waits for its answer: what the caller ``asked`` (else the connection's own
-    timeout), at most ``left``; None: the connection's.
+    Seconds one attempt waits for its answer: what the caller ``asked`` (a lock that waits for another
+    client's may take hours), else the connection's own timeout, at most ``left``; None: the connection's.
     """
-    if left is None:
+    if asked is not None or left is None:
         return asked
-    bound = asked if asked is not None else getattr(live.connection, "request_timeout", None)
-    return left if bound is None else min(bound, left)
+    own = getattr(live.connection, "request_timeout", None)
+    return left if own is None else min(own, left)
 
 
 def _offload(reactor: Any, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
@@ -297,8 +297,9 @@ class FilespaceSession:
         """
         ``send(live connection, seconds left)`` until it answers, as the module says.
 
-        ``seconds left`` (None without a deadline) bounds the wait for one answer, so that a server that
-        keeps the connection but answers nothing costs a soft session its deadline, not a request timeout.
+        ``seconds left`` (None without a deadline) bounds the wait for one answer that has no timeout of its
+        own, so that a server that keeps the connection but answers nothing costs a soft session its deadline,
+        not a request timeout.
         """
         what = kind.__name__
         clock = self.reactor
