@@ -31,6 +31,7 @@ from a file written again fail their tags; never other plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -384,10 +385,8 @@ class ChunkCache:
             freed += entry.bytes
             self._touched.discard(object_id)
             self.path_of(object_id).unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
-            except sqlite3.Error:
-                pass
         return freed
 
     def _evict(self, keep: bytes | None = None) -> None:
