@@ -46,6 +46,7 @@ import pstats
 import queue
 import stat
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -157,13 +158,56 @@ class ReactorThread:
             self._thread.join(timeout)
 
 
+ANSWERS = frozenset({
+    "ENOENT", "EEXIST", "ENOTEMPTY", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "EINVAL", "ENAMETOOLONG", "EAGAIN",
+    "ENODATA", "EXDEV", "ELOOP", "ERANGE", "EFBIG", "EOPNOTSUPP", "EDEADLK", "EBADF",
+})
+"""Errno names a filesystem answers every day (a missing name, a refused permission): not logged as failures."""
+
+FAILURE_LOG_INTERVAL = 10.0
+"""Seconds between two log lines of one kind of failure (the servers away fail every call meanwhile)."""
+
+_monotonic = time.monotonic
+
+
+class _FailureLog:
+    """Failures the program sees as EIO, ENOSPC, EROFS...: logged with what failed, one line a while per kind."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, name: str, error: LucidError) -> None:
+        key = (name, type(error).__name__)
+        now = _monotonic()
+        with self._lock:
+            last, quiet = self._last.get(key, (None, 0))
+            if last is not None and now - last < FAILURE_LOG_INTERVAL:
+                self._last[key] = (last, quiet + 1)
+                return
+            self._last[key] = (now, 0)
+        more = f" ({quiet} more like it since)" if quiet else ""
+        log.warning("%s failed (%s): %s%s", name, errno.errorcode.get(errno_of(error), "EIO"), error, more)
+
+
+_FAILURES = _FailureLog()
+
+
 @contextlib.contextmanager
 def fuse_errors(function: Callable[..., Any]) -> Iterator[None]:
-    """Errors of ``function`` (called inside) as ``FUSEError``: a LucidError's errno, anything unexpected EIO."""
+    """
+    Errors of ``function`` (called inside) as ``FUSEError``: a LucidError's errno, anything unexpected EIO.
+
+    Failures other than the everyday :data:`ANSWERS` are logged too: the program sees only an errno.
+    """
     try:
         yield
     except LucidError as error:
-        log.debug("%s: %s", getattr(function, "__name__", function), error)
+        name = getattr(function, "__name__", str(function))
+        if error.errno_name in ANSWERS:
+            log.debug("%s: %s", name, error)
+        else:
+            _FAILURES.failed(name, error)
         raise llfuse.FUSEError(errno_of(error)) from None
     except llfuse.FUSEError:
         raise
@@ -590,7 +634,8 @@ class FilespaceOperations(llfuse.Operations):
             try:
                 self.release(number)
             except llfuse.FUSEError as error:
-                log.error("buffered writes of an open file were lost: %s", os.strerror(error.errno))
+                log.error("buffered writes of an open file could not be committed (%s); they stay in the write-back"
+                          " journal, which the next mount of the filespace commits", os.strerror(error.errno))
         with self.bridge.released():
             self.bridge.wait(self._closed)
         self._directories.clear()

@@ -8,9 +8,11 @@ client core, a real metadata server on loopback and a local object store.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
+import shutil
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ from zope.interface import implementer
 
 from lucidlink import crypto, errors
 from lucidlink.chunk_keys import chunk_object_key
+from lucidlink.client import cache_folder as cache_folder_module
+from lucidlink.client import chunk_cache as chunk_cache_module
+from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache, default_capacity
 from lucidlink.client.chunk_reader import ChunkReader
 from lucidlink.client.config import parse_size
@@ -85,7 +90,7 @@ class ChunkCacheTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
 
-    def open(self, capacity: int) -> ChunkCache:
+    def open(self, capacity: int | None) -> ChunkCache:
         cache = ChunkCache(self.folder, capacity)
         self.addCleanup(cache.close)
         return cache
@@ -153,6 +158,31 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(source.read_bytes(), sealed, "the shared file is untouched")
         self.assertFalse(os.path.samefile(cache.path_of(object_id), source))
 
+    def test_adopted_over_a_partial_file_across_file_systems(self) -> None:
+        """An object adopted where the cache holds some of its blocks, from another file system, is copied in."""
+        cache = self.open(10 * CHUNK)
+        _, sealed = sealed_object(CHUNK, 8)
+        source = Path(self.mktemp())
+        source.write_bytes(sealed)
+        object_id = b"\x08" * 16
+        first_block = crypto.CHUNK_HEADER_SIZE + crypto.SEALED_BLOCK_SIZE
+        cache.store(object_id, CHUNK, 0, sealed[:first_block])
+        link = os.link
+
+        def across_file_systems(source: Any, target: Any) -> None:
+            if os.path.exists(target):
+                raise FileExistsError(errno.EEXIST, "File exists")
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(chunk_cache_module.os, "link", across_file_systems)
+        cache.pin(object_id)
+        cache.adopt(object_id, source)
+        cache.record(object_id, CHUNK, 0, len(sealed))
+        cache.unpin(object_id)
+        self.patch(chunk_cache_module.os, "link", link)
+        self.assertEqual(cache.read_sealed(object_id, 0, len(sealed)), sealed)
+        self.assertEqual(cache.path_of(object_id).read_bytes(), sealed)
+
     def test_block_read_while_its_object_is_linked_in(self) -> None:
         """
         A ranged read of an object whose fetch crossed the link of the whole object keeps the object whole.
@@ -213,6 +243,67 @@ class ChunkCacheTests(SynchronousTestCase):
         self.assertEqual(len(again), 2)
         self.assertEqual(sorted(again._entries), [b"\x02" * 16, b"\x03" * 16])
 
+    def test_objects_folder_removed_meanwhile(self) -> None:
+        """Objects kept after the folder of objects was removed (a cleaner, a person) make it again."""
+        cache = self.open(10 * CHUNK)
+        shutil.rmtree(self.folder / "objects")
+        _, sealed = sealed_object(CHUNK, 3)
+        cache.store(b"\x03" * 16, CHUNK, 0, sealed)
+        self.assertEqual(cache.read_sealed(b"\x03" * 16, 0, len(sealed)), sealed)
+
+    def test_unusable_index_is_named(self) -> None:
+        """An index SQLite cannot open (a full or read-only disk) is a LucidError naming it, not a traceback."""
+        (self.folder / "index.sqlite3").mkdir(parents=True)
+        with self.assertRaises(errors.LucidError) as caught:
+            ChunkCache(self.folder, 1024)
+        self.assertIn(str(self.folder / "index.sqlite3"), str(caught.exception))
+
+    def test_damaged_index_is_rebuilt(self) -> None:
+        """A damaged index is only a cache's: it is started again empty, and the files it named go."""
+        cache = ChunkCache(self.folder, 10 * CHUNK)
+        cache.store(b"\x01" * 16, CHUNK, 0, sealed_object(CHUNK, 1)[1])
+        cache.close()
+        (self.folder / "index.sqlite3").write_bytes(b"not a database" * 1000)
+        again = self.open(10 * CHUNK)
+        self.assertEqual(len(again), 0)
+        self.assertEqual(list(self.folder.glob("objects/*/*")), [])
+        again.store(b"\x02" * 16, CHUNK, 0, sealed_object(CHUNK, 2)[1])
+        self.assertIn(b"\x02" * 16, again)
+
+    def test_default_capacity_leaves_the_disk_room(self) -> None:
+        """
+        By default the cache takes half of the room it has (the disk's free space and what it holds), however
+        small: the other half is the write-back journals', which fail with ENOSPC when the cache took it all.
+        """
+        one = len(sealed_object(CHUNK, 0)[1])
+        free = [100 * 1024**2]
+        self.patch(chunk_cache_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free[0]))
+        self.assertEqual(default_capacity(self.folder), 50 * 1024**2)
+        cache = ChunkCache(self.folder, None)
+        self.assertEqual(cache.capacity, 50 * 1024**2)
+        for number in range(4):
+            cache.store(bytes([number]) * 16, CHUNK, 0, sealed_object(CHUNK, number)[1])
+        cache.close()
+        held = 4 * (one - crypto.CHUNK_HEADER_SIZE)
+        free[0] = one
+        again = self.open(None)
+        self.assertEqual(again.capacity, (one + held) // 2)
+        self.assertEqual(len(again), 2, "what it holds beyond half its room goes at once")
+
+    def test_gives_back_room(self) -> None:
+        """Asked for room (the journals' disk is full), the cache drops its least recently used unpinned entries."""
+        one = len(sealed_object(CHUNK, 0)[1])
+        cache = self.open(10 * one)
+        ids = [bytes([n]) * 16 for n in range(4)]
+        for number, object_id in enumerate(ids):
+            cache.store(object_id, CHUNK, 0, sealed_object(CHUNK, number)[1])
+        cache.pin(ids[0])
+        self.assertGreaterEqual(cache.give_back(one + 1), one + 1)
+        self.assertEqual(sorted(cache._entries), [ids[0], ids[3]], "two went, least recently used, the pinned kept")
+        self.assertEqual(sorted(path.name for path in self.folder.glob("objects/*/*")), sorted(i.hex() for i in ids[::3]))
+        self.assertEqual(cache.give_back(100 * one), one - crypto.CHUNK_HEADER_SIZE)
+        self.assertEqual(list(cache._entries), [ids[0]])
+
     def test_refusals_and_defaults(self) -> None:
         """A capacity must be positive; the default fits the disk; sizes parse with suffixes."""
         with self.assertRaises(errors.InvalidArgument):
@@ -225,6 +316,25 @@ class ChunkCacheTests(SynchronousTestCase):
         for bad in ("", "-1G", "10X", "0", "G"):
             with self.assertRaises(errors.InvalidArgument):
                 parse_size(bad)
+
+
+class CacheFolderTests(SynchronousTestCase):
+    """A process's slot of a filespace's cache folder."""
+
+    def test_slot_taken_on_a_full_disk(self) -> None:
+        """The process id noted in the slot's lock file is only a note: a disk with no room for it does not stop it."""
+        root = Path(self.mktemp())
+
+        def no_room(descriptor: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(cache_folder_module.os, "write", no_room)
+        folder = CacheFolder(root)
+        self.addCleanup(folder.close)
+        self.assertEqual(folder.slot, root / "1")
+        second = CacheFolder(root)
+        self.addCleanup(second.close)
+        self.assertEqual(second.slot, root / "2", "the first slot stays locked")
 
 
 class SequentialReadsTests(SynchronousTestCase):

@@ -24,7 +24,7 @@ from lucidlink.meta import bootstrap
 from lucidlink.meta.service import MetadataResponder
 from lucidlink.meta.store import MetadataStore
 from lucidlink.protocol import messages as w
-from lucidlink.protocol.messages import NotifyKind, Role, ServerStatus
+from lucidlink.protocol.messages import LockKind, LockType, NotifyKind, Role, ServerStatus
 from tests.client_helpers import (
     ADMIN,
     ADMIN_PASSPHRASE,
@@ -250,6 +250,38 @@ class ReconnectTests(ClientTestCase):
         yield self.meta.start()
         answer = yield session.call(w.GetAttr(1))
         self.assertEqual(answer.attributes.inode, 1)
+
+    @defer.inlineCallbacks
+    def test_soft_gives_up_on_a_server_that_stopped_answering(self) -> Generator[Deferred[Any], Any, None]:
+        """A server that keeps the connection but answers nothing (hung) costs a soft call its deadline, no more."""
+        session = yield self.login(deadline=0.6)
+        yield session.call(w.GetAttr(1))
+        hung = [live.connection.transport for live in self.meta.responder.sessions.values()]
+        for transport in hung:
+            transport.pauseProducing()
+        started = time.monotonic()
+        try:
+            failure = yield self.assertFailure(session.call(w.GetAttr(1)), errors.Unavailable)
+        finally:
+            for transport in hung:
+                transport.resumeProducing()
+        elapsed = time.monotonic() - started
+        self.assertTrue(elapsed < 5, elapsed)
+        self.assertIn("did not answer GetAttr within 0.6 s", str(failure))
+
+    @defer.inlineCallbacks
+    def test_soft_waits_for_a_lock_held_elsewhere(self) -> Generator[Deferred[Any], Any, None]:
+        """A lock that waits for another client's waits past the deadline: the server is there, answering."""
+        holder = yield self.filespace(deadline=None)
+        waiter = yield self.filespace(deadline=0.6)
+        yield holder.write_file("/locked", b"")
+        inode = (yield holder.stat("/locked")).inode
+        yield holder.inodes.lock(inode, 1, LockKind.FLOCK, LockType.WRITE)
+        waiting = waiter.inodes.lock(inode, 2, LockKind.FLOCK, LockType.WRITE, wait=True)
+        yield deferLater(1.5)
+        self.assertFalse(waiting.called, "granted while the other client holds it")
+        yield holder.inodes.lock(inode, 1, LockKind.FLOCK, LockType.UNLOCK)
+        yield waiting
 
     @defer.inlineCallbacks
     def test_notifications(self) -> Generator[Deferred[Any], Any, None]:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import itertools
 import os
+import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from lucidlink.client import writeback
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.writeback import Committing, Truncate, Write, WriteBackJournals, read_journal
 from lucidlink.objectstore.faults import FaultyObjectStore
-from lucidlink.protocol.messages import ChunkRef
+from lucidlink.protocol.messages import ChunkRef, Role
 from tests.cache_helpers import change, pattern
-from tests.client_helpers import CacheFolderCase, MemoryFilespaceCase
+from tests.client_helpers import CacheFolderCase, MemoryFilespaceCase, cheap_kdf
 
 KEYS = crypto.FilespaceKeys(bytes(range(32)), bytes(16))
 CHUNK = 2 * crypto.BLOCK_SIZE
@@ -89,6 +90,15 @@ class JournalTests(SynchronousTestCase):
         (first, second) = list(self.journals.pending())
         self.assertIsInstance(first, tuple)
         self.assertIsInstance(second, tuple)
+
+    def test_folder_removed_meanwhile_is_made_again(self) -> None:
+        """A journal begun after its folder was removed (a cleaner, a person) makes the folder again."""
+        shutil.rmtree(self.journals.folder)
+        journal = self.journals.begin(inode=5, version=1)
+        journal.write(0, 0, b"still journaled")
+        journal.close()
+        self.assertEqual(read_journal(journal.path, KEYS).records, [Write(0, 0, b"still journaled")])
+        self.assertEqual(self.journals.pending_paths(), [journal.path])
 
     def test_keep_and_numbering(self) -> None:
         """Kept journals move to conflicts/ with a note; new journals never reuse a number."""
@@ -414,6 +424,32 @@ class WriteBackTests(CacheFolderCase):
         self.assertTrue(outcome.committed, str(outcome))
         self.assertEqual((yield second.read_file("/later.bin")), b"to be committed later")
 
+    @defer.inlineCallbacks
+    def test_reader_leaves_writes_pending(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A reader's client cannot commit a writer's writes left behind: they stay pending (not conflicts, nobody
+        changed the file) for the next writer's client, which commits them.
+        """
+        first = yield self.client()
+        yield first.session.add_user("rita", Role.READER, "rita's passphrase", kdf=cheap_kdf())
+        handle = yield first.open_path("/left.bin", os.O_WRONLY | os.O_CREAT)
+        yield handle.write(0, b"left by a writer")
+        yield self.crash(first)
+        session = yield self.login(user="rita", passphrase="rita's passphrase")
+        reader = Filespace(session, self.objects, cache_dir=self.base / "cache")
+        self.addCleanup(reader.close)
+        (outcome,) = yield reader.recover()
+        self.assertFalse(outcome.committed)
+        self.assertIsNone(outcome.kept)
+        self.assertIn("stay pending", str(outcome))
+        self.assertIn("user 'rita' is a reader", str(outcome))
+        self.assertEqual(len(self.pending()), 1)
+        yield reader.close()
+        second = yield self.client()
+        (outcome,) = yield second.recover()
+        self.assertTrue(outcome.committed, str(outcome))
+        self.assertEqual((yield second.read_file("/left.bin")), b"left by a writer")
+
 
 NAMES = (f"replayed-{number}".encode() for number in itertools.count())
 step = st.one_of(
@@ -654,15 +690,29 @@ class FullDiskTests(MemoryFilespaceCase):
     def open_file(self, fs: Filespace) -> Any:
         return self.now(fs.inodes.create(1, next(NAMES), 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL))
 
-    def disk_full(self, handle: Any) -> Any:
-        """Writes of the handle's journal fail with ENOSPC until the returned function is called."""
+    def disk_full(self, handle: Any, new_journals_too: bool = True) -> Any:
+        """
+        Writes of the handle's journal fail with ENOSPC until the returned function is called, and so does
+        beginning a new one (``new_journals_too``; else a commit makes room).
+        """
         journal = handle.file._journal
         descriptor = journal._descriptor
         journal._descriptor = os.open("/dev/full", os.O_WRONLY)
+        journals = handle.file._inodes.journals
+
+        def no_room(inode: int, version: int) -> Any:
+            raise errors.NoSpace("no room left for a new write-back journal")
+
+        if new_journals_too:
+            journals.begin = no_room
 
         def room_again() -> None:
-            os.close(journal._descriptor)
-            journal._descriptor = descriptor
+            if journal._descriptor is None:  # a commit to make room removed the journal meanwhile
+                os.close(descriptor)
+            else:
+                os.close(journal._descriptor)
+                journal._descriptor = descriptor
+            journals.__dict__.pop("begin", None)
 
         return room_again
 
@@ -674,10 +724,8 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.read(0, 1))
             room_again = self.disk_full(handle)
             if direct:
-                with self.assertRaises(errors.NoSpace):
-                    handle.write_direct(100, b"b" * 100)
-            else:
-                self.assertIsInstance(self.failureResultOf(handle.write(100, b"b" * 100)).value, errors.NoSpace)
+                self.assertIsNone(handle.write_direct(100, b"b" * 100), "left to the reactor, which can commit")
+            self.assertIsInstance(self.failureResultOf(handle.write(100, b"b" * 100)).value, errors.NoSpace)
             room_again()
             self.now(handle.truncate(300))
             self.assertEqual(self.now(handle.read(0, 300)), b"a" * 100 + bytes(200))
@@ -694,10 +742,8 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.read(0, 1))
             room_again = self.disk_full(handle)
             if direct:
-                with self.assertRaises(errors.NoSpace):
-                    handle.write_direct(0, b"x" * chunk)
-            else:
-                self.assertIsInstance(self.failureResultOf(handle.write(0, b"x" * chunk)).value, errors.NoSpace)
+                self.assertIsNone(handle.write_direct(0, b"x" * chunk), "left to the reactor, which can commit")
+            self.assertIsInstance(self.failureResultOf(handle.write(0, b"x" * chunk)).value, errors.NoSpace)
             room_again()
             self.now(handle.close())
             reader = self.now(self.fs.inodes.open(handle.inode))
@@ -715,6 +761,7 @@ class FullDiskTests(MemoryFilespaceCase):
             self.now(handle.write(0, kept))
             self.assertIsNotNone(handle.file._dirty[0].staged)
             room_again = self.disk_full(handle)
+            handle.file._make_room = lambda full, wanted: defer.fail(full)  # the commit that would make room fails too: the journal stays
             self.assertIsInstance(self.failureResultOf(handle.write(block + 10, b"r" * block)).value, errors.NoSpace)
             room_again()
             handle.file._journal.close()  # the client dies here
@@ -726,6 +773,86 @@ class FullDiskTests(MemoryFilespaceCase):
         self.assertEqual(self.now(reader.read(0, 3 * block)), kept)
         self.now(reader.close())
         self.now(second.close())
+
+    def test_full_journal_disk_commits_early(self) -> None:
+        """
+        A write the journal has no room for commits what is buffered (its journal then goes) and is made after
+        all; directly it is left to the reactor, which can commit.
+        """
+        for direct in (False, True):
+            handle = self.open_file(self.client(Path(self.mktemp())))
+            self.now(handle.write(0, b"a" * 100))
+            self.now(handle.read(0, 1))
+            self.disk_full(handle, new_journals_too=False)
+            if direct:
+                self.assertIsNone(handle.write_direct(100, b"b" * 100))
+            self.assertEqual(self.now(handle.write(100, b"b" * 100)), 100)
+            reader = self.now(self.fs.inodes.open(handle.inode))
+            self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100, "committed before the write")
+            self.now(reader.close())
+            self.now(handle.close())
+            reader = self.now(self.fs.inodes.open(handle.inode))
+            self.assertEqual(self.now(reader.read(0, 300)), b"a" * 100 + b"b" * 100)
+            self.now(reader.close())
+
+    def test_full_journal_disk_commits_before_a_cut(self) -> None:
+        """A cut the journal has no room for commits what is buffered first, and is made."""
+        handle = self.open_file(self.client(Path(self.mktemp())))
+        self.now(handle.write(0, b"a" * 100))
+        self.now(handle.read(0, 1))
+        self.disk_full(handle, new_journals_too=False)
+        self.now(handle.truncate(50))
+        self.assertEqual(self.now(handle.read(0, 100)), b"a" * 50)
+        self.now(handle.close())
+        reader = self.now(self.fs.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 200)), b"a" * 50)
+        self.now(reader.close())
+
+    def test_full_journal_disk_takes_room_from_the_chunk_cache(self) -> None:
+        """A first write that finds no room for a journal has the chunk cache give back room, and is made."""
+        fs = self.client(Path(self.mktemp()))
+        cache = fs.inodes.chunks.cache
+        cache.store(b"\x01" * 16, 10, 0, crypto.seal_chunk(KEYS, 9, 0, bytes(10)))
+        handle = self.open_file(fs)
+        journals, begin = fs.inodes.journals, fs.inodes.journals.begin
+
+        def begin_once_there_is_room(inode: int, version: int) -> Any:
+            if len(cache):
+                raise errors.NoSpace("no room left for a new write-back journal")
+            return begin(inode, version)
+
+        journals.begin = begin_once_there_is_room
+        self.assertEqual(self.now(handle.write(0, b"a" * 100)), 100)
+        self.assertEqual(len(cache), 0)
+        self.now(handle.close())
+        reader = self.now(self.fs.inodes.open(handle.inode))
+        self.assertEqual(self.now(reader.read(0, 200)), b"a" * 100)
+        self.now(reader.close())
+
+    def test_refused_write_of_a_staged_chunk_leaves_no_bytes(self) -> None:
+        """A write whose staged blocks and records both find the disk full is refused (NoSpace), its bytes gone."""
+        block = crypto.BLOCK_SIZE
+        with patched(filespace_module, "STAGE_FROM", block):
+            for direct in (False, True):
+                handle = self.open_file(self.client(Path(self.mktemp())))
+                kept = pattern(block + 10, 15)
+                self.now(handle.write(0, kept))
+                self.assertIsNotNone(handle.file._dirty[0].staged)
+                room_again = self.disk_full(handle)
+
+                def no_room(*arguments: Any) -> None:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                with patched(writeback, "_write_all", no_room):
+                    if direct:
+                        self.assertIsNone(handle.write_direct(block + 10, b"r" * block))
+                    failure = self.failureResultOf(handle.write(block + 10, b"r" * block))
+                    self.assertIsInstance(failure.value, errors.NoSpace)
+                room_again()
+                self.assertEqual(handle.size, len(kept))
+                self.now(handle.truncate(3 * block))
+                self.assertEqual(self.now(handle.read(0, 3 * block)), kept + bytes(3 * block - len(kept)))
+                self.now(handle.close())
 
     def test_write_across_chunks_is_cut_short(self) -> None:
         """A write refused in its second chunk is a short write of the first: its count, size and bytes agree."""

@@ -17,18 +17,20 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from lucidlink.cli import mount as cli_mount
-from lucidlink.errors import ERRORS_BY_CODE, LucidError
+from lucidlink.errors import ERRORS_BY_CODE, LucidError, NoSpace, NotFound, Unavailable
 from tests.client_helpers import MemoryFilespaceCase
 
 try:
     import llfuse
 
+    from lucidlink import mount as mount_module
     from lucidlink.mount import (
         ATTRIBUTE_TIMEOUT,
         ERRNO,
         Bridge,
         FilespaceOperations,
         errno_of,
+        fuse_errors,
         mount_options,
     )
 except ImportError:
@@ -88,6 +90,33 @@ class MountAdapterTests(MemoryFilespaceCase):
         names = {cls.errno_name for cls in ERRORS_BY_CODE.values()} | {LucidError.errno_name}
         self.assertEqual(names - set(ERRNO), set())
         self.assertEqual(errno_of(LucidError("x")), errno.EIO)
+
+    def test_failures_are_logged(self) -> None:
+        """
+        A failure (a full disk, servers away) is logged with what failed, once in a while; the answers a
+        filesystem gives every day (ENOENT...) are not.
+        """
+        now = [100.0]
+        self.patch(mount_module, "_monotonic", lambda: now[0])
+
+        def failing(error: LucidError) -> int:
+            with self.assertRaises(llfuse.FUSEError) as caught, fuse_errors(self.test_failures_are_logged):
+                raise error
+            return caught.exception.errno
+
+        with self.assertLogs("lucidlink.mount", "WARNING") as logged:
+            self.assertEqual(failing(NoSpace("no room left for the write-back journal /cache/1.journal")), errno.ENOSPC)
+            self.assertEqual(failing(NoSpace("no room left for the write-back journal /cache/2.journal")), errno.ENOSPC)
+            self.assertEqual(failing(NotFound("no such entry")), errno.ENOENT)
+            self.assertEqual(failing(Unavailable("the metadata server did not answer")), errno.EIO)
+            now[0] += 60
+            failing(NoSpace("no room left for the write-back journal /cache/3.journal"))
+        self.assertEqual([record.getMessage() for record in logged.records], [
+            "test_failures_are_logged failed (ENOSPC): no room left for the write-back journal /cache/1.journal",
+            "test_failures_are_logged failed (EIO): the metadata server did not answer",
+            "test_failures_are_logged failed (ENOSPC): no room left for the write-back journal /cache/3.journal"
+            " (1 more like it since)",
+        ])
 
     def test_options(self) -> None:
         """The mount says what it is and takes big writes."""
@@ -209,10 +238,15 @@ class MountAdapterTests(MemoryFilespaceCase):
         journal = fs.inodes.open_handles()[0].file._journal
         os.close(journal._descriptor)
         journal._descriptor = os.open("/dev/full", os.O_WRONLY)
+
+        def no_room(inode: int, version: int) -> Any:
+            raise NoSpace("no room left for a new write-back journal")
+
+        fs.inodes.journals.begin = no_room  # committing to make room does not help either
         self.assertEqual(self.fuse_errno(ops.write, fh, 2000, b"c"), errno.ENOSPC)
-        os.close(journal._descriptor)
-        journal._descriptor = os.open(journal.path, os.O_WRONLY | os.O_APPEND)
+        del fs.inodes.journals.begin
         ops.release(fh)
+        self.assertEqual(self.now(fs.read_file("/direct")), b"a" * 1000 + b"b" * 1000)
 
 
 class AllocatorTests(SynchronousTestCase):

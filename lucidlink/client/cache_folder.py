@@ -13,6 +13,7 @@ they left (:meth:`CacheFolder.orphans`), and their chunk caches are removed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -48,8 +49,9 @@ class CacheFolder:
             if descriptor is not None:
                 self.slot = self.root / str(number)
                 self._lock: int | None = descriptor
-                os.ftruncate(descriptor, 0)
-                os.write(descriptor, f"{os.getpid()}\n".encode())
+                with contextlib.suppress(OSError):  # a note for people: a full disk must not stop the mount here
+                    os.ftruncate(descriptor, 0)
+                    os.write(descriptor, f"{os.getpid()}\n".encode())
                 return
         raise InvalidArgument(f"all {MAX_SLOTS} slots of the cache folder {self.root} are in use by live processes")
 

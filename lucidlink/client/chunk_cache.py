@@ -16,7 +16,9 @@ more than ``capacity`` bytes (an entry being read is pinned meanwhile).  The
 index is loaded at open and kept in memory; a file the index does not know
 (left by a crash between writing the file and the index) is removed at open.
 A crash can leave an index that claims blocks the disk lost: those fail
-their tags and are fetched again.
+their tags and are fetched again.  A damaged index is started again empty;
+one SQLite cannot open or write at all (a full or read-only disk) stops the
+cache from opening with an error that names it.
 
 The index and the set of entries are the reactor thread's.  Other threads
 may ask :meth:`ChunkCache.has`, read files with :meth:`ChunkCache.read_sealed`
@@ -29,6 +31,7 @@ from a file written again fail their tags; never other plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -37,16 +40,20 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
 
 from lucidlink import crypto
-from lucidlink.errors import InvalidArgument
+from lucidlink.errors import InvalidArgument, LucidError
+
+_log = Logger()
 
 INDEX_NAME = "index.sqlite3"
 OBJECTS_FOLDER = "objects"
 GIB = 1024**3
 DEFAULT_CAPACITY = 10 * GIB
 """The cache size when none is given and the disk has room for it."""
-MINIMUM_DEFAULT_CAPACITY = 256 * 1024**2
 TOUCHES_PER_SAVE = 256
 """Recency updates kept in memory before they are written to the index."""
 
@@ -61,13 +68,18 @@ CREATE TABLE IF NOT EXISTS objects (
 """
 
 
-def default_capacity(folder: Path) -> int:
-    """10 GiB, or half the free space of the disk that holds ``folder`` when that is less (at least 256 MiB)."""
+def default_capacity(folder: Path, held: int = 0) -> int:
+    """
+    10 GiB, or half the room of a cache in ``folder`` when that is less: the disk's free space and ``held``, what
+    the cache holds already.
+
+    The other half is left to the write-back journals in the same folder, which cannot evict anything.
+    """
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    return max(MINIMUM_DEFAULT_CAPACITY, min(DEFAULT_CAPACITY, free // 2))
+    room = shutil.disk_usage(probe).free + held
+    return max(1, min(DEFAULT_CAPACITY, room // 2))
 
 
 def _block_span(object_length: int, block: int) -> tuple[int, int]:
@@ -92,21 +104,19 @@ class ChunkCache:
     """
     Sealed chunk objects in ``folder``, at most ``capacity`` bytes of them (see the module).
 
-    :param capacity: bytes; the least recently used entries go beyond it.
+    :param capacity: bytes; the least recently used entries go beyond it.  None: :func:`default_capacity`,
+        counting what the cache holds as room.
     """
 
-    def __init__(self, folder: Path, capacity: int) -> None:
-        if capacity <= 0:
+    def __init__(self, folder: Path, capacity: int | None) -> None:
+        if capacity is not None and capacity <= 0:
             raise InvalidArgument(f"a chunk cache holds a positive number of bytes, not {capacity}")
         self.folder = Path(folder)
-        self.capacity = capacity
+        self.capacity = capacity if capacity is not None else DEFAULT_CAPACITY
         self.objects = self.folder / OBJECTS_FOLDER
         self.objects.mkdir(parents=True, exist_ok=True)
         self._objects_prefix = os.path.join(self.objects, "")
-        self._db = sqlite3.connect(self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db, rows = self._open_index()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._pins: dict[bytes, int] = {}
         self._touched: set[bytes] = set()
@@ -118,14 +128,45 @@ class ChunkCache:
         """Bytes held."""
         self.hits = 0
         self.misses = 0
-        self._load()
+        self._load(rows)
+        if capacity is None:
+            self.capacity = default_capacity(self.folder, held=self.size)
         self._evict()
 
     def __repr__(self) -> str:
         return f"<ChunkCache {self.folder}: {self.size} of {self.capacity} bytes>"
 
-    def _load(self) -> None:
-        rows = self._db.execute("SELECT id, object_length, blocks, bytes, used FROM objects ORDER BY used").fetchall()
+    def _open_index(self) -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
+        """
+        The index and its rows; a damaged index is started again empty (its files then go, unknown).
+
+        An index SQLite cannot open or write at all (a full or read-only disk) is a LucidError naming it.
+        """
+        path = self.folder / INDEX_NAME
+        for attempt in range(2):
+            db = None
+            try:
+                db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(_SCHEMA)
+                rows = db.execute("SELECT id, object_length, blocks, bytes, used FROM objects ORDER BY used").fetchall()
+                return db, rows
+            except sqlite3.Error as error:
+                if db is not None:
+                    db.close()
+                damaged = type(error) is sqlite3.DatabaseError  # not a database, malformed; not an I/O error
+                if not damaged or attempt:
+                    raise LucidError(
+                        f"the chunk cache index {path} cannot be used: {error} (is its disk full or read-only?)"
+                    ) from None
+                _log.warn("the chunk cache index {path} is damaged ({error}); the cache starts again empty",
+                          path=path, error=error)
+                for suffix in ("", "-wal", "-shm"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _load(self, rows: list[tuple[Any, ...]]) -> None:
         for object_id, object_length, blocks, size, used in rows:
             if not self.path_of(object_id).is_file():
                 self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
@@ -235,7 +276,7 @@ class ChunkCache:
         (which keeps the blocks the index says it holds), never written into.
         """
         path = self.path_of(object_id)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the whole folder may have been removed meanwhile
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         copy = None
         if os.fstat(descriptor).st_nlink > 1:
@@ -266,15 +307,19 @@ class ChunkCache:
         """
         target = self._file_name(object_id)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            os.link(path, target)
-        except FileExistsError:
-            os.unlink(target)
-            os.link(path, target)
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            self.write_sealed(object_id, 0, Path(path).read_bytes())
+        for attempt in range(2):
+            try:
+                os.link(path, target)
+                return
+            except FileExistsError:
+                if attempt:
+                    raise
+                os.unlink(target)  # blocks of it fetched before: the whole object replaces them
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                break
+        self.write_sealed(object_id, 0, Path(path).read_bytes())
 
     def record(self, object_id: bytes, object_length: int, start: int, length: int) -> None:
         """Note in the index that the object's file holds its whole sealed blocks in ``[start, start + length)``."""
@@ -319,6 +364,30 @@ class ChunkCache:
         self._touched.discard(object_id)
         self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
         self.path_of(object_id).unlink(missing_ok=True)
+
+    def give_back(self, wanted: int) -> int:
+        """
+        Drop the least recently used unpinned entries until ``wanted`` bytes went (or none is left); the bytes gone.
+
+        For the write-back journals in the same folder, which found the disk full: a file goes even if the
+        index cannot say so (SQLite needs room too), and one the index names but the disk lacks is dropped
+        at the next open.
+        """
+        self._take_uses()
+        freed = 0
+        for object_id in list(self._entries):
+            if freed >= wanted:
+                break
+            if object_id in self._pins:
+                continue
+            entry = self._entries.pop(object_id)
+            self.size -= entry.bytes
+            freed += entry.bytes
+            self._touched.discard(object_id)
+            self.path_of(object_id).unlink(missing_ok=True)
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
+        return freed
 
     def _evict(self, keep: bytes | None = None) -> None:
         if self.size <= self.capacity:

@@ -74,7 +74,7 @@ from zope.interface import implementer
 
 from lucidlink import crypto
 from lucidlink.client.cache_folder import CacheFolder
-from lucidlink.client.chunk_cache import ChunkCache, default_capacity
+from lucidlink.client.chunk_cache import ChunkCache
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
 from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
@@ -90,6 +90,7 @@ from lucidlink.client.writeback import (
     WriteBackJournals,
 )
 from lucidlink.errors import (
+    AccessDenied,
     AlreadyExists,
     BadFileHandle,
     Busy,
@@ -101,10 +102,12 @@ from lucidlink.errors import (
     IsADirectory,
     LucidError,
     NoAttribute,
+    NoSpace,
     NotADirectory,
     NotFound,
     NotPermitted,
     NotSupported,
+    ReadOnly,
     RequestTimeout,
     Restoring,
     TooManyLinks,
@@ -162,6 +165,11 @@ _UNKNOWN: tuple[bytes, int] = (b"", -1)
 """A chunk's base that only the reactor can find out (see ``OpenFile._base_of``; compared by identity)."""
 _UNREACHABLE = (Unavailable, Busy, Restoring, ConnectionClosed, RequestTimeout)
 """Errors that say nothing about a file, only that the servers are away for now."""
+_NOT_THE_FILES = (AccessDenied, NoSpace, ReadOnly)
+"""
+Errors that say nothing about a file either: the user's role (a reader's client finding a writer's
+writes left behind), a full disk or store, a read-only store.
+"""
 SYMLINK_BINDING = 0
 """The inode symlink targets are sealed under: none, as the link's own inode is not known yet."""
 
@@ -606,6 +614,10 @@ class OpenFile:
                         chunk = self._dirty[index] = _Dirty(bytearray(), base)
                     self._lay(chunk, index, low, view[position : position + high - low])
                     position += high - low
+            except NoSpace:
+                if not position:
+                    return None  # through the reactor, which can commit what is buffered to make room
+                length = position
             except LucidError:
                 if not position:
                     raise
@@ -688,6 +700,7 @@ class OpenFile:
             return 0
         chunk_size = self._chunk_size
         position = 0
+        made_room = False
         while position < length:
             here = offset + position
             index = here // chunk_size
@@ -696,6 +709,15 @@ class OpenFile:
             chunk = yield self._dirty_chunk(index, low, high)
             try:
                 self._lay(chunk, index, low, view[position : position + high - low])
+            except NoSpace as full:
+                if position or made_room:
+                    if not position:
+                        raise
+                    length = position
+                    break
+                made_room = True
+                yield self._make_room(full, high - low)
+                continue
             except LucidError:
                 if not position:
                     raise
@@ -708,6 +730,27 @@ class OpenFile:
         if self.buffered > self._inodes.max_dirty:
             yield self._flush_locked()
         return length
+
+    @defer.inlineCallbacks
+    def _make_room(self, full: NoSpace, wanted: int) -> Generator[defer.Deferred[Any], Any, None]:
+        """
+        The journal's disk is full: the chunk cache gives back room, and what is buffered is committed (its
+        journal then goes).
+
+        If the commit fails, the write fails with ``full`` (the disk is the problem to name).
+        """
+        cache = self._inodes.chunks.cache
+        freed = cache.give_back(wanted + 2 * self._chunk_size) if cache is not None else 0
+        if not self.pending:
+            _log.warn("{error}; {freed} bytes of the chunk cache were dropped to make room", error=full, freed=freed)
+            return
+        _log.warn("{error}; {freed} bytes of the chunk cache were dropped and the buffered writes of inode {inode}"
+                  " are committed early to make room", error=full, freed=freed, inode=self.inode)
+        try:
+            yield self._flush_locked()
+        except LucidError as error:
+            _log.warn("committing the buffered writes of inode {inode} failed: {error}", inode=self.inode, error=error)
+            raise full from None
 
     def _lay(self, chunk: _Dirty, index: int, low: int, piece: memoryview) -> None:
         """
@@ -860,7 +903,11 @@ class OpenFile:
         if self._stale and not self.pending:
             yield self._load(0, 0)
         if self._journaling:
-            self._journaled().truncate(size)
+            try:
+                self._journaled().truncate(size)
+            except NoSpace as full:
+                yield self._make_room(full, 0)
+                self._journaled().truncate(size)
         for chunk in self._dirty.values():
             # Blocks sealed after the cut would be replayed before it (at their STAGED record).
             chunk.rewritten()
@@ -974,7 +1021,13 @@ class OpenFile:
             refs, size = yield defer.maybeDeferred(prepare)
             expected = self.version
             if self._journal is not None and final:
-                self._journal.committing(expected, size, refs)
+                try:
+                    self._journal.committing(expected, size, refs)
+                except NoSpace as error:
+                    # Not worth failing the commit over: a crash before the journal goes would keep its
+                    # writes as a conflict (nothing lost), where this note would have said they were in.
+                    _log.warn("{error}; committing inode {inode} without noting it in the journal",
+                              error=error, inode=self.inode)
 
             def commit(refs: list[ChunkRef] = refs, size: int = size, expected: int = expected) -> w.ChunkMapCommit:
                 if refs:
@@ -1850,7 +1903,9 @@ class Inodes:
         Each journal in ``journals`` (default: this client's) is replayed onto
         its file if the file's chunk map is still at the journal's base
         version, and committed with that version expected; otherwise it is
-        kept in the conflicts folder.  Fires with what became of each journal.
+        kept in the conflicts folder.  One this client cannot commit for reasons
+        that are not the file's (servers away, a reader's role, no room) stays
+        pending.  Fires with what became of each journal.
         """
         outcomes: list[Recovery] = []
         journals = journals or self.journals
@@ -1873,6 +1928,11 @@ class Inodes:
                 outcome = Recovery(
                     found.path, found.inode, False, None,
                     f"the servers could not be reached ({error}); they stay pending for the next mount",
+                )
+            except _NOT_THE_FILES as error:
+                outcome = Recovery(
+                    found.path, found.inode, False, None,
+                    f"they cannot be committed by this client ({error}); they stay pending for the next mount",
                 )
             except LucidError as error:
                 outcome = keep(f"inode {found.inode} could not take its writes back: {error}")
@@ -2034,8 +2094,7 @@ class Filespace:
             if read_ahead < 0:
                 raise InvalidArgument(f"read-ahead is a number of chunks, not {read_ahead}")
             self.local_folder = CacheFolder(Path(cache_dir) / session.filespace_id.hex())
-            capacity = cache_size if cache_size is not None else default_capacity(self.local_folder.chunks)
-            self.cache = ChunkCache(self.local_folder.chunks, capacity)
+            self.cache = ChunkCache(self.local_folder.chunks, cache_size)
             journals = WriteBackJournals(self.local_folder.writeback, session.keys)
         self.inodes = Inodes(
             session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload,

@@ -150,6 +150,17 @@ class _Live:
     """What the server keeps of this client's answers (None: nothing)."""
 
 
+def _attempt_timeout(live: _Live, asked: float | None, left: float | None) -> float | None:
+    """
+    Seconds one attempt waits for its answer: what the caller ``asked`` (a lock that waits for another
+    client's may take hours), else the connection's own timeout, at most ``left``; None: the connection's.
+    """
+    if asked is not None or left is None:
+        return asked
+    own = getattr(live.connection, "request_timeout", None)
+    return left if own is None else min(own, left)
+
+
 def _offload(reactor: Any, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
     """Run CPU-heavy ``function`` in the reactor's thread pool."""
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *arguments)
@@ -256,9 +267,9 @@ class FilespaceSession:
         attempt may wait for its answer (the connection's default if None).
         """
 
-        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int, left: float | None) -> defer.Deferred[Any]:
             request = message() if callable(message) else message
-            return live.connection.request(request, timeout=timeout, request_id=request_id)
+            return live.connection.request(request, timeout=_attempt_timeout(live, timeout, left), request_id=request_id)
 
         kind = type(message() if callable(message) else message)
         return self._retrying(send, kind)
@@ -277,12 +288,13 @@ class FilespaceSession:
         if handle.lost is not None:
             return defer.succeed(None)
 
-        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int, left: float | None) -> defer.Deferred[Any]:
             if live.generation != handle.generation:
                 return defer.succeed(None)
-            return live.connection.request(w.Release(handle.id), request_id=request_id).addErrback(
-                _ignore, BadFileHandle
+            release = live.connection.request(
+                w.Release(handle.id), timeout=_attempt_timeout(live, None, left), request_id=request_id
             )
+            return release.addErrback(_ignore, BadFileHandle)
 
         return self._retrying(send, w.Release).addCallback(lambda _: None)
 
@@ -292,12 +304,14 @@ class FilespaceSession:
     ) -> Generator[defer.Deferred[Any], Any, tuple[ServerHandle, w.Attributes]]:
         answered: list[int] = []
 
-        def send(live: _Live, request_id: int) -> defer.Deferred[Any]:
+        def send(live: _Live, request_id: int, left: float | None) -> defer.Deferred[Any]:
             def note(answer: Any) -> Any:
                 answered.append(live.generation)
                 return answer
 
-            return live.connection.request(request, request_id=request_id).addCallback(note)
+            return live.connection.request(
+                request, timeout=_attempt_timeout(live, None, left), request_id=request_id
+            ).addCallback(note)
 
         opened = yield self._retrying(send, type(request))
         reopen_flags = flags & O_ACCMODE
@@ -309,14 +323,18 @@ class FilespaceSession:
 
     @defer.inlineCallbacks
     def _retrying(
-        self, send: Callable[[_Live, int], defer.Deferred[Any]], kind: type
+        self, send: Callable[[_Live, int, float | None], defer.Deferred[Any]], kind: type
     ) -> Generator[defer.Deferred[Any], Any, Any]:
         """
-        ``send(live, request_id)`` until it is answered, as the module says.
+        ``send(live connection, request id, seconds left)`` until it answers, as the module says.
 
         Every attempt carries the same request id, so a server that keeps
         answers (:class:`~lucidlink.protocol.messages.ClientKnown`) answers
-        a change sent again as it answered it the first time.
+        a change sent again as it answered it the first time.  ``seconds
+        left`` (None without a deadline) bounds the wait for one answer that
+        has no timeout of its own, so that a server that keeps the connection
+        but answers nothing costs a soft session its deadline, not a request
+        timeout.
         """
         what = kind.__name__
         clock = self.reactor
@@ -335,7 +353,7 @@ class FilespaceSession:
                 live = yield self._connected(deadline)
                 if first_sent is None:
                     first_sent = live
-                answer = yield send(live, request_id)
+                answer = yield send(live, request_id, None if deadline is None else max(0.001, deadline - clock.seconds()))
                 return answer
             except _CONNECTION_GONE as error:
                 if live is not None:
@@ -525,7 +543,7 @@ class FilespaceSession:
                 )
                 if any(wanted() for wanted in self._keep_connected):
                     # Retried like any request: a server that is restarting or restoring closes early attempts.
-                    self._retrying(lambda live, request_id: defer.succeed(None), Reconnect).addErrback(
+                    self._retrying(lambda live, request_id, left: defer.succeed(None), Reconnect).addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
 
@@ -652,7 +670,7 @@ def open_session(
         backoff=backoff,
     )
     session._passphrase = passphrase
-    yield session._retrying(lambda live, request_id: defer.succeed(None), w.Login)
+    yield session._retrying(lambda live, request_id, left: defer.succeed(None), w.Login)
     return session
 
 

@@ -198,14 +198,15 @@ class StagedChunk:
         """Seal into the file each block that ``data`` (the chunk from its first byte) holds whole; :attr:`staged` after."""
         if self._descriptor is None or self._taken_back:
             raise IntegrityError(f"the staged chunk {self.path} is closed")
-        view = memoryview(data).cast("B")
         sealer = self.sealer
         first = sealer.sealed
         pieces: list[bytes] = []
-        while not sealer.complete and len(view) >= self.staged + sealer.block_length():
-            start = self.staged
-            pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
-            sealer.advance()
+        # Released here: a view left in the frame of an error would keep the writer's buffer from being cut back.
+        with memoryview(data).cast("B") as view:
+            while not sealer.complete and len(view) >= self.staged + sealer.block_length():
+                start = self.staged
+                pieces += (sealer.prefix, sealer.seal_next(view[start : start + sealer.block_length()]))
+                sealer.advance()
         if pieces:
             try:
                 _write_all(self._descriptor, pieces, crypto.sealed_block_offset(first))
@@ -497,8 +498,19 @@ class WriteBackJournals:
         return [path.name for folder in (self.pending_folder, self.conflicts_folder) for path in folder.iterdir()]
 
     def begin(self, inode: int, version: int) -> Journal:
-        """A new journal for changes to ``inode`` made on top of chunk map ``version``."""
-        return Journal(self.pending_folder / f"{next(self._numbers)}-{inode}.journal", self.keys, inode, version)
+        """
+        A new journal for changes to ``inode`` made on top of chunk map ``version``.
+
+        A folder removed meanwhile (a cleaner of old files, a person clearing the cache) is made again:
+        else no write could be journaled until the next mount.
+        """
+        path = self.pending_folder / f"{next(self._numbers)}-{inode}.journal"
+        try:
+            return Journal(path, self.keys, inode, version)
+        except FileNotFoundError:
+            self.pending_folder.mkdir(parents=True, exist_ok=True)
+            self.conflicts_folder.mkdir(parents=True, exist_ok=True)
+            return Journal(path, self.keys, inode, version)
 
     def pending_paths(self) -> list[Path]:
         """The journals left behind, oldest first."""
