@@ -67,7 +67,7 @@ from lucidlink.meta.replies import RepliesKept, Reply
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
 from lucidlink.meta.store import ROOT_INODE, Applied, Change
 from lucidlink.protocol import messages as w
-from lucidlink.protocol.connection import IResponder, ServerConnection
+from lucidlink.protocol.connection import OWN_REQUEST_ID_LIMIT, IResponder, ServerConnection
 from lucidlink.protocol.messages import FileKind, LockType, NotifyKind, Role, ServerStatus
 
 DEFAULT_KDF = (crypto.DEFAULT_TIME_COST, crypto.DEFAULT_MEMORY_KIB, crypto.DEFAULT_PARALLELISM)
@@ -228,7 +228,8 @@ class MetadataResponder:
         if scope is not None:
             self._mind_leases(session, message, scope)
         request_id = getattr(connection, "request_id", None)
-        if grouped and session.client is not None and request_id is not None:
+        # Only ids a client gives its calls: those a connection numbers itself start again on each connection.
+        if grouped and session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT:
             return self._once(session, method, message, request_id)
         answer = self._answer_in_turn(session, method, message, grouped)
         if self.leases and isinstance(message, (w.Lookup, w.ReadDir)):
