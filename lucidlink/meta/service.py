@@ -734,9 +734,9 @@ class MetadataResponder:
         """A creation that named ``inode`` made ``made``: the client's id is used if they are the same."""
         client = session.client
         if inode and made == inode and client is not None:
-            self.inode_blocks.take(client, inode)
+            block = self.inode_blocks.take(client, inode)
             if self._undo is not None:  # inside a group commit, which may yet fail
-                self._undo.append(lambda: self.inode_blocks.give_back(client, inode))
+                self._undo.append(lambda: self.inode_blocks.give_back(client, inode, block))
 
     @answers(w.Symlink, role=Role.WRITER, doing="writing", grouped=True)
     def _symlink(self, session: Session, message: w.Symlink) -> w.Entry:
