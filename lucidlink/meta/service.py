@@ -61,7 +61,7 @@ from lucidlink.meta import bootstrap
 from lucidlink.meta import mutations as m
 from lucidlink.meta.inode_blocks import InodeBlocks
 from lucidlink.meta.interface import IMetadataStore
-from lucidlink.meta.leases import DirectoryLeases, Lease
+from lucidlink.meta.leases import RECALL_RETRY_MS, DirectoryLeases, Lease
 from lucidlink.meta.locks import LockTable
 from lucidlink.meta.replies import RepliesKept, Reply
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
@@ -224,12 +224,20 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
-        scope = _LEASE_SCOPE.get(type(message))
-        if scope is not None:
-            self._mind_leases(session, message, scope)
         request_id = getattr(connection, "request_id", None)
         # Only ids a client gives its calls: those a connection numbers itself start again on each connection.
-        if grouped and session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT:
+        named = grouped and session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT
+        if named:
+            self._hold_back(session, request_id)
+        scope = _LEASE_SCOPE.get(type(message))
+        if scope is not None:
+            try:
+                self._mind_leases(session, message, scope)
+            except Busy:
+                if named:
+                    session.held_back = (request_id, self.clock.seconds() + self.leases.lease_seconds)
+                raise
+        if named:
             return self._once(session, method, message, request_id)
         answer = self._answer_in_turn(session, method, message, grouped)
         if self.leases and isinstance(message, (w.Lookup, w.ReadDir)):
@@ -247,6 +255,19 @@ class MetadataResponder:
         if self.leases:
             self.leases.touch(session.id, (*attributes, *self._directories_named(message)), self._recall,
                               remember=False)
+
+    def _hold_back(self, session: Session, request_id: int) -> None:
+        """
+        Busy for a named client's change that came after one of its changes refused ``Busy``, until that one is
+        sent again (for a lease's time at most): a client that sends changes without waiting sends the refused one
+        again first, and then these, so they are made in the order it sent them.
+        """
+        if session.held_back is None:
+            return
+        refused, until = session.held_back
+        if request_id != refused and self.clock.seconds() < until:
+            raise Busy(f"request {refused} of this client was refused; it goes first", retry_after_ms=RECALL_RETRY_MS)
+        session.held_back = None
 
     def _directories_named(self, message: Any) -> list[int]:
         """The entries a removal or a rename acts on, when they are directories whose own entries it reads."""
