@@ -354,6 +354,9 @@ class MetadataResponder:
     def _answered_again(self, answer: Any, session: Session, message: Any) -> Any:
         """The kept answer to a change sent again; a file created then is opened again in this session."""
         if isinstance(answer, w.Opened) and isinstance(message, w.Create):
+            first = session.handles.get(answer.handle)
+            if first is not None and first.inode == answer.attributes.inode:
+                return answer  # the first attempt's handle is this session's own: not a second one
             return self._open(session, w.Open(answer.attributes.inode, message.open_flags))
         return answer
 
