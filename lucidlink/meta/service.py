@@ -330,6 +330,8 @@ class MetadataResponder:
                 return self._stored_again(reply).addCallback(self._answered_again, session, message)
             return reply.replay().addCallback(self._answered_again, session, message)
         client = session.client
+        assert session.user is not None
+        self.replies.register(client, session.user)  # still its user's, and in use
         reply = self.replies.add(client, request_id, type(message))
 
         def settle(result: Any) -> Any:
