@@ -139,8 +139,19 @@ class PipelineTests(TestCase):
         yield defer.gatherResults(posted)
 
     @defer.inlineCallbacks
-    def test_closed_session_fails_what_is_left(self) -> Generator[Deferred[Any], Any, None]:
+    def test_closing_hears_the_answers_in_flight(self) -> Generator[Deferred[Any], Any, None]:
+        """A change sent before the session closed is made (the server applies what it got): its answer says so."""
         session = yield self.session()
         posted = session.pipeline.post(w.MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
         yield session.close()
-        yield self.assertFailure(posted, errors.ConnectionClosed)
+        entry = yield posted
+        self.assertEqual(self.store.lookup(ROOT_INODE, b"a"), entry.attributes)
+
+    @defer.inlineCallbacks
+    def test_closed_session_sends_nothing(self) -> Generator[Deferred[Any], Any, None]:
+        """A change posted once the session is closed fails, and is not made."""
+        session = yield self.session()
+        yield session.close()
+        late = session.pipeline.post(w.MkDir(ROOT_INODE, b"late", 0o755, 0, 0))
+        yield self.assertFailure(late, errors.ConnectionClosed)
+        self.assertEqual(self.names(), [])

@@ -15,7 +15,7 @@ from lucidlink.meta.store import MAX_INODE_BLOCK, ROOT_INODE, MetadataStore
 from lucidlink.protocol.messages import ClientId, Create, InodeBlock, MkDir, ReserveInodes, Symlink
 from tests.meta_helpers import initialise_record
 from tests.test_meta_replay import Workload
-from tests.test_meta_service import FILESPACE, O_WRONLY, InitialisedTestCase, Peer
+from tests.test_meta_service import FILESPACE, O_WRONLY, InitialisedTestCase, Peer, _FailingCommit
 
 CLIENT = b"client-of-wendy!"
 
@@ -73,6 +73,17 @@ class ReservedInodeServiceTests(InitialisedTestCase):
         self.assertEqual(opened.attributes.inode, existing)
         self.assertEqual(self.wendy.answer(MkDir(ROOT_INODE, b"new", 0o755, 0, 0, first)).attributes.inode, first)
 
+    def test_a_rolled_back_creation_gives_its_id_back(self) -> None:
+        """A commit that fails undoes the creation: the id, even a block's last, is the client's again."""
+        first = self.wendy.answer(ReserveInodes(1)).first
+        real = self.store._db
+        self.store._db = _FailingCommit(real)  # type: ignore[assignment]
+        try:
+            self.wendy.refused(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first), errors.NoSpace)
+        finally:
+            self.store._db = real
+        self.assertEqual(self.wendy.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first)).attributes.inode, first)
+
     def test_a_restarted_server_knows_no_block(self) -> None:
         """After a restart the client's ids are refused, and the server's own go on past them."""
         first = self.wendy.answer(ReserveInodes(4)).first
@@ -107,9 +118,9 @@ class InodeBlocksTests(SynchronousTestCase):
     def test_blocks(self) -> None:
         blocks = InodeBlocks()
         blocks.add(CLIENT, 100, 2)
-        blocks.take(CLIENT, 100)
+        block = blocks.take(CLIENT, 100)
         self.assertRaises(errors.InvalidArgument, blocks.take, CLIENT, 100)
-        blocks.give_back(CLIENT, 100)
+        blocks.give_back(CLIENT, 100, block)
         blocks.take(CLIENT, 100)
         blocks.take(CLIENT, 101)
         self.assertEqual(blocks._blocks[CLIENT], {}, "a block all used is forgotten")

@@ -11,6 +11,7 @@ from lucidlink import errors
 from lucidlink.meta.leases import LEASE_SECONDS, READS_REMEMBERED, DirectoryLeases
 from lucidlink.meta.store import ROOT_INODE
 from lucidlink.protocol.messages import (
+    ClientId,
     Create,
     GetAttr,
     GetXattr,
@@ -154,6 +155,56 @@ class LeaseServiceTests(InitialisedTestCase):
         self.wendy.refused(LeaseDirectory(424242), errors.NotFound)
         rita = self.logged_in("rita")
         rita.refused(LeaseDirectory(ROOT_INODE), errors.AccessDenied)
+
+
+class HeldBackTests(InitialisedTestCase):
+    """A named client's changes sent one behind the other: one refused Busy holds back the ones sent after it."""
+
+    leased_folder = LeaseServiceTests.leased_folder
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.wendy = self.logged_in("wendy")
+        self.other = self.logged_in("wendy", host="192.0.2.7")
+        self.other.answer(ClientId(b"the-other-client"))
+        self.folders = 0
+
+    def send(self, message: Any, request_id: int) -> Any:
+        """``message`` from the other session, handed to the responder as its connection would."""
+        self.other.server.request_id = request_id
+        return self.responder.respond(self.other.server, message)
+
+    def test_changes_behind_a_refused_one_wait_for_it(self) -> None:
+        """Moved out of a leased folder, then removed: the removal waits for the move, and both are made in order."""
+        folder = self.leased_folder()
+        self.wendy.answer(Create(folder, b"a", 0o644, 0, 0, True, O_WRONLY))
+        move, remove = Rename(folder, b"a", ROOT_INODE, b"a", 0), Unlink(ROOT_INODE, b"a")
+        self.assertRaises(errors.Busy, self.send, move, 2**31 + 1)
+        self.assertRaises(errors.Busy, self.send, remove, 2**31 + 2)
+        self.assertRaises(errors.Busy, self.send, remove, 2**31 + 2)  # sent again before the refused one
+        self.wendy.answer(LeaseReturned(folder))
+        moved, removed = self.send(move, 2**31 + 1), self.send(remove, 2**31 + 2)
+        self.clock.advance(0)
+        self.successResultOf(moved), self.successResultOf(removed)
+        self.assertRaises(errors.NotFound, self.store.lookup, ROOT_INODE, b"a")
+
+    def test_held_back_for_a_lease_at_most(self) -> None:
+        """A refused change never sent again holds nothing back once a lease would have ended."""
+        folder = self.leased_folder()
+        self.assertRaises(errors.Busy, self.send, MkDir(folder, b"m", 0o755, 0, 0), 2**31 + 1)
+        self.assertRaises(errors.Busy, self.send, MkDir(ROOT_INODE, b"n", 0o755, 0, 0), 2**31 + 2)
+        self.clock.advance(LEASE_SECONDS)
+        made = self.send(MkDir(ROOT_INODE, b"n", 0o755, 0, 0), 2**31 + 2)
+        self.clock.advance(0)
+        self.successResultOf(made)
+
+    def test_reads_and_unnamed_sessions_are_not_held_back(self) -> None:
+        folder = self.leased_folder()
+        self.assertRaises(errors.Busy, self.send, MkDir(folder, b"m", 0o755, 0, 0), 2**31 + 1)
+        self.other.answer(GetAttr(ROOT_INODE))
+        plain = self.logged_in("wendy", host="192.0.2.9")
+        plain.refused(MkDir(folder, b"m", 0o755, 0, 0), errors.Busy)
+        plain.answer(MkDir(ROOT_INODE, b"n", 0o755, 0, 0))
 
 
 class DirectoryLeasesTests(SynchronousTestCase):

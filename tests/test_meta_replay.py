@@ -20,7 +20,7 @@ from lucidlink.protocol.messages import FileKind, RenameFlags, Role, SetAttrFiel
 from tests.meta_helpers import CHUNK_SIZE, START_TIME, initialise_record
 
 NAMES = [b"a", b"b", b"c", b"d"]
-OPERATIONS = 16
+OPERATIONS = 18
 step = st.tuples(
     st.sampled_from(range(OPERATIONS)),
     st.integers(0, 2**16),
@@ -40,6 +40,7 @@ class Workload:
         self.records: list[bytes] = []
         self.store = self.open()
         self.held: list[int] = []
+        self.reserved: list[int] = []
 
     def open(self) -> MetadataStore:
         return MetadataStore(self.folder / "live.sqlite3", self.clock, journal=self.journal)
@@ -133,6 +134,18 @@ class Workload:
             self.store = self.open()
             self.held = []
             self.store.reclaim_orphans()
+        elif operation == 16:
+            count = 1 + a % 8
+            first = apply(m.ReserveInodes(count)).value
+            self.reserved.extend(range(first, first + count))
+        elif operation == 17 and self.reserved:
+            inode = self.reserved.pop(b % len(self.reserved))  # a client's own id, given once
+            if c % 3 == 0:
+                apply(m.MakeDirectory(directory, name, a & 0o777, b, c, inode))
+            elif c % 3 == 1:
+                apply(m.CreateFile(directory, name, b & 0o777, a, d, bool(c & 4), inode))
+            else:
+                apply(m.MakeSymlink(directory, name, b"t" * (1 + d % 5), a, b, inode))
 
 
 class ReplayTests(SynchronousTestCase):

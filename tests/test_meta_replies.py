@@ -66,6 +66,22 @@ class RepliesKeptTests(SynchronousTestCase):
         self.replies.register(CLIENT, "wendy")
         self.assertRaises(errors.AccessDenied, self.replies.register, CLIENT, "rita")
 
+    def test_a_client_gone_is_forgotten(self) -> None:
+        """A client named and quiet for ``remember_seconds``, with no answer kept, is forgotten, user and all."""
+        for number in range(100):
+            self.replies.register(b"client-number-%d" % number, "wendy")
+        self.replies.register(CLIENT, "wendy")
+        self.replies.add(CLIENT, 1, w.MkDir)
+        self.clock.advance(30)
+        self.replies.register(CLIENT, "wendy")  # named again: still in use
+        self.clock.advance(31)
+        self.replies.get(CLIENT, 1)  # sweeps
+        self.assertEqual(list(self.replies._owners), [CLIENT])
+        self.assertRaises(errors.AccessDenied, self.replies.register, CLIENT, "rita")
+        self.clock.advance(31)
+        self.replies.get(CLIENT, 1)
+        self.assertEqual(self.replies._owners, {})
+
     def test_what_the_client_is_told(self) -> None:
         """The boot id is new with every server; the bounds are the ones kept."""
         known = self.replies.known()

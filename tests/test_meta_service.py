@@ -736,6 +736,17 @@ class KeptAnswerTests(InitialisedTestCase):
         stranger = self.connect()
         stranger.refused(ClientId(b"client-of-nobody"), errors.AccessDenied)
 
+    def test_ids_a_connection_numbers_keep_nothing(self) -> None:
+        """A change under an id its connection numbered (below 2**31) is made; each connection counts from 1 again."""
+        made = self.wendy.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        self.wendy.disconnect()
+        again = self.named("wendy")
+        other = again.answer(MkDir(ROOT_INODE, b"b", 0o755, 0, 0))
+        self.assertNotEqual(other.attributes.inode, made.attributes.inode)
+        self.assertEqual(sorted(entry.name for entry in again.answer(ReadDir(ROOT_INODE, b"", 0)).entries),
+                         [b"a", b"b"])
+        self.assertEqual(len(self.responder.replies), 0)
+
     def test_unnamed_sessions_keep_nothing(self) -> None:
         """Without a client id, a change is made each time it is sent."""
         plain = self.logged_in("wendy")

@@ -18,10 +18,10 @@ from lucidlink.meta.segments import parse_segment, parse_segment_key, segment_pr
 from lucidlink.meta.shipper import Shipper
 from lucidlink.meta.store import ROOT_INODE, MetadataStore
 from lucidlink.objectstore.faults import FaultyObjectStore
-from lucidlink.protocol.messages import ClientId, GetAttr, Lookup, MkDir, Notify
+from lucidlink.protocol.messages import ClientId, Create, GetAttr, Lookup, MkDir, Notify
 from tests.client_helpers import MemoryObjectStore
 from tests.meta_helpers import START_TIME, initialise_record
-from tests.test_meta_service import FILESPACE, InitialisedTestCase
+from tests.test_meta_service import FILESPACE, O_WRONLY, InitialisedTestCase
 
 WINDOW = 0.005
 
@@ -254,6 +254,25 @@ class SyncServiceTests(InitialisedTestCase):
         made = self.successResultOf(send())
         self.assertEqual(made.attributes, writer.answer(Lookup(ROOT_INODE, b"kept")).attributes)
         self.assertEqual(self.shipper.pending(), 0)
+
+    def test_store_unreachable_create_sent_again_on_its_connection(self) -> None:
+        """A Create made but not stored, sent again on the same connection, answers with its one handle."""
+        writer = self.logged_in("wendy")
+        writer.answer(ClientId(b"client-of-wendy!"))
+        self.objects.fail_always(operations={"put"})
+
+        def send() -> Any:
+            writer.server.request_id = 2**31 + 1
+            answer = self.responder.respond(writer.server, Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY))
+            self.flush()
+            return answer
+
+        self.failureResultOf(send(), errors.Unavailable)
+        self.objects.heal()
+        self.clock.advance(60)
+        opened = self.successResultOf(send())
+        handles = writer.server.session.handles  # type: ignore[union-attr]
+        self.assertEqual(list(handles), [opened.handle], "the first attempt's handle, not a second one")
 
     def test_store_unreachable(self) -> None:
         """A write fails with Unavailable but is kept; reads work; the retry says it exists; shipping resumes."""

@@ -73,6 +73,8 @@ class ChangePipeline:
 
     def post(self, message: Any) -> defer.Deferred[Any]:
         """Send ``message`` behind the changes posted before; fires with its answer (or fails with its error)."""
+        if self.session._closed:
+            return defer.fail(ConnectionClosed(f"the session with {self.session.filespace!r} is closed"))
         posted = _Posted(self.session._next_call_id(), message)
         self._posted.append(posted)
         live = self.session._live
@@ -159,6 +161,8 @@ class ChangePipeline:
 
     def _reconnect(self) -> None:
         """Have the session connect again; it sends what is posted on the new connection itself."""
+        if self.session._closed:
+            return  # closing fails what is left
         if self.session._live is not None and not self._paused:
             self.send_again(self.session._live)
             return

@@ -442,7 +442,8 @@ class FilespaceSession:
             yield self._log_in(connection)
             live.known = yield self._name_client(connection)
             yield self._reopen_handles(live)
-            self.pipeline.send_again(live)  # before any other request: changes go in the order they were made
+            if not self._closed:
+                self.pipeline.send_again(live)  # before any other request: changes go in the order they were made
         except BaseException:
             connection.close("login failed", timeout=0)
             raise
@@ -573,10 +574,10 @@ class FilespaceSession:
         """Say goodbye and close the connection; the server releases the session's handles and locks."""
         self._closed = True
         self._handles.clear()
-        self.pipeline.fail_all(ConnectionClosed(f"the session with {self.filespace!r} is closed"))
         live, self._live = self._live, None
         if live is not None:
-            yield live.connection.close("session closed")
+            yield live.connection.close("session closed")  # the answers in flight are heard first
+        self.pipeline.fail_all(ConnectionClosed(f"the session with {self.filespace!r} is closed"))
 
     # -- users and keys -----------------------------------------------------------
 

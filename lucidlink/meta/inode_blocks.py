@@ -34,8 +34,8 @@ class InodeBlocks:
         if block is None or inode in self._blocks[client][block]:  # type: ignore[index]
             raise InvalidArgument(f"inode id {inode} is not one this client reserved and has not used")
 
-    def take(self, client: bytes | None, inode: int) -> None:
-        """Use ``inode`` (see :meth:`check`); a block whose ids are all used is forgotten."""
+    def take(self, client: bytes | None, inode: int) -> range:
+        """Use ``inode`` (see :meth:`check`); its block, which is forgotten once all its ids are used."""
         self.check(client, inode)
         block = self._block_of(client, inode)
         assert client is not None and block is not None
@@ -43,12 +43,15 @@ class InodeBlocks:
         used.add(inode)
         if len(used) == len(block):
             del self._blocks[client][block]
+        return block
 
-    def give_back(self, client: bytes, inode: int) -> None:
-        """Undo :meth:`take` (the creation was rolled back)."""
-        block = self._block_of(client, inode)
-        if block is not None:
-            self._blocks[client][block].discard(inode)
+    def give_back(self, client: bytes, inode: int, block: range) -> None:
+        """Undo :meth:`take` of ``inode`` from ``block`` (the creation was rolled back), even of a forgotten block."""
+        blocks = self._blocks.setdefault(client, {})
+        used = blocks.get(block)
+        if used is None:
+            used = blocks[block] = set(block)
+        used.discard(inode)
 
     def _block_of(self, client: bytes | None, inode: int) -> range | None:
         for block in self._blocks.get(client, {}) if client is not None else ():

@@ -79,6 +79,7 @@ class RepliesKept:
         self.remember_count = remember_count
         self.boot_id = os.urandom(8)
         self._owners: dict[bytes, str] = {}
+        self._named_at: dict[bytes, float] = {}
         self._replies: dict[bytes, OrderedDict[int, Reply]] = {}
         self._swept_at = 0.0
 
@@ -87,10 +88,17 @@ class RepliesKept:
         return w.ClientKnown(self.boot_id, int(self.remember_seconds * 1000), self.remember_count)
 
     def register(self, client: bytes, user: str) -> None:
-        """Bind ``client`` to ``user``: AccessDenied if another user named it first."""
+        """
+        Bind ``client`` to ``user``: AccessDenied if another user named it first.
+
+        A client is forgotten once it was last named (or changed something)
+        ``remember_seconds`` ago and none of its answers is kept.
+        """
+        self._sweep()
         owner = self._owners.setdefault(client, user)
         if owner != user:
             raise AccessDenied("this client id belongs to another user")
+        self._named_at[client] = self.clock.seconds()
 
     def get(self, client: bytes, request_id: int) -> Reply | None:
         """The reply kept for this change, if any."""
@@ -118,7 +126,7 @@ class RepliesKept:
         return sum(len(replies) for replies in self._replies.values())
 
     def _sweep(self) -> None:
-        """Forget answers older than ``remember_seconds`` (at most once a second)."""
+        """Forget answers older than ``remember_seconds``, and clients with none (at most once a second)."""
         now = self.clock.seconds()
         if now - self._swept_at < 1.0:
             return
@@ -130,3 +138,5 @@ class RepliesKept:
                 replies.popitem(last=False)
             if not replies:
                 del self._replies[client]
+        for client in [client for client, at in self._named_at.items() if at < oldest and client not in self._replies]:
+            del self._named_at[client], self._owners[client]

@@ -61,13 +61,13 @@ from lucidlink.meta import bootstrap
 from lucidlink.meta import mutations as m
 from lucidlink.meta.inode_blocks import InodeBlocks
 from lucidlink.meta.interface import IMetadataStore
-from lucidlink.meta.leases import DirectoryLeases, Lease
+from lucidlink.meta.leases import RECALL_RETRY_MS, DirectoryLeases, Lease
 from lucidlink.meta.locks import LockTable
 from lucidlink.meta.replies import RepliesKept, Reply
 from lucidlink.meta.sessions import Handle, LoginLimiter, Session, is_writable
 from lucidlink.meta.store import ROOT_INODE, Applied, Change
 from lucidlink.protocol import messages as w
-from lucidlink.protocol.connection import IResponder, ServerConnection
+from lucidlink.protocol.connection import OWN_REQUEST_ID_LIMIT, IResponder, ServerConnection
 from lucidlink.protocol.messages import FileKind, LockType, NotifyKind, Role, ServerStatus
 
 DEFAULT_KDF = (crypto.DEFAULT_TIME_COST, crypto.DEFAULT_MEMORY_KIB, crypto.DEFAULT_PARALLELISM)
@@ -224,11 +224,20 @@ class MetadataResponder:
         method, role, doing, grouped = entry
         if role is not None:
             self._require_role(session, role, doing)
+        request_id = getattr(connection, "request_id", None)
+        # Only ids a client gives its calls: those a connection numbers itself start again on each connection.
+        named = grouped and session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT
+        if named:
+            self._hold_back(session, request_id)
         scope = _LEASE_SCOPE.get(type(message))
         if scope is not None:
-            self._mind_leases(session, message, scope)
-        request_id = getattr(connection, "request_id", None)
-        if grouped and session.client is not None and request_id is not None:
+            try:
+                self._mind_leases(session, message, scope)
+            except Busy:
+                if named:
+                    session.held_back = (request_id, self.clock.seconds() + self.leases.lease_seconds)
+                raise
+        if named:
             return self._once(session, method, message, request_id)
         answer = self._answer_in_turn(session, method, message, grouped)
         if self.leases and isinstance(message, (w.Lookup, w.ReadDir)):
@@ -246,6 +255,19 @@ class MetadataResponder:
         if self.leases:
             self.leases.touch(session.id, (*attributes, *self._directories_named(message)), self._recall,
                               remember=False)
+
+    def _hold_back(self, session: Session, request_id: int) -> None:
+        """
+        Busy for a named client's change that came after one of its changes refused ``Busy``, until that one is
+        sent again (for a lease's time at most): a client that sends changes without waiting sends the refused one
+        again first, and then these, so they are made in the order it sent them.
+        """
+        if session.held_back is None:
+            return
+        refused, until = session.held_back
+        if request_id != refused and self.clock.seconds() < until:
+            raise Busy(f"request {refused} of this client was refused; it goes first", retry_after_ms=RECALL_RETRY_MS)
+        session.held_back = None
 
     def _directories_named(self, message: Any) -> list[int]:
         """The entries a removal or a rename acts on, when they are directories whose own entries it reads."""
@@ -308,6 +330,8 @@ class MetadataResponder:
                 return self._stored_again(reply).addCallback(self._answered_again, session, message)
             return reply.replay().addCallback(self._answered_again, session, message)
         client = session.client
+        assert session.user is not None
+        self.replies.register(client, session.user)  # still its user's, and in use
         reply = self.replies.add(client, request_id, type(message))
 
         def settle(result: Any) -> Any:
@@ -332,6 +356,9 @@ class MetadataResponder:
     def _answered_again(self, answer: Any, session: Session, message: Any) -> Any:
         """The kept answer to a change sent again; a file created then is opened again in this session."""
         if isinstance(answer, w.Opened) and isinstance(message, w.Create):
+            first = session.handles.get(answer.handle)
+            if first is not None and first.inode == answer.attributes.inode:
+                return answer  # the first attempt's handle is this session's own: not a second one
             return self._open(session, w.Open(answer.attributes.inode, message.open_flags))
         return answer
 
@@ -733,9 +760,9 @@ class MetadataResponder:
         """A creation that named ``inode`` made ``made``: the client's id is used if they are the same."""
         client = session.client
         if inode and made == inode and client is not None:
-            self.inode_blocks.take(client, inode)
+            block = self.inode_blocks.take(client, inode)
             if self._undo is not None:  # inside a group commit, which may yet fail
-                self._undo.append(lambda: self.inode_blocks.give_back(client, inode))
+                self._undo.append(lambda: self.inode_blocks.give_back(client, inode, block))
 
     @answers(w.Symlink, role=Role.WRITER, doing="writing", grouped=True)
     def _symlink(self, session: Session, message: w.Symlink) -> w.Entry:

@@ -52,6 +52,8 @@ class Session:
     role: Role | None = None
     client: bytes | None = None
     """The id the client named itself by (``ClientId``), if it did."""
+    held_back: tuple[int, float] | None = None
+    """A change of the named client's refused ``Busy`` (its request id), and until when the ones after it are too."""
     handles: dict[int, Handle] = field(default_factory=dict)
     _open_per_inode: Counter[int] = field(default_factory=Counter, repr=False)
 
