@@ -707,6 +707,17 @@ class KeptAnswerTests(InitialisedTestCase):
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(second), self.successResultOf(first))
 
+    def test_requests_after_a_change_sent_again_wait_for_it(self) -> None:
+        """Sent again while its first attempt still waits for its commit, a change holds back the session's next."""
+        other = self.named("wendy")
+        first = self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        again = self.send(other, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)
+        seen = self.send(other, Lookup(ROOT_INODE, b"a"), 7)
+        self.clock.advance(0)
+        made = self.successResultOf(first)
+        self.assertEqual(self.successResultOf(again), made)
+        self.assertEqual(self.successResultOf(seen).attributes, made.attributes)
+
     def test_an_error_is_kept_too(self) -> None:
         """A change that failed fails the same way when sent again."""
         self.send(self.wendy, MkDir(ROOT_INODE, b"a", 0o755, 0, 0), 2**31 + 1)

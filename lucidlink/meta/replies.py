@@ -50,6 +50,11 @@ class Reply:
         """The answer of a change made whose journal record could not be stored (its outcome says Unavailable)."""
         self._waiters: list[defer.Deferred[Any]] = []
 
+    @property
+    def pending(self) -> bool:
+        """Whether the first attempt is not answered yet."""
+        return self.outcome is _PENDING
+
     def settle(self, result: Any) -> Any:
         """Note the answer (or Failure) and pass it on: a callback for both chains of the first attempt."""
         self.outcome = result

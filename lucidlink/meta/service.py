@@ -327,8 +327,12 @@ class MetadataResponder:
                     f"request {request_id} of this client was a {reply.kind.__name__}, not a {type(message).__name__}"
                 )
             if reply.made is not None and isinstance(reply.outcome, Failure):
-                return self._stored_again(reply).addCallback(self._answered_again, session, message)
-            return reply.replay().addCallback(self._answered_again, session, message)
+                again: Answer = lambda responder, session, message: responder._stored_again(reply)  # noqa: E731
+            else:
+                again = lambda responder, session, message: reply.replay()  # noqa: E731
+            # In turn, as the session's other requests: one still waiting for its commit holds back those after it.
+            answer = self._answer_in_turn(session, again, message, grouped=reply.pending)
+            return answer.addCallback(self._answered_again, session, message)
         client = session.client
         assert session.user is not None
         self.replies.register(client, session.user)  # still its user's, and in use
@@ -426,6 +430,8 @@ class MetadataResponder:
             for step in reversed(undo):
                 step()
             for queued in queue:
+                if isinstance(queued.outcome, defer.Deferred):  # its own answer is replaced by the commit's error
+                    queued.outcome.addErrback(lambda _: None)
                 if not isinstance(queued.outcome, Failure):
                     queued.outcome, queued.changes = failure, []
             self._deliver(queue, None)
