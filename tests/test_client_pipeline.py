@@ -70,7 +70,7 @@ class PipelineTests(TestCase):
             resolver=Resolver(reactor, ["tcp:127.0.0.1:1"], connect=lambda *_: fail(errors.Unavailable()),
                               cache=cache),
             connect=lambda endpoint, identity: defer.succeed(_Faulty(responder, pending)),
-            backoff=fast_backoff(), deadline=5,
+            backoff=fast_backoff(), deadline=60,  # a loaded machine must not make a retry give up
         )
         self.addCleanup(session.close)
         return session  # type: ignore[no-any-return]

@@ -350,7 +350,7 @@ class ExactlyOnceTests(TestCase):
             connect=lambda endpoint, identity: defer.succeed(
                 _OnceLost(restarted if restarting and self.tripped else responder, lose_on, self.tripped)
             ),
-            backoff=fast_backoff(), deadline=5,
+            backoff=fast_backoff(), deadline=60,  # a loaded machine must not make a retry give up
         )
         self.addCleanup(session.close)
         self.store = store
