@@ -139,6 +139,21 @@ class PipelineTests(TestCase):
         yield defer.gatherResults(posted)
 
     @defer.inlineCallbacks
+    def test_at_most_limit_in_flight(self) -> Generator[Deferred[Any], Any, None]:
+        """Beyond ``limit`` changes wait, in order, until answers make room: a server refuses too many in flight."""
+        session = yield self.session()
+        session.pipeline.limit = 2
+        sent: list[Any] = []
+        connection = session._live.connection  # type: ignore[union-attr]
+        request = connection.request
+        self.patch(connection, "request", lambda message, *a, **k: (sent.append(message), request(message, *a, **k))[1])
+        posted = [session.pipeline.post(w.MkDir(ROOT_INODE, b"d%d" % n, 0o755, 0, 0)) for n in range(5)]
+        self.assertEqual(len(sent), 2)
+        yield defer.gatherResults(posted)
+        self.assertEqual([message.name for message in sent], [b"d%d" % n for n in range(5)])
+        self.assertEqual(self.names(), [b"d%d" % n for n in range(5)])
+
+    @defer.inlineCallbacks
     def test_closing_hears_the_answers_in_flight(self) -> Generator[Deferred[Any], Any, None]:
         """A change sent before the session closed is made (the server applies what it got): its answer says so."""
         session = yield self.session()

@@ -16,7 +16,8 @@ while it connects): the server answers those it made as it answered them
 pipeline; after the session's backoff that change, and every later one not
 answered yet, go again in order.  Any other error is the change's own: its
 Deferred fails with it, and the caller, whose picture of the tree was
-wrong, must look again.  At most ``limit`` changes are in flight;
+wrong, must look again.  At most ``limit`` changes are in flight (the
+others wait their turn, in order);
 :meth:`~ChangePipeline.room` waits for a place, :meth:`~ChangePipeline.drained`
 for all to be answered.
 
@@ -79,13 +80,13 @@ class ChangePipeline:
         self._posted.append(posted)
         live = self.session._live
         if live is not None and not self._paused:
-            self._send(posted, live)
+            self._send_in_order(live)
         else:
             self._reconnect()
         return posted.answered
 
     def room(self) -> defer.Deferred[None]:
-        """Fires once fewer than ``limit`` changes are in flight."""
+        """Fires once fewer than ``limit`` changes wait for their answers."""
         if len(self._posted) < self.limit:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
@@ -103,9 +104,7 @@ class ChangePipeline:
     def send_again(self, live: _Live) -> None:
         """On a new connection, before anything else: send every change not answered, in order."""
         self._paused = False
-        for posted in list(self._posted):
-            if posted.sent_on != live.generation:
-                self._send(posted, live)
+        self._send_in_order(live)
 
     def fail_all(self, error: LucidError) -> None:
         """Give up every change not answered (the session is closed, or cannot connect)."""
@@ -115,6 +114,16 @@ class ChangePipeline:
         self._settled()
 
     # -- inside --------------------------------------------------------------------
+
+    def _send_in_order(self, live: _Live) -> None:
+        """Send, in order, the changes not yet on ``live``, as long as fewer than ``limit`` are in flight there."""
+        in_flight = sum(posted.sent_on == live.generation for posted in self._posted)
+        for posted in self._posted:
+            if in_flight >= self.limit:
+                return
+            if posted.sent_on != live.generation:
+                self._send(posted, live)
+                in_flight += 1
 
     def _send(self, posted: _Posted, live: _Live) -> None:
         posted.sent_on = live.generation
@@ -127,6 +136,9 @@ class ChangePipeline:
             return  # answered already, on another connection
         self._attempt = 0
         self._posted.remove(posted)
+        live = self.session._live
+        if live is not None and not self._paused:
+            self._send_in_order(live)
         posted.answered.callback(answer)
         self._settled()
 
@@ -155,9 +167,7 @@ class ChangePipeline:
             self._reconnect()
             return
         self._paused = False
-        for posted in list(self._posted):
-            if posted.sent_on is None:
-                self._send(posted, live)
+        self._send_in_order(live)
 
     def _reconnect(self) -> None:
         """Have the session connect again; it sends what is posted on the new connection itself."""
