@@ -116,7 +116,7 @@ class ReplayTests(SynchronousTestCase):
 
 class InodeBlocksTests(SynchronousTestCase):
     def test_blocks(self) -> None:
-        blocks = InodeBlocks()
+        blocks = InodeBlocks(Clock())
         blocks.add(CLIENT, 100, 2)
         block = blocks.take(CLIENT, 100)
         self.assertRaises(errors.InvalidArgument, blocks.take, CLIENT, 100)
@@ -128,3 +128,20 @@ class InodeBlocksTests(SynchronousTestCase):
         blocks.remove(CLIENT, 200, 5)
         self.assertRaises(errors.InvalidArgument, blocks.check, CLIENT, 200)
         self.assertRaises(errors.InvalidArgument, blocks.check, None, 200)
+
+    def test_a_client_holds_few_blocks_and_loses_them_when_idle(self) -> None:
+        """A fifth block makes a client forget its oldest; an hour without use forgets them all."""
+        clock = Clock()
+        blocks = InodeBlocks(clock, max_blocks=4, idle_seconds=3600)
+        for first in range(100, 600, 100):
+            blocks.add(CLIENT, first, 10)
+        self.assertRaises(errors.InvalidArgument, blocks.check, CLIENT, 100)
+        blocks.check(CLIENT, 500)
+        blocks.add(b"another-client!!", 1000, 10)
+        clock.advance(1800)
+        blocks.take(CLIENT, 500)
+        clock.advance(1800)
+        blocks.add(b"a-third-client!!", 2000, 10)  # sweeps
+        self.assertRaises(errors.InvalidArgument, blocks.check, b"another-client!!", 1000)
+        blocks.check(CLIENT, 501)
+        self.assertEqual(len(blocks), 5)

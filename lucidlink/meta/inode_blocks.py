@@ -6,23 +6,46 @@ inode id past it in a journaled change, so no id is given twice, even after
 a restore.  The server remembers here, in memory, which ids of which blocks
 each client has used: a creation that names an id must use one of its own
 client's, once.  A restarted server remembers no block, so a client whose
-server restarted asks for a new one.
+server restarted asks for a new one; so does a client that holds more than
+``max_blocks`` blocks (its oldest is forgotten) or has used none of its ids
+for ``idle_seconds``.
 """
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IReactorTime
+
 from lucidlink.errors import InvalidArgument
+
+MAX_BLOCKS = 4
+"""Blocks a client holds at most: a fifth makes it forget its oldest."""
+
+IDLE_SECONDS = 3600.0
+"""A client that reserved or used no id for this long loses its blocks."""
 
 
 class InodeBlocks:
     """Every named client's blocks, and the ids of each it has used."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime, max_blocks: int = MAX_BLOCKS, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.clock = clock
+        self.max_blocks = max_blocks
+        self.idle_seconds = idle_seconds
         self._blocks: dict[bytes, dict[range, set[int]]] = {}
+        self._used_at: dict[bytes, float] = {}
+        self._swept_at = 0.0
+
+    def __len__(self) -> int:
+        return sum(len(blocks) for blocks in self._blocks.values())
 
     def add(self, client: bytes, first: int, count: int) -> None:
         """Ids ``first`` to ``first + count - 1`` are ``client``'s."""
-        self._blocks.setdefault(client, {})[range(first, first + count)] = set()
+        self._sweep()
+        blocks = self._blocks.setdefault(client, {})
+        blocks[range(first, first + count)] = set()
+        while len(blocks) > self.max_blocks:
+            del blocks[next(iter(blocks))]
+        self._used_at[client] = self.clock.seconds()
 
     def remove(self, client: bytes, first: int, count: int) -> None:
         """Undo :meth:`add` (the change that reserved them was rolled back)."""
@@ -41,6 +64,7 @@ class InodeBlocks:
         assert client is not None and block is not None
         used = self._blocks[client][block]
         used.add(inode)
+        self._used_at[client] = self.clock.seconds()
         if len(used) == len(block):
             del self._blocks[client][block]
         return block
@@ -52,6 +76,16 @@ class InodeBlocks:
         if used is None:
             used = blocks[block] = set(block)
         used.discard(inode)
+
+    def _sweep(self) -> None:
+        """Forget the blocks of clients idle for ``idle_seconds`` (looked at once a minute at most)."""
+        now = self.clock.seconds()
+        if now - self._swept_at < 60.0:
+            return
+        self._swept_at = now
+        for client in [client for client, at in self._used_at.items() if now - at >= self.idle_seconds]:
+            del self._used_at[client]
+            self._blocks.pop(client, None)
 
     def _block_of(self, client: bytes | None, inode: int) -> range | None:
         for block in self._blocks.get(client, {}) if client is not None else ():

@@ -191,7 +191,7 @@ class MetadataResponder:
         self.sessions: dict[int, Session] = {}
         self.replies = RepliesKept(clock)
         self.leases = DirectoryLeases(clock)
-        self.inode_blocks = InodeBlocks()
+        self.inode_blocks = InodeBlocks(clock)
         """The inode ids named clients reserved and have not used (see :mod:`lucidlink.meta.inode_blocks`)."""
         """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
