@@ -46,6 +46,16 @@ class RepliesKeptTests(SynchronousTestCase):
         self.assertIsNone(self.replies.get(CLIENT, 7))
         self.assertEqual(len(self.replies), 0)
 
+    def test_made_but_not_stored_is_kept_while_asked_for(self) -> None:
+        """A change made but not stored stays kept as long as its client keeps sending it again."""
+        reply = self.replies.add(CLIENT, 7, w.MkDir)
+        reply.made = "the entry"
+        for _ in range(5):
+            self.clock.advance(50)
+            self.assertIs(self.replies.get(CLIENT, 7), reply)
+        self.clock.advance(61)
+        self.assertIsNone(self.replies.get(CLIENT, 7))
+
     def test_the_latest_few_per_client(self) -> None:
         """Each client keeps its last ``remember_count`` answers; other clients' are theirs."""
         for request_id in range(1, 6):

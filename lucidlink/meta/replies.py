@@ -106,10 +106,20 @@ class RepliesKept:
         self._named_at[client] = self.clock.seconds()
 
     def get(self, client: bytes, request_id: int) -> Reply | None:
-        """The reply kept for this change, if any."""
+        """
+        The reply kept for this change, if any.
+
+        One whose change was made but not stored is kept anew each time it is
+        asked for: the client sends it again until the store is back, however
+        long that takes, and it must not be made twice meanwhile.
+        """
         self._sweep()
         replies = self._replies.get(client)
-        return replies.get(request_id) if replies is not None else None
+        reply = replies.get(request_id) if replies is not None else None
+        if reply is not None and replies is not None and reply.made is not None:
+            reply.at = self.clock.seconds()
+            replies.move_to_end(request_id)
+        return reply
 
     def add(self, client: bytes, request_id: int, kind: type) -> Reply:
         """A reply to keep for a change being made now."""
