@@ -1217,11 +1217,17 @@ class FileHandle:
             return None
         return self.file.read_cached(offset, size)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
-        """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
-        return self._checked(self._check_writable) or self.file.write(offset, data, bool(self.flags & os.O_APPEND))
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+              pages: bool = False) -> defer.Deferred[int]:
+        """
+        Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`).
 
-    def write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        ``pages``: the kernel writes back pages of a shared mapping, which
+        go at ``offset`` whatever the handle's flags.
+        """
+        return self._checked(self._check_writable) or self.file.write(offset, data, self._appends(pages))
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview, *, pages: bool = False) -> int | None:
         """
         What :meth:`write` would do, done at once in the calling thread (any thread) when it can be; else None.
 
@@ -1230,7 +1236,10 @@ class FileHandle:
         """
         if self.closed or self.lock_lost is not None or not self.writable:
             return None
-        return self.file.write_direct(offset, data, bool(self.flags & os.O_APPEND))
+        return self.file.write_direct(offset, data, self._appends(pages))
+
+    def _appends(self, pages: bool) -> bool:
+        return not pages and bool(self.flags & os.O_APPEND)
 
     def truncate(self, size: int) -> defer.Deferred[None]:
         """Make the file ``size`` bytes long, as its next commit will."""
