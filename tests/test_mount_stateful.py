@@ -9,7 +9,10 @@ every flag that matters, writes at offsets around chunk boundaries and far
 past the end (sparse files), truncation, reads, renames over existing names,
 unlinking open files, directories, hard and symbolic links, chmod, listings,
 extended attributes by path and by descriptor (with XATTR_CREATE and
-XATTR_REPLACE).
+XATTR_REPLACE), times set by ``utime``, ``lseek`` and ``read`` at the
+descriptor's position, ``copy_file_range``, reads and writes through shared
+mappings, a hard link followed by the removal or a rename of one of its
+names, and a directory renamed over another.
 Every example works in a fresh folder of one mount; the numbers of examples
 and steps are bounded so the whole test takes well under a minute.
 """
@@ -17,6 +20,7 @@ and steps are bounded so the whole test takes well under a minute.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import stat
 import tempfile
@@ -54,6 +58,9 @@ MODES = [0o600, 0o644, 0o755, 0o400, 0o000]
 XATTR_NAMES = ["user.a", "user.b", "user.long-name-of-an-attribute"]
 """The extended attributes an operation may set or remove; reads also ask for one the kernel asks before writes."""
 XATTR_FLAGS = [0, os.XATTR_CREATE, os.XATTR_REPLACE]
+TIMES_NS = [0, 1, 1_000_000_007, 1_700_000_000_123_456_789, -86_400_000_000_000]
+"""Access and modification times ``utime`` sets: the epoch, nanoseconds, now-ish, and a day before the epoch."""
+SEEKS = [os.SEEK_SET, os.SEEK_CUR, os.SEEK_END]
 xattr_values = st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"1", b"2"]))
 WHOLE_READ_LIMIT = 16 * CHUNK
 """Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
@@ -218,6 +225,47 @@ class MountVersusLocal(RuleBasedStateMachine):
     def stat(self, path: str, follow: bool) -> None:
         self.both(f"stat {path}", lambda root: stat_fields(os.stat(root / path, follow_symlinks=follow)))
 
+    @rule(path=st.sampled_from(["", *PATHS]))
+    def scandir(self, path: str) -> None:
+        """Names with the types ``readdir`` gives, before any ``stat``."""
+        self.both(f"scandir {path!r}", lambda root: _listing_with_types(root / path))
+
+    @rule(path=st.sampled_from(PATHS), times=st.tuples(st.sampled_from(TIMES_NS), st.sampled_from(TIMES_NS)),
+          follow=st.booleans())
+    def utime(self, path: str, times: tuple[int, int], follow: bool) -> None:
+        self.both(f"utime {path} {times}", lambda root: _set_times(root / path, times, follow))
+
+    @rule(source=st.sampled_from(PATHS), destination=st.sampled_from(PATHS),
+          then=st.sampled_from(["unlink source", "rename source", "rename destination"]))
+    def link_then(self, source: str, destination: str, then: str) -> None:
+        """A hard link, then the original unlinked or one name renamed over the other (the same file)."""
+        def linked(root: Path) -> Any:
+            os.link(root / source, root / destination)
+            if then == "unlink source":
+                os.unlink(root / source)
+            elif then == "rename source":
+                os.rename(root / source, root / destination)
+            else:
+                os.rename(root / destination, root / source)
+            return [stat_fields(os.stat(root / name, follow_symlinks=False)) for name in (source, destination)
+                    if os.path.lexists(root / name)]
+        self.both(f"link {source} {destination}, {then}", linked)
+
+    @rule(source=st.sampled_from(["d0/d1", "f1", "d0", "l0"]),
+          destination=st.sampled_from(["d0/d1", "f1", "l0", "d0"]), child=st.booleans())
+    def rename_directory_over_empty_one(self, source: str, destination: str, child: bool) -> None:
+        """Both made directories if they can be (the source with a file in it), then one renamed over the other."""
+        def renamed(root: Path) -> Any:
+            for name in (source, destination):
+                if not os.path.lexists(root / name):
+                    os.mkdir(root / name, 0o755)
+            if child and os.path.isdir(root / source) and not os.path.lexists(root / source / "f0"):
+                (root / source / "f0").write_bytes(b"child")
+            os.rename(root / source, root / destination)
+            return [stat_fields(os.stat(root / name, follow_symlinks=False)) for name in ("", "d0", destination)
+                    if os.path.lexists(root / name)]
+        self.both(f"rename directory {source} over {destination}", renamed)
+
     # -- by descriptor -----------------------------------------------------------
 
     @rule(number=handles, offset=st.sampled_from(OFFSETS), data=payloads)
@@ -235,6 +283,47 @@ class MountVersusLocal(RuleBasedStateMachine):
     @rule(number=handles, size=st.sampled_from(SIZES))
     def ftruncate(self, number: int, size: int) -> None:
         self.both_handles(f"ftruncate {size}", number, lambda fd: os.ftruncate(fd, size))
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), whence=st.sampled_from(SEEKS))
+    def lseek(self, number: int, offset: int, whence: int) -> None:
+        """Not on directories: their offsets are cookies of each filesystem's own."""
+        if not self._is_directory(number):
+            self.both_handles(f"lseek {offset} {whence}", number, lambda fd: os.lseek(fd, offset, whence))
+
+    @rule(number=handles, size=st.sampled_from([1, 4096, 70000]))
+    def read(self, number: int, size: int) -> None:
+        self.both_handles(f"read {size} bytes", number, lambda fd: os.read(fd, size))
+
+    @rule(source=handles, destination=handles, count=st.sampled_from([1, 4096, 70000]),
+          source_offset=st.sampled_from(OFFSETS), destination_offset=st.sampled_from(OFFSETS))
+    def copy_file_range(self, source: int, destination: int, count: int, source_offset: int,
+                        destination_offset: int) -> None:
+        results = [outcome(os.copy_file_range, self.open[source][side], self.open[destination][side], count,
+                           source_offset, destination_offset) for side in (0, 1)]
+        assert results[0] == results[1], (
+            f"copy_file_range {count} bytes from {source_offset} to {destination_offset}: "
+            f"the mount gave {_short(results[0])}, a local directory {_short(results[1])}")
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), data=payloads)
+    def mmap_write(self, number: int, offset: int, data: bytes) -> None:
+        if self._is_directory(number):
+            return
+        self.both_handles(f"mmap write {len(data)} bytes at {offset}", number,
+                          lambda fd: _write_mapped(fd, offset, data))
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), size=st.sampled_from([1, 4096, 70000]))
+    def mmap_read(self, number: int, offset: int, size: int) -> None:
+        if self._is_directory(number):
+            return
+        self.both_handles(f"mmap read {size} bytes at {offset}", number, lambda fd: _read_mapped(fd, offset, size))
+
+    @rule(number=handles, mode=st.sampled_from(MODES))
+    def fchmod(self, number: int, mode: int) -> None:
+        self.xattrs_by_handle(f"fchmod {mode:o}", number, lambda fd: os.fchmod(fd, mode))
+
+    def _is_directory(self, number: int) -> bool:
+        """Whether a pair of descriptors is of a directory (whose size differs between filesystems)."""
+        return stat.S_ISDIR(os.fstat(self.open[number][1]).st_mode)
 
     @rule(number=handles)
     def fstat(self, number: int) -> None:
@@ -308,6 +397,47 @@ def _content(path: Path) -> Any:
         return [(offset, os.pread(fd, 8192, max(0, offset - 4096))) for offset in [*OFFSETS, *SIZES, size]]
     finally:
         os.close(fd)
+
+
+def _listing_with_types(path: Path) -> list[tuple[str, bool, bool]]:
+    with os.scandir(path) as entries:
+        return sorted((entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink()) for entry in entries)
+
+
+def _set_times(path: Path, times: tuple[int, int], follow: bool) -> tuple[int, int]:
+    """Set the access and modification times and read them back."""
+    os.utime(path, ns=times, follow_symlinks=follow)
+    result = os.stat(path, follow_symlinks=follow)
+    return result.st_atime_ns, result.st_mtime_ns
+
+
+def _mapped_region(fd: int, offset: int, size: int) -> tuple[int, int] | None:
+    """The page-aligned start and length of a mapping of ``size`` bytes at ``offset``, or None past the end."""
+    if offset + size > os.fstat(fd).st_size:
+        return None
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    return start, offset + size - start
+
+
+def _write_mapped(fd: int, offset: int, data: bytes) -> bool:
+    """Write through a shared mapping inside the file (synced); False past the end of the file."""
+    region = _mapped_region(fd, offset, len(data))
+    if region is None:
+        return False
+    start, length = region
+    with mmap.mmap(fd, length, offset=start) as mapped:
+        mapped[offset - start:] = data
+        mapped.flush()
+    return True
+
+
+def _read_mapped(fd: int, offset: int, size: int) -> bytes | None:
+    region = _mapped_region(fd, offset, size)
+    if region is None:
+        return None
+    start, length = region
+    with mmap.mmap(fd, length, offset=start, access=mmap.ACCESS_READ) as mapped:
+        return mapped[offset - start:]
 
 
 def _xattrs(path: Path) -> dict[str, bytes]:
