@@ -12,7 +12,9 @@ extended attributes by path and by descriptor (with XATTR_CREATE and
 XATTR_REPLACE), times set by ``utime``, ``lseek`` and ``read`` at the
 descriptor's position, ``copy_file_range``, reads and writes through shared
 mappings, a hard link followed by the removal or a rename of one of its
-names, and a directory renamed over another.
+names, and a directory renamed over another.  At the end of each example,
+once its descriptors are closed, a second mount of the filespace must show
+the same tree.
 Every example works in a fresh folder of one mount; the numbers of examples
 and steps are bounded so the whole test takes well under a minute.
 """
@@ -24,6 +26,7 @@ import mmap
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,8 @@ TIMES_NS = [0, 1, 1_000_000_007, 1_700_000_000_123_456_789, -86_400_000_000_000]
 """Access and modification times ``utime`` sets: the epoch, nanoseconds, now-ish, and a day before the epoch."""
 SEEKS = [os.SEEK_SET, os.SEEK_CUR, os.SEEK_END]
 xattr_values = st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"1", b"2"]))
+OTHER_MOUNT_PATIENCE = 5.0
+"""Seconds the other mount may take to show what was closed on the first (it is told of changes)."""
 WHOLE_READ_LIMIT = 16 * CHUNK
 """Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
 
@@ -91,6 +96,8 @@ class MountVersusLocal(RuleBasedStateMachine):
     """The same operations on the mount (``mounted``) and on a local directory (``local``)."""
 
     mount_root: Path
+    other_root: Path | None = None
+    """A second mount of the same filespace, where the teardown looks for the same tree."""
     runs = itertools.count()
     handles = Bundle("handles")
 
@@ -377,6 +384,7 @@ class MountVersusLocal(RuleBasedStateMachine):
                 self.listdir(path)
                 self.read_whole(path)
                 self.both(f"xattrs of {path}", lambda root, path=path: _xattrs(root / path))
+            self.seen_by_the_other_mount()
         finally:
             for mounted, local in self.open.values():
                 for fd in (mounted, local):
@@ -385,6 +393,34 @@ class MountVersusLocal(RuleBasedStateMachine):
                     except OSError:
                         pass
             self._local.cleanup()
+
+    def seen_by_the_other_mount(self) -> None:
+        """Once every descriptor is closed, a second mount of the filespace soon shows the local directory's tree."""
+        if self.other_root is None:
+            return
+        elsewhere = self.other_root / self.mounted.name
+        expected = _snapshot(self.local)
+        deadline = time.monotonic() + OTHER_MOUNT_PATIENCE
+        while (seen := _snapshot(elsewhere)) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        differences = {path: (seen[path], expected[path]) for path in expected if seen[path] != expected[path]}
+        assert not differences, f"the other mount (first), a local directory (second): {_short(('', differences))}"
+
+
+def _snapshot(root: Path) -> dict[str, list[Outcome]]:
+    """What the teardown compares of each path: type, mode, links and size, listing, content, xattrs."""
+    return {
+        path: [outcome(function, root / path) for function in (_own_stat_fields, _listing, _content, _xattrs)]
+        for path in ["", *PATHS]
+    }
+
+
+def _own_stat_fields(path: Path) -> tuple[int, ...]:
+    return stat_fields(os.stat(path, follow_symlinks=False))
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
 
 
 def _content(path: Path) -> Any:
@@ -457,6 +493,7 @@ class StatefulMountTests(DemoMountCase):
         """Results, errno, contents and stat fields match a local directory, step after step."""
         mount = self.start_mount()
         MountVersusLocal.mount_root = mount.mountpoint
+        MountVersusLocal.other_root = self.start_mount("other").mountpoint
         run_state_machine_as_test(
             MountVersusLocal,
             settings=settings(
