@@ -39,6 +39,7 @@ from hypothesis.stateful import (
     consumes,
     initialize,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -396,15 +397,32 @@ class MountVersusLocal(RuleBasedStateMachine):
 
     def seen_by_the_other_mount(self) -> None:
         """Once every descriptor is closed, a second mount of the filespace soon shows the local directory's tree."""
-        if self.other_root is None:
-            return
-        elsewhere = self.other_root / self.mounted.name
+        if self.other_root is not None:
+            self._soon_the_same("the other mount", self.other_root / self.mounted.name)
+
+    def _soon_the_same(self, what: str, root: Path) -> None:
         expected = _snapshot(self.local)
         deadline = time.monotonic() + OTHER_MOUNT_PATIENCE
-        while (seen := _snapshot(elsewhere)) != expected and time.monotonic() < deadline:
+        while (seen := _snapshot(root)) != expected and time.monotonic() < deadline:
             time.sleep(0.05)
         differences = {path: (seen[path], expected[path]) for path in expected if seen[path] != expected[path]}
-        assert not differences, f"the other mount (first), a local directory (second): {_short(('', differences))}"
+        assert not differences, f"{what} (first), a local directory (second): {_short(('', differences))}"
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule()
+    def other_mount_agrees(self) -> None:
+        """Between descriptors, the second mount shows the same tree (what it cached is dropped when it changes)."""
+        self.seen_by_the_other_mount()
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(path=st.sampled_from(PATHS), data=payloads)
+    def write_through_the_other_mount(self, path: str, data: bytes) -> None:
+        """A file written whole through the second mount soon reads the same through the first."""
+        assert self.other_root is not None
+        elsewhere = self.other_root / self.mounted.name
+        here, there = (outcome(lambda root: (root / path).write_bytes(data), root) for root in (elsewhere, self.local))
+        assert here == there, f"write {path} elsewhere: the other mount gave {_short(here)}, locally {_short(there)}"
+        self._soon_the_same("the first mount", self.mounted)
 
 
 def _snapshot(root: Path) -> dict[str, list[Outcome]]:
