@@ -68,6 +68,19 @@ SEEKS = [os.SEEK_SET, os.SEEK_CUR, os.SEEK_END]
 xattr_values = st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"1", b"2"]))
 OTHER_MOUNT_PATIENCE = 5.0
 """Seconds the other mount may take to show what was closed on the first (it is told of changes)."""
+CHANGES_BY_PATH: dict[str, Callable[[Path, Path], Any]] = {
+    "unlink": lambda path, _: os.unlink(path),
+    "rename": os.rename,
+    "link": os.link,
+    "symlink": lambda path, destination: os.symlink(destination.name, path),
+    "mkdir": lambda path, _: os.mkdir(path, 0o755),
+    "rmdir": lambda path, _: os.rmdir(path),
+    "chmod": lambda path, _: os.chmod(path, 0o640),
+    "truncate": lambda path, _: os.truncate(path, 5),
+    "setxattr": lambda path, _: os.setxattr(path, "user.a", b"elsewhere", follow_symlinks=False),
+    "removexattr": lambda path, _: os.removexattr(path, "user.a", follow_symlinks=False),
+}
+"""Changes the second mount makes (each of a path, some of a second one too)."""
 WHOLE_READ_LIMIT = 16 * CHUNK
 """Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
 
@@ -422,6 +435,19 @@ class MountVersusLocal(RuleBasedStateMachine):
         elsewhere = self.other_root / self.mounted.name
         here, there = (outcome(lambda root: (root / path).write_bytes(data), root) for root in (elsewhere, self.local))
         assert here == there, f"write {path} elsewhere: the other mount gave {_short(here)}, locally {_short(there)}"
+        self._soon_the_same("the first mount", self.mounted)
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(change=st.sampled_from(sorted(CHANGES_BY_PATH)), path=st.sampled_from(PATHS),
+          destination=st.sampled_from(PATHS))
+    def change_through_the_other_mount(self, change: str, path: str, destination: str) -> None:
+        """A change of the tree made through the second mount soon shows through the first (what it cached too)."""
+        assert self.other_root is not None
+        elsewhere = self.other_root / self.mounted.name
+        function = CHANGES_BY_PATH[change]
+        here, there = (outcome(function, root / path, root / destination) for root in (elsewhere, self.local))
+        assert here == there, f"{change} {path} {destination} elsewhere: the other mount gave {_short(here)}, " \
+                              f"locally {_short(there)}"
         self._soon_the_same("the first mount", self.mounted)
 
 
