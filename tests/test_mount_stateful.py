@@ -58,7 +58,9 @@ OPEN_FLAGS = [
     os.O_RDWR | os.O_CREAT | os.O_EXCL, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_APPEND | os.O_CREAT,
     os.O_RDONLY | os.O_DIRECTORY,
 ]
-MODES = [0o600, 0o644, 0o755, 0o400, 0o000]
+MODES = [0o600, 0o644, 0o755, 0o400, 0o000, 0o4755, 0o2775, 0o1777]
+OWNERS = [(0, 0), (1000, 1000), (1000, -1), (-1, 2000)]
+"""Owners ``chown`` gives (-1 keeps the user or the group)."""
 XATTR_NAMES = ["user.a", "user.b", "user.long-name-of-an-attribute"]
 """The extended attributes an operation may set or remove; reads also ask for one the kernel asks before writes."""
 XATTR_FLAGS = [0, os.XATTR_CREATE, os.XATTR_REPLACE]
@@ -101,9 +103,10 @@ def outcome(function: Callable[..., Any], *arguments: Any) -> Outcome:
 
 
 def stat_fields(result: os.stat_result) -> tuple[int, ...]:
-    """The stat fields that must match: type, permission bits, link count, and size (not of directories)."""
+    """The stat fields that must match: type, permission bits, link count, owner, and size (not of directories)."""
     size = -1 if stat.S_ISDIR(result.st_mode) else result.st_size
-    return (stat.S_IFMT(result.st_mode), stat.S_IMODE(result.st_mode), result.st_nlink, size)
+    return (stat.S_IFMT(result.st_mode), stat.S_IMODE(result.st_mode), result.st_nlink, result.st_uid,
+            result.st_gid, size)
 
 
 class MountVersusLocal(RuleBasedStateMachine):
@@ -218,6 +221,10 @@ class MountVersusLocal(RuleBasedStateMachine):
     @rule(path=st.sampled_from(PATHS), mode=st.sampled_from(MODES))
     def chmod(self, path: str, mode: int) -> None:
         self.both(f"chmod {path} {mode:o}", lambda root: os.chmod(root / path, mode))
+
+    @rule(path=st.sampled_from(PATHS), owner=st.sampled_from(OWNERS), follow=st.booleans())
+    def chown(self, path: str, owner: tuple[int, int], follow: bool) -> None:
+        self.both(f"chown {path} {owner}", lambda root: os.chown(root / path, *owner, follow_symlinks=follow))
 
     @rule(path=st.sampled_from(["", *PATHS]), name=st.sampled_from(XATTR_NAMES), value=xattr_values,
           flags=st.sampled_from(XATTR_FLAGS), follow=st.booleans())
