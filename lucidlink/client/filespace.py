@@ -1476,7 +1476,8 @@ class Inodes:
 
         A size change is made by the server (the last chunk's ``length``
         shortened, or the file extended with zeros); this client's open
-        handles of the file store their buffered writes first.
+        handles of the file store their buffered writes first, as they do
+        before a given modification time (their commit would move it).
         """
         fields = SetAttrField(0)
         for value, field in ((mode, SetAttrField.MODE), (uid, SetAttrField.UID), (gid, SetAttrField.GID),
@@ -1488,7 +1489,7 @@ class Inodes:
             fields |= SetAttrField.ATIME_NOW
         if mtime_now:
             fields |= SetAttrField.MTIME_NOW
-        if size is not None:
+        if size is not None or mtime_ns is not None:
             yield _gather([handle.flush() for handle in self._handles.get(inode, ())])
         self.known.inode_changed(inode)  # whatever the answer, the old attributes are gone
         attributes = yield self._entry(w.SetAttr(
