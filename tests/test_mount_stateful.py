@@ -440,6 +440,7 @@ class MountVersusLocal(RuleBasedStateMachine):
         """A file written whole through the second mount soon reads the same through the first."""
         assert self.other_root is not None
         elsewhere = self.other_root / self.mounted.name
+        self._soon_the_same("the other mount", elsewhere)  # another client learns of changes soon, not at once
         here, there = (outcome(lambda root: (root / path).write_bytes(data), root) for root in (elsewhere, self.local))
         assert here == there, f"write {path} elsewhere: the other mount gave {_short(here)}, locally {_short(there)}"
         self._soon_the_same("the first mount", self.mounted)
@@ -451,6 +452,7 @@ class MountVersusLocal(RuleBasedStateMachine):
         """A change of the tree made through the second mount soon shows through the first (what it cached too)."""
         assert self.other_root is not None
         elsewhere = self.other_root / self.mounted.name
+        self._soon_the_same("the other mount", elsewhere)
         function = CHANGES_BY_PATH[change]
         here, there = (outcome(function, root / path, root / destination) for root in (elsewhere, self.local))
         assert here == there, f"{change} {path} {destination} elsewhere: the other mount gave {_short(here)}, " \
