@@ -142,11 +142,18 @@ class MountVersusLocal(RuleBasedStateMachine):
         assert here == there, f"{what}: the mount gave {_short(here)}, a local directory {_short(there)}"
         return here
 
-    @initialize(content=payloads)
-    def populate(self, content: bytes) -> None:
-        """Start from a file in a directory and one beside it, so that most operations meet something."""
+    @initialize(content=payloads, shared=st.booleans())
+    def populate(self, content: bytes, shared: bool) -> None:
+        """
+        Start from a file in a directory and one beside it, so that most operations meet something.
+
+        A ``shared`` directory has the set-group-ID bit and a group of its own, which what is made in it takes.
+        """
         for root in (self.mounted, self.local):
             os.mkdir(root / "d0")
+            if shared:
+                os.chmod(root / "d0", 0o2775)
+                os.chown(root / "d0", -1, 2000)
             (root / "d0" / "f0").write_bytes(content)
             (root / "f0").write_bytes(content[::-1])
 
