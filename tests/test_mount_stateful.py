@@ -14,7 +14,9 @@ descriptor's position, ``copy_file_range``, reads and writes through shared
 mappings, a hard link followed by the removal or a rename of one of its
 names, and a directory renamed over another.  At the end of each example,
 once its descriptors are closed, a second mount of the filespace must show
-the same tree.
+the same tree; between descriptors the tree is also changed through it, and
+files are copied as ``cp -p`` does (times set before the close), whose times
+the second mount must show.
 Every example works in a fresh folder of one mount; the numbers of examples
 and steps are bounded so the whole test takes well under a minute.
 """
@@ -434,6 +436,33 @@ class MountVersusLocal(RuleBasedStateMachine):
             time.sleep(0.05)
         differences = {path: (seen[path], expected[path]) for path in expected if seen[path] != expected[path]}
         assert not differences, f"{what} (first), a local directory (second): {_short(('', differences))}"
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(path=st.sampled_from(PATHS), data=payloads, times=st.tuples(st.sampled_from(TIMES_NS),
+                                                                       st.sampled_from(TIMES_NS)))
+    def copy_keeping_times(self, path: str, data: bytes, times: tuple[int, int]) -> None:
+        """
+        As ``cp -p`` copies: write, set the times through the descriptor, close.
+
+        The times are read back through the second mount, which knows only
+        what the server stored.
+        """
+        assert self.other_root is not None
+
+        def copied(root: Path) -> None:
+            fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.utime(fd, ns=times)
+            finally:
+                os.close(fd)
+
+        here, there = outcome(copied, self.mounted), outcome(copied, self.local)
+        assert here == there, f"copy to {path}: the mount gave {_short(here)}, a local directory {_short(there)}"
+        if here[0] == "ok":
+            self._soon_the_same("the other mount", self.other_root / self.mounted.name)
+            stored = os.stat(self.other_root / self.mounted.name / path).st_mtime_ns
+            assert stored == times[1], f"copy to {path}: the other mount has mtime {stored}, not {times[1]}"
 
     @precondition(lambda self: self.other_root is not None and not self.open)
     @rule()
