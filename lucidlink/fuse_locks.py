@@ -9,8 +9,13 @@ not lock, and each kernel keeps locks to itself: two mounts never contend.
 request that ``main`` answers).  It finds llfuse's session through the
 module's symbol table, the session's copy of the operations table through
 ``fuse_session_data``, and writes ctypes callbacks into the empty slots.  It
-also wraps ``flush`` (a close hands back the closing owner's byte-range locks)
-and ``release`` (the last close of an open file hands back its ``flock``).
+also wraps ``flush`` (a close hands back the closing owner's byte-range locks),
+``release`` (the last close of an open file hands back its ``flock``) and
+``write_buf`` (llfuse's write): llfuse does not pass on
+``fuse_file_info.writepage``, which marks the kernel writing back pages of a
+shared mapping (stored at their offset even through an ``O_APPEND``
+descriptor); :func:`writing_back_pages` tells it to the ``write`` operation
+llfuse calls in the same thread.
 
 Everything it relies on is checked first (the symbols, the table found by its
 content, the three slots empty); when something does not look as expected it
@@ -33,6 +38,7 @@ import fcntl
 import logging
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 LOCK_END = 2**64 - 1
 """The last byte of "to the end of the file" (as ``lucidlink.meta.locks`` has it)."""
 
-_SLOTS = {"flush": 17, "release": 18, "getlk": 31, "setlk": 32, "flock": 39}
+_SLOTS = {"flush": 17, "release": 18, "write_buf": 36, "getlk": 31, "setlk": 32, "flock": 39}
 """Positions in ``struct fuse_lowlevel_ops`` (libfuse 2.9): each a function pointer."""
 _TABLE_SLOTS = 41
 _PROBE = 8 * 8
@@ -82,6 +88,16 @@ _SETLK = ctypes.CFUNCTYPE(
     None, _REQUEST, ctypes.c_uint64, ctypes.POINTER(FileInfo), ctypes.POINTER(Flock), ctypes.c_int
 )
 _FLOCK = ctypes.CFUNCTYPE(None, _REQUEST, ctypes.c_uint64, ctypes.POINTER(FileInfo), ctypes.c_int)
+_WRITE_BUF = ctypes.CFUNCTYPE(
+    None, _REQUEST, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(FileInfo)
+)
+
+_page_writeback = threading.local()
+
+
+def writing_back_pages() -> bool:
+    """Whether the ``write`` request this thread serves writes back cached pages (``fuse_file_info.writepage``)."""
+    return getattr(_page_writeback, "active", False)
 
 _TYPES = {fcntl.F_RDLCK: LockType.READ, fcntl.F_WRLCK: LockType.WRITE, fcntl.F_UNLCK: LockType.UNLOCK}
 _FCNTL_TYPES = {value: key for key, value in _TYPES.items()}
@@ -104,17 +120,20 @@ class NotInstalled(Exception):
 class InstalledLocks:
     """The callbacks written into the session's table (kept alive here) and the locks taken through them."""
 
-    def __init__(self, requests: LockRequests, libfuse: Any, session: int, flush: int, release: int) -> None:
+    def __init__(self, requests: LockRequests, libfuse: Any, session: int, flush: int, release: int,
+                 write_buf: int) -> None:
         self.requests = requests
         self._libfuse = libfuse
         self._session = session
         self._llfuse_flush = _FILE_CALL(flush)
         self._llfuse_release = _FILE_CALL(release)
+        self._llfuse_write_buf = _WRITE_BUF(write_buf)
         self._posix_owners: set[tuple[int, int]] = set()
         self._flock_owners: set[tuple[int, int]] = set()
         self.callbacks = {
             "getlk": _GETLK(self._getlk), "setlk": _SETLK(self._setlk), "flock": _FLOCK(self._flock),
             "flush": _FILE_CALL(self._flush_then_unlock), "release": _FILE_CALL(self._release_then_unlock),
+            "write_buf": _WRITE_BUF(self._write_telling_pages),
         }
 
     def _answer(self, request: int, work: Callable[[], Any]) -> None:
@@ -207,6 +226,16 @@ class InstalledLocks:
             self._give_back(self._flock_owners, inode, info.contents.lock_owner, LockKind.FLOCK)
         self._llfuse_release(request, inode, info)
 
+    def _write_telling_pages(self, request: int, inode: int, buffers: int, offset: int, info: Any) -> None:
+        if not info.contents.writepage:
+            self._llfuse_write_buf(request, inode, buffers, offset, info)
+            return
+        _page_writeback.active = True
+        try:
+            self._llfuse_write_buf(request, inode, buffers, offset, info)
+        finally:
+            _page_writeback.active = False
+
     def _give_back(self, owners: set[tuple[int, int]], inode: int, owner: int, kind: LockKind) -> None:
         if (inode, owner) not in owners:
             return
@@ -286,9 +315,11 @@ def install(requests: LockRequests) -> InstalledLocks:
         raise NotInstalled("the session's table of operations is not llfuse's")
     if any(table[_SLOTS[slot]] for slot in ("getlk", "setlk", "flock")):
         raise NotInstalled("llfuse has lock operations already")
-    if not (table[_SLOTS["flush"]] and table[_SLOTS["release"]]):
-        raise NotInstalled("llfuse has no flush or release operation")
-    installed = InstalledLocks(requests, libfuse, session, table[_SLOTS["flush"]], table[_SLOTS["release"]])
+    if not (table[_SLOTS["flush"]] and table[_SLOTS["release"]] and table[_SLOTS["write_buf"]]):
+        raise NotInstalled("llfuse has no flush, release or write_buf operation")
+    installed = InstalledLocks(
+        requests, libfuse, session, table[_SLOTS["flush"]], table[_SLOTS["release"]], table[_SLOTS["write_buf"]]
+    )
     for slot, callback in installed.callbacks.items():
         table[_SLOTS[slot]] = ctypes.cast(callback, ctypes.c_void_p).value
     return installed

@@ -23,7 +23,8 @@ never holds the llfuse lock); descriptors of one file on this mount see each
 other's writes at once (the core's handles of one file share its buffered
 data); ``flock`` and
 ``fcntl`` locks go to the metadata server through
-:mod:`lucidlink.fuse_locks`, which adds the lock operations llfuse lacks.
+:mod:`lucidlink.fuse_locks`, which adds the lock operations llfuse lacks
+(and tells ``write`` when the kernel writes back pages of a shared mapping).
 
 :func:`serve` mounts and tears down in order (an ``ExitStack``): once
 llfuse's loop ends (unmount or signal), open handles are closed (their
@@ -581,6 +582,8 @@ class FilespaceOperations(llfuse.Operations):
         if PROFILES is not None:
             PROFILES.enter()
         handle = self._file(fh)
+        if fuse_locks.writing_back_pages():  # of a shared mapping: at ``off`` even through an O_APPEND handle
+            return self.bridge.call(handle.write, off, buf, pages=True)  # type: ignore[no-any-return]
         written = self.bridge.here(handle.write_direct, off, buf)
         if written is not None:
             return written  # type: ignore[no-any-return]
@@ -698,7 +701,8 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         try:
             locks = fuse_locks.install(operations)
         except fuse_locks.NotInstalled as why:
-            log.warning("flock and fcntl locks stay local to this mount: %s", why)
+            log.warning("flock and fcntl locks stay local to this mount, and pages of a shared mapping written "
+                        "back through an O_APPEND descriptor are appended: %s", why)
         else:
             stack.callback(lambda: locks)  # the callbacks live until llfuse.close
         stack.callback(operations.close_all)

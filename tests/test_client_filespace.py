@@ -299,6 +299,20 @@ class FileTests(ClientTestCase):
         self.assertEqual(back, data[:10] + bytes(self.chunk_size - 10))
 
     @defer.inlineCallbacks
+    def test_times_set_on_an_open_file_outlive_its_buffered_writes(self) -> Generator[Deferred[Any], Any, None]:
+        """Times set after writes not yet stored (as ``cp -p`` sets them before closing) are kept once they are."""
+        fs = yield self.filespace()
+        handle = yield fs.open_path("/copied", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        yield handle.write(0, b"copied bytes")
+        yield fs.inodes.setattr(handle.inode, atime_ns=1_000, mtime_ns=2_000)
+        yield handle.close()
+        other = yield self.filespace()
+        stored = yield other.stat("/copied")
+        self.assertEqual((stored.size, stored.atime_ns, stored.mtime_ns), (12, 1_000, 2_000))
+        seen_here = yield fs.stat("/copied")
+        self.assertEqual(seen_here.mtime_ns, 2_000)
+
+    @defer.inlineCallbacks
     def test_open_flags(self) -> Generator[Deferred[Any], Any, None]:
         """O_APPEND writes at the end, O_EXCL refuses an existing file, O_TRUNC empties it."""
         fs = yield self.filespace()

@@ -93,6 +93,21 @@ class EntryTests(StoreTestCase):
         self.assertEqual(root.mtime_ns, NOW_NS + 1_000_000_000)
         self.assertEqual(self.store.lookup(ROOT_INODE, b"d").inode, inode)
 
+    def test_setgid_directory_passes_on_its_group(self) -> None:
+        """In a directory with the set-group-ID bit, new entries take its group; new directories the bit too."""
+        shared = self.mkdir(ROOT_INODE, b"shared", 0o2775)
+        self.store.apply(m.SetAttributes(shared, SetAttrField.GID, gid=2000))
+        made = [
+            self.store.getattr(self.mkdir(shared, b"d", 0o755)),
+            self.store.getattr(self.create(shared, b"f", 0o644)),
+            self.store.apply(m.MakeSymlink(shared, b"l", b"t", 1000, 1000)).value,
+        ]
+        self.assertEqual([(a.mode, a.uid, a.gid) for a in made], [
+            (stat.S_IFDIR | 0o2755, 1000, 2000), (stat.S_IFREG | 0o644, 1000, 2000), (stat.S_IFLNK | 0o777, 1000, 2000),
+        ])
+        plain = self.store.getattr(self.mkdir(self.mkdir(ROOT_INODE, b"plain", 0o775), b"d", 0o755))
+        self.assertEqual((plain.mode, plain.gid), (stat.S_IFDIR | 0o755, 1000))
+
     def test_name_taken(self) -> None:
         """Every kind of creation refuses a taken name with AlreadyExists."""
         self.mkdir(ROOT_INODE, b"x")

@@ -8,6 +8,7 @@ the core tells the mount what other clients changed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -67,6 +68,32 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         third = self.ops.open(entry.st_ino, os.O_RDONLY, ctx)
         self.assertEqual(self.ops.read(third, 0, 100), b"X1\0\0\0abc")
         self.ops.release(third)
+
+    def test_pages_written_back_through_an_append_descriptor(self) -> None:
+        """A write the kernel marks as page write-back goes at its offset through an ``O_APPEND`` handle; others append."""
+        ctx = Context()
+        writer, entry = self.ops.create(llfuse.ROOT_INODE, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, ctx)
+        self.ops.write(writer, 0, b"abcdef")
+        appender = self.ops.open(entry.st_ino, os.O_RDWR | os.O_APPEND, ctx)
+        told: list[Any] = []
+
+        def llfuse_write_buf(request: int, inode: int, buffers: int, offset: int, info: Any) -> None:
+            try:
+                told.append(self.ops.write(appender, offset, b"XY"))
+            except Exception as error:  # a ctypes callback cannot raise
+                told.append(error)
+
+        original = fuse_locks._WRITE_BUF(llfuse_write_buf)
+        address = ctypes.cast(original, ctypes.c_void_p).value
+        locks = fuse_locks.InstalledLocks(None, None, 0, 0, 0, address)  # type: ignore[arg-type]
+        wrapper = locks.callbacks["write_buf"]
+        wrapper(None, entry.st_ino, None, 0, ctypes.byref(fuse_locks.FileInfo(writepage=1)))
+        wrapper(None, entry.st_ino, None, 0, ctypes.byref(fuse_locks.FileInfo(writepage=0)))
+        self.assertEqual(told, [2, 2])
+        self.assertFalse(fuse_locks.writing_back_pages())
+        self.assertEqual(self.ops.read(writer, 0, 100), b"XYcdefXY")
+        self.ops.release(appender)
+        self.ops.release(writer)
 
     def test_lookup_counts(self) -> None:
         """An inode stays known to the kernel until ``forget`` takes back every lookup of it."""

@@ -10,6 +10,7 @@ it lingers); the whole module is skipped where FUSE cannot work.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -210,6 +211,21 @@ class MountTests(DemoMountCase):
 
         # statfs answers.
         self.assertGreater(os.statvfs(mnt).f_bsize, 0)
+
+    def test_mapped_writes_of_an_append_descriptor(self) -> None:
+        """Pages written through a shared mapping of an ``O_APPEND`` descriptor are stored where they are, not appended."""
+        path = self.mnt / "mapped.bin"
+        path.write_bytes(b"abcdef")
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        try:
+            with mmap.mmap(fd, 6) as mapped:
+                mapped[0:2] = b"XY"
+                mapped.flush()
+            os.write(fd, b"+")
+        finally:
+            os.close(fd)
+        self.assertEqual(path.read_bytes(), b"XYcdef+")
+        self.assertEqual(self.lucid_cat("/mapped.bin"), b"XYcdef+")
 
     def test_lifecycle(self) -> None:
         """Buffered writes survive SIGTERM; a busy, a non-empty and a stale mount point are refused clearly."""

@@ -9,7 +9,14 @@ every flag that matters, writes at offsets around chunk boundaries and far
 past the end (sparse files), truncation, reads, renames over existing names,
 unlinking open files, directories, hard and symbolic links, chmod, listings,
 extended attributes by path and by descriptor (with XATTR_CREATE and
-XATTR_REPLACE).
+XATTR_REPLACE), times set by ``utime``, ``lseek`` and ``read`` at the
+descriptor's position, ``copy_file_range``, reads and writes through shared
+mappings, a hard link followed by the removal or a rename of one of its
+names, and a directory renamed over another.  At the end of each example,
+once its descriptors are closed, a second mount of the filespace must show
+the same tree; between descriptors the tree is also changed through it, and
+files are copied as ``cp -p`` does (times set before the close), whose times
+the second mount must show.
 Every example works in a fresh folder of one mount; the numbers of examples
 and steps are bounded so the whole test takes well under a minute.
 """
@@ -17,9 +24,11 @@ and steps are bounded so the whole test takes well under a minute.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from hypothesis.stateful import (
     consumes,
     initialize,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -50,11 +60,31 @@ OPEN_FLAGS = [
     os.O_RDWR | os.O_CREAT | os.O_EXCL, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_APPEND | os.O_CREAT,
     os.O_RDONLY | os.O_DIRECTORY,
 ]
-MODES = [0o600, 0o644, 0o755, 0o400, 0o000]
+MODES = [0o600, 0o644, 0o755, 0o400, 0o000, 0o4755, 0o2775, 0o1777]
+OWNERS = [(0, 0), (1000, 1000), (1000, -1), (-1, 2000)]
+"""Owners ``chown`` gives (-1 keeps the user or the group)."""
 XATTR_NAMES = ["user.a", "user.b", "user.long-name-of-an-attribute"]
 """The extended attributes an operation may set or remove; reads also ask for one the kernel asks before writes."""
 XATTR_FLAGS = [0, os.XATTR_CREATE, os.XATTR_REPLACE]
+TIMES_NS = [0, 1, 1_000_000_007, 1_700_000_000_123_456_789, -86_400_000_000_000]
+"""Access and modification times ``utime`` sets: the epoch, nanoseconds, now-ish, and a day before the epoch."""
+SEEKS = [os.SEEK_SET, os.SEEK_CUR, os.SEEK_END]
 xattr_values = st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"1", b"2"]))
+OTHER_MOUNT_PATIENCE = 5.0
+"""Seconds the other mount may take to show what was closed on the first (it is told of changes)."""
+CHANGES_BY_PATH: dict[str, Callable[[Path, Path], Any]] = {
+    "unlink": lambda path, _: os.unlink(path),
+    "rename": os.rename,
+    "link": os.link,
+    "symlink": lambda path, destination: os.symlink(destination.name, path),
+    "mkdir": lambda path, _: os.mkdir(path, 0o755),
+    "rmdir": lambda path, _: os.rmdir(path),
+    "chmod": lambda path, _: os.chmod(path, 0o640),
+    "truncate": lambda path, _: os.truncate(path, 5),
+    "setxattr": lambda path, _: os.setxattr(path, "user.a", b"elsewhere", follow_symlinks=False),
+    "removexattr": lambda path, _: os.removexattr(path, "user.a", follow_symlinks=False),
+}
+"""Changes the second mount makes (each of a path, some of a second one too)."""
 WHOLE_READ_LIMIT = 16 * CHUNK
 """Files up to this size are compared whole; larger (sparse) ones around every offset of :data:`OFFSETS`."""
 
@@ -75,15 +105,18 @@ def outcome(function: Callable[..., Any], *arguments: Any) -> Outcome:
 
 
 def stat_fields(result: os.stat_result) -> tuple[int, ...]:
-    """The stat fields that must match: type, permission bits, link count, and size (not of directories)."""
+    """The stat fields that must match: type, permission bits, link count, owner, and size (not of directories)."""
     size = -1 if stat.S_ISDIR(result.st_mode) else result.st_size
-    return (stat.S_IFMT(result.st_mode), stat.S_IMODE(result.st_mode), result.st_nlink, size)
+    return (stat.S_IFMT(result.st_mode), stat.S_IMODE(result.st_mode), result.st_nlink, result.st_uid,
+            result.st_gid, size)
 
 
 class MountVersusLocal(RuleBasedStateMachine):
     """The same operations on the mount (``mounted``) and on a local directory (``local``)."""
 
     mount_root: Path
+    other_root: Path | None = None
+    """A second mount of the same filespace, where the teardown looks for the same tree."""
     runs = itertools.count()
     handles = Bundle("handles")
 
@@ -111,11 +144,18 @@ class MountVersusLocal(RuleBasedStateMachine):
         assert here == there, f"{what}: the mount gave {_short(here)}, a local directory {_short(there)}"
         return here
 
-    @initialize(content=payloads)
-    def populate(self, content: bytes) -> None:
-        """Start from a file in a directory and one beside it, so that most operations meet something."""
+    @initialize(content=payloads, shared=st.booleans())
+    def populate(self, content: bytes, shared: bool) -> None:
+        """
+        Start from a file in a directory and one beside it, so that most operations meet something.
+
+        A ``shared`` directory has the set-group-ID bit and a group of its own, which what is made in it takes.
+        """
         for root in (self.mounted, self.local):
             os.mkdir(root / "d0")
+            if shared:
+                os.chmod(root / "d0", 0o2775)
+                os.chown(root / "d0", -1, 2000)
             (root / "d0" / "f0").write_bytes(content)
             (root / "f0").write_bytes(content[::-1])
 
@@ -191,6 +231,10 @@ class MountVersusLocal(RuleBasedStateMachine):
     def chmod(self, path: str, mode: int) -> None:
         self.both(f"chmod {path} {mode:o}", lambda root: os.chmod(root / path, mode))
 
+    @rule(path=st.sampled_from(PATHS), owner=st.sampled_from(OWNERS), follow=st.booleans())
+    def chown(self, path: str, owner: tuple[int, int], follow: bool) -> None:
+        self.both(f"chown {path} {owner}", lambda root: os.chown(root / path, *owner, follow_symlinks=follow))
+
     @rule(path=st.sampled_from(["", *PATHS]), name=st.sampled_from(XATTR_NAMES), value=xattr_values,
           flags=st.sampled_from(XATTR_FLAGS), follow=st.booleans())
     def setxattr(self, path: str, name: str, value: bytes, flags: int, follow: bool) -> None:
@@ -218,6 +262,47 @@ class MountVersusLocal(RuleBasedStateMachine):
     def stat(self, path: str, follow: bool) -> None:
         self.both(f"stat {path}", lambda root: stat_fields(os.stat(root / path, follow_symlinks=follow)))
 
+    @rule(path=st.sampled_from(["", *PATHS]))
+    def scandir(self, path: str) -> None:
+        """Names with the types ``readdir`` gives, before any ``stat``."""
+        self.both(f"scandir {path!r}", lambda root: _listing_with_types(root / path))
+
+    @rule(path=st.sampled_from(PATHS), times=st.tuples(st.sampled_from(TIMES_NS), st.sampled_from(TIMES_NS)),
+          follow=st.booleans())
+    def utime(self, path: str, times: tuple[int, int], follow: bool) -> None:
+        self.both(f"utime {path} {times}", lambda root: _set_times(root / path, times, follow))
+
+    @rule(source=st.sampled_from(PATHS), destination=st.sampled_from(PATHS),
+          then=st.sampled_from(["unlink source", "rename source", "rename destination"]))
+    def link_then(self, source: str, destination: str, then: str) -> None:
+        """A hard link, then the original unlinked or one name renamed over the other (the same file)."""
+        def linked(root: Path) -> Any:
+            os.link(root / source, root / destination)
+            if then == "unlink source":
+                os.unlink(root / source)
+            elif then == "rename source":
+                os.rename(root / source, root / destination)
+            else:
+                os.rename(root / destination, root / source)
+            return [stat_fields(os.stat(root / name, follow_symlinks=False)) for name in (source, destination)
+                    if os.path.lexists(root / name)]
+        self.both(f"link {source} {destination}, {then}", linked)
+
+    @rule(source=st.sampled_from(["d0/d1", "f1", "d0", "l0"]),
+          destination=st.sampled_from(["d0/d1", "f1", "l0", "d0"]), child=st.booleans())
+    def rename_directory_over_empty_one(self, source: str, destination: str, child: bool) -> None:
+        """Both made directories if they can be (the source with a file in it), then one renamed over the other."""
+        def renamed(root: Path) -> Any:
+            for name in (source, destination):
+                if not os.path.lexists(root / name):
+                    os.mkdir(root / name, 0o755)
+            if child and os.path.isdir(root / source) and not os.path.lexists(root / source / "f0"):
+                (root / source / "f0").write_bytes(b"child")
+            os.rename(root / source, root / destination)
+            return [stat_fields(os.stat(root / name, follow_symlinks=False)) for name in ("", "d0", destination)
+                    if os.path.lexists(root / name)]
+        self.both(f"rename directory {source} over {destination}", renamed)
+
     # -- by descriptor -----------------------------------------------------------
 
     @rule(number=handles, offset=st.sampled_from(OFFSETS), data=payloads)
@@ -235,6 +320,47 @@ class MountVersusLocal(RuleBasedStateMachine):
     @rule(number=handles, size=st.sampled_from(SIZES))
     def ftruncate(self, number: int, size: int) -> None:
         self.both_handles(f"ftruncate {size}", number, lambda fd: os.ftruncate(fd, size))
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), whence=st.sampled_from(SEEKS))
+    def lseek(self, number: int, offset: int, whence: int) -> None:
+        """Not on directories: their offsets are cookies of each filesystem's own."""
+        if not self._is_directory(number):
+            self.both_handles(f"lseek {offset} {whence}", number, lambda fd: os.lseek(fd, offset, whence))
+
+    @rule(number=handles, size=st.sampled_from([1, 4096, 70000]))
+    def read(self, number: int, size: int) -> None:
+        self.both_handles(f"read {size} bytes", number, lambda fd: os.read(fd, size))
+
+    @rule(source=handles, destination=handles, count=st.sampled_from([1, 4096, 70000]),
+          source_offset=st.sampled_from(OFFSETS), destination_offset=st.sampled_from(OFFSETS))
+    def copy_file_range(self, source: int, destination: int, count: int, source_offset: int,
+                        destination_offset: int) -> None:
+        results = [outcome(os.copy_file_range, self.open[source][side], self.open[destination][side], count,
+                           source_offset, destination_offset) for side in (0, 1)]
+        assert results[0] == results[1], (
+            f"copy_file_range {count} bytes from {source_offset} to {destination_offset}: "
+            f"the mount gave {_short(results[0])}, a local directory {_short(results[1])}")
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), data=payloads)
+    def mmap_write(self, number: int, offset: int, data: bytes) -> None:
+        if self._is_directory(number):
+            return
+        self.both_handles(f"mmap write {len(data)} bytes at {offset}", number,
+                          lambda fd: _write_mapped(fd, offset, data))
+
+    @rule(number=handles, offset=st.sampled_from(OFFSETS), size=st.sampled_from([1, 4096, 70000]))
+    def mmap_read(self, number: int, offset: int, size: int) -> None:
+        if self._is_directory(number):
+            return
+        self.both_handles(f"mmap read {size} bytes at {offset}", number, lambda fd: _read_mapped(fd, offset, size))
+
+    @rule(number=handles, mode=st.sampled_from(MODES))
+    def fchmod(self, number: int, mode: int) -> None:
+        self.xattrs_by_handle(f"fchmod {mode:o}", number, lambda fd: os.fchmod(fd, mode))
+
+    def _is_directory(self, number: int) -> bool:
+        """Whether a pair of descriptors is of a directory (whose size differs between filesystems)."""
+        return stat.S_ISDIR(os.fstat(self.open[number][1]).st_mode)
 
     @rule(number=handles)
     def fstat(self, number: int) -> None:
@@ -288,6 +414,7 @@ class MountVersusLocal(RuleBasedStateMachine):
                 self.listdir(path)
                 self.read_whole(path)
                 self.both(f"xattrs of {path}", lambda root, path=path: _xattrs(root / path))
+            self.seen_by_the_other_mount()
         finally:
             for mounted, local in self.open.values():
                 for fd in (mounted, local):
@@ -296,6 +423,93 @@ class MountVersusLocal(RuleBasedStateMachine):
                     except OSError:
                         pass
             self._local.cleanup()
+
+    def seen_by_the_other_mount(self) -> None:
+        """Once every descriptor is closed, a second mount of the filespace soon shows the local directory's tree."""
+        if self.other_root is not None:
+            self._soon_the_same("the other mount", self.other_root / self.mounted.name)
+
+    def _soon_the_same(self, what: str, root: Path) -> None:
+        expected = _snapshot(self.local)
+        deadline = time.monotonic() + OTHER_MOUNT_PATIENCE
+        while (seen := _snapshot(root)) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        differences = {path: (seen[path], expected[path]) for path in expected if seen[path] != expected[path]}
+        assert not differences, f"{what} (first), a local directory (second): {_short(('', differences))}"
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(path=st.sampled_from(PATHS), data=payloads, times=st.tuples(st.sampled_from(TIMES_NS),
+                                                                       st.sampled_from(TIMES_NS)))
+    def copy_keeping_times(self, path: str, data: bytes, times: tuple[int, int]) -> None:
+        """
+        As ``cp -p`` copies: write, set the times through the descriptor, close.
+
+        The times are read back through the second mount, which knows only
+        what the server stored.
+        """
+        assert self.other_root is not None
+
+        def copied(root: Path) -> None:
+            fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.utime(fd, ns=times)
+            finally:
+                os.close(fd)
+
+        here, there = outcome(copied, self.mounted), outcome(copied, self.local)
+        assert here == there, f"copy to {path}: the mount gave {_short(here)}, a local directory {_short(there)}"
+        if here[0] == "ok":
+            self._soon_the_same("the other mount", self.other_root / self.mounted.name)
+            stored = os.stat(self.other_root / self.mounted.name / path).st_mtime_ns
+            assert stored == times[1], f"copy to {path}: the other mount has mtime {stored}, not {times[1]}"
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule()
+    def other_mount_agrees(self) -> None:
+        """Between descriptors, the second mount shows the same tree (what it cached is dropped when it changes)."""
+        self.seen_by_the_other_mount()
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(path=st.sampled_from(PATHS), data=payloads)
+    def write_through_the_other_mount(self, path: str, data: bytes) -> None:
+        """A file written whole through the second mount soon reads the same through the first."""
+        assert self.other_root is not None
+        elsewhere = self.other_root / self.mounted.name
+        self._soon_the_same("the other mount", elsewhere)  # another client learns of changes soon, not at once
+        here, there = (outcome(lambda root: (root / path).write_bytes(data), root) for root in (elsewhere, self.local))
+        assert here == there, f"write {path} elsewhere: the other mount gave {_short(here)}, locally {_short(there)}"
+        self._soon_the_same("the first mount", self.mounted)
+
+    @precondition(lambda self: self.other_root is not None and not self.open)
+    @rule(change=st.sampled_from(sorted(CHANGES_BY_PATH)), path=st.sampled_from(PATHS),
+          destination=st.sampled_from(PATHS))
+    def change_through_the_other_mount(self, change: str, path: str, destination: str) -> None:
+        """A change of the tree made through the second mount soon shows through the first (what it cached too)."""
+        assert self.other_root is not None
+        elsewhere = self.other_root / self.mounted.name
+        self._soon_the_same("the other mount", elsewhere)
+        function = CHANGES_BY_PATH[change]
+        here, there = (outcome(function, root / path, root / destination) for root in (elsewhere, self.local))
+        assert here == there, f"{change} {path} {destination} elsewhere: the other mount gave {_short(here)}, " \
+                              f"locally {_short(there)}"
+        self._soon_the_same("the first mount", self.mounted)
+
+
+def _snapshot(root: Path) -> dict[str, list[Outcome]]:
+    """What the teardown compares of each path: type, mode, links and size, listing, content, xattrs."""
+    return {
+        path: [outcome(function, root / path) for function in (_own_stat_fields, _listing, _content, _xattrs)]
+        for path in ["", *PATHS]
+    }
+
+
+def _own_stat_fields(path: Path) -> tuple[int, ...]:
+    return stat_fields(os.stat(path, follow_symlinks=False))
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
 
 
 def _content(path: Path) -> Any:
@@ -308,6 +522,47 @@ def _content(path: Path) -> Any:
         return [(offset, os.pread(fd, 8192, max(0, offset - 4096))) for offset in [*OFFSETS, *SIZES, size]]
     finally:
         os.close(fd)
+
+
+def _listing_with_types(path: Path) -> list[tuple[str, bool, bool]]:
+    with os.scandir(path) as entries:
+        return sorted((entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink()) for entry in entries)
+
+
+def _set_times(path: Path, times: tuple[int, int], follow: bool) -> tuple[int, int]:
+    """Set the access and modification times and read them back."""
+    os.utime(path, ns=times, follow_symlinks=follow)
+    result = os.stat(path, follow_symlinks=follow)
+    return result.st_atime_ns, result.st_mtime_ns
+
+
+def _mapped_region(fd: int, offset: int, size: int) -> tuple[int, int] | None:
+    """The page-aligned start and length of a mapping of ``size`` bytes at ``offset``, or None past the end."""
+    if offset + size > os.fstat(fd).st_size:
+        return None
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    return start, offset + size - start
+
+
+def _write_mapped(fd: int, offset: int, data: bytes) -> bool:
+    """Write through a shared mapping inside the file (synced); False past the end of the file."""
+    region = _mapped_region(fd, offset, len(data))
+    if region is None:
+        return False
+    start, length = region
+    with mmap.mmap(fd, length, offset=start) as mapped:
+        mapped[offset - start:] = data
+        mapped.flush()
+    return True
+
+
+def _read_mapped(fd: int, offset: int, size: int) -> bytes | None:
+    region = _mapped_region(fd, offset, size)
+    if region is None:
+        return None
+    start, length = region
+    with mmap.mmap(fd, length, offset=start, access=mmap.ACCESS_READ) as mapped:
+        return mapped[offset - start:]
 
 
 def _xattrs(path: Path) -> dict[str, bytes]:
@@ -327,6 +582,7 @@ class StatefulMountTests(DemoMountCase):
         """Results, errno, contents and stat fields match a local directory, step after step."""
         mount = self.start_mount()
         MountVersusLocal.mount_root = mount.mountpoint
+        MountVersusLocal.other_root = self.start_mount("other").mountpoint
         run_state_machine_as_test(
             MountVersusLocal,
             settings=settings(

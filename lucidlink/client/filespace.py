@@ -1270,11 +1270,17 @@ class FileHandle:
             return None
         return self.file.read_cached(offset, size)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> defer.Deferred[int]:
-        """Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`)."""
-        return self._checked(self._check_writable) or self.file.write(offset, data, bool(self.flags & os.O_APPEND))
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+              pages: bool = False) -> defer.Deferred[int]:
+        """
+        Write ``data`` at ``offset`` (at the end with ``O_APPEND``); fires with its length (see :class:`OpenFile`).
 
-    def write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        ``pages``: the kernel writes back pages of a shared mapping, which
+        go at ``offset`` whatever the handle's flags.
+        """
+        return self._checked(self._check_writable) or self.file.write(offset, data, self._appends(pages))
+
+    def write_direct(self, offset: int, data: bytes | bytearray | memoryview, *, pages: bool = False) -> int | None:
         """
         What :meth:`write` would do, done at once in the calling thread (any thread) when it can be; else None.
 
@@ -1283,7 +1289,10 @@ class FileHandle:
         """
         if self.closed or self.lock_lost is not None or not self.writable:
             return None
-        return self.file.write_direct(offset, data, bool(self.flags & os.O_APPEND))
+        return self.file.write_direct(offset, data, self._appends(pages))
+
+    def _appends(self, pages: bool) -> bool:
+        return not pages and bool(self.flags & os.O_APPEND)
 
     def truncate(self, size: int) -> defer.Deferred[None]:
         """Make the file ``size`` bytes long, as its next commit will."""
@@ -1520,7 +1529,8 @@ class Inodes:
 
         A size change is made by the server (the last chunk's ``length``
         shortened, or the file extended with zeros); this client's open
-        handles of the file store their buffered writes first.
+        handles of the file store their buffered writes first, as they do
+        before a given modification time (their commit would move it).
         """
         fields = SetAttrField(0)
         for value, field in ((mode, SetAttrField.MODE), (uid, SetAttrField.UID), (gid, SetAttrField.GID),
@@ -1532,7 +1542,7 @@ class Inodes:
             fields |= SetAttrField.ATIME_NOW
         if mtime_now:
             fields |= SetAttrField.MTIME_NOW
-        if size is not None:
+        if size is not None or mtime_ns is not None:
             yield _gather([handle.flush() for handle in self._handles.get(inode, ())])
         self.known.inode_changed(inode)  # whatever the answer, the old attributes are gone
         attributes = yield self._entry(w.SetAttr(

@@ -912,11 +912,22 @@ class MetadataStore:
         self._put_setting(tx, "next_inode", max(next_inode, record.first + record.count))
         return record.first
 
+    def _group_of_new_entry(self, tx: _Transaction, parent: int, gid: int) -> tuple[int, int]:
+        """
+        The group of an entry made in ``parent`` by a caller of group ``gid``, and the mode bits it inherits.
+
+        A directory with the set-group-ID bit gives its group to what is
+        made in it, and the bit to new directories (as local filesystems do).
+        """
+        row = self._directory(tx.cursor, parent)
+        return (row[5], stat.S_ISGID) if row[2] & stat.S_ISGID else (gid, 0)
+
     def _mkdir(self, tx: _Transaction, record: m.MakeDirectory) -> Attributes:
         self._make_entry(tx, record.parent, record.name)
         assert record.inode is not None
-        self._new_inode(tx, record.inode, FileKind.DIRECTORY, stat.S_IFDIR | (record.mode & _PERMISSION_BITS),
-                        2, record.uid, record.gid)
+        gid, inherited = self._group_of_new_entry(tx, record.parent, record.gid)
+        self._new_inode(tx, record.inode, FileKind.DIRECTORY,
+                        stat.S_IFDIR | (record.mode & _PERMISSION_BITS) | inherited, 2, record.uid, gid)
         self._link_entry(tx, record.parent, record.name, record.inode, True)
         return _attributes(self._inode_row(tx.cursor, record.inode))
 
@@ -934,8 +945,9 @@ class MetadataStore:
                 raise AlreadyExists(f"the name is taken by a symbolic link in directory {record.parent}")
             return _attributes(row), False
         assert record.inode is not None
+        gid, _ = self._group_of_new_entry(tx, record.parent, record.gid)
         self._new_inode(tx, record.inode, FileKind.FILE, stat.S_IFREG | (record.mode & _PERMISSION_BITS),
-                        1, record.uid, record.gid)
+                        1, record.uid, gid)
         self._link_entry(tx, record.parent, record.name, record.inode, False)
         return _attributes(self._inode_row(tx.cursor, record.inode)), True
 
@@ -946,8 +958,8 @@ class MetadataStore:
             raise NameTooLong(f"a symbolic link target holds at most {MAX_SYMLINK_TARGET_LENGTH} bytes sealed")
         self._make_entry(tx, record.parent, record.name)
         assert record.inode is not None
-        self._new_inode(tx, record.inode, FileKind.SYMLINK, stat.S_IFLNK | 0o777, 1, record.uid, record.gid,
-                        record.target)
+        gid, _ = self._group_of_new_entry(tx, record.parent, record.gid)
+        self._new_inode(tx, record.inode, FileKind.SYMLINK, stat.S_IFLNK | 0o777, 1, record.uid, gid, record.target)
         tx.execute("UPDATE inodes SET size = ? WHERE id = ?", (len(record.target), record.inode))
         self._link_entry(tx, record.parent, record.name, record.inode, False)
         return _attributes(self._inode_row(tx.cursor, record.inode))
