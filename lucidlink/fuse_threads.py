@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 """The signals that end llfuse's loop (and so the mount)."""
 
-FUSE_WORKER_PREFIX = "fuse-worker-"
-"""How llfuse names its worker threads (``threading.current_thread().name``)."""
-
 WAKE_SIGNAL = signal.SIGRTMIN
 """What :class:`StuckWorkerWaker` interrupts a worker with (its handler does nothing)."""
 
@@ -131,19 +128,14 @@ def llfuse_starting_deaf_threads() -> Iterator[None]:
         llfuse.threading = saved
 
 
-def fuse_workers() -> list[threading.Thread]:
-    """llfuse's worker threads, ended or not: llfuse starts them without ``threading`` and names them as they start."""
-    return [thread for thread in threading.enumerate() if thread.name.startswith(FUSE_WORKER_PREFIX)]
-
-
 def fuse_workers_running() -> tuple[int, int]:
     """
     How many of llfuse's worker threads run still, and how many it started (for stack dumps).
 
-    Each worker stays listed after it ends; its task in /proc does not.
+    Each worker stays in :data:`WORKER_TIDS` after it ends; its task in /proc does not.
     """
-    workers = fuse_workers()
-    return sum(os.path.exists(f"/proc/self/task/{worker.native_id}") for worker in workers), len(workers)
+    tids = list(WORKER_TIDS.values())
+    return sum(os.path.exists(f"/proc/self/task/{tid}") for tid in tids), len(tids)
 
 
 def worker_being_joined(joiner: int, workers: dict[int, int], proc: str = "/proc/self") -> tuple[int, int] | None:

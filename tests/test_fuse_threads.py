@@ -21,7 +21,6 @@ try:
 
     from lucidlink import fuse_threads
     from lucidlink.fuse_threads import (
-        FUSE_WORKER_PREFIX,
         STOP_SIGNALS,
         WAKE_SIGNAL,
         DeafThread,
@@ -86,13 +85,13 @@ class FuseWorkersTests(SynchronousTestCase):
         skip = "llfuse is not installed"
 
     def test_counts_running_and_started(self) -> None:
-        """A worker is a thread llfuse started (not through ``threading``) and named; it runs while its task lives."""
+        """A worker is a thread llfuse started (not through ``threading``) that noted itself; it runs while its task lives."""
+        self.patch(fuse_threads, "WORKER_TIDS", {})
         started, leave, ended = threading.Event(), threading.Event(), threading.Event()
         ids: list[int] = []
 
         def work() -> None:
-            thread = threading.current_thread()  # a dummy thread, as in llfuse's workers: it stays listed
-            thread.name = FUSE_WORKER_PREFIX + "1"
+            ThreadingForLlfuse().current_thread()  # what llfuse's workers call first thing
             ids.append(threading.get_native_id())
             started.set()
             leave.wait(10)

@@ -88,9 +88,6 @@ DEFAULT_CHUNK_SIZE = crypto.DEFAULT_CHUNK_SIZE
 
 O_ACCMODE = os.O_ACCMODE
 
-CALL_ID_BASE = OWN_REQUEST_ID_LIMIT
-"""A session's calls carry request ids from here up (a connection numbers its own requests below)."""
-
 
 class Reconnect:
     """What :meth:`Session._retrying` is doing when a session connects again on its own (to keep its locks)."""
@@ -389,9 +386,12 @@ class FilespaceSession:
             yield task.deferLater(clock, delay, lambda: None)
 
     def _next_call_id(self) -> int:
-        """A request id for one call, the same at every attempt (see ``Connection.request``)."""
+        """
+        A request id for one call, the same at every attempt: from ``OWN_REQUEST_ID_LIMIT`` up (a connection
+        numbers its own requests below), the call's number modulo that.
+        """
         self._calls += 1
-        return CALL_ID_BASE + self._calls % CALL_ID_BASE
+        return OWN_REQUEST_ID_LIMIT + self._calls % OWN_REQUEST_ID_LIMIT
 
     def _answer_kept(self, first: _Live | None, live: _Live | None, request_id: int, started: float) -> bool:
         """
@@ -406,7 +406,7 @@ class FilespaceSession:
         return (
             bytes(first.known.boot_id) == bytes(known.boot_id)
             and self.reactor.seconds() - started < known.remember_ms / 1000
-            and (CALL_ID_BASE + self._calls % CALL_ID_BASE - request_id) % CALL_ID_BASE < known.remember_count
+            and (self._calls - request_id) % OWN_REQUEST_ID_LIMIT < known.remember_count  # calls made since
         )
 
     # -- the connection --------------------------------------------------------
