@@ -492,7 +492,8 @@ class FilespaceOperations(llfuse.Operations):
         self._directories.pop(fh, None)
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass
+        """Wait for the changes this mount made without waiting (under directory leases) to be stored."""
+        self.bridge.call(self.inodes.sync_changes)
 
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> llfuse.EntryAttributes:
         return self._looked_up(self._call("mkdir", parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid))

@@ -154,6 +154,39 @@ class PipelineTests(TestCase):
         self.assertEqual(self.names(), [b"d%d" % n for n in range(5)])
 
     @defer.inlineCallbacks
+    def test_settled_waits_for_what_was_posted_before(self) -> Generator[Deferred[Any], Any, None]:
+        """``settled`` fires once the changes posted before it are answered, whatever is posted after."""
+        session = yield self.session()
+        session.pipeline.limit = 1
+        first = session.pipeline.post(w.MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        settled = session.pipeline.settled()
+        later = session.pipeline.post(w.MkDir(ROOT_INODE, b"b", 0o755, 0, 0))
+        self.assertNoResult(settled)
+        yield settled
+        self.assertEqual((first.called, later.called), (True, False))
+        yield later
+        self.successResultOf(session.pipeline.settled())
+
+    @defer.inlineCallbacks
+    def test_a_call_goes_after_the_changes_posted_before_it(self) -> Generator[Deferred[Any], Any, None]:
+        """A request outside the pipeline is sent once the changes posted before it are answered: it sees them."""
+        session = yield self.session()
+        session.pipeline.limit = 1
+        session.pipeline.post(w.MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        session.pipeline.post(w.MkDir(ROOT_INODE, b"b", 0o755, 0, 0))  # waits for room: not sent yet
+        found = yield session.call(w.Lookup(ROOT_INODE, b"b"))
+        self.assertEqual(found.attributes, self.store.lookup(ROOT_INODE, b"b"))
+
+    @defer.inlineCallbacks
+    def test_the_connection_that_answered(self) -> Generator[Deferred[Any], Any, None]:
+        """``post_noting_connection`` tells which connection answered (a handle opened belongs to it)."""
+        session = yield self.session(MkDir="lost after the server acted")
+        answer, generation = yield session.pipeline.post_noting_connection(w.MkDir(ROOT_INODE, b"a", 0o755, 0, 0))
+        self.assertEqual(generation, session._live.generation)  # type: ignore[union-attr]
+        self.assertEqual(generation, 2)
+        self.assertEqual(answer.attributes, self.store.lookup(ROOT_INODE, b"a"))
+
+    @defer.inlineCallbacks
     def test_closing_hears_the_answers_in_flight(self) -> Generator[Deferred[Any], Any, None]:
         """A change sent before the session closed is made (the server applies what it got): its answer says so."""
         session = yield self.session()

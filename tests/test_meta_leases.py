@@ -70,6 +70,21 @@ class LeaseServiceTests(InitialisedTestCase):
         self.wendy.answer(LeaseReturned(folder))
         self.assertEqual(self.other.answer(Lookup(folder, b"x")).attributes, made.attributes)
 
+    def test_the_holders_time_is_kept(self) -> None:
+        """Creates and unlinks carry the time their holder answered with; it is kept only under the lease."""
+        folder = self.leased_folder()
+        made = self.wendy.answer(Create(folder, b"x", 0o644, 0, 0, True, O_WRONLY, 0, 1_234_567_890))
+        self.assertEqual((made.attributes.mtime_ns, made.attributes.ctime_ns), (1_234_567_890, 1_234_567_890))
+        self.assertEqual(self.store.getattr(folder).mtime_ns, 1_234_567_890)
+        self.wendy.answer(Unlink(folder, b"x", 1_234_567_999))
+        self.assertEqual(self.store.getattr(folder).ctime_ns, 1_234_567_999)
+        unleased = self.wendy.answer(Create(ROOT_INODE, b"y", 0o644, 0, 0, True, O_WRONLY, 0, 1_234_567_890))
+        self.assertNotEqual(unleased.attributes.ctime_ns, 1_234_567_890)
+        self.wendy.answer(LeaseReturned(folder))
+        self.wendy.answer(Create(folder, b"z", 0o644, 0, 0, True, O_WRONLY))
+        self.wendy.answer(Unlink(folder, b"z", 1_234_567_999))
+        self.assertNotEqual(self.store.getattr(folder).ctime_ns, 1_234_567_999)
+
     def test_every_request_that_reads_or_changes_it(self) -> None:
         """Each request that reads or changes a leased folder's entries or attributes recalls the lease."""
         file = self.wendy.answer(Create(ROOT_INODE, b"file", 0o644, 0, 0, True, O_WRONLY)).attributes.inode

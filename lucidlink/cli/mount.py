@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="metadata calls fail (EIO) when the servers are away for --timeout seconds")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"with --soft: how long to keep trying (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--sync-metadata", action="store_true",
+                        help="every create and unlink waits for the metadata server's answer (default: in a directory"
+                             " this mount holds a lease on, they are made at once and sent without waiting)")
     parser.add_argument("--force", action="store_true",
                         help="clean a stale mount left at MOUNTPOINT by a crashed lucid-mount first")
     cache = parser.add_argument_group("cache")
@@ -182,9 +185,11 @@ def cache_settings(args: argparse.Namespace) -> CacheSettings:
 
 
 @defer.inlineCallbacks
-def cached_filespace(fs: Any, settings: CacheSettings) -> Generator[defer.Deferred[Any], Any, Any]:
+def cached_filespace(fs: Any, settings: CacheSettings, leases: bool = False) -> Generator[defer.Deferred[Any], Any, Any]:
     """
     ``fs`` again, with its local cache, and the writes an earlier run left uncommitted committed.
+
+    ``leases``: it makes creates and unlinks in directories it holds a lease on at once (see ``Filespace``).
 
     Each journal left behind is reported on stderr: committed, or kept and why not.
     """
@@ -193,6 +198,7 @@ def cached_filespace(fs: Any, settings: CacheSettings) -> Generator[defer.Deferr
     cached = Filespace(
         fs.session, fs.store, uid=fs.uid, gid=fs.gid,
         cache_dir=settings.folder, cache_size=settings.size, read_ahead=settings.read_ahead,
+        leases=leases,
     )
     fs.close()
     try:
@@ -340,7 +346,7 @@ def run_mount(args: argparse.Namespace, ready: Any = None) -> int:
 
     @defer.inlineCallbacks
     def work(fs: Any) -> Generator[defer.Deferred[Any], Any, None]:
-        cached = yield cached_filespace(fs, settings)
+        cached = yield cached_filespace(fs, settings, leases=not args.sync_metadata)
         opened.put(cached)
         try:
             yield release

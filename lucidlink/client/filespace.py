@@ -77,6 +77,7 @@ from lucidlink.client.cache_folder import CacheFolder
 from lucidlink.client.chunk_cache import ChunkCache
 from lucidlink.client.chunk_reader import DEFAULT_READ_AHEAD, ChunkReader, chunk_object_key
 from lucidlink.client.interface import IFilespaceInodes
+from lucidlink.client.leased_changes import LeasedChanges
 from lucidlink.client.metadata_cache import ABSENT, ABSENT_XATTR, MetadataCache
 from lucidlink.client.readahead import SequentialReads
 from lucidlink.client.session import FilespaceSession, ServerHandle
@@ -1310,8 +1311,11 @@ class FileHandle:
         return self.file.flush()
 
     def fsync(self) -> defer.Deferred[None]:
-        """Store the file's buffered chunks and commit its chunk map, through whichever handle."""
-        return self.file.flush()
+        """
+        Store the file's buffered chunks and commit its chunk map, through whichever handle; and wait for the
+        changes made here without waiting (:meth:`Inodes.sync_changes`), which fails if one was refused.
+        """
+        return self.file.flush().addCallback(lambda _: self._inodes.sync_changes())
 
     def holds(self, commit: Committing | None) -> defer.Deferred[bool]:
         """Whether the file's chunk map is now what ``commit`` made (or would have made) it."""
@@ -1368,6 +1372,8 @@ class Inodes:
     :param cache: the local chunk cache (None: every read fetches, and there is no read-ahead).
     :param read_ahead: chunks fetched ahead of a sequential reader.
     :param journals: where uncommitted writes are journaled (None: in memory only).
+    :param leases: ask for directory leases, and under one make creates and unlinks at once
+        (:mod:`lucidlink.client.leased_changes`); else every change waits for the server's answer.
     """
 
     def __init__(
@@ -1381,6 +1387,7 @@ class Inodes:
         cache: ChunkCache | None = None,
         read_ahead: int = DEFAULT_READ_AHEAD,
         journals: WriteBackJournals | None = None,
+        leases: bool = False,
     ) -> None:
         if session.keys is None:
             raise InvalidArgument("the session is not logged in")
@@ -1416,6 +1423,8 @@ class Inodes:
             session.on_connection_lost(self.known.clear),
             session.keep_connected(lambda: bool(self.held_locks.all_held())),
         ]
+        self.at_once = LeasedChanges(self) if leases else None
+        """Creates and unlinks made at once under a directory lease (None: leases are not used)."""
 
     def require_store(self) -> Any:
         """The object store; NotSupported if there is none (commands that only list need none)."""
@@ -1573,6 +1582,8 @@ class Inodes:
                 entries.append((crypto.open_name(self.keys, inode, entry.name), entry.attributes))
             if page.done or not page.entries:
                 self.known.learn_listing(inode, entries, since)
+                if self.at_once is not None and self.known.listing(inode) is not None:
+                    self.at_once.ask_for_lease(inode)
                 return [(name, self._as_seen_here(attributes)) for name, attributes in entries]
             cursor = page.cursor
 
@@ -1582,6 +1593,8 @@ class Inodes:
     ) -> Generator[defer.Deferred[Any], Any, Attributes]:
         """Make directory ``name`` in ``parent``."""
         attributes = yield self._made(parent, name, w.MkDir(parent, self._seal(parent, name), mode, uid, gid))
+        if self.at_once is not None:
+            self.at_once.ask_for_lease(attributes.inode)
         return attributes
 
     @defer.inlineCallbacks
@@ -1590,6 +1603,10 @@ class Inodes:
         uid: int = 0, gid: int = 0,
     ) -> Generator[defer.Deferred[Any], Any, FileHandle]:
         """Create regular file ``name`` in ``parent`` and open it (``O_EXCL``: it must not exist)."""
+        if self.at_once is not None:
+            made = yield self.at_once.create(parent, name, mode, flags, uid, gid)
+            if made is not None:
+                return made
         request = w.Create(parent, self._seal(parent, name), mode, uid, gid, bool(flags & os.O_EXCL), flags)
         since = self.known.changing()
         # Known absent: had another session made it before this create, that would be told before the answer;
@@ -1633,9 +1650,23 @@ class Inodes:
                 raise
         return handle
 
-    def unlink(self, parent: int, name: bytes) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def unlink(self, parent: int, name: bytes) -> Generator[defer.Deferred[Any], Any, None]:
         """Remove entry ``name`` (not a directory) from ``parent``."""
-        return self._removing(parent, name, w.Unlink(parent, self._seal(parent, name)))
+        if self.at_once is not None:
+            done = yield self.at_once.unlink(parent, name)
+            if done:
+                return
+        yield self._removing(parent, name, w.Unlink(parent, self._seal(parent, name)))
+
+    def sync_changes(self) -> defer.Deferred[None]:
+        """
+        Fires once every change made here without waiting is answered (``fsync``, ``fsyncdir``, closing);
+        fails with :class:`~lucidlink.client.leased_changes.ChangeRefused` if one was refused since last asked.
+        """
+        if self.at_once is None:
+            return defer.succeed(None)
+        return self.at_once.sync()  # type: ignore[no-any-return]
 
     def rmdir(self, parent: int, name: bytes) -> defer.Deferred[None]:
         """Remove the empty directory ``name`` from ``parent``."""
@@ -2048,6 +2079,8 @@ class Inodes:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
+        if self.at_once is not None:
+            self.at_once.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2077,6 +2110,9 @@ class Filespace:
     :func:`~lucidlink.client.chunk_cache.default_capacity`) and the journals
     of uncommitted writes in ``cache_dir/<filespace id>/``; without it
     nothing is kept on disk and there is no read-ahead.
+
+    ``leases``: creates and unlinks in a directory this session holds a lease
+    on are made at once and sent without waiting (see :class:`Inodes`).
     """
 
     def __init__(
@@ -2092,6 +2128,7 @@ class Filespace:
         cache_dir: Path | None = None,
         cache_size: int | None = None,
         read_ahead: int = DEFAULT_READ_AHEAD,
+        leases: bool = False,
     ) -> None:
         self.session = session
         self.store = store
@@ -2108,7 +2145,7 @@ class Filespace:
             journals = WriteBackJournals(self.local_folder.writeback, session.keys)
         self.inodes = Inodes(
             session, store, max_dirty=max_dirty, parallel_uploads=parallel_uploads, offload=offload,
-            cache=self.cache, read_ahead=read_ahead, journals=journals,
+            cache=self.cache, read_ahead=read_ahead, journals=journals, leases=leases,
         )
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -2369,8 +2406,14 @@ class Filespace:
         """
         Stop listening to the session, and close the cache once what is being written into it is written.
 
-        Close handles first (their ``close`` stores buffered writes).
+        Close handles first (their ``close`` stores buffered writes).  Changes made here without waiting are
+        answered first; one that was refused is logged (as it was when refused), not raised.
         """
+        return self.inodes.sync_changes().addErrback(
+            lambda failure: _log.warn("closing the filespace: {error}", error=failure.value)
+        ).addCallback(lambda _: self._close())
+
+    def _close(self) -> defer.Deferred[None]:
         self.inodes.close()
         cache, self.cache = self.cache, None
         folder = self.local_folder

@@ -52,9 +52,13 @@ class _Posted:
 
     request_id: int
     message: Any
+    number: int
+    """Its place among the changes posted."""
     answered: defer.Deferred[Any] = field(default_factory=defer.Deferred)
     sent_on: int | None = None
     """The generation of the connection it was last sent on (None: to send)."""
+    answered_on: int | None = None
+    """The generation of the connection that answered it."""
 
 
 class ChangePipeline:
@@ -68,15 +72,22 @@ class ChangePipeline:
         self._attempt = 0
         self._room: list[defer.Deferred[None]] = []
         self._drained: list[defer.Deferred[None]] = []
+        self._settled_waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self._numbered = 0
 
     def __len__(self) -> int:
         return len(self._posted)
 
     def post(self, message: Any) -> defer.Deferred[Any]:
         """Send ``message`` behind the changes posted before; fires with its answer (or fails with its error)."""
+        return self.post_noting_connection(message).addCallback(lambda answered: answered[0])
+
+    def post_noting_connection(self, message: Any) -> defer.Deferred[tuple[Any, int]]:
+        """As :meth:`post`; fires with the answer and the generation of the connection that gave it."""
         if self.session._closed:
             return defer.fail(ConnectionClosed(f"the session with {self.session.filespace!r} is closed"))
-        posted = _Posted(self.session._next_call_id(), message)
+        self._numbered += 1
+        posted = _Posted(self.session._next_call_id(), message, self._numbered)
         self._posted.append(posted)
         live = self.session._live
         if live is not None and not self._paused:
@@ -99,6 +110,19 @@ class ChangePipeline:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._drained.append(waiter)
+        return waiter
+
+    def settled(self) -> defer.Deferred[None]:
+        """
+        Fires once every change posted so far is answered (later ones may still wait).
+
+        A request sent outside the pipeline waits for this first, so that it
+        is sent after, and sees, every change made before it.
+        """
+        if not self._posted:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._settled_waiters.append((self._posted[-1].number, waiter))
         return waiter
 
     def send_again(self, live: _Live) -> None:
@@ -128,18 +152,18 @@ class ChangePipeline:
     def _send(self, posted: _Posted, live: _Live) -> None:
         posted.sent_on = live.generation
         live.connection.request(posted.message, request_id=posted.request_id).addCallbacks(
-            self._answered, self._failed, callbackArgs=(posted,), errbackArgs=(posted, live)
+            self._answered, self._failed, callbackArgs=(posted, live), errbackArgs=(posted, live)
         )
 
-    def _answered(self, answer: Any, posted: _Posted) -> None:
+    def _answered(self, answer: Any, posted: _Posted, live: _Live) -> None:
         if posted not in self._posted:
             return  # answered already, on another connection
         self._attempt = 0
         self._posted.remove(posted)
-        live = self.session._live
-        if live is not None and not self._paused:
-            self._send_in_order(live)
-        posted.answered.callback(answer)
+        current = self.session._live
+        if current is not None and not self._paused:
+            self._send_in_order(current)
+        posted.answered.callback((answer, live.generation))
         self._settled()
 
     def _failed(self, failure: Failure, posted: _Posted, live: _Live) -> None:
@@ -186,6 +210,12 @@ class ChangePipeline:
             self.fail_all(Unavailable(f"cannot connect to the metadata server: {failure.getErrorMessage()}"))
 
     def _settled(self) -> None:
+        if self._settled_waiters:
+            oldest = self._posted[0].number if self._posted else self._numbered + 1
+            ready = [waiter for last, waiter in self._settled_waiters if last < oldest]
+            self._settled_waiters = [(last, waiter) for last, waiter in self._settled_waiters if last >= oldest]
+            for waiter in ready:
+                waiter.callback(None)
         if len(self._posted) < self.limit:
             room, self._room = self._room, []
             for waiter in room:

@@ -135,6 +135,7 @@ class ServerHandle:
     id: int
     generation: int
     lost: LucidError | None = None
+    released: bool = False
 
 
 @dataclass(eq=False)
@@ -156,6 +157,14 @@ def _attempt_timeout(live: _Live, asked: float | None, left: float | None) -> fl
         return asked
     own = getattr(live.connection, "request_timeout", None)
     return left if own is None else min(own, left)
+
+
+def _reopen_flags(flags: int) -> int:
+    """The flags a handle opened with ``flags`` is opened again with after a reconnect."""
+    reopen_flags = flags & O_ACCMODE
+    if reopen_flags == os.O_RDONLY and flags & os.O_TRUNC:
+        reopen_flags = os.O_RDWR  # O_TRUNC asked to write: keep the handle writable
+    return reopen_flags
 
 
 def _offload(reactor: Any, function: Callable[..., Any], *arguments: Any) -> defer.Deferred[Any]:
@@ -279,8 +288,29 @@ class FilespaceSession:
         """``Create`` (and open) a file: as :meth:`open_handle`."""
         return self._opening(request, inode_of=lambda answer: answer.attributes.inode, flags=request.open_flags)
 
+    def handle_to_come(self, inode: int, flags: int) -> ServerHandle:
+        """
+        The handle of a file whose ``Create`` was posted to the :attr:`pipeline`: its id comes with the answer
+        (:meth:`handle_came`).  Requests that name it are sent after the pipeline's answers, so they have it.
+        """
+        return ServerHandle(inode, _reopen_flags(flags), 0, 0)
+
+    def handle_came(self, handle: ServerHandle, handle_id: int, generation: int) -> None:
+        """The ``Create`` of :meth:`handle_to_come`'s ``handle`` was answered on connection ``generation``."""
+        handle.id, handle.generation = handle_id, generation
+        if handle.released or self._closed:
+            return
+        self._handles.add(handle)
+        live = self._live
+        if live is not None and live.generation != generation:  # answered by a connection since replaced
+            self._reopen_handles(live).addErrback(
+                lambda failure: self.log.info("could not open inode {inode} again: {error}",
+                                              inode=handle.inode, error=failure.value)
+            )
+
     def release_handle(self, handle: ServerHandle) -> defer.Deferred[None]:
         """``Release`` a handle; nothing to do once its connection is gone (the server let it go then)."""
+        handle.released = True
         self._handles.discard(handle)
         if handle.lost is not None:
             return defer.succeed(None)
@@ -311,19 +341,19 @@ class FilespaceSession:
             ).addCallback(note)
 
         opened = yield self._retrying(send, type(request))
-        reopen_flags = flags & O_ACCMODE
-        if reopen_flags == os.O_RDONLY and flags & os.O_TRUNC:
-            reopen_flags = os.O_RDWR  # O_TRUNC asked to write: keep the handle writable
-        handle = ServerHandle(inode_of(opened), reopen_flags, opened.handle, answered[-1])
+        handle = ServerHandle(inode_of(opened), _reopen_flags(flags), opened.handle, answered[-1])
         self._handles.add(handle)
         return handle, opened.attributes
 
     @defer.inlineCallbacks
     def _retrying(
-        self, send: Callable[[_Live, int, float | None], defer.Deferred[Any]], kind: type
+        self, send: Callable[[_Live, int, float | None], defer.Deferred[Any]], kind: type, ordered: bool = True
     ) -> Generator[defer.Deferred[Any], Any, Any]:
         """
         ``send(live connection, request id, seconds left)`` until it answers, as the module says.
+
+        ``ordered``: sent only once every change posted to the :attr:`pipeline`
+        before it is answered, so that it comes after them and sees them.
 
         Every attempt carries the same request id, so a server that keeps
         answers (:class:`~lucidlink.protocol.messages.ClientKnown`) answers
@@ -335,6 +365,8 @@ class FilespaceSession:
         """
         what = kind.__name__
         clock = self.reactor
+        if ordered and len(self.pipeline):
+            yield self.pipeline.settled()
         started = clock.seconds()
         deadline = None if self.deadline is None else started + self.deadline
         attempt = 0
@@ -544,7 +576,7 @@ class FilespaceSession:
                 )
                 if any(wanted() for wanted in self._keep_connected):
                     # Retried like any request: a server that is restarting or restoring closes early attempts.
-                    self._retrying(lambda live, request_id, left: defer.succeed(None), Reconnect).addErrback(
+                    self._retrying(lambda live, request_id, left: defer.succeed(None), Reconnect, ordered=False).addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
 

@@ -738,7 +738,8 @@ class MetadataResponder:
     def _create(self, session: Session, message: w.Create) -> w.Opened:
         applied = self._apply(session, m.CreateFile(message.parent, message.name, message.mode, message.uid,
                                                     message.gid, message.exclusive,
-                                                    self._own_inode(session, message.inode)))
+                                                    self._own_inode(session, message.inode),
+                                                    self._holders_time(session, message.parent, message.time_ns)))
         attributes, _created = applied.value
         self._used_inode(session, message.inode, attributes.inode)
         handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
@@ -784,8 +785,20 @@ class MetadataResponder:
 
     @answers(w.Unlink, role=Role.WRITER, doing="writing", grouped=True)
     def _unlink(self, session: Session, message: w.Unlink) -> w.Entry:
-        applied = self._apply(session, m.Unlink(message.parent, message.name))
+        applied = self._apply(session, m.Unlink(
+            message.parent, message.name, time_ns=self._holders_time(session, message.parent, message.time_ns)
+        ))
         return w.Entry(applied.value)
+
+    def _holders_time(self, session: Session, directory: int, time_ns: int) -> int | None:
+        """
+        The time a change of ``directory``'s entries is made at: the one the client gave if it holds the
+        directory's lease (it answered its program with that time already), else the server's (None).
+        """
+        if not time_ns:
+            return None
+        lease = self.leases.held(directory) if self.leases else None
+        return time_ns if lease is not None and lease.holder == session.id else None
 
     @answers(w.RmDir, role=Role.WRITER, doing="writing", grouped=True)
     def _rmdir(self, session: Session, message: w.RmDir) -> w.Entry:

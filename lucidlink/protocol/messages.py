@@ -675,6 +675,8 @@ class Create(Message):
     open_flags: int = wire(U32)
     inode: int = wire(InodeId, default=0)
     """For a new file: 0, the server gives it an id; else one of the client's own (:class:`ReserveInodes`)."""
+    time_ns: int = wire(Timestamp, default=0)
+    """0: the server's clock; else the time the client already answered with (honoured under its lease)."""
 
 
 @message(MessageType.UNLINK)
@@ -683,6 +685,8 @@ class Unlink(Message):
 
     parent: int = wire(InodeId)
     name: bytes = wire(ShortBytes)
+    time_ns: int = wire(Timestamp, default=0)
+    """As :attr:`Create.time_ns`."""
 
 
 @message(MessageType.RENAME)

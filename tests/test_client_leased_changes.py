@@ -1,0 +1,275 @@
+"""
+Creates and unlinks made at once under a directory lease (:mod:`lucidlink.client.leased_changes`).
+
+A real metadata store and responder in memory; the connection can hold the
+server's answers back (:class:`_HeldConnection`), so a test sees what the
+client did before the server answered.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
+
+from lucidlink import errors
+from lucidlink.client.filespace import Filespace
+from lucidlink.client.leased_changes import ChangeRefused
+from lucidlink.client.session import open_session
+from lucidlink.meta.inode_blocks import InodeBlocks
+from lucidlink.protocol import messages as w
+from tests.client_helpers import (
+    ADMIN,
+    ADMIN_PASSPHRASE,
+    FILESPACE,
+    InMemoryConnection,
+    MemoryFilespaceCase,
+    fast_backoff,
+    memory_resolver,
+    synchronous,
+)
+
+
+class _HeldConnection(InMemoryConnection):
+    """The server acts on each request at once; while ``holding``, its answers wait for :meth:`answer_all`."""
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        self.holding = False
+        self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+        self.sent: list[Any] = []
+
+    def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> Deferred[Any]:
+        self.sent.append(message)
+        answer = super().request(message, timeout, request_id)
+        if not self.holding:
+            return answer
+        waiting: Deferred[Any] = Deferred()
+        self.held.append((answer, waiting))
+        return waiting
+
+    def answer_all(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for answer, waiting in held:
+            answer.chainDeferred(waiting)
+
+
+class LeasedChangesTests(MemoryFilespaceCase):
+    """One client with leases; another that meets them."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def leased_filespace(self) -> Generator[Deferred[Any], Any, Filespace]:
+        """A session of the admin that uses leases, on a connection that can hold answers back."""
+        connections: list[_HeldConnection] = []
+
+        def connect(endpoint: Any, identity: Any) -> Deferred[Any]:
+            connections.append(_HeldConnection(self.responder))
+            return defer.succeed(connections[-1])
+
+        session = yield open_session(
+            reactor, filespace=FILESPACE, user=ADMIN, passphrase=ADMIN_PASSPHRASE,
+            resolver=memory_resolver(self.folder / "leased"), connect=connect, backoff=fast_backoff(), deadline=5,
+        )
+        self.addCleanup(session.close)
+        self.connections = connections
+        fs = Filespace(session, self.objects, uid=1000, gid=1000, offload=synchronous, leases=True)
+        self.addCleanup(fs.close)
+        return fs
+
+    @property
+    def connection(self) -> _HeldConnection:
+        return self.connections[-1]
+
+    @defer.inlineCallbacks
+    def leased_folder(self, fs: Filespace, name: str = "/work") -> Generator[Deferred[Any], Any, int]:
+        attributes = yield fs.mkdir(name)
+        self.assertTrue(fs.inodes.at_once.leases.usable(attributes.inode), "a folder made here is leased")
+        return attributes.inode  # type: ignore[no-any-return]
+
+    def creates_sent(self) -> list[w.Create]:
+        return [message for message in self.connection.sent if isinstance(message, w.Create)]
+
+    @defer.inlineCallbacks
+    def test_create_and_unlink_answer_before_the_server(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.holding = True
+        handle = yield fs.inodes.create(folder, b"a", 0o640, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 1000, 1000)
+        self.assertEqual(len(self.connection.held), 1, "the create was sent, and not waited for")
+        attributes = handle.opened
+        self.assertEqual((attributes.mode & 0o7777, attributes.nlink, attributes.size), (0o640, 1, 0))
+        self.assertEqual(fs.inodes.lookup_cached(folder, b"a"), attributes)
+        closing = handle.close()
+        self.assertNoResult(closing)  # its Release names the server's handle id, which comes with the answer
+        yield fs.inodes.unlink(folder, b"a")
+        with self.assertRaises(errors.NotFound):
+            fs.inodes.lookup_cached(folder, b"a")
+        syncing = fs.inodes.sync_changes()
+        self.assertNoResult(syncing)
+        self.connection.answer_all()
+        yield closing
+        yield syncing
+        self.assertEqual(self.meta_store.readdir(folder, b"", 10)[0], [])
+        self.assertEqual(fs.session._handles, set(), "the released handle is not opened again after a reconnect")
+        [create] = self.creates_sent()
+        self.assertEqual(create.inode, attributes.inode, "the inode id is one reserved for this client")
+        self.assertEqual(create.time_ns, attributes.ctime_ns)
+
+    @defer.inlineCallbacks
+    def test_the_server_keeps_what_the_client_answered(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        handle = yield fs.inodes.create(folder, b"a", 0o600, os.O_RDWR | os.O_CREAT, 1000, 1000)
+        yield handle.close()
+        self.assertEqual(self.meta_store.getattr(handle.inode), handle.opened)
+        here = fs.inodes.getattr_cached(folder)
+        self.assertEqual(self.meta_store.getattr(folder), here, "the folder's times too")
+        yield fs.inodes.unlink(folder, b"a")
+        self.assertEqual(self.meta_store.getattr(folder), fs.inodes.getattr_cached(folder))
+        self.assertEqual(len(self.creates_sent()), 1)
+
+    @defer.inlineCallbacks
+    def test_a_set_group_id_folder_gives_its_group(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.inodes.setattr(folder, mode=0o2775, gid=4242)
+        yield fs.inodes.readdir(folder)  # the set-attributes answer is known; the listing was forgotten with it
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        yield handle.close()
+        self.assertEqual(handle.opened.gid, 4242)
+        self.assertEqual(self.meta_store.getattr(handle.inode), handle.opened)
+
+    @defer.inlineCallbacks
+    def test_data_written_to_a_file_made_at_once_is_committed(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        yield self.leased_folder(fs)
+        yield fs.write_file("/work/clip", b"frames" * 1000)
+        self.assertIn(w.Create, [type(message) for message in self.connection.sent])
+        other = yield self.memory_filespace()
+        content = yield other.read_file("/work/clip")
+        self.assertEqual(content, b"frames" * 1000)
+
+    @defer.inlineCallbacks
+    def test_a_file_unlinked_while_open_stays_readable(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_RDWR | os.O_CREAT, 1000, 1000)
+        yield handle.write(0, b"still here")
+        yield fs.inodes.unlink(folder, b"a")
+        yield handle.fsync()
+        content = yield handle.read(0, 100)
+        self.assertEqual(content, b"still here")
+        attributes = yield fs.inodes.getattr(handle.inode)
+        self.assertEqual(attributes.nlink, 0)
+        yield handle.close()
+
+    @defer.inlineCallbacks
+    def test_what_is_not_made_at_once(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.write_file("/work/a", b"x")
+        yield fs.link("/work/a", "/work/b")
+        yield fs.stat("/work/a")  # two links, known here
+        self.connection.sent.clear()
+        self.connection.holding = True
+        removing = fs.inodes.unlink(folder, b"a")  # two links: the other's attributes would lag
+        self.assertNoResult(removing)
+        self.connection.answer_all()
+        yield removing
+        unleased = yield fs.mkdir("/elsewhere")
+        fs.inodes.at_once.leases.drop_all()
+        self.connection.holding = True
+        creating = fs.inodes.create(unleased.inode, b"c", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        self.assertNoResult(creating)
+        self.connection.answer_all()
+        handle = yield creating
+        yield handle.close()
+        self.assertEqual(handle.inode, self.meta_store.lookup(unleased.inode, fs.inodes._seal(unleased.inode, b"c")).inode)
+
+    @defer.inlineCallbacks
+    def test_a_refused_create_is_reported_at_the_next_sync(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.responder.inode_blocks = InodeBlocks(reactor)  # the server forgot the ids it reserved
+        changed: list[tuple[int, int, bytes | None]] = []
+        fs.inodes.on_change(lambda inode, parent, name: changed.append((inode, parent, name)))
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        failure = yield self.assertFailure(fs.inodes.sync_changes(), ChangeRefused)
+        self.assertIn(f"creating inode {handle.inode} in directory {folder}", str(failure))
+        self.assertIn((handle.inode, folder, b"a"), changed, "the kernel is told to forget the entry")
+        yield fs.inodes.sync_changes()  # reported once
+        listing = yield fs.inodes.readdir(folder)
+        self.assertEqual(listing, [], "the folder is read again from the server")
+        yield self.assertFailure(handle.write(0, b"data"), ChangeRefused)
+        yield handle.close()
+
+    @defer.inlineCallbacks
+    def test_a_refused_unlink_is_reported_at_the_next_fsync(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.write_file("/work/a", b"x")
+        kept = yield fs.open_path("/work/kept", os.O_RDWR | os.O_CREAT)
+        sealed = fs.inodes._seal(folder, b"a")
+        with self.meta_store.group():
+            self.meta_store.apply(self._unlink_record(folder, sealed))  # gone behind the lease's back
+        yield fs.inodes.unlink(folder, b"a")
+        self.assertEqual(fs.inodes.lookup_cached(folder, b"kept"), None, "the folder is to be read again")
+        yield self.assertFailure(kept.fsync(), ChangeRefused)
+        yield kept.close()
+
+    @staticmethod
+    def _unlink_record(folder: int, sealed: bytes) -> Any:
+        from lucidlink.meta import mutations as m
+        return m.Unlink(folder, sealed)
+
+    @defer.inlineCallbacks
+    def test_another_client_recalls_the_lease_and_sees_every_change(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.holding = True
+        for number in range(5):
+            handle = yield fs.inodes.create(folder, b"f%d" % number, 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+            handle.close()
+        yield fs.inodes.unlink(folder, b"f0")
+        self.assertEqual(len(self.connection.held), 6)
+        other = yield self.memory_filespace()
+        listing = other.listdir("/work")  # Busy while the lease is recalled; the holder gives it back after its changes
+        reactor.callLater(0.05, self.connection.answer_all)
+        names = yield listing
+        self.assertEqual(sorted(name for name, _ in names), ["f1", "f2", "f3", "f4"])
+        self.assertFalse(fs.inodes.at_once.leases.usable(folder), "given back")
+        self.connection.sent.clear()
+        yield fs.inodes.unlink(folder, b"f1")
+        self.assertIn(w.Unlink, [type(message) for message in self.connection.sent])
+        self.assertEqual(len(fs.session.pipeline), 0, "made the usual way, answered before it returned")
+
+    @defer.inlineCallbacks
+    def test_a_lease_ends_with_the_connection_and_with_its_time(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.close("dropped")
+        self.assertFalse(fs.inodes.at_once.leases.usable(folder))
+        yield fs.mkdir("/again")  # connects again
+        self.responder.leases.lease_seconds = 2.2  # usable for 0.2 s (the last 2 s are not used)
+        short = yield self.leased_folder(fs, "/short")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(fs.inodes.at_once.leases.usable(short))
+
+    @defer.inlineCallbacks
+    def test_closing_waits_for_changes_on_their_way(self) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.holding = True
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        handle.close()
+        closing = fs.close()
+        self.assertNoResult(closing)
+        self.connection.answer_all()
+        yield closing
+        self.assertEqual(len(self.meta_store.readdir(folder, b"", 10)[0]), 1)
