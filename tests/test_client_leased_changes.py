@@ -19,7 +19,9 @@ from lucidlink import errors
 from lucidlink.client.filespace import Filespace
 from lucidlink.client.leased_changes import ChangeRefused
 from lucidlink.client.session import open_session
+from lucidlink.meta import mutations as m
 from lucidlink.meta.inode_blocks import InodeBlocks
+from lucidlink.meta.service import MetadataResponder
 from lucidlink.protocol import messages as w
 from tests.client_helpers import (
     ADMIN,
@@ -39,17 +41,31 @@ class _HeldConnection(InMemoryConnection):
     def __init__(self, *arguments: Any) -> None:
         super().__init__(*arguments)
         self.holding = False
+        self.deaf = False
+        """Requests are lost on the way (the server never sees them) until the connection closes."""
         self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
         self.sent: list[Any] = []
+        self.unanswered: list[Deferred[Any]] = []
 
     def request(self, message: Any, timeout: float | None = None, request_id: int | None = None) -> Deferred[Any]:
         self.sent.append(message)
+        if self.deaf:
+            self.unanswered.append(Deferred())
+            return self.unanswered[-1]
         answer = super().request(message, timeout, request_id)
         if not self.holding:
             return answer
         waiting: Deferred[Any] = Deferred()
         self.held.append((answer, waiting))
         return waiting
+
+    def close(self, text: str = "closing", timeout: float = 0) -> Deferred[Any]:
+        closed = super().close(text, timeout)
+        waiting = [waiter for _, waiter in self.held] + self.unanswered
+        self.held, self.unanswered = [], []
+        for waiter in waiting:
+            waiter.errback(errors.ConnectionClosed(text))
+        return closed
 
     def answer_all(self) -> None:
         self.holding = False
@@ -215,18 +231,50 @@ class LeasedChangesTests(MemoryFilespaceCase):
         folder = yield self.leased_folder(fs)
         yield fs.write_file("/work/a", b"x")
         kept = yield fs.open_path("/work/kept", os.O_RDWR | os.O_CREAT)
-        sealed = fs.inodes._seal(folder, b"a")
-        with self.meta_store.group():
-            self.meta_store.apply(self._unlink_record(folder, sealed))  # gone behind the lease's back
+        self.behind_the_leases_back(m.Unlink(folder, fs.inodes._seal(folder, b"a")),
+                                    m.MakeDirectory(folder, fs.inodes._seal(folder, b"a"), 0o755, 0, 0))
         yield fs.inodes.unlink(folder, b"a")
         self.assertEqual(fs.inodes.lookup_cached(folder, b"kept"), None, "the folder is to be read again")
         yield self.assertFailure(kept.fsync(), ChangeRefused)
         yield kept.close()
 
-    @staticmethod
-    def _unlink_record(folder: int, sealed: bytes) -> Any:
-        from lucidlink.meta import mutations as m
-        return m.Unlink(folder, sealed)
+    @defer.inlineCallbacks
+    def test_an_unlink_of_what_is_gone_already_is_done(self) -> Generator[Deferred[Any], Any, None]:
+        """(A restarted server, which made the unlink and then lost its answer, says the name is gone.)"""
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.write_file("/work/a", b"x")
+        self.behind_the_leases_back(m.Unlink(folder, fs.inodes._seal(folder, b"a")))
+        yield fs.inodes.unlink(folder, b"a")
+        yield fs.inodes.sync_changes()
+
+    def behind_the_leases_back(self, *records: Any) -> None:
+        with self.meta_store.group():
+            for record in records:
+                self.meta_store.apply(record)
+
+    @defer.inlineCallbacks
+    def test_changes_in_flight_survive_a_restart_of_the_server(self) -> Generator[Deferred[Any], Any, None]:
+        """Made and unanswered, or never seen: sent again to the restarted server, each is made once."""
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.write_file("/work/old", b"x")
+        self.connection.holding = True
+        made = yield fs.inodes.create(folder, b"made", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        yield fs.inodes.unlink(folder, b"old")
+        self.connection.deaf = True
+        lost = yield fs.inodes.create(folder, b"lost", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE, group_window=None)
+        self.connection.close("the server restarted")
+        yield fs.inodes.sync_changes()
+        for handle in (made, lost):
+            yield handle.write(0, b"kept")
+            yield handle.close()
+        other = yield self.memory_filespace()
+        names = yield other.listdir("/work")
+        self.assertEqual(sorted(name for name, _ in names), ["lost", "made"])
+        content = yield other.read_file("/work/lost")
+        self.assertEqual(content, b"kept")
 
     @defer.inlineCallbacks
     def test_another_client_recalls_the_lease_and_sees_every_change(self) -> Generator[Deferred[Any], Any, None]:

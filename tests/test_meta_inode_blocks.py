@@ -84,13 +84,36 @@ class ReservedInodeServiceTests(InitialisedTestCase):
             self.store._db = real
         self.assertEqual(self.wendy.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first)).attributes.inode, first)
 
-    def test_a_restarted_server_knows_no_block(self) -> None:
-        """After a restart the client's ids are refused, and the server's own go on past them."""
+    def test_a_restarted_server_knows_the_blocks(self) -> None:
+        """After a restart the client's unused ids are still its own; those used already are refused."""
         first = self.wendy.answer(ReserveInodes(4)).first
+        self.wendy.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first))
         self.responder = MetadataResponder(self.store, self.clock, FILESPACE)
         again = self.named("wendy", CLIENT)
-        again.refused(MkDir(ROOT_INODE, b"a", 0o755, 0, 0, first), errors.InvalidArgument)
-        self.assertGreaterEqual(again.answer(MkDir(ROOT_INODE, b"a", 0o755, 0, 0)).attributes.inode, first + 4)
+        again.refused(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first), errors.InvalidArgument)
+        self.assertEqual(again.answer(MkDir(ROOT_INODE, b"b", 0o755, 0, 0, first + 1)).attributes.inode, first + 1)
+        self.named("wendy", b"another client!!").refused(MkDir(ROOT_INODE, b"c", 0o755, 0, 0, first + 2),
+                                                         errors.InvalidArgument)
+        self.assertGreaterEqual(again.answer(MkDir(ROOT_INODE, b"c", 0o755, 0, 0)).attributes.inode, first + 4)
+
+    def test_a_create_sent_again_after_a_restart_opens_what_it_made(self) -> None:
+        """The server keeps no answers across a restart: a create of its own id that made the entry opens it."""
+        first = self.wendy.answer(ReserveInodes(4)).first
+        made = self.wendy.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY, first))
+        self.responder = MetadataResponder(self.store, self.clock, FILESPACE)
+        again = self.named("wendy", CLIENT)
+        opened = again.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_WRONLY, first))
+        self.assertEqual(opened.attributes, made.attributes)
+        again.refused(Create(ROOT_INODE, b"g", 0o644, 0, 0, True, O_WRONLY, first), errors.InvalidArgument)
+
+    def test_blocks_on_record_are_bounded(self) -> None:
+        """The store keeps the newest blocks, for a day."""
+        for _ in range(3):
+            self.wendy.answer(ReserveInodes(2))
+        self.assertEqual(len(self.store.inode_blocks()), 3)
+        self.clock.advance(25 * 3600)
+        last = self.wendy.answer(ReserveInodes(2)).first
+        self.assertEqual(self.store.inode_blocks(), [(CLIENT, last, 2)])
 
 
 class ReplayTests(SynchronousTestCase):
@@ -104,11 +127,12 @@ class ReplayTests(SynchronousTestCase):
         self.addCleanup(replica.close)
         store = workload.store
         store.apply(initialise_record())
-        first = store.apply(m.ReserveInodes(10)).value
+        first = store.apply(m.ReserveInodes(10, client=CLIENT)).value
         store.apply(m.CreateFile(ROOT_INODE, b"f", 0o644, 0, 0, True, first + 3))
         for data in workload.records:
             replica.apply(m.decode(data))
         self.assertEqual(replica.dump(), store.dump())
+        self.assertEqual(replica.inode_blocks(), [(CLIENT, first, 10)])
         next_here = store.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0)).value.inode
         next_there = replica.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0)).value.inode
         self.assertEqual((next_here, next_there), (first + 10, first + 10))

@@ -39,7 +39,7 @@ from lucidlink.client.inode_pool import InodePool
 from lucidlink.client.leases import HeldLeases
 from lucidlink.client.metadata_cache import ABSENT
 from lucidlink.client.session import ServerHandle
-from lucidlink.errors import LucidError
+from lucidlink.errors import LucidError, NotFound
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import Attributes, FileKind
 
@@ -143,10 +143,15 @@ class LeasedChanges:
         if directory is not None:
             self.known.learn(dataclasses.replace(directory, mtime_ns=now, ctime_ns=now), since)
         request = w.Unlink(parent, self.inodes._seal(parent, name), now)
-        self.session.pipeline.post(request).addErrback(
-            self._refused_change, f"removing inode {inode}", parent, name, inode, None
-        )
+        self.session.pipeline.post(request).addErrback(self._unlink_refused, inode, parent, name)
         return True
+
+    def _unlink_refused(self, failure: Failure, inode: int, parent: int, name: bytes) -> None:
+        if failure.check(NotFound):
+            # Gone, as this client said: sent again after a restart of the server that had made it.
+            _log.info("entry of inode {inode} in directory {parent} was removed already", inode=inode, parent=parent)
+            return
+        self._refused_change(failure, f"removing inode {inode}", parent, name, inode, None)
 
     def _file_to_unlink(self, parent: int, name: bytes) -> int | None:
         """The inode entry ``name`` of ``parent`` names, if it may be unlinked here at once."""

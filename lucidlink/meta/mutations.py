@@ -260,10 +260,15 @@ class CommitChunks(Mutation):
 
 @mutation("reserve-inodes")
 class ReserveInodes(Mutation):
-    """Move the next inode id past ``count`` ids a client gives its own creations, from ``first``."""
+    """
+    Move the next inode id past ``count`` ids a client gives its own creations, from ``first``; the block
+    is kept as ``client``'s (older records have none) so that a restarted server still knows it.
+    """
 
     count: int
     first: int | None = None
+    client: bytes = b""
+    time_ns: int | None = None
 
 
 @mutation("reclaim")

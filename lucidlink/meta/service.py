@@ -193,6 +193,9 @@ class MetadataResponder:
         self.leases = DirectoryLeases(clock)
         self.inode_blocks = InodeBlocks(clock)
         """The inode ids named clients reserved and have not used (see :mod:`lucidlink.meta.inode_blocks`)."""
+        if store.initialised:
+            for client, first, count in store.inode_blocks():  # a restarted server knows them still
+                self.inode_blocks.add(client, first, count)
         """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self._session_ids = itertools.count(1)
@@ -736,6 +739,10 @@ class MetadataResponder:
 
     @answers(w.Create, role=Role.WRITER, doing="writing", grouped=True)
     def _create(self, session: Session, message: w.Create) -> w.Opened:
+        made = self._made_already(message)
+        if made is not None:
+            handle = self._open_handle(session, made.inode, is_writable(message.open_flags))
+            return w.Opened(handle.id, made)
         applied = self._apply(session, m.CreateFile(message.parent, message.name, message.mode, message.uid,
                                                     message.gid, message.exclusive,
                                                     self._own_inode(session, message.inode),
@@ -745,12 +752,25 @@ class MetadataResponder:
         handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
         return w.Opened(handle.id, attributes)
 
+    def _made_already(self, message: w.Create) -> w.Attributes | None:
+        """
+        The file a ``Create`` naming an id of the client's own made already, if its entry names it: the same
+        change sent again after a restart of this server (which keeps no answers across one).
+        """
+        if not message.inode:
+            return None
+        try:
+            found = self.store.lookup(message.parent, message.name)
+        except LucidError:
+            return None
+        return found if found.inode == message.inode and found.kind == FileKind.FILE else None
+
     @answers(w.ReserveInodes, role=Role.WRITER, doing="creating files", grouped=True)
     def _reserve_inodes(self, session: Session, message: w.ReserveInodes) -> w.InodeBlock:
         client = session.client
         if client is None:
             raise InvalidArgument("inode ids are reserved for a named client (ClientId first)")
-        first = self._apply(session, m.ReserveInodes(message.count)).value
+        first = self._apply(session, m.ReserveInodes(message.count, client=client)).value
         self.inode_blocks.add(client, first, message.count)
         if self._undo is not None:  # inside a group commit, which may yet fail
             self._undo.append(lambda: self.inode_blocks.remove(client, first, message.count))
@@ -761,6 +781,8 @@ class MetadataResponder:
         if not inode:
             return None
         self.inode_blocks.check(session.client, inode)
+        if self.store.inode_exists(inode):  # used before this server started (it knows the block, not its uses)
+            raise InvalidArgument(f"inode id {inode} is used already")
         return inode
 
     def _used_inode(self, session: Session, inode: int, made: int) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import sqlite3
 import stat
@@ -101,6 +102,10 @@ TOTAL_INODES = 2**32
 SERVER_SECRET_LENGTH = 32
 
 _PERMISSION_BITS = 0o7777
+KEPT_INODE_BLOCKS_NS = 24 * 3600 * 1_000_000_000
+"""How long the store keeps a client's block of inode ids on record (for a restarted server)."""
+MAX_KEPT_INODE_BLOCKS = 1024
+"""Blocks kept on record at most, the newest."""
 _ALL_SETATTR_FIELDS = int(SetAttrField(sum(SetAttrField)))
 _INODE_COLUMNS = "id, kind, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, version"
 
@@ -910,7 +915,25 @@ class MetadataStore:
         assert record.first is not None
         next_inode = self._setting(tx.cursor, "next_inode", ROOT_INODE + 1)
         self._put_setting(tx, "next_inode", max(next_inode, record.first + record.count))
+        if record.client:
+            oldest = tx.time_ns - KEPT_INODE_BLOCKS_NS
+            blocks = [block for block in self._kept_inode_blocks(tx.cursor) if block[3] >= oldest]
+            blocks.append([record.client.hex(), record.first, record.count, tx.time_ns])
+            self._put_setting(tx, "inode_blocks", json.dumps(blocks[-MAX_KEPT_INODE_BLOCKS:]))
         return record.first
+
+    @staticmethod
+    def _kept_inode_blocks(db: Any) -> list[list[Any]]:
+        kept = MetadataStore._setting(db, "inode_blocks")
+        return [] if kept is None else list(json.loads(kept))
+
+    def inode_blocks(self) -> list[tuple[bytes, int, int]]:
+        """The inode id blocks reserved lately for named clients, oldest first: (client, first, count)."""
+        return [(bytes.fromhex(client), first, count) for client, first, count, _ in self._kept_inode_blocks(self._db)]
+
+    def inode_exists(self, inode: int) -> bool:
+        """Whether ``inode`` is an inode of the filespace (with links or still open)."""
+        return self._db.execute("SELECT 1 FROM inodes WHERE id = ?", (inode,)).fetchone() is not None
 
     def _group_of_new_entry(self, tx: _Transaction, parent: int, gid: int) -> tuple[int, int]:
         """
