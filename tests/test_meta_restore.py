@@ -237,7 +237,8 @@ class RestoreTests(SynchronousTestCase):
         self.ship()
         manifest = self.successResultOf(take_snapshot(self.store, self.objects, FILESPACE, self.clock))
         key = snapshot_key(FILESPACE, manifest.seq)
-        self.objects.objects[key] = self.objects.objects[key][:-1] + b"\x00"
+        stored = self.objects.objects[key]
+        self.objects.objects[key] = stored[:-1] + bytes([stored[-1] ^ 0xFF])  # changed, whatever it was
         result, store = self.restored()
         self.assertIsNone(result.snapshot_seq)
         self.assertTrue(result.complete)
