@@ -151,7 +151,8 @@ class PruneTests(SynchronousTestCase):
         """The newest snapshot is damaged: nothing goes, and restore falls back to an older good one."""
         newest_seq = self.history.snapshots[-1][0]
         key = snapshot_key(FILESPACE, newest_seq)
-        self.history.objects[key] = self.history.objects[key][:-1] + b"\x00"
+        stored = self.history.objects[key]
+        self.history.objects[key] = stored[:-1] + bytes([stored[-1] ^ 0xFF])  # changed, whatever it was
         before = dict(self.history.objects)
         done = self.prune(1.0)
         self.assertEqual(done.deleted, [])
