@@ -321,3 +321,23 @@ class LeasedChangesTests(MemoryFilespaceCase):
         self.connection.answer_all()
         yield closing
         self.assertEqual(len(self.meta_store.readdir(folder, b"", 10)[0]), 1)
+
+    @defer.inlineCallbacks
+    def test_the_folders_times_are_the_servers_when_it_did_not_keep_the_holders(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """A change that reached the server after its lease ended was made at the server's time: not the one here."""
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.responder.leases._leases.clear()  # the server's lease ended; the client has not heard yet
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        yield fs.inodes.sync_changes()
+        self.assertNotEqual(self.meta_store.getattr(handle.inode).ctime_ns, handle.opened.ctime_ns)
+        self.assertIn(fs.inodes.getattr_cached(folder), (None, self.meta_store.getattr(folder)))
+        yield handle.close()
+        yield fs.inodes.getattr(folder)
+        yield fs.inodes.lookup(folder, b"a")
+        fs.inodes.at_once.leases._held[folder].until = reactor.seconds() + 5  # still usable here
+        yield fs.inodes.unlink(folder, b"a")
+        yield fs.inodes.sync_changes()
+        self.assertIn(fs.inodes.getattr_cached(folder), (None, self.meta_store.getattr(folder)))

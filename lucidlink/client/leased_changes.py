@@ -105,7 +105,8 @@ class LeasedChanges:
         request = w.Create(parent, sealed, mode, uid, gid, True, flags, inode, now)
         self.session.pipeline.post_noting_connection(request).addCallbacks(
             self._created, self._refused_change,
-            callbackArgs=(server, attributes), errbackArgs=(f"creating inode {inode}", parent, name, inode, server),
+            callbackArgs=(server, parent, attributes),
+            errbackArgs=(f"creating inode {inode}", parent, name, inode, server),
         )
         handle: FileHandle = yield self.inodes._opened(server, attributes, flags)
         return handle
@@ -117,11 +118,14 @@ class LeasedChanges:
             and self.known.entry(parent, name) == ABSENT
         )
 
-    def _created(self, answered: tuple[w.Opened, int], server: ServerHandle, attributes: Attributes) -> None:
+    def _created(
+        self, answered: tuple[w.Opened, int], server: ServerHandle, parent: int, attributes: Attributes
+    ) -> None:
         opened, generation = answered
         self.session.handle_came(server, opened.handle, generation)
         if opened.attributes != attributes:  # made otherwise than here (the lease had ended): learn it again
             self.known.inode_changed(attributes.inode)
+            self.known.inode_changed(parent)  # its times are the server's too
             self.inodes._tell_change(attributes.inode)
 
     # -- unlink ------------------------------------------------------------------------
@@ -143,8 +147,14 @@ class LeasedChanges:
         if directory is not None:
             self.known.learn(dataclasses.replace(directory, mtime_ns=now, ctime_ns=now), since)
         request = w.Unlink(parent, self.inodes._seal(parent, name), now)
-        self.session.pipeline.post(request).addErrback(self._unlink_refused, inode, parent, name)
+        self.session.pipeline.post(request).addCallbacks(
+            self._unlinked, self._unlink_refused, callbackArgs=(parent, now), errbackArgs=(inode, parent, name),
+        )
         return True
+
+    def _unlinked(self, answer: Any, parent: int, now: int) -> None:
+        if isinstance(answer, w.Entry) and answer.attributes.mtime_ns != now:
+            self.known.inode_changed(parent)  # made at the server's time (the lease had ended): learn it again
 
     def _unlink_refused(self, failure: Failure, inode: int, parent: int, name: bytes) -> None:
         if failure.check(NotFound):
