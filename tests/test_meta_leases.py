@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -202,6 +203,27 @@ class HeldBackTests(InitialisedTestCase):
         self.clock.advance(0)
         self.successResultOf(moved), self.successResultOf(removed)
         self.assertRaises(errors.NotFound, self.store.lookup, ROOT_INODE, b"a")
+
+    def test_a_lease_is_not_given_back_before_a_change_refused_ahead_of_it(self) -> None:
+        """
+        A change in the other's own leased folder, held back behind a refused one, then that lease's return:
+        the return waits too, so that nobody sees the folder before the change is made.
+        """
+        theirs = self.other.answer(MkDir(ROOT_INODE, b"theirs", 0o755, 0, 0)).attributes.inode
+        self.other.answer(LeaseDirectory(theirs))
+        folder = self.leased_folder()
+        self.assertRaises(errors.Busy, self.send, MkDir(folder, b"m", 0o755, 0, 0), 2**31 + 1)
+        self.assertRaises(errors.Busy, self.send, Create(theirs, b"c", 0o644, 0, 0, True, O_WRONLY), 2**31 + 2)
+        self.assertRaises(errors.Busy, self.send, LeaseReturned(theirs), 2**31 + 3)
+        self.assertIsNotNone(self.responder.leases.held(theirs), "still held: the create is not made yet")
+        self.wendy.answer(LeaseReturned(folder))
+        for message, request_id in ((MkDir(folder, b"m", 0o755, 0, 0), 2**31 + 1),
+                                    (Create(theirs, b"c", 0o644, 0, 0, True, O_WRONLY), 2**31 + 2),
+                                    (LeaseReturned(theirs), 2**31 + 3)):
+            answer = self.send(message, request_id)
+            self.clock.advance(0)
+            self.successResultOf(defer.maybeDeferred(lambda answer=answer: answer))
+        self.assertIsNone(self.responder.leases.held(theirs))
 
     def test_held_back_for_a_lease_at_most(self) -> None:
         """A refused change never sent again holds nothing back once a lease would have ended."""

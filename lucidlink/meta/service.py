@@ -229,8 +229,10 @@ class MetadataResponder:
             self._require_role(session, role, doing)
         request_id = getattr(connection, "request_id", None)
         # Only ids a client gives its calls: those a connection numbers itself start again on each connection.
-        named = grouped and session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT
-        if named:
+        own_call = session.client is not None and request_id is not None and request_id >= OWN_REQUEST_ID_LIMIT
+        named = grouped and own_call
+        if named or (own_call and isinstance(message, w.LeaseReturned)):
+            # A lease given back after the holder's changes of the directory must not overtake one refused.
             self._hold_back(session, request_id)
         scope = _LEASE_SCOPE.get(type(message))
         if scope is not None:
