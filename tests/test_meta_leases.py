@@ -273,3 +273,11 @@ class DirectoryLeasesTests(SynchronousTestCase):
         self.leases.touch(1, [7], lambda lease: None)
         self.assertEqual(sorted(self.leases.end_session(1)), [5, 6])
         self.assertEqual(self.leases.grant(2, 7).holder, 2)
+
+    def test_a_session_kept_waiting_by_a_lease_keeps_it_from_being_granted_again(self) -> None:
+        """Given back after a recall, the lease is not granted again before the session that waited gets in."""
+        self.leases.grant(1, 5)
+        self.assertRaises(errors.Busy, self.leases.touch, 2, [5], lambda lease: self.recalled.append(lease.directory))
+        self.assertEqual(self.recalled, [5])
+        self.assertTrue(self.leases.returned(1, 5))
+        self.assertRaises(errors.Busy, self.leases.grant, 1, 5)

@@ -98,6 +98,8 @@ class DirectoryLeases:
             lease = self._leases.get(directory) if self._leases else None
             if lease is not None and lease.holder != session:
                 if lease.expires > now:
+                    if remember:  # it comes back once the lease is returned: not granted again meanwhile
+                        self._touched.setdefault(directory, {})[session] = now
                     if not lease.recalled:
                         lease.recalled = True
                         recall(lease)
