@@ -165,3 +165,11 @@ class HeldLeasesTests(SynchronousTestCase):
         answer.callback(w.Lease(7, 10_000))
         self.assertFalse(self.leases.usable(7))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_granted_after_closing(self) -> None:
+        """An answer that comes after :meth:`HeldLeases.close` leaves no lease and no renewal behind."""
+        self.leases.ask(7)
+        self.leases.close()
+        self.grant()
+        self.assertFalse(self.leases.usable(7))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -59,6 +59,7 @@ class HeldLeases:
         """Called with a directory whose lease ended here (recalled, or not renewed)."""
         self._held: dict[int, _Held] = {}
         self._asking: set[int] = set()
+        self._closed = False
         self._unsubscribe = [session.on_notify(self._pushed), session.on_connection_lost(self.drop_all)]
 
     def __contains__(self, directory: int) -> bool:
@@ -78,7 +79,7 @@ class HeldLeases:
     def ask(self, directory: int) -> None:
         """Ask for a lease on ``directory`` in the background (one attempt: a refusal means none for now)."""
         live = self.session._live
-        if directory in self._asking or directory in self._held or live is None or self.session._closed:
+        if directory in self._asking or directory in self._held or live is None or self.session._closed or self._closed:
             return
         self._request(directory, live)
 
@@ -99,6 +100,7 @@ class HeldLeases:
 
     def close(self) -> None:
         """Stop listening to the session; the leases end with it."""
+        self._closed = True
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
@@ -111,7 +113,7 @@ class HeldLeases:
     def _granted(self, answer: w.Lease, directory: int, asked_at: float, generation: int) -> None:
         self._asking.discard(directory)
         live = self.session._live
-        if live is None or live.generation != generation or self.session._closed:
+        if live is None or live.generation != generation or self.session._closed or self._closed:
             return
         seconds = answer.expires_ms / 1000
         held = self._held.get(directory)
