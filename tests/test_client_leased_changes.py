@@ -341,3 +341,34 @@ class LeasedChangesTests(MemoryFilespaceCase):
         yield fs.inodes.unlink(folder, b"a")
         yield fs.inodes.sync_changes()
         self.assertIn(fs.inodes.getattr_cached(folder), (None, self.meta_store.getattr(folder)))
+
+    def drop_connection(self) -> None:
+        """The connection is lost with the server's answers held back: the server made the changes, unheard."""
+        connection = self.connection
+        held, connection.held = connection.held, []
+        connection.holding = False
+        connection.close("dropped")
+        for answer, waiting in held:
+            answer.addErrback(lambda _: None)
+            waiting.errback(errors.ConnectionClosed("dropped"))
+
+    @defer.inlineCallbacks
+    def test_a_create_whose_answer_was_lost_is_answered_on_the_next_connection(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.holding = True
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        first = self.connection
+        self.drop_connection()
+        yield fs.inodes.sync_changes()
+        self.assertIsNot(self.connection, first, "connected again")
+        yield handle.write(0, b"kept")
+        yield handle.close()
+        self.assertEqual(fs.session._handles, set())
+        [server_session] = [s for s in self.responder.sessions.values() if s.connection is self.connection]
+        self.assertEqual(dict(server_session.handles), {}, "the handle opened again was released")
+        other = yield self.memory_filespace()
+        content = yield other.read_file("/work/a")
+        self.assertEqual(content, b"kept")
