@@ -372,3 +372,38 @@ class LeasedChangesTests(MemoryFilespaceCase):
         other = yield self.memory_filespace()
         content = yield other.read_file("/work/a")
         self.assertEqual(content, b"kept")
+
+    def restart_the_server(self) -> None:
+        """The metadata server restarts on the same store: it remembers no answer and no lease."""
+        self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE, group_window=None)
+        self.drop_connection()  # it connects again at once, to the new one
+
+    @defer.inlineCallbacks
+    def check_made_across_a_restart(self, made_before: bool) -> Generator[Deferred[Any], Any, None]:
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        if made_before:
+            self.connection.holding = True
+        else:
+            self.connection.deaf = True
+        handle = yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        self.connection.deaf = False
+        self.restart_the_server()
+        yield fs.inodes.sync_changes()  # no ChangeRefused
+        self.assertEqual(self.meta_store.lookup(folder, fs.inodes._seal(folder, b"a")).inode, handle.inode,
+                         "made under the id the program was told")
+        yield handle.write(0, b"kept")
+        yield handle.close()
+        self.assertEqual(fs.session._handles, set())
+        other = yield self.memory_filespace()
+        content = yield other.read_file("/work/a")
+        self.assertEqual(content, b"kept")
+        again = yield fs.inodes.create(folder, b"b", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        yield again.close()
+        yield fs.inodes.sync_changes()
+
+    def test_a_create_not_made_before_the_server_restarted_is_made_after(self) -> Deferred[None]:
+        return self.check_made_across_a_restart(made_before=False)
+
+    def test_a_create_made_before_the_server_restarted_is_answered_after(self) -> Deferred[None]:
+        return self.check_made_across_a_restart(made_before=True)
