@@ -153,6 +153,19 @@ class InodeBlocksTests(SynchronousTestCase):
         self.assertRaises(errors.InvalidArgument, blocks.check, CLIENT, 200)
         self.assertRaises(errors.InvalidArgument, blocks.check, None, 200)
 
+    def test_owned_ids_and_blocks_of_unknown_uses(self) -> None:
+        blocks = InodeBlocks(Clock())
+        blocks.add(CLIENT, 100, 2)
+        blocks.add(CLIENT, 200, 2, uses_known=False)  # on record from before this server started
+        self.assertEqual([blocks.owns(CLIENT, inode) for inode in (100, 102, 200)], [True, False, True])
+        self.assertFalse(blocks.owns(b"another", 100))
+        self.assertEqual([blocks.uses_known(CLIENT, inode) for inode in (100, 200, 300)], [True, False, True])
+        blocks.take(CLIENT, 100)
+        self.assertFalse(blocks.owns(CLIENT, 100))
+        blocks.take(CLIENT, 200)
+        blocks.take(CLIENT, 201)
+        self.assertEqual(blocks._uses_unknown, set(), "forgotten with its block")
+
     def test_a_client_holds_few_blocks_and_loses_them_when_idle(self) -> None:
         """A fifth block makes a client forget its oldest; an hour without use forgets them all."""
         clock = Clock()

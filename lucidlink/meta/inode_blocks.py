@@ -33,16 +33,23 @@ class InodeBlocks:
         self.idle_seconds = idle_seconds
         self._blocks: dict[bytes, dict[range, set[int]]] = {}
         self._used_at: dict[bytes, float] = {}
+        self._uses_unknown: set[range] = set()
         self._swept_at = 0.0
 
     def __len__(self) -> int:
         return sum(len(blocks) for blocks in self._blocks.values())
 
-    def add(self, client: bytes, first: int, count: int) -> None:
-        """Ids ``first`` to ``first + count - 1`` are ``client``'s."""
+    def add(self, client: bytes, first: int, count: int, uses_known: bool = True) -> None:
+        """
+        Ids ``first`` to ``first + count - 1`` are ``client``'s.  Not ``uses_known``: a block reserved before
+        this server started, whose ids may have been used (:meth:`uses_known` tells).
+        """
         self._sweep()
         blocks = self._blocks.setdefault(client, {})
-        blocks[range(first, first + count)] = set()
+        block = range(first, first + count)
+        blocks[block] = set()
+        if not uses_known:
+            self._uses_unknown.add(block)
         while len(blocks) > self.max_blocks:
             del blocks[next(iter(blocks))]
         self._used_at[client] = self.clock.seconds()
@@ -57,6 +64,16 @@ class InodeBlocks:
         if block is None or inode in self._blocks[client][block]:  # type: ignore[index]
             raise InvalidArgument(f"inode id {inode} is not one this client reserved and has not used")
 
+    def owns(self, client: bytes | None, inode: int) -> bool:
+        """Whether ``inode`` is an id of ``client``'s it has not used (as far as this server knows)."""
+        block = self._block_of(client, inode)
+        return block is not None and inode not in self._blocks[client][block]  # type: ignore[index]
+
+    def uses_known(self, client: bytes | None, inode: int) -> bool:
+        """Whether this server knows every use of the block that holds ``inode`` (reserved since it started)."""
+        block = self._block_of(client, inode)
+        return block is None or block not in self._uses_unknown
+
     def take(self, client: bytes | None, inode: int) -> range:
         """Use ``inode`` (see :meth:`check`); its block, which is forgotten once all its ids are used."""
         self.check(client, inode)
@@ -67,6 +84,7 @@ class InodeBlocks:
         self._used_at[client] = self.clock.seconds()
         if len(used) == len(block):
             del self._blocks[client][block]
+            self._uses_unknown.discard(block)
         return block
 
     def give_back(self, client: bytes, inode: int, block: range) -> None:

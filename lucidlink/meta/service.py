@@ -195,7 +195,7 @@ class MetadataResponder:
         """The inode ids named clients reserved and have not used (see :mod:`lucidlink.meta.inode_blocks`)."""
         if store.initialised:
             for client, first, count in store.inode_blocks():  # a restarted server knows them still
-                self.inode_blocks.add(client, first, count)
+                self.inode_blocks.add(client, first, count, uses_known=False)
         """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self._session_ids = itertools.count(1)
@@ -741,7 +741,7 @@ class MetadataResponder:
 
     @answers(w.Create, role=Role.WRITER, doing="writing", grouped=True)
     def _create(self, session: Session, message: w.Create) -> w.Opened:
-        made = self._made_already(message)
+        made = self._made_already(session, message)
         if made is not None:
             handle = self._open_handle(session, made.inode, is_writable(message.open_flags))
             return w.Opened(handle.id, made)
@@ -754,13 +754,16 @@ class MetadataResponder:
         handle = self._open_handle(session, attributes.inode, is_writable(message.open_flags))
         return w.Opened(handle.id, attributes)
 
-    def _made_already(self, message: w.Create) -> w.Attributes | None:
+    def _made_already(self, session: Session, message: w.Create) -> w.Attributes | None:
         """
         The file a ``Create`` naming an id of the client's own made already, if its entry names it: the same
         change sent again after a restart of this server (which keeps no answers across one).
         """
-        if not message.inode:
-            return None
+        if not message.inode or (
+            self.inode_blocks.owns(session.client, message.inode)
+            and self.inode_blocks.uses_known(session.client, message.inode)
+        ):
+            return None  # an id not used yet: a first attempt
         try:
             found = self.store.lookup(message.parent, message.name)
         except LucidError:
@@ -783,8 +786,8 @@ class MetadataResponder:
         if not inode:
             return None
         self.inode_blocks.check(session.client, inode)
-        if self.store.inode_exists(inode):  # used before this server started (it knows the block, not its uses)
-            raise InvalidArgument(f"inode id {inode} is used already")
+        if not self.inode_blocks.uses_known(session.client, inode) and self.store.inode_exists(inode):
+            raise InvalidArgument(f"inode id {inode} is used already")  # before this server started
         return inode
 
     def _used_inode(self, session: Session, inode: int, made: int) -> None:
