@@ -93,6 +93,11 @@ class LeaseCase(DemoMountCase):
                 raise AssertionError(f"{folder} was not leased after {LEASED_WITHIN} s")
             time.sleep(0.05)
 
+    def continue_metadata_server(self, pid: int) -> None:
+        """Let the metadata server stopped with SIGSTOP go on (if it is still there)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
     def assertSameListing(self, expected: set[str], *folders: Path) -> None:
         for folder in folders:
             self.assertEqual(sorted(os.listdir(folder)), sorted(expected), folder)
@@ -143,6 +148,28 @@ class LeasedChangesTests(LeaseCase):
         run_together([create, list_until_all_seen])
         self.assertGreater(len(listings), 1, "b listed only once: the two did not overlap")
         self.assertSameListing(set(made), self.b / "together", self.a / "together")
+
+    def test_both_mounts_create_in_a_leased_folder(self) -> None:
+        """Both mounts create at once in a folder ``a`` leases: of names both make, one wins; all agree after."""
+        os.mkdir(self.a / "both")
+        self.until_leased(self.a / "both")
+        won: dict[str, set[str]] = {"a": set(), "b": set()}
+
+        def create(side: str, root: Path) -> None:
+            for number in range(150):
+                for name in (f"{side}{number}", f"x{number}"):
+                    try:
+                        touch(root / "both" / name)
+                    except FileExistsError:
+                        continue
+                    won[side].add(name)
+
+        run_together([lambda: create("a", self.a), lambda: create("b", self.b)])
+        fsyncdir(self.a / "both")
+        contended = {f"x{number}" for number in range(150)}
+        self.assertEqual(won["a"] & won["b"], set(), "both made the same name")
+        self.assertEqual((won["a"] | won["b"]) & contended, contended)
+        self.assertSameListing(won["a"] | won["b"], self.a / "both", self.b / "both")
 
     def test_close_to_open(self) -> None:
         """Files written and closed under ``a``'s lease are read whole on ``b``."""
@@ -240,19 +267,30 @@ class UnmountTests(LeaseCase):
     """Unmounting waits for the changes a mount made without waiting."""
 
     def test_unmount_right_after_creates(self) -> None:
-        """``fusermount -u`` right after 300 creates (no fsync): every file is there, from ``b`` and remounted."""
+        """
+        ``fusermount -u`` right after 300 creates (no fsync), the last 20 of them surely in flight (the
+        metadata server stopped): the process waits for them, and every file is there, from ``b`` and remounted.
+        """
         os.mkdir(self.a / "burst")
         self.until_leased(self.a / "burst")
-        names = {f"u{number:03}" for number in range(300)}
-        for name in sorted(names):
+        names = [f"u{number:03}" for number in range(300)]
+        for name in names[:280]:
+            touch(self.a / "burst" / name)
+        server = self.metadata_server_pid()
+        os.kill(server, signal.SIGSTOP)
+        self.addCleanup(self.continue_metadata_server, server)
+        for name in names[280:]:
             touch(self.a / "burst" / name)
         mount = self.mounts["a"]
         subprocess.run(["fusermount", "-u", str(self.a)], check=True, capture_output=True, timeout=60)
+        with self.assertRaises(subprocess.TimeoutExpired, msg="the mount ended with changes unsent"):
+            mount.process.wait(1)
+        self.continue_metadata_server(server)
         self.assertEqual(mount.process.wait(60), 0, mount.log_text())
         self.assertNotIn("was refused by the metadata server", mount.log_text())
-        self.assertSameListing(names, self.b / "burst")
+        self.assertSameListing(set(names), self.b / "burst")
         self.start_mount("a")
-        self.assertSameListing(names, self.a / "burst")
+        self.assertSameListing(set(names), self.a / "burst")
 
 
 class MetadataServerRestartTests(LeaseCase):
@@ -307,10 +345,6 @@ class MetadataServerRestartTests(LeaseCase):
         seen_by_a = set(os.listdir(folder))
         eventually(lambda: self.assertEqual(set(os.listdir(self.b / "inflight")), seen_by_a))
         return created, vouched, failed, seen_by_a
-
-    def continue_metadata_server(self, pid: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
     def test_nothing_lost_silently(self) -> None:
         """Both mounts agree; what an fsyncdir vouched for is kept; fsyncdir fails if, and only if, a create was lost."""
