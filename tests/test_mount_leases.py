@@ -268,29 +268,44 @@ class UnmountTests(LeaseCase):
 
     def test_unmount_right_after_creates(self) -> None:
         """
-        ``fusermount -u`` right after 300 creates (no fsync), the last 20 of them surely in flight (the
-        metadata server stopped): the process waits for them, and every file is there, from ``b`` and remounted.
+        ``fusermount -u`` right after creates (no fsync): the process waits for those in flight, and every
+        file is there.  Once with 20 creates surely in flight (the metadata server stopped until a second
+        after the unmount), once right after a burst of 300.
         """
-        os.mkdir(self.a / "burst")
-        self.until_leased(self.a / "burst")
-        names = [f"u{number:03}" for number in range(300)]
-        for name in names[:280]:
-            touch(self.a / "burst" / name)
+        os.mkdir(self.a / "held")
+        self.until_leased(self.a / "held")
+        fsyncdir(self.a / "held")  # the pipeline empty: the 20 below fit in it
         server = self.metadata_server_pid()
         os.kill(server, signal.SIGSTOP)
         self.addCleanup(self.continue_metadata_server, server)
-        for name in names[280:]:
-            touch(self.a / "burst" / name)
-        mount = self.mounts["a"]
-        subprocess.run(["fusermount", "-u", str(self.a)], check=True, capture_output=True, timeout=60)
+        held = {f"h{number:02}" for number in range(20)}
+        for name in sorted(held):
+            touch(self.a / "held" / name)
+        mount = self.unmount("a")
         with self.assertRaises(subprocess.TimeoutExpired, msg="the mount ended with changes unsent"):
             mount.process.wait(1)
         self.continue_metadata_server(server)
         self.assertEqual(mount.process.wait(60), 0, mount.log_text())
         self.assertNotIn("was refused by the metadata server", mount.log_text())
-        self.assertSameListing(set(names), self.b / "burst")
+        self.assertSameListing(held, self.b / "held")
+
         self.start_mount("a")
-        self.assertSameListing(set(names), self.a / "burst")
+        self.assertSameListing(held, self.a / "held")
+        os.mkdir(self.a / "burst")
+        self.until_leased(self.a / "burst")
+        burst = {f"u{number:03}" for number in range(300)}
+        for name in sorted(burst):
+            touch(self.a / "burst" / name)
+        mount = self.unmount("a")
+        self.assertEqual(mount.process.wait(60), 0, mount.log_text())
+        self.assertNotIn("was refused by the metadata server", mount.log_text())
+        self.assertSameListing(burst, self.b / "burst")
+
+    def unmount(self, name: str) -> MountProcess:
+        """``fusermount -u`` of mount ``name`` (its process ends by itself)."""
+        mount = self.mounts[name]
+        subprocess.run(["fusermount", "-u", str(mount.mountpoint)], check=True, capture_output=True, timeout=60)
+        return mount
 
 
 class MetadataServerRestartTests(LeaseCase):
