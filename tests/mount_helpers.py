@@ -129,6 +129,25 @@ class DemoMountCase(DemoCase):
             function(*arguments)  # type: ignore[operator]
         self.assertEqual(caught.exception.errno, number, f"{errno.errorcode[caught.exception.errno]}")
 
+    def metadata_server_pid(self) -> int:
+        """The process id of the demo's metadata server."""
+        return int((self.demo.directory / "meta" / "demo" / "twistd.pid").read_text())
+
+    def kill_metadata_server(self) -> None:
+        """SIGKILL the demo's metadata server (the demo restarts it, as systemd would)."""
+        pid_file = self.demo.directory / "meta" / "demo" / "twistd.pid"
+        pid = self.metadata_server_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if int(pid_file.read_text()) != pid:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the demo did not restart its metadata server")
+
     def lucid_cat(self, path: str) -> bytes:
         result = lucid(self.demo.config, "cat", f"demo:{path}")
         self.assertEqual(result.returncode, 0, result.stderr.decode())

@@ -299,21 +299,6 @@ class MetadataServerRestartTests(DemoMountCase):
             self.assertEqual((reading / name).read_bytes(), data, name)
             self.assertEqual(self.lucid_cat(f"/{name}"), data, name)
 
-    def kill_metadata_server(self) -> None:
-        """SIGKILL the demo's metadata server (the demo restarts it, as systemd would)."""
-        pid_file = self.demo.directory / "meta" / "demo" / "twistd.pid"
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if int(pid_file.read_text()) != pid:
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the demo did not restart its metadata server")
-
 
 def run_together(work: list[Callable[[], object]], timeout: float = 120) -> None:
     """Run each callable in a thread of its own; raise the first failure, or if any is not done in time."""
