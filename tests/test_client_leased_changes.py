@@ -373,6 +373,18 @@ class LeasedChangesTests(MemoryFilespaceCase):
         content = yield other.read_file("/work/a")
         self.assertEqual(content, b"kept")
 
+    @defer.inlineCallbacks
+    def test_a_change_whose_fate_is_unknown_says_so(self) -> Generator[Deferred[Any], Any, None]:
+        """The session closes with a create unanswered: not "refused", but not known either."""
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        self.connection.deaf = True
+        yield fs.inodes.create(folder, b"a", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        fs.session.pipeline.fail_all(errors.Unavailable("the metadata server did not answer within 5 s"))
+        failure = yield self.assertFailure(fs.inodes.sync_changes(), ChangeRefused)
+        self.assertIn("got no answer from the metadata server (it may have been made or not)", str(failure))
+        self.connection.deaf = False
+
     def restart_the_server(self) -> None:
         """The metadata server restarts on the same store: it remembers no answer and no lease."""
         self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE, group_window=None)

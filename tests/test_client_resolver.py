@@ -571,6 +571,17 @@ class ConnectToFilespaceTests(ClockedTestCase):
         connecting = connect_to_filespace(resolver, "ghost", self.network.connect)
         self.failureResultOf(connecting, errors.UnknownFilespace)
 
+    def test_unregistered_server_of_a_filespace_known_to_exist(self) -> None:
+        """Connecting again, "not registered" is a server away (a hung one loses its registration): tried again."""
+        self.serve(A)
+        resolver = self.resolver((A,))
+        connecting = connect_to_filespace(resolver, "demo", self.network.connect, deadline=20.0, known_to_exist=True)
+        self.clock.pump([0.5] * 10)
+        self.assertNoResult(connecting)
+        self.clock.pump([0.5] * 40)
+        failure = self.failureResultOf(connecting, errors.Unavailable)
+        self.assertIn("no filespace named 'demo' is registered with discovery (its server is away)", str(failure.value))
+
 
 class LoopbackResolverTests(TestCase):
     """Stand-in discovery instances on 127.0.0.1 over real TLS."""

@@ -382,6 +382,3 @@ class MetadataServerRestartTests(LeaseCase):
         refusals = [line for line in log if "was refused by the metadata server" in line]
         self.assertEqual((sorted(set(created) - seen_by_a), failed), ([], []), refusals[:1])
 
-    test_creates_in_flight_kept.todo = (  # type: ignore[attr-defined]
-        "a restarted metadata server knows no inode block reserved before: the creates sent again are refused"
-    )

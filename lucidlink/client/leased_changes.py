@@ -39,7 +39,7 @@ from lucidlink.client.inode_pool import InodePool
 from lucidlink.client.leases import HeldLeases
 from lucidlink.client.metadata_cache import ABSENT
 from lucidlink.client.session import ServerHandle
-from lucidlink.errors import LucidError, NotFound
+from lucidlink.errors import ConnectionClosed, LucidError, NotFound, RequestTimeout, Unavailable
 from lucidlink.protocol import messages as w
 from lucidlink.protocol.messages import Attributes, FileKind
 
@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from lucidlink.client.filespace import FileHandle, Inodes
 
 _log = Logger()
+
+_NO_ANSWER = (Unavailable, ConnectionClosed, RequestTimeout)
+"""Errors that say the change's fate is not known (a soft session's deadline passed, the session closed)."""
 
 PERMISSION_BITS = 0o7777
 
@@ -183,10 +186,11 @@ class LeasedChanges:
         error = failure.value if isinstance(failure.value, LucidError) else None
         if error is None:
             _log.failure("{doing} in directory {parent} failed", failure, doing=doing, parent=parent)
-        refused = ChangeRefused(
-            f"{doing} in directory {parent}, made here at once, was refused by the metadata server:"
-            f" {failure.getErrorMessage()}"
-        )
+        if failure.check(*_NO_ANSWER):
+            what = "got no answer from the metadata server (it may have been made or not)"
+        else:
+            what = "was refused by the metadata server"
+        refused = ChangeRefused(f"{doing} in directory {parent}, made here at once, {what}: {failure.getErrorMessage()}")
         if server is not None:
             server.lost = refused
         self.known.directory_changed(parent)

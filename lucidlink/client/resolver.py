@@ -444,6 +444,7 @@ def connect_to_filespace(
     filespace: str,
     connect: Connect,
     deadline: float | None = None,
+    known_to_exist: bool = False,
 ) -> Generator[defer.Deferred[Any], Any, Any]:
     """
     Connect to the metadata server of ``filespace``: the cached endpoints first.
@@ -466,8 +467,13 @@ def connect_to_filespace(
     rate).  A server that says it does not serve the filespace makes the
     cached entry go (:meth:`Resolver.moved`) and discovery is asked at once.
 
+    ``known_to_exist``: the caller was logged in to the filespace before (it
+    connects again), so discovery saying no such filespace is registered means
+    its server is away (one that hangs loses its registration) and is tried
+    again like any other failure.
+
     :return: a Deferred of the connection ``connect`` made.
-    :raise UnknownFilespace: when discovery says there is no such filespace.
+    :raise UnknownFilespace: when discovery says there is no such filespace (not ``known_to_exist``).
     """
     clock = resolver.clock
     started = clock.seconds()
@@ -514,6 +520,10 @@ def connect_to_filespace(
             except Unavailable as error:
                 discovery_failure = str(error)
                 retry_after = max(retry_after, retry_after_seconds(error))
+            except UnknownFilespace as error:
+                if not known_to_exist:
+                    raise
+                discovery_failure = f"{error} (its server is away)"
             else:
                 discovery_failure = None
                 confirmed_until = clock.seconds() + max(fresh.ttl_ms / 1000, resolver.cache_patience)

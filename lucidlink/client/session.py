@@ -466,7 +466,9 @@ class FilespaceSession:
     @defer.inlineCallbacks
     def _establish(self, deadline: float | None) -> Generator[defer.Deferred[Any], Any, _Live]:
         first = self._secrets is None
-        connection = yield connect_to_filespace(self.resolver, self.filespace, self._connect, deadline)
+        connection = yield connect_to_filespace(
+            self.resolver, self.filespace, self._connect, deadline, known_to_exist=not first
+        )
         self._generation += 1
         live = _Live(connection, self._generation)
         try:
