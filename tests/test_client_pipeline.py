@@ -42,6 +42,9 @@ class _Faulty(InMemoryConnection):
             super().request(message, timeout, request_id).addErrback(lambda _: None)
             self.close(fault)
             return fail(errors.ConnectionClosed(fault))
+        if fault == "closed before the answer":
+            self.close(fault)
+            return fail(errors.ConnectionClosed(fault))
         if fault == "restoring":
             return fail(errors.Restoring("restoring", retry_after_ms=10))
         return super().request(message, timeout, request_id)
@@ -64,7 +67,7 @@ class PipelineTests(TestCase):
         )
         cache = EndpointCache(folder / "state")
         cache.put(Location(FILESPACE, ("memory:",), "x", ServerStatus.SERVING, 1000, 0.0))
-        pending = {getattr(w, name): fault for name, fault in faults.items()}
+        pending = self.faults = {getattr(w, name): fault for name, fault in faults.items()}
         session = yield open_session(
             reactor, filespace=FILESPACE, user=ADMIN, passphrase=ADMIN_PASSPHRASE,
             resolver=Resolver(reactor, ["tcp:127.0.0.1:1"], connect=lambda *_: fail(errors.Unavailable()),
@@ -104,6 +107,15 @@ class PipelineTests(TestCase):
         posted = [session.pipeline.post(change) for change in self.changes()]
         yield defer.gatherResults(posted)
         self.assertEqual(session.reconnects, 1)
+        self.assertEqual(self.names(), [b"x"])
+
+    @defer.inlineCallbacks
+    def test_connecting_again_is_retried(self) -> Generator[Deferred[Any], Any, None]:
+        """A server that closes the next connection before the login (restarting) is tried again, not given up."""
+        session = yield self.session(Rename="lost after the server acted")
+        self.faults[w.Login] = "closed before the answer"
+        posted = [session.pipeline.post(change) for change in self.changes()]
+        yield defer.gatherResults(posted)
         self.assertEqual(self.names(), [b"x"])
 
     @defer.inlineCallbacks

@@ -74,6 +74,7 @@ class ChangePipeline:
         self._drained: list[defer.Deferred[None]] = []
         self._settled_waiters: list[tuple[int, defer.Deferred[None]]] = []
         self._numbered = 0
+        self._reconnecting = False
 
     def __len__(self) -> int:
         return len(self._posted)
@@ -194,14 +195,24 @@ class ChangePipeline:
         self._send_in_order(live)
 
     def _reconnect(self) -> None:
-        """Have the session connect again; it sends what is posted on the new connection itself."""
+        """
+        Have the session connect again, retrying as its calls do (until its deadline, if it has one); it sends
+        what is posted on the new connection itself.
+        """
         if self.session._closed:
             return  # closing fails what is left
         if self.session._live is not None and not self._paused:
             self.send_again(self.session._live)
             return
-        deadline = None if self.session.deadline is None else self.session.reactor.seconds() + self.session.deadline
-        self.session._connected(deadline).addErrback(self._cannot_connect)
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+
+        def ended(result: Any) -> Any:
+            self._reconnecting = False
+            return result
+
+        self.session.connect_again().addBoth(ended).addErrback(self._cannot_connect)
 
     def _cannot_connect(self, failure: Failure) -> None:
         if failure.check(LucidError):

@@ -578,9 +578,13 @@ class FilespaceSession:
                 )
                 if any(wanted() for wanted in self._keep_connected):
                     # Retried like any request: a server that is restarting or restoring closes early attempts.
-                    self._retrying(lambda live, request_id, left: defer.succeed(None), Reconnect, ordered=False).addErrback(
+                    self.connect_again().addErrback(
                         lambda failure: self.log.warn("could not connect again: {error}", error=failure.value)
                     )
+
+    def connect_again(self) -> defer.Deferred[Any]:
+        """Connect (and log in) again now, retrying as calls do: until the deadline, if the session has one."""
+        return self._retrying(lambda live, request_id, left: defer.succeed(None), Reconnect, ordered=False)
 
     def _drop(self, live: _Live) -> None:
         """Stop using a connection that failed a request (closing it at once if it still looks alive)."""
