@@ -186,6 +186,23 @@ class LeasedChangesTests(MemoryFilespaceCase):
         yield handle.close()
 
     @defer.inlineCallbacks
+    def test_a_folder_changed_here_is_leased(self) -> Generator[Deferred[Any], Any, None]:
+        """A folder made elsewhere: its lease is asked for after a change made here the usual way."""
+        other = yield self.memory_filespace()
+        shared = yield other.mkdir("/shared")
+        fs = yield self.leased_filespace()
+        first = yield fs.open_path("/shared/a", os.O_WRONLY | os.O_CREAT)
+        yield first.close()
+        self.assertTrue(fs.inodes.at_once.leases.usable(shared.inode))
+        with self.assertRaises(errors.NotFound):
+            yield fs.inodes.lookup(shared.inode, b"b")  # as the kernel does before a create
+        self.connection.holding = True
+        second = yield fs.inodes.create(shared.inode, b"b", 0o644, os.O_WRONLY | os.O_CREAT, 1000, 1000)
+        self.assertEqual(len(self.connection.held), 1, "made at once")
+        self.connection.answer_all()
+        yield second.close()
+
+    @defer.inlineCallbacks
     def test_what_is_not_made_at_once(self) -> Generator[Deferred[Any], Any, None]:
         fs = yield self.leased_filespace()
         folder = yield self.leased_folder(fs)

@@ -119,11 +119,15 @@ class HeldLeasesTests(SynchronousTestCase):
         self.assertEqual(len(self.asked), 1, "not renewed")
         self.assertFalse(self.leases.usable(7))
         self.assertEqual(self.ended, [7])
+        self.assertEqual(self.session.pipeline.posted, [w.LeaseReturned(7)], "given back: nobody need recall it")
 
     def test_refused(self) -> None:
         self.leases.ask(7)
         self.asked[-1][1].errback(errors.Busy("used by another client lately"))
         self.assertFalse(self.leases.usable(7))
+        self.leases.ask(7)
+        self.assertEqual(len(self.asked), 1, "not asked again at once: others use it")
+        self.clock.advance(5.0)
         self.leases.ask(7)
         self.assertEqual(len(self.asked), 2, "asked again later")
 
@@ -143,6 +147,8 @@ class HeldLeasesTests(SynchronousTestCase):
         self.assertFalse(self.leases.usable(7))
         self.assertEqual(self.session.pipeline.posted, [w.LeaseReturned(7)])
         self.assertEqual(self.ended, [7])
+        self.leases.ask(7)
+        self.assertEqual(len(self.asked), 1, "not asked again at once: another client uses it")
         self.clock.advance(5.0)
         self.assertEqual(len(self.asked), 1, "no renewal after a recall")
         self.session.push(w.Notify(w.NotifyKind.INODE_CHANGED, 7, 0, b""))  # other pushes are not leases' business

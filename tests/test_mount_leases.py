@@ -19,13 +19,13 @@ of one filespace, as two desktops:
 - The metadata server killed and restarted while creates and unlinks are in
   flight: both mounts agree afterwards, nothing an ``fsyncdir`` vouched for
   is lost, and a loss is never silent (the next ``fsyncdir`` fails).  That
-  the creates are kept at all is an expected failure for now: the restarted
-  server refuses the inode ids of blocks it reserved before it restarted.
+  the creates are kept: sent again, and made, by the new server.
 
 Whether a directory is leased is seen from outside by inode ids: a file made
 under a lease takes its id from a block the server reserved for the mount
-before, so it is lower than that of a file the other mount made meanwhile
-the usual way (the server's next id is past every block it reserved).
+before, so it is lower than that of a file a third mount, which takes no
+leases (``--sync-metadata``), made meanwhile the usual way (the server's
+next id is past every block it reserved).
 """
 
 from __future__ import annotations
@@ -64,14 +64,15 @@ def touch(path: Path) -> int:
 
 
 class LeaseCase(DemoMountCase):
-    """Mounts ``a`` and ``b`` of one demo filespace, and a folder ``probes`` where ``b`` makes files synchronously."""
+    """Mounts ``a`` and ``b`` of one demo filespace, and a ``--sync-metadata`` mount that makes the probes."""
 
     def setUp(self) -> None:
         super().setUp()
         self.mounts: dict[str, MountProcess] = {}
         self.a = self.start_mount("a").mountpoint
         self.b = self.start_mount("b").mountpoint
-        os.mkdir(self.a / "probes")  # a leases it, b's creates recall that: b never holds it (a touched it lately)
+        self.prober = self.start_mount("prober", "--sync-metadata").mountpoint
+        os.mkdir(self.prober / "probes")
         self.probes = 0
 
     def start_mount(self, name: str = "mnt", *options: str) -> MountProcess:
@@ -82,7 +83,7 @@ class LeaseCase(DemoMountCase):
     def made_under_lease(self, folder: Path) -> bool:
         """Whether a file made in ``folder`` now (and removed again) is made under a lease (see the module)."""
         self.probes += 1
-        server_next = touch(self.b / "probes" / f"p{self.probes}")
+        server_next = touch(self.prober / "probes" / f"p{self.probes}")
         probe = folder / f".probe{self.probes}"
         leased = touch(probe) < server_next
         os.unlink(probe)

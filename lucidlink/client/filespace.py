@@ -1618,6 +1618,8 @@ class Inodes:
             self.known.directory_changed(parent)
             raise
         self.known.added(parent, name, attributes, since, created=new)
+        if self.at_once is not None:
+            self.at_once.ask_for_lease(parent)  # the next files may be made at once
         handle = yield self._opened(server, attributes, flags)
         return handle
 
@@ -1658,6 +1660,8 @@ class Inodes:
             if done:
                 return
         yield self._removing(parent, name, w.Unlink(parent, self._seal(parent, name)))
+        if self.at_once is not None:
+            self.at_once.ask_for_lease(parent)  # the next files may be removed at once
 
     def sync_changes(self) -> defer.Deferred[None]:
         """

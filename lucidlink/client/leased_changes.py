@@ -74,9 +74,10 @@ class LeasedChanges:
     def ask_for_lease(self, directory: int) -> None:
         """This client made ``directory`` or listed it whole: ask for its lease (a writer's session only)."""
         role = self.session.role
-        if role is not None and role >= w.Role.WRITER:
-            self.leases.ask(directory)
+        if role is not None and role >= w.Role.WRITER and self.leases.ask(directory):
             self.inode_pool.prime()
+            if self.known.attributes(directory) is None:  # a create made at once needs them (its group, its times)
+                self.inodes.getattr(directory).addErrback(lambda _: None)
 
     # -- create ------------------------------------------------------------------------
 

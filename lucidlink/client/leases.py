@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from lucidlink.client.session import FilespaceSession
 
 MARGIN_SECONDS = 2.0
+ASK_AGAIN_SECONDS = 5.0
+"""A directory whose lease was refused or recalled is not asked for again for this long (others use it)."""
+MAX_REFUSALS_KEPT = 4096
 """A lease is not used in the last seconds of its time: changes sent then may reach the server after it ended."""
 
 _log = Logger()
@@ -59,6 +62,7 @@ class HeldLeases:
         """Called with a directory whose lease ended here (recalled, or not renewed)."""
         self._held: dict[int, _Held] = {}
         self._asking: set[int] = set()
+        self._refused_until: dict[int, float] = {}
         self._closed = False
         self._unsubscribe = [session.on_notify(self._pushed), session.on_connection_lost(self.drop_all)]
 
@@ -76,12 +80,21 @@ class HeldLeases:
         held.used = True
         return True
 
-    def ask(self, directory: int) -> None:
-        """Ask for a lease on ``directory`` in the background (one attempt: a refusal means none for now)."""
+    def ask(self, directory: int) -> bool:
+        """
+        Ask for a lease on ``directory`` in the background (one attempt: a refusal means none for now, and
+        for :data:`ASK_AGAIN_SECONDS`); whether one is held or asked for.
+        """
         live = self.session._live
-        if directory in self._asking or directory in self._held or live is None or self.session._closed or self._closed:
-            return
+        if directory in self._asking or directory in self._held:
+            return True
+        if live is None or self.session._closed or self._closed:
+            return False
+        if self._refused_until.get(directory, 0.0) > self.clock.seconds():
+            return False
+        self._refused_until.pop(directory, None)
         self._request(directory, live)
+        return True
 
     def _request(self, directory: int, live: Any) -> None:
         self._asking.add(directory)
@@ -129,6 +142,10 @@ class HeldLeases:
         self._asking.discard(directory)
         if not failure.check(LucidError):
             _log.failure("asking for a lease on directory {directory} failed", failure, directory=directory)
+        if len(self._refused_until) >= MAX_REFUSALS_KEPT:
+            now = self.clock.seconds()
+            self._refused_until = {folder: until for folder, until in self._refused_until.items() if until > now}
+        self._refused_until[directory] = self.clock.seconds() + ASK_AGAIN_SECONDS
         if self._held.pop(directory, None) is not None:  # a renewal refused: the lease is being recalled
             self.on_ended(directory)
 
@@ -140,13 +157,15 @@ class HeldLeases:
         if held.used and live is not None and live.generation == held.generation:
             self._request(held.directory, live)
             return
-        del self._held[held.directory]  # not used lately: let it lapse
+        del self._held[held.directory]  # not used lately: given back, so that others need not recall it
         self.on_ended(held.directory)
+        self.session.pipeline.post(w.LeaseReturned(held.directory)).addErrback(lambda _: None)
 
     def _pushed(self, message: Any) -> None:
         if not isinstance(message, w.LeaseRecall):
             return
         held = self._held.pop(message.inode, None)
+        self._refused_until[message.inode] = self.clock.seconds() + ASK_AGAIN_SECONDS  # another client uses it
         if held is not None:
             self._stop_renewing(held)
             self.on_ended(held.directory)
