@@ -33,10 +33,16 @@ class _Live:
 class _Pipeline:
     def __init__(self) -> None:
         self.posted: list[Any] = []
+        self.behind: list[defer.Deferred[Any]] | None = None
+        """Set to a list: a posted change waits there for its answer (behind changes in flight)."""
 
     def post(self, message: Any) -> defer.Deferred[Any]:
         self.posted.append(message)
-        return defer.succeed(w.Ok())
+        if self.behind is None:
+            return defer.succeed(w.Ok())
+        answer: defer.Deferred[Any] = defer.Deferred()
+        self.behind.append(answer)
+        return answer
 
 
 class _Session:
@@ -120,6 +126,34 @@ class HeldLeasesTests(SynchronousTestCase):
         self.assertFalse(self.leases.usable(7))
         self.assertEqual(self.ended, [7])
         self.assertEqual(self.session.pipeline.posted, [w.LeaseReturned(7)], "given back: nobody need recall it")
+
+    def test_not_asked_for_again_before_its_return_is_made(self) -> None:
+        """
+        A lapsed lease's return waits behind changes in the pipeline: a new ask sent straight on the connection
+        would be granted first, and the return would then end the new lease at the server, unknown here.
+        """
+        self.session.pipeline.behind = []
+        self.leases.ask(7)
+        self.grant()
+        self.clock.advance(5.0)
+        self.assertEqual(self.session.pipeline.posted, [w.LeaseReturned(7)])
+        self.assertFalse(self.leases.ask(7))
+        self.assertEqual(len(self.asked), 1, "not asked while the return is on its way")
+        self.session.pipeline.behind[0].callback(w.Ok())
+        self.assertTrue(self.leases.ask(7))
+        self.assertEqual(len(self.asked), 2, "asked once the server has it back")
+
+    def test_not_asked_for_again_before_a_recalled_lease_is_back(self) -> None:
+        self.session.pipeline.behind = []
+        self.leases.ask(7)
+        self.grant()
+        self.session.push(w.LeaseRecall(7))
+        self.clock.advance(5.0)  # the pipeline is held up longer than the pause after a recall
+        self.assertFalse(self.leases.ask(7))
+        self.assertEqual(len(self.asked), 1)
+        self.session.pipeline.behind[0].errback(errors.ConnectionClosed("lost"))  # ended with the session anyway
+        self.assertTrue(self.leases.ask(7))
+        self.assertEqual(len(self.asked), 2)
 
     def test_refused(self) -> None:
         self.leases.ask(7)

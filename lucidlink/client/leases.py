@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,10 +34,10 @@ if TYPE_CHECKING:
     from lucidlink.client.session import FilespaceSession
 
 MARGIN_SECONDS = 2.0
+"""A lease is not used in the last seconds of its time: changes sent then may reach the server after it ended."""
 ASK_AGAIN_SECONDS = 5.0
 """A directory whose lease was refused or recalled is not asked for again for this long (others use it)."""
 MAX_REFUSALS_KEPT = 4096
-"""A lease is not used in the last seconds of its time: changes sent then may reach the server after it ended."""
 
 _log = Logger()
 
@@ -63,6 +64,8 @@ class HeldLeases:
         self._held: dict[int, _Held] = {}
         self._asking: set[int] = set()
         self._refused_until: dict[int, float] = {}
+        self._returning: dict[int, int] = {}
+        """Directories whose ``LeaseReturned`` waits in the pipeline, and how many."""
         self._closed = False
         self._unsubscribe = [session.on_notify(self._pushed), session.on_connection_lost(self.drop_all)]
 
@@ -92,6 +95,8 @@ class HeldLeases:
             return False
         if self._refused_until.get(directory, 0.0) > self.clock.seconds():
             return False
+        if directory in self._returning:
+            return False  # asked now, it would be granted before the return, which would end the new lease
         self._refused_until.pop(directory, None)
         self._request(directory, live)
         return True
@@ -159,7 +164,7 @@ class HeldLeases:
             return
         del self._held[held.directory]  # not used lately: given back, so that others need not recall it
         self.on_ended(held.directory)
-        self.session.pipeline.post(w.LeaseReturned(held.directory)).addErrback(lambda _: None)
+        self._give_back(held.directory).addErrback(lambda _: None)
 
     def _pushed(self, message: Any) -> None:
         if not isinstance(message, w.LeaseRecall):
@@ -170,10 +175,22 @@ class HeldLeases:
             self._stop_renewing(held)
             self.on_ended(held.directory)
         # After this session's changes of the directory, so the server has made them when it takes the lease back.
-        self.session.pipeline.post(w.LeaseReturned(message.inode)).addErrback(
+        self._give_back(message.inode).addErrback(
             lambda failure: _log.info("could not give the lease on directory {directory} back: {error}",
                                       directory=message.inode, error=failure.value)
         )
+
+    def _give_back(self, directory: int) -> defer.Deferred[Any]:
+        """Post ``LeaseReturned``; until it is answered (or failed) the directory is not asked for again."""
+        self._returning[directory] = self._returning.get(directory, 0) + 1
+
+        def answered(result: Any) -> Any:
+            left = self._returning.pop(directory) - 1
+            if left:
+                self._returning[directory] = left
+            return result
+
+        return self.session.pipeline.post(w.LeaseReturned(directory)).addBoth(answered)
 
     def _stop_renewing(self, held: _Held) -> None:
         if held.renewal is not None and held.renewal.active():
