@@ -330,6 +330,22 @@ class ReplayChecksTests(SynchronousTestCase):
         self.assertIn("replaying seq 2 gave a different record at seq 1", str(caught.exception))
         self.assertEqual(self.journal.head()[0], 0)
 
+    def test_reservation_journaled_before_blocks_were_kept_replays(self) -> None:
+        """A ``reserve-inodes`` record shipped without ``client`` and ``time_ns`` completes to itself."""
+        import json
+
+        from lucidlink.meta.journal import Entry, chain_hash
+
+        self.journal.replay(self.entry(1, self.initialise()))
+        data = json.dumps({"kind": "reserve-inodes", "count": 16, "first": ROOT_INODE + 1},
+                          separators=(",", ":"), sort_keys=True).encode("ascii")
+        self.assertEqual(m.decode(data), m.ReserveInodes(16, ROOT_INODE + 1))
+        entry = Entry(2, 5, data, chain_hash(self.journal.head()[1], 2, data))
+        self.journal.replay(entry)
+        self.assertEqual(self.journal.entries()[-1], entry)
+        made = self.store.apply(m.MakeDirectory(ROOT_INODE, b"d", 0o755, 0, 0))
+        self.assertEqual(made.record.inode, ROOT_INODE + 17, "past the block")
+
     def test_record_completing_differently_is_refused(self) -> None:
         """An unlink shipped without its ``kept`` list completes with one: not the record that was shipped."""
         from lucidlink.meta.journal import ChainError

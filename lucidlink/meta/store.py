@@ -468,7 +468,9 @@ class MetadataStore:
     def _complete(self, tx: _Transaction, record: m.Mutation) -> m.Mutation:
         """Fill in what the store decides: time, new inode ids, the server secret."""
         updates: dict[str, Any] = {}
-        if hasattr(record, "time_ns") and record.time_ns is None:  # type: ignore[attr-defined]
+        if hasattr(record, "time_ns") and record.time_ns is None and not (  # type: ignore[attr-defined]
+            isinstance(record, m.ReserveInodes) and not record.client  # as journaled before blocks were kept
+        ):
             updates["time_ns"] = tx.time_ns
         if isinstance(record, m.MakeDirectory | m.CreateFile | m.MakeSymlink):
             if record.inode is None:
