@@ -136,7 +136,8 @@ class Workload:
             self.store.reclaim_orphans()
         elif operation == 16:
             count = 1 + a % 8
-            first = apply(m.ReserveInodes(count)).value
+            client = b"" if c % 3 == 0 else bytes([c % 3])  # a named client's block is kept on record
+            first = apply(m.ReserveInodes(count, client=client)).value
             self.reserved.extend(range(first, first + count))
         elif operation == 17 and self.reserved:
             inode = self.reserved.pop(b % len(self.reserved))  # a client's own id, given once
