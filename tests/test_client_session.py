@@ -413,6 +413,20 @@ class ExactlyOnceTests(TestCase):
         self.assertIn("the first attempt may have done it", str(failure))
 
     @defer.inlineCallbacks
+    def test_first_login_lost_with_its_connection(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A first login whose answer was lost (the passphrase derived already) is a first login again on the next
+        connection: the session unwraps its key there, and is not taken for one that was logged in before.
+        """
+        fs = yield self.session_losing(w.Login)
+        self.assertEqual(self.tripped, [True])
+        self.assertIsNotNone(fs.session.keys)
+        self.assertEqual(fs.session.root_inode, 1)
+        self.assertEqual(fs.session.reconnects, 0, "never logged in before")
+        attributes = yield fs.resolve("/")
+        self.assertEqual(attributes.inode, 1)
+
+    @defer.inlineCallbacks
     def test_idempotent_requests_just_succeed(self) -> Generator[Deferred[Any], Any, None]:
         """A lookup that lost its connection is simply sent again."""
         fs = yield self.session_losing(w.GetAttr)

@@ -465,7 +465,7 @@ class FilespaceSession:
 
     @defer.inlineCallbacks
     def _establish(self, deadline: float | None) -> Generator[defer.Deferred[Any], Any, _Live]:
-        first = self._secrets is None
+        first = self.keys is None  # never logged in (a first login may have derived the secrets already)
         connection = yield connect_to_filespace(
             self.resolver, self.filespace, self._connect, deadline, known_to_exist=not first
         )
@@ -509,9 +509,7 @@ class FilespaceSession:
             except BaseException:
                 self._passphrase = passphrase
                 raise
-            first = True
-        else:
-            first = False
+        first = self.keys is None
         try:
             ok = yield connection.request(w.Login(self.user, self._secrets.login_secret))
         except AuthenticationFailed:
