@@ -5,10 +5,12 @@ A client asks for a block (``ReserveInodes``); the store moves its next
 inode id past it in a journaled change, so no id is given twice, even after
 a restore.  The server remembers here, in memory, which ids of which blocks
 each client has used: a creation that names an id must use one of its own
-client's, once.  A restarted server remembers no block, so a client whose
-server restarted asks for a new one; so does a client that holds more than
-``max_blocks`` blocks (its oldest is forgotten) or has used none of its ids
-for ``idle_seconds``.
+client's, once.  The store keeps the blocks on record (not their uses), so
+a restarted server knows them again, as blocks whose uses it did not see: a
+change in flight across the restart, sent again, still names its id.  A
+client asks for a new block after a restart; so does a client that holds
+more than ``max_blocks`` blocks (its oldest is forgotten) or has used none
+of its ids for ``idle_seconds``.
 """
 
 from __future__ import annotations
