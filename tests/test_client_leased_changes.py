@@ -203,6 +203,23 @@ class LeasedChangesTests(MemoryFilespaceCase):
         yield second.close()
 
     @defer.inlineCallbacks
+    def test_a_folder_asked_for_at_once_fetches_its_attributes_once(self) -> Generator[Deferred[Any], Any, None]:
+        """Creates made the usual way, side by side, while the lease is asked for: one GetAttr of the folder."""
+        other = yield self.memory_filespace()
+        shared = yield other.mkdir("/shared")
+        fs = yield self.leased_filespace()
+        self.connection.holding = True
+        for _ in range(3):  # as each create made the usual way ends
+            fs.inodes.at_once.ask_for_lease(shared.inode)
+        fetched = [message for message in self.connection.sent if isinstance(message, w.GetAttr)]
+        self.assertEqual(fetched, [w.GetAttr(shared.inode)])
+        asked = [message for message in self.connection.sent if isinstance(message, w.LeaseDirectory)]
+        self.assertEqual(asked, [w.LeaseDirectory(shared.inode)])
+        self.connection.answer_all()
+        yield fs.inodes.sync_changes()
+        self.assertIsNotNone(fs.inodes.known.attributes(shared.inode))
+
+    @defer.inlineCallbacks
     def test_what_is_not_made_at_once(self) -> Generator[Deferred[Any], Any, None]:
         fs = yield self.leased_filespace()
         folder = yield self.leased_folder(fs)

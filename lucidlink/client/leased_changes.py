@@ -70,14 +70,21 @@ class LeasedChanges:
         self.leases = HeldLeases(self.session)
         self.inode_pool = InodePool(self.session)
         self._refused: list[ChangeRefused] = []
+        self._fetching: set[int] = set()
+        """Directories whose attributes are being fetched for a lease asked for."""
 
     def ask_for_lease(self, directory: int) -> None:
         """This client made ``directory`` or listed it whole: ask for its lease (a writer's session only)."""
         role = self.session.role
         if role is not None and role >= w.Role.WRITER and self.leases.ask(directory):
             self.inode_pool.prime()
-            if self.known.attributes(directory) is None:  # a create made at once needs them (its group, its times)
-                self.inodes.getattr(directory).addErrback(lambda _: None)
+            if self.known.attributes(directory) is None and directory not in self._fetching:
+                # A create made at once needs them (its group, its times); once, for changes made side by side.
+                self._fetching.add(directory)
+                self.inodes.getattr(directory).addBoth(self._fetched, directory)
+
+    def _fetched(self, _: Any, directory: int) -> None:
+        self._fetching.discard(directory)
 
     # -- create ------------------------------------------------------------------------
 
