@@ -265,8 +265,14 @@ class LeasedChangesTests(MemoryFilespaceCase):
         folder = yield self.leased_folder(fs)
         yield fs.write_file("/work/a", b"x")
         kept = yield fs.open_path("/work/kept", os.O_RDWR | os.O_CREAT)
-        self.behind_the_leases_back(m.Unlink(folder, fs.inodes._seal(folder, b"a")),
-                                    m.MakeDirectory(folder, fs.inodes._seal(folder, b"a"), 0o755, 0, 0))
+        apply = self.responder._apply
+
+        def full_for_unlinks(session: Any, record: Any) -> Any:
+            if isinstance(record, m.Unlink):
+                raise errors.NoSpace("the metadata disk is full")
+            return apply(session, record)
+
+        self.patch(self.responder, "_apply", full_for_unlinks)
         yield fs.inodes.unlink(folder, b"a")
         self.assertEqual(fs.inodes.lookup_cached(folder, b"kept"), None, "the folder is to be read again")
         yield self.assertFailure(kept.fsync(), ChangeRefused)
@@ -418,6 +424,24 @@ class LeasedChangesTests(MemoryFilespaceCase):
         failure = yield self.assertFailure(fs.inodes.sync_changes(), ChangeRefused)
         self.assertIn("got no answer from the metadata server (it may have been made or not)", str(failure))
         self.connection.deaf = False
+
+    @defer.inlineCallbacks
+    def test_an_unlink_sent_again_removes_only_what_it_meant(self) -> Generator[Deferred[Any], Any, None]:
+        """Unseen by the old server; meanwhile another client made the name anew on the new one: it stays."""
+        fs = yield self.leased_filespace()
+        folder = yield self.leased_folder(fs)
+        yield fs.write_file("/work/a", b"mine")
+        self.connection.deaf = True
+        yield fs.inodes.unlink(folder, b"a")
+        self.connection.deaf = False
+        self.responder = MetadataResponder(self.meta_store, reactor, FILESPACE, group_window=None)
+        other = yield self.memory_filespace()
+        yield other.remove("/work/a")
+        yield other.write_file("/work/a", b"theirs")
+        self.drop_connection()
+        yield fs.inodes.sync_changes()
+        content = yield other.read_file("/work/a")
+        self.assertEqual(content, b"theirs")
 
     def restart_the_server(self) -> None:
         """The metadata server restarts on the same store: it remembers no answer and no lease."""

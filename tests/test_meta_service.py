@@ -490,6 +490,16 @@ class OpenFileTests(InitialisedTestCase):
         wendy.refused(GetAttr(inode), errors.NotFound)
         self.assertEqual(self.store.garbage(), [b"obj"])
 
+    def test_unlink_of_the_inode_it_means(self) -> None:
+        """An ``Unlink`` that names an inode removes the entry only while the entry names that inode."""
+        first = self.admin.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_RDWR)).attributes.inode
+        self.admin.answer(Unlink(ROOT_INODE, b"f"))
+        again = self.admin.answer(Create(ROOT_INODE, b"f", 0o644, 0, 0, True, O_RDWR)).attributes.inode
+        self.admin.refused(Unlink(ROOT_INODE, b"f", 0, first), errors.NotFound)
+        self.assertEqual(self.admin.answer(Lookup(ROOT_INODE, b"f")).attributes.inode, again)
+        self.admin.answer(Unlink(ROOT_INODE, b"f", 0, again))
+        self.admin.refused(Lookup(ROOT_INODE, b"f"), errors.NotFound)
+
     def test_handles_end_with_connection(self) -> None:
         """A session's handles go with its connection, and so does an unlinked file they held."""
         wendy = self.logged_in("wendy")

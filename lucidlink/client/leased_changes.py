@@ -157,7 +157,7 @@ class LeasedChanges:
         self.known.removed(parent, name, since)
         if directory is not None:
             self.known.learn(dataclasses.replace(directory, mtime_ns=now, ctime_ns=now), since)
-        request = w.Unlink(parent, self.inodes._seal(parent, name), now)
+        request = w.Unlink(parent, self.inodes._seal(parent, name), now, inode)
         self.session.pipeline.post(request).addCallbacks(
             self._unlinked, self._unlink_refused, callbackArgs=(parent, now), errbackArgs=(inode, parent, name),
         )

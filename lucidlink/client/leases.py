@@ -147,10 +147,7 @@ class HeldLeases:
         self._asking.discard(directory)
         if not failure.check(LucidError):
             _log.failure("asking for a lease on directory {directory} failed", failure, directory=directory)
-        if len(self._refused_until) >= MAX_REFUSALS_KEPT:
-            now = self.clock.seconds()
-            self._refused_until = {folder: until for folder, until in self._refused_until.items() if until > now}
-        self._refused_until[directory] = self.clock.seconds() + ASK_AGAIN_SECONDS
+        self._not_again_soon(directory)
         if self._held.pop(directory, None) is not None:  # a renewal refused: the lease is being recalled
             self.on_ended(directory)
 
@@ -170,7 +167,7 @@ class HeldLeases:
         if not isinstance(message, w.LeaseRecall):
             return
         held = self._held.pop(message.inode, None)
-        self._refused_until[message.inode] = self.clock.seconds() + ASK_AGAIN_SECONDS  # another client uses it
+        self._not_again_soon(message.inode)  # another client uses it
         if held is not None:
             self._stop_renewing(held)
             self.on_ended(held.directory)
@@ -191,6 +188,13 @@ class HeldLeases:
             return result
 
         return self.session.pipeline.post(w.LeaseReturned(directory)).addBoth(answered)
+
+    def _not_again_soon(self, directory: int) -> None:
+        """Ask for ``directory``'s lease again only after :data:`ASK_AGAIN_SECONDS`."""
+        now = self.clock.seconds()
+        if len(self._refused_until) >= MAX_REFUSALS_KEPT:
+            self._refused_until = {folder: until for folder, until in self._refused_until.items() if until > now}
+        self._refused_until[directory] = now + ASK_AGAIN_SECONDS
 
     def _stop_renewing(self, held: _Held) -> None:
         if held.renewal is not None and held.renewal.active():

@@ -812,6 +812,8 @@ class MetadataResponder:
 
     @answers(w.Unlink, role=Role.WRITER, doing="writing", grouped=True)
     def _unlink(self, session: Session, message: w.Unlink) -> w.Entry:
+        if message.inode and self.store.lookup(message.parent, message.name).inode != message.inode:
+            raise NotFound(f"the entry names another inode than {message.inode} now")
         applied = self._apply(session, m.Unlink(
             message.parent, message.name, time_ns=self._holders_time(session, message.parent, message.time_ns)
         ))

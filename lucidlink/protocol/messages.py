@@ -687,6 +687,8 @@ class Unlink(Message):
     name: bytes = wire(ShortBytes)
     time_ns: int = wire(Timestamp, default=0)
     """As :attr:`Create.time_ns`."""
+    inode: int = wire(InodeId, default=0)
+    """0, or the inode the entry must name (else ``NotFound``): an unlink sent again removes only what it meant."""
 
 
 @message(MessageType.RENAME)
