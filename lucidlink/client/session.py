@@ -373,6 +373,8 @@ class FilespaceSession:
         request_id = self._next_call_id()
         first_sent: _Live | None = None
         maybe_done = False
+        first_failure: LucidError | None = None
+        """What the first attempt met: said as well when the last one, cut short by the deadline, says less."""
         run = FallingRateLog(clock)
         while True:
             if self._closed:
@@ -401,13 +403,16 @@ class FilespaceSession:
                         " the first attempt may have done it)"
                     ) from None
                 raise
+            if first_failure is None:
+                first_failure = last
             delay = self.backoff.delay(attempt, retry_after_seconds(last))
             attempt += 1
             now = clock.seconds()
             if deadline is not None and now + delay >= deadline:
+                earlier = f" (first: {first_failure})" if str(first_failure) != str(last) else ""
                 raise Unavailable(
                     f"the metadata server of {self.filespace!r} did not answer {what} within"
-                    f" {self.deadline:g} s: {last}",
+                    f" {self.deadline:g} s: {last}{earlier}",
                     retry_after_ms=last.retry_after_ms,
                 )
             if run.failure():
