@@ -55,7 +55,7 @@ PERMISSION_BITS = 0o7777
 
 
 class ChangeRefused(LucidError):
-    """A change made here at once (under a directory lease) was refused by the metadata server afterwards."""
+    """A change made here at once (under a directory lease) was refused by the metadata server, or never answered."""
 
     errno_name = "EIO"
 
@@ -74,7 +74,7 @@ class LeasedChanges:
         """Directories whose attributes are being fetched for a lease asked for."""
 
     def ask_for_lease(self, directory: int) -> None:
-        """This client made ``directory`` or listed it whole: ask for its lease (a writer's session only)."""
+        """This client made, listed whole or changed ``directory``: ask for its lease (a writer's session only)."""
         role = self.session.role
         if role is not None and role >= w.Role.WRITER and self.leases.ask(directory):
             self.inode_pool.prime()
@@ -169,7 +169,8 @@ class LeasedChanges:
 
     def _unlink_refused(self, failure: Failure, inode: int, parent: int, name: bytes) -> None:
         if failure.check(NotFound):
-            # Gone, as this client said: sent again after a restart of the server that had made it.
+            # Gone, as this client said: made by a server that restarted before answering, or the name is
+            # another file's now (made by another client since that restart).
             _log.info("entry of inode {inode} in directory {parent} was removed already", inode=inode, parent=parent)
             return
         self._refused_change(failure, f"removing inode {inode}", parent, name, inode, None)
@@ -191,8 +192,7 @@ class LeasedChanges:
     def _refused_change(
         self, failure: Failure, doing: str, parent: int, name: bytes, inode: int, server: ServerHandle | None
     ) -> None:
-        error = failure.value if isinstance(failure.value, LucidError) else None
-        if error is None:
+        if not failure.check(LucidError):
             _log.failure("{doing} in directory {parent} failed", failure, doing=doing, parent=parent)
         if failure.check(*_NO_ANSWER):
             what = "got no answer from the metadata server (it may have been made or not)"
@@ -217,6 +217,7 @@ class LeasedChanges:
             raise ChangeRefused(f"{refused[0]}{more}")
 
     def close(self) -> None:
+        """Stop using leases (the session ends them)."""
         self.leases.close()
 
     def _now_ns(self) -> int:

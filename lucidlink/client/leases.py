@@ -4,9 +4,10 @@ Directory leases, the client's side: which directories this session may change w
 A lease is the metadata server's promise that no other session reads or
 changes a directory until it recalls it (:mod:`lucidlink.meta.leases`;
 ``docs/directory-leases.rst``).  :class:`HeldLeases` asks for one
-(:meth:`~HeldLeases.ask`, after this client made the directory or listed it
-whole), renews it at half its time while it is used, and gives it back on a
-recall *through the change pipeline*, so that the return follows every
+(:meth:`~HeldLeases.ask`, when the core made, listed whole or changed the
+directory; not again soon after a refusal or a recall), renews it at half
+its time while it is used, and gives it back when it lapses unused and on
+a recall, *through the change pipeline*, so that the return follows every
 change this client made under it.  The lease counts from when it was asked
 for, not from when it was granted, so this client stops using it before the
 server lets it go; and it is void once the connection it was granted on is

@@ -373,8 +373,7 @@ class FilespaceSession:
         request_id = self._next_call_id()
         first_sent: _Live | None = None
         maybe_done = False
-        first_failure: LucidError | None = None
-        """What the first attempt met: said as well when the last one, cut short by the deadline, says less."""
+        first_failure: LucidError | None = None  # named too when the last attempt, cut short, says less
         run = FallingRateLog(clock)
         while True:
             if self._closed:
