@@ -96,7 +96,7 @@ class PipelineTests(TestCase):
         posted = [session.pipeline.post(change) for change in self.changes()]
         self.assertNoResult(posted[0])
         self.assertEqual(len(session.pipeline), 4)
-        yield session.pipeline.drained()
+        yield session.pipeline.settled()
         yield defer.gatherResults(posted)
         self.assertEqual(self.names(), [b"x"])
 

@@ -95,10 +95,9 @@ class LeasedChanges:
         """A new, open file ``name`` in ``parent``, made at once; None if it cannot be made that way."""
         if not self._may_create(parent, name):
             return None
-        if len(self.session.pipeline) >= self.session.pipeline.limit:
-            yield self.session.pipeline.room()
-            if not self._may_create(parent, name):
-                return None
+        yield self.session.pipeline.room()
+        if not self._may_create(parent, name):  # again, if it waited for room
+            return None
         directory = self.known.attributes(parent)
         if directory is None:
             return None
@@ -146,9 +145,8 @@ class LeasedChanges:
         """Remove file ``name`` of ``parent`` at once: whether it was (else the caller removes it as usual)."""
         if self._file_to_unlink(parent, name) is None:
             return False
-        if len(self.session.pipeline) >= self.session.pipeline.limit:
-            yield self.session.pipeline.room()
-        inode = self._file_to_unlink(parent, name)
+        yield self.session.pipeline.room()
+        inode = self._file_to_unlink(parent, name)  # again, if it waited for room
         if inode is None:
             return False
         now = self._now_ns()

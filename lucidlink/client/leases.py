@@ -70,9 +70,6 @@ class HeldLeases:
         self._closed = False
         self._unsubscribe = [session.on_notify(self._pushed), session.on_connection_lost(self.drop_all)]
 
-    def __contains__(self, directory: int) -> bool:
-        return self.usable(directory)
-
     def usable(self, directory: int) -> bool:
         """Whether changes of ``directory``'s entries may be made here at once (and sent without waiting)."""
         held = self._held.get(directory)

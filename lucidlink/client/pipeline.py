@@ -18,8 +18,8 @@ answered yet, go again in order.  Any other error is the change's own: its
 Deferred fails with it, and the caller, whose picture of the tree was
 wrong, must look again.  At most ``limit`` changes are in flight (the
 others wait their turn, in order);
-:meth:`~ChangePipeline.room` waits for a place, :meth:`~ChangePipeline.drained`
-for all to be answered.
+:meth:`~ChangePipeline.room` waits for a place, :meth:`~ChangePipeline.settled`
+for those posted so far to be answered.
 
 This is the sending half of ``docs/directory-leases.rst`` (step 4): the
 changes a client makes under a directory lease.
@@ -57,8 +57,6 @@ class _Posted:
     answered: defer.Deferred[Any] = field(default_factory=defer.Deferred)
     sent_on: int | None = None
     """The generation of the connection it was last sent on (None: to send)."""
-    answered_on: int | None = None
-    """The generation of the connection that answered it."""
 
 
 class ChangePipeline:
@@ -71,7 +69,6 @@ class ChangePipeline:
         self._paused = False
         self._attempt = 0
         self._room: list[defer.Deferred[None]] = []
-        self._drained: list[defer.Deferred[None]] = []
         self._settled_waiters: list[tuple[int, defer.Deferred[None]]] = []
         self._numbered = 0
         self._reconnecting = False
@@ -103,14 +100,6 @@ class ChangePipeline:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._room.append(waiter)
-        return waiter
-
-    def drained(self) -> defer.Deferred[None]:
-        """Fires once every change posted so far is answered."""
-        if not self._posted:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._drained.append(waiter)
         return waiter
 
     def settled(self) -> defer.Deferred[None]:
@@ -230,9 +219,5 @@ class ChangePipeline:
         if len(self._posted) < self.limit:
             room, self._room = self._room, []
             for waiter in room:
-                waiter.callback(None)
-        if not self._posted:
-            drained, self._drained = self._drained, []
-            for waiter in drained:
                 waiter.callback(None)
 

@@ -190,11 +190,11 @@ class MetadataResponder:
             self.locks.begin_grace()
         self.sessions: dict[int, Session] = {}
         self.replies = RepliesKept(clock)
+        """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         self.leases = DirectoryLeases(clock)
+        """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
         self.inode_blocks = InodeBlocks(clock)
         """The inode ids named clients reserved and have not used (see :mod:`lucidlink.meta.inode_blocks`)."""
-        """The directory leases sessions hold (see :mod:`lucidlink.meta.leases`)."""
-        """The answers kept of named clients' changes (see :mod:`lucidlink.meta.replies`)."""
         if store.initialised:
             for client, first, count in store.inode_blocks():  # a restarted server knows them still
                 self.inode_blocks.add(client, first, count, uses_known=False)
