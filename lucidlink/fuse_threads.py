@@ -69,6 +69,23 @@ class DeafThread(threading.Thread):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def queued_items(source: Any) -> Iterator[Any]:
+    """
+    The items a worker thread takes from queue ``source``, until a None.
+
+    A ``threading.Event`` in the queue is set when reached, not given: it is
+    how a caller waits for what was queued before it.
+    """
+    while True:
+        item = source.get()
+        if item is None:
+            return
+        if isinstance(item, threading.Event):
+            item.set()
+            continue
+        yield item
+
+
 class NotificationThread(DeafThread):
     """
     llfuse's notification thread: deaf, and once started the starting thread takes the stop signals again.

@@ -59,13 +59,16 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.python.failure import Failure
 
 from lucidlink import fuse_locks
+from lucidlink.crypto import BLOCK_SIZE
 from lucidlink.errors import LucidError
 from lucidlink.fuse_threads import (
     DeafThread,
     llfuse_starting_deaf_threads,
+    queued_items,
     stop_signals_held,
     waking_stuck_workers,
 )
+from lucidlink.kernel_pages import PageStore
 from lucidlink.protocol.messages import Attributes, FileKind, LockKind, LockType
 
 log = logging.getLogger(__name__)
@@ -273,8 +276,9 @@ class KernelCaches:
     of which a reconnect (notifications missed) drops.
     """
 
-    def __init__(self, known: Callable[[], Iterable[int]]) -> None:
+    def __init__(self, known: Callable[[], Iterable[int]], pages: PageStore | None = None) -> None:
         self._known = known
+        self._pages = pages
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: DeafThread | None = None
         self._queued = 0
@@ -323,16 +327,14 @@ class KernelCaches:
         return done.wait(timeout)
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
+        for inode, parent, name in queued_items(self._queue):
             if self._stopping:
                 continue
-            inode, parent, name = item
+            if self._pages is not None:  # here, not on the reactor: a store may wait for a read that needs it
+                if inode:
+                    self._pages.changed(inode)
+                elif name is None:
+                    self._pages.changed_all()
             if name is not None:
                 _quietly(llfuse.invalidate_entry, parent, name)
                 _quietly(llfuse.invalidate_inode, parent, True)
@@ -382,7 +384,8 @@ class FilespaceOperations(llfuse.Operations):
         """The kernel's lookup count of each inode it holds."""
         self._cached_version: dict[int, int] = {}
         """The chunk map version whose content the kernel's page cache of an inode may hold."""
-        self.kernel = KernelCaches(lambda: list(self._lookups))
+        self.pages = PageStore(llfuse.notify_store)
+        self.kernel = KernelCaches(lambda: list(self._lookups), self.pages)
         self._closing: set[defer.Deferred[Any]] = set()
         """Closes of clean handles under way on the reactor (only touched there): not waited for by ``release``."""
 
@@ -465,7 +468,8 @@ class FilespaceOperations(llfuse.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        attributes = self._call("setattr", inode, **changes)
+        with self.bridge.released(), self.pages.changing(inode):
+            attributes = self.bridge.translated(self.inodes.setattr, inode, **changes)
         for directory in self._directories.values():
             if directory.attributes.inode == inode:
                 directory.attributes = attributes
@@ -525,6 +529,8 @@ class FilespaceOperations(llfuse.Operations):
             else:
                 del self._lookups[inode]
                 self._cached_version.pop(inode, None)
+                with self.bridge.released():
+                    self.pages.forget(inode)
 
     def statfs(self, ctx: Any) -> llfuse.StatvfsData:
         totals = self._call("statfs")
@@ -547,6 +553,9 @@ class FilespaceOperations(llfuse.Operations):
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
+        if _changes_pages(flags):
+            with self.bridge.released():
+                self.pages.writer_opened(handle.inode)
         attributes = handle.opened
         if attributes.size or handle.size:  # an existing file, maybe emptied by O_TRUNC: ask again
             try:
@@ -559,7 +568,17 @@ class FilespaceOperations(llfuse.Operations):
 
     def open(self, inode: int, flags: int, ctx: Any) -> int:
         """Open; close-to-open: pages the kernel kept of another version of the file are dropped first."""
-        handle = self._call("open", inode, flags)
+        writer = _changes_pages(flags)
+        if writer:
+            with self.bridge.released():
+                self.pages.writer_opened(inode)
+        try:
+            handle = self._call("open", inode, flags)
+        except BaseException:
+            if writer:
+                with self.bridge.released():
+                    self.pages.writer_closed(inode)
+            raise
         cached = self._cached_version.get(inode)
         if cached is not None and cached != handle.version:
             self.kernel.drop_pages(inode)
@@ -573,6 +592,21 @@ class FilespaceOperations(llfuse.Operations):
         if PROFILES is not None:
             PROFILES.enter()
         handle = self._file(fh)
+        within_a_block = off % BLOCK_SIZE + size <= BLOCK_SIZE and size < BLOCK_SIZE
+        generation = self.pages.generation(handle.inode) if within_a_block else None
+        if generation is None:
+            return self._read(handle, off, size)
+        # The whole block is opened anyway: the kernel gets the rest of it too (see lucidlink.kernel_pages).
+        start = off - off % BLOCK_SIZE
+        block = self._read(handle, start, BLOCK_SIZE)
+        view = memoryview(block)
+        skip = off - start
+        answer = bytes(view[skip : skip + size])
+        self.pages.offer(handle.inode, generation, start, view[:skip])
+        self.pages.offer(handle.inode, generation, off + len(answer), view[skip + len(answer) :])
+        return answer
+
+    def _read(self, handle: Any, off: int, size: int) -> bytes:
         cached = handle.read_cached(off, size)
         if cached is not None:
             return cached  # type: ignore[no-any-return]
@@ -603,14 +637,19 @@ class FilespaceOperations(llfuse.Operations):
         handle = self._files.pop(fh, None)
         if handle is None:
             return
-        if handle.clean:
-            self._note_version(handle)
-            self.bridge.post(self._close_clean, handle)
-            return
         try:
-            self.bridge.call(handle.close)
+            if handle.clean:
+                self._note_version(handle)
+                self.bridge.post(self._close_clean, handle)
+                return
+            try:
+                self.bridge.call(handle.close)
+            finally:
+                self._note_version(handle)
         finally:
-            self._note_version(handle)
+            if _changes_pages(handle.flags):
+                with self.bridge.released():
+                    self.pages.writer_closed(handle.inode)
 
     def _note_version(self, handle: Any) -> None:
         if handle.inode in self._cached_version:
@@ -682,6 +721,11 @@ class FilespaceOperations(llfuse.Operations):
         self._call("removexattr", inode, name)
 
 
+def _changes_pages(flags: int) -> bool:
+    """Whether an open with ``flags`` may change the file's pages (a writer, or a truncate)."""
+    return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
 def mount_options(filespace: str) -> set[str]:
     """llfuse's options for a filespace's mount."""
     return {f"fsname=lucid:{filespace}", "subtype=lucid", "big_writes", "default_permissions"}
@@ -709,6 +753,8 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         stack.callback(operations.close_all)
         operations.kernel.start()
         stack.callback(operations.kernel.stop)
+        operations.pages.start()
+        stack.callback(operations.pages.stop)
         unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
         stack.callback(operations.bridge.wait, unsubscribe)
         ready()

@@ -30,6 +30,9 @@ try:
     import llfuse
 
     from lucidlink import fuse_locks
+    from lucidlink.crypto import BLOCK_SIZE
+    from lucidlink.fuse_threads import DeafThread
+    from lucidlink.kernel_pages import PageStore
     from lucidlink.mount import FilespaceOperations, KernelCaches
 except ImportError:
     llfuse = None
@@ -40,6 +43,23 @@ class Fields:
 
     update_mode = True
     update_uid = update_gid = update_size = update_atime = update_mtime = False
+
+
+class HeldPageStore(PageStore if llfuse is not None else object):  # type: ignore[misc]
+    """Takes offers, and stores them only once let go (so a test puts changes between a read and its store)."""
+
+    def __init__(self) -> None:
+        self.stores: list[tuple[int, int, bytes]] = []
+        super().__init__(lambda inode, offset, data: self.stores.append((inode, offset, bytes(data))))
+        self._thread = DeafThread(target=self._run, daemon=True)
+
+    def let_go(self) -> list[tuple[int, int, bytes]]:
+        """Store what is offered (and still true); the stores made."""
+        assert self._thread is not None
+        if not self._thread.is_alive():
+            self._thread.start()
+        assert self.settle()
+        return self.stores
 
 
 class AdapterCoherenceTests(MemoryFilespaceCase):
@@ -94,6 +114,94 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         self.assertEqual(self.ops.read(writer, 0, 100), b"XYcdefXY")
         self.ops.release(appender)
         self.ops.release(writer)
+
+    def file_of_two_blocks(self) -> tuple[int, bytes, HeldPageStore]:
+        """A file of two blocks and more (written and closed), and held stores in place of the kernel's."""
+        ctx = Context()
+        content = os.urandom(2 * BLOCK_SIZE + 100)
+        writer, entry = self.ops.create(llfuse.ROOT_INODE, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, ctx)
+        self.ops.write(writer, 0, content)
+        self.ops.release(writer)
+        self.ops.pages = pages = HeldPageStore()
+        self.ops.kernel._pages = pages
+        self.addCleanup(pages.stop)
+        self.addCleanup(pages.let_go)
+        return entry.st_ino, content, pages
+
+    def test_a_small_read_offers_the_rest_of_its_block(self) -> None:
+        """The kernel asked for two pages of the second block: it gets the block's other pages too."""
+        inode, content, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.assertEqual(self.ops.read(reader, BLOCK_SIZE + 4096, 8192), content[BLOCK_SIZE + 4096 :][:8192])
+        self.assertEqual(self.ops.read(reader, 2 * BLOCK_SIZE, 4096), content[2 * BLOCK_SIZE :])
+        self.assertEqual(self.ops.read(reader, BLOCK_SIZE - 4096, 8192), content[BLOCK_SIZE - 4096 :][:8192])
+        self.assertEqual(self.ops.read(reader, 0, BLOCK_SIZE), content[:BLOCK_SIZE])
+        self.assertEqual(pages.let_go(), [
+            (inode, BLOCK_SIZE, content[BLOCK_SIZE:][:4096]),
+            (inode, BLOCK_SIZE + 3 * 4096, content[BLOCK_SIZE + 3 * 4096 : 2 * BLOCK_SIZE]),
+        ], "the tail block holds no more than was read; reads across blocks or of whole blocks offer nothing")
+        self.ops.release(reader)
+
+    def test_no_store_lands_after_a_writer_opens(self) -> None:
+        inode, content, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, 0, 4096)
+        writer = self.ops.open(inode, os.O_WRONLY, Context())
+        self.ops.write(writer, 8192, b"new")
+        self.assertEqual(pages.let_go(), [])
+        self.ops.read(reader, 0, 4096)
+        self.assertEqual(pages.let_go(), [], "nothing is stored while a writer is open")
+        self.ops.release(writer)
+        self.ops.read(reader, 0, 4096)
+        self.assertEqual(pages.let_go(), [(inode, 4096, content[4096:8192] + b"new" + content[8195:BLOCK_SIZE])])
+        self.ops.release(reader)
+
+    def test_no_store_lands_after_a_truncating_open(self) -> None:
+        inode, _, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, BLOCK_SIZE, 4096)
+        self.ops.release(self.ops.open(inode, os.O_RDONLY | os.O_TRUNC, Context()))
+        self.assertEqual(pages.let_go(), [])
+        self.ops.release(reader)
+
+    def test_no_store_lands_after_a_setattr(self) -> None:
+        inode, _, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, BLOCK_SIZE, 4096)
+
+        class Size(Fields):
+            update_mode = False
+            update_size = True
+
+        attributes = llfuse.EntryAttributes()
+        attributes.st_size = 100
+        self.assertEqual(self.ops.setattr(inode, attributes, Size(), None, Context()).st_size, 100)
+        self.assertEqual(pages.let_go(), [])
+        self.ops.release(reader)
+
+    def changed_elsewhere(self, inode_told: int | None) -> list[tuple[int, int, bytes]]:
+        """The stores made of a read before the invalidation thread is told of a change of ``inode_told``."""
+        self.patch(llfuse, "invalidate_inode", lambda inode, attributes_only=False: None)
+        inode, _, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, BLOCK_SIZE, 4096)
+        self.ops.kernel.start()
+        self.addCleanup(self.ops.kernel.stop)
+        self.ops.kernel.changed(inode if inode_told is None else inode_told)
+        self.assertTrue(self.ops.kernel.settle())
+        self.ops.release(reader)
+        return pages.let_go()
+
+    def test_no_store_lands_after_a_change_elsewhere(self) -> None:
+        """The invalidation thread notes the change before the kernel drops the pages: the store is not made."""
+        self.assertEqual(self.changed_elsewhere(None), [])
+
+    def test_no_store_lands_after_a_reconnect(self) -> None:
+        """A reconnect (notifications missed) drops every inode's pages: no store of before it is made."""
+        self.assertEqual(self.changed_elsewhere(0), [])
+
+    def test_a_change_of_another_inode_leaves_stores(self) -> None:
+        self.assertEqual(len(self.changed_elsewhere(12345)), 1)
 
     def test_lookup_counts(self) -> None:
         """An inode stays known to the kernel until ``forget`` takes back every lookup of it."""
