@@ -551,6 +551,9 @@ class FilespaceOperations(llfuse.Operations):
 
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
+        if flags & os.O_TRUNC:  # the name may turn out to be an existing file (made meanwhile elsewhere)
+            with self.bridge.released():
+                self.pages.changed_all()
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
         if _changes_pages(flags):

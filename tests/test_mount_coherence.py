@@ -142,13 +142,27 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         ], "the tail block holds no more than was read; reads across blocks or of whole blocks offer nothing")
         self.ops.release(reader)
 
+    def stores_during(self, method: str, pages: HeldPageStore) -> list[list[tuple[int, int, bytes]]]:
+        """Let the held stores go right after the core's ``method`` made its change (before the adapter goes on)."""
+        original = getattr(self.ops.inodes, method)
+        landed: list[list[tuple[int, int, bytes]]] = []
+
+        def making(*arguments: Any, **keywords: Any) -> Any:
+            result = original(*arguments, **keywords)
+            landed.append(list(pages.let_go()))
+            return result
+
+        self.patch(self.ops.inodes, method, making)
+        return landed
+
     def test_no_store_lands_after_a_writer_opens(self) -> None:
         inode, content, pages = self.file_of_two_blocks()
         reader = self.ops.open(inode, os.O_RDONLY, Context())
         self.ops.read(reader, 0, 4096)
+        landed = self.stores_during("open", pages)
         writer = self.ops.open(inode, os.O_WRONLY, Context())
+        self.assertEqual(landed, [[]])
         self.ops.write(writer, 8192, b"new")
-        self.assertEqual(pages.let_go(), [])
         self.ops.read(reader, 0, 4096)
         self.assertEqual(pages.let_go(), [], "nothing is stored while a writer is open")
         self.ops.release(writer)
@@ -160,8 +174,21 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         inode, _, pages = self.file_of_two_blocks()
         reader = self.ops.open(inode, os.O_RDONLY, Context())
         self.ops.read(reader, BLOCK_SIZE, 4096)
+        landed = self.stores_during("open", pages)
         self.ops.release(self.ops.open(inode, os.O_RDONLY | os.O_TRUNC, Context()))
-        self.assertEqual(pages.let_go(), [])
+        self.assertEqual(landed, [[]])
+        self.ops.release(reader)
+
+    def test_no_store_lands_after_a_create_that_empties_a_file(self) -> None:
+        """A create with ``O_TRUNC`` of a name that is an existing file (the kernel thought it absent) empties it."""
+        inode, _, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, BLOCK_SIZE, 4096)
+        landed = self.stores_during("create", pages)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        writer, entry = self.ops.create(llfuse.ROOT_INODE, b"f", stat.S_IFREG | 0o644, flags, Context())
+        self.assertEqual((entry.st_ino, entry.st_size, landed), (inode, 0, [[]]))
+        self.ops.release(writer)
         self.ops.release(reader)
 
     def test_no_store_lands_after_a_setattr(self) -> None:
@@ -175,7 +202,9 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
 
         attributes = llfuse.EntryAttributes()
         attributes.st_size = 100
+        landed = self.stores_during("setattr", pages)
         self.assertEqual(self.ops.setattr(inode, attributes, Size(), None, Context()).st_size, 100)
+        self.assertEqual(landed, [[]])
         self.assertEqual(pages.let_go(), [])
         self.ops.release(reader)
 
