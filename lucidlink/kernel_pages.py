@@ -14,22 +14,30 @@ store is made only while nothing here can change the file's pages:
 - no writable handle of the inode is open on this mount (a write changes
   pages in the kernel, and a store of older bytes landing after it would
   undo it);
-- no change was noted since the bytes were read: another client's change (the
-  kernel's pages are dropped), a truncate or any other ``setattr``, an open
-  that found a newer version.
+- nothing changed the inode since the bytes were read: another client's
+  change (the kernel's pages are dropped), a truncate or any other
+  ``setattr``, an open for writing or with ``O_TRUNC``, a create with
+  ``O_TRUNC`` (of any name: it may turn out to be an existing file), a
+  reconnect.
 
-The check and the store are made under the inode's lock, which a new writer
-and each change take first; so a store either lands before them (and their
-own invalidation or write follows it) or is not made.  The kernel holds the
+Each change takes a stamp from one counter, and a read notes the counter
+before it reads: a store is made only if no stamp of its inode, and no
+stamp of every inode, is newer than its read.  The check and the store are
+made under the inode's lock (one of a few locks shared by stripes of
+inodes); an open for writing, a ``setattr`` and another client's change
+take that lock as they stamp, so a store under way lands before them (and
+their write, truncate or invalidation follows it).  The kernel holds the
 pages of a read until it is answered, so stores are made in a thread of
-their own, never in a request's: a store of a page a read holds waits for
-that read's answer.  A store that cannot be made is dropped: the kernel asks
-for those pages when it needs them.
+their own, never in a request's: a store of a page that a read holds waits
+for that read's answer.  A store that cannot be made is dropped: the kernel
+asks for those pages when it needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import queue
 import threading
@@ -45,8 +53,11 @@ log = logging.getLogger(__name__)
 QUEUE_LIMIT = 256
 """Stores waiting at most (64 KiB each at most): more are dropped, not waited for."""
 
+STAMPS_KEPT = 100_000
+"""Inodes whose last change is remembered; past that the record starts again (older reads are not stored)."""
+
 _LOCK_STRIPES = 64
-_GONE = {errno.ENOENT, errno.EBADF, errno.ENOTCONN, errno.ENODEV}
+_GONE = {errno.ENOENT, errno.EBADF, errno.ENOTCONN, errno.ENODEV, errno.ECONNABORTED}
 
 
 class PageStore:
@@ -56,19 +67,27 @@ class PageStore:
     ``store(inode, offset, data)`` is ``llfuse.notify_store`` when mounted.
     Called from llfuse's threads: :meth:`generation` and :meth:`offer` by
     reads, :meth:`writer_opened` and :meth:`writer_closed` by opens and
-    releases, :meth:`changing` by anything that changes a file's pages
-    otherwise.  Those that take an inode's lock must not hold llfuse's
-    lock meanwhile (a store may wait for a read, which needs it).
+    releases, :meth:`changing` and :meth:`creating` around other changes.
+    Those that take an inode's lock (:meth:`writer_opened`,
+    :meth:`changing`, :meth:`changed`, :meth:`changed_all`) must not hold
+    llfuse's lock meanwhile: a store may wait for a read, which needs it.
     """
 
     def __init__(self, store: Callable[[int, int, Any], None]) -> None:
         self._store = store
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_LIMIT)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._counting = threading.Lock()
+        """Guards the counts below; never held while storing."""
+        self._stamps = itertools.count(1)
+        self._now = 0
+        """The last stamp taken."""
+        self._changed_at: dict[int, int] = {}
+        self._all_changed_at = 0
+        """The stamp of the last change of every inode (a reconnect, a create with ``O_TRUNC``, a fresh record)."""
         self._writers: Counter[int] = Counter()
-        self._changes: Counter[int] = Counter()
-        self._epoch = 0
         self._thread: DeafThread | None = None
+        self._ending: DeafThread | None = None
         self.stored = 0
         """Stores made (for tests and figures)."""
 
@@ -77,29 +96,46 @@ class PageStore:
         self._thread = DeafThread(target=self._run, name="lucid-page-store", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop; what is still queued is dropped.  Call before llfuse's session closes."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """
+        Stop; what is still queued is dropped.  Call before llfuse's session closes.
+
+        False if the thread did not end within ``timeout``: it waits in the
+        kernel for a page that a read no worker will answer now holds.
+        """
         thread, self._thread = self._thread, None
         if thread is None:
-            return
+            thread, self._ending = self._ending, None
+            if thread is None:
+                return True
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
         thread.join(timeout)
+        if thread.is_alive():
+            self._ending = thread  # the next stop waits for it again
+            return False
+        return True
 
     def _lock(self, inode: int) -> threading.Lock:
         return self._locks[inode % _LOCK_STRIPES]
 
-    def generation(self, inode: int) -> tuple[int, int] | None:
+    def _stamp(self) -> int:
+        with self._counting:
+            self._now = next(self._stamps)
+            return self._now
+
+    def generation(self, inode: int) -> int | None:
         """What a read notes before it reads, for :meth:`offer`; None when a writer has the inode open."""
         if self._writers[inode] or self._thread is None:
             return None
-        return self._epoch, self._changes[inode]
+        return self._now
 
-    def offer(self, inode: int, generation: tuple[int, int], offset: int, data: Any) -> None:
+    def offer(self, inode: int, generation: int, offset: int, data: Any) -> None:
         """Queue ``data`` (bytes a read got, at ``offset``) to be stored, unless the queue is full."""
         if not len(data):
             return
@@ -107,6 +143,14 @@ class PageStore:
             self._queue.put_nowait((inode, generation, offset, data))
         except queue.Full:
             pass
+
+    def _note(self, inode: int) -> None:
+        with self._counting:
+            self._now = next(self._stamps)
+            if len(self._changed_at) >= STAMPS_KEPT and inode not in self._changed_at:
+                self._all_changed_at = self._now  # everything older than this stamp is not stored
+                self._changed_at.clear()
+            self._changed_at[inode] = self._now
 
     @contextmanager
     def changing(self, inode: int) -> Iterator[None]:
@@ -125,14 +169,27 @@ class PageStore:
     def changed(self, inode: int) -> None:
         """The inode changed (elsewhere: call before its pages are dropped): bytes read before are not stored."""
         with self._lock(inode):
-            self._changes[inode] += 1
+            self._note(inode)
+
+    def creating(self) -> None:
+        """
+        A create with ``O_TRUNC`` is about to be made: bytes read before it, of any inode, are not stored.
+
+        The name may turn out to be an existing file, which the create
+        empties; its :meth:`writer_opened` follows, before the kernel hears
+        of the create, and waits for a store of that file under way (the
+        kernel drops what lies past the size the create answers).  No lock
+        is taken here.
+        """
+        with self._counting:
+            self._now = self._all_changed_at = next(self._stamps)
 
     def changed_all(self) -> None:
         """Every inode may have changed (notifications were missed)."""
         for lock in self._locks:
             lock.acquire()
         try:
-            self._epoch += 1
+            self.creating()
         finally:
             for lock in self._locks:
                 lock.release()
@@ -140,21 +197,17 @@ class PageStore:
     def writer_opened(self, inode: int) -> None:
         """A writable handle of the inode is opening: no store from now until it is closed."""
         with self._lock(inode):
-            self._writers[inode] += 1
-            self._changes[inode] += 1
+            with self._counting:
+                self._writers[inode] += 1
+            self._note(inode)
 
     def writer_closed(self, inode: int) -> None:
-        """A writable handle of the inode was released."""
-        with self._lock(inode):
+        """A writable handle of the inode was released (no store of the inode can be under way: no lock)."""
+        with self._counting:
             self._writers[inode] -= 1
             if self._writers[inode] <= 0:
                 del self._writers[inode]
-            self._changes[inode] += 1
-
-    def forget(self, inode: int) -> None:
-        """The kernel holds nothing of the inode any more."""
-        with self._lock(inode):
-            self._changes.pop(inode, None)
+        self._note(inode)
 
     def settle(self, timeout: float = 10.0) -> bool:
         """Wait until what was offered so far is stored or dropped (at once when not running)."""
@@ -167,10 +220,15 @@ class PageStore:
             return False
         return done.wait(timeout)
 
+    def _still_true(self, inode: int, generation: int) -> bool:
+        # Read in this order: a fresh record empties _changed_at only after moving _all_changed_at on.
+        changed_at = self._changed_at.get(inode, 0)
+        return not self._writers[inode] and generation >= max(changed_at, self._all_changed_at)
+
     def _run(self) -> None:
         for inode, generation, offset, data in queued_items(self._queue):
             with self._lock(inode):
-                if self._writers[inode] or generation != (self._epoch, self._changes[inode]):
+                if self._thread is None or not self._still_true(inode, generation):
                     continue
                 try:
                     self._store(inode, offset, data)

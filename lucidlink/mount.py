@@ -529,8 +529,6 @@ class FilespaceOperations(llfuse.Operations):
             else:
                 del self._lookups[inode]
                 self._cached_version.pop(inode, None)
-                with self.bridge.released():
-                    self.pages.forget(inode)
 
     def statfs(self, ctx: Any) -> llfuse.StatvfsData:
         totals = self._call("statfs")
@@ -552,8 +550,7 @@ class FilespaceOperations(llfuse.Operations):
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: Any) -> tuple[int, llfuse.EntryAttributes]:
         if flags & os.O_TRUNC:  # the name may turn out to be an existing file (made meanwhile elsewhere)
-            with self.bridge.released():
-                self.pages.changed_all()
+            self.pages.creating()
         handle = self._call("create", parent_inode, name, stat.S_IMODE(mode), flags, ctx.uid, ctx.gid)
         number = self._keep(handle)
         if _changes_pages(flags):
@@ -651,8 +648,7 @@ class FilespaceOperations(llfuse.Operations):
                 self._note_version(handle)
         finally:
             if _changes_pages(handle.flags):
-                with self.bridge.released():
-                    self.pages.writer_closed(handle.inode)
+                self.pages.writer_closed(handle.inode)
 
     def _note_version(self, handle: Any) -> None:
         if handle.inode in self._cached_version:
@@ -724,6 +720,60 @@ class FilespaceOperations(llfuse.Operations):
         self._call("removexattr", inode, name)
 
 
+def fuse_connection_of(mountpoint: str, mountinfo: str) -> int | None:
+    """The FUSE connection number (the device's minor) of the mount at ``mountpoint``, from ``/proc/self/mountinfo``."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or fields[4].replace("\\040", " ") != target:
+            continue
+        after = fields.index("-") if "-" in fields else -1
+        if after < 0 or not fields[after + 1].startswith("fuse"):
+            continue
+        major, _, minor = fields[2].partition(":")
+        if major == "0" and minor.isdigit():
+            found = int(minor)  # the last one mounted there is the one on top
+    return found
+
+
+def abort_fuse_connection(mountpoint: str, proc: str = "/proc/self", connections: str = "/sys/fs/fuse/connections") -> bool:
+    """
+    Abort the FUSE connection of the mount at ``mountpoint`` (fusectl): every request waiting on it ends.
+
+    Asks nothing of the mount itself (no ``stat`` of it, which its own
+    requests would answer).  False if that cannot be done here.
+    """
+    try:
+        with open(os.path.join(proc, "mountinfo"), encoding="utf-8", errors="replace") as table:
+            number = fuse_connection_of(mountpoint, table.read())
+        if number is None:
+            return False
+        with open(os.path.join(connections, str(number), "abort"), "w", encoding="ascii") as abort:
+            abort.write("1")
+    except OSError as error:
+        log.warning("could not abort the FUSE connection of %s: %s", mountpoint, error)
+        return False
+    return True
+
+
+def stop_storing_pages(pages: PageStore, mountpoint: str, timeout: float = 5.0) -> None:
+    """
+    Stop the page store once llfuse's loop has ended, whatever it waits for.
+
+    A store can be waiting in the kernel for a page that a read holds; with
+    the loop ended nobody answers that read, and the store (with the read,
+    and this process's exit) would wait for good.  Aborting the connection
+    ends the read with an error, and the store with it.
+    """
+    if pages.stop(timeout):
+        return
+    log.warning("storing pages in the kernel waits for a read nobody will answer now; aborting the FUSE connection")
+    if abort_fuse_connection(mountpoint) and pages.stop(timeout):
+        return
+    log.error("the page store's thread did not end; the mount may not go away until the reads on it are killed")
+
+
 def _changes_pages(flags: int) -> bool:
     """Whether an open with ``flags`` may change the file's pages (a writer, or a truncate)."""
     return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
@@ -757,7 +807,7 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         operations.kernel.start()
         stack.callback(operations.kernel.stop)
         operations.pages.start()
-        stack.callback(operations.pages.stop)
+        stack.callback(stop_storing_pages, operations.pages, mountpoint)
         unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
         stack.callback(operations.bridge.wait, unsubscribe)
         ready()

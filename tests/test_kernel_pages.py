@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -98,21 +99,77 @@ class PageStoreTests(SynchronousTestCase):
         self.settle()
         self.assertEqual(self.kernel.stores, [(8, 0, b"eight")])
 
-    def test_a_change_waits_for_a_store_under_way(self) -> None:
-        """A store lands whole before a change of its inode goes on (the change's invalidation follows it)."""
+    def test_changes_wait_for_a_store_under_way(self) -> None:
+        """
+        A store lands whole before a change of its inode goes on (the change's invalidation follows it).
+
+        Changes of other inodes, a create with ``O_TRUNC`` and a writer's
+        close do not wait: none can need it, and a store may wait long.
+        """
         self.kernel.hold = threading.Event()
         generation = self.pages.generation(7)
         assert generation is not None
         self.pages.offer(7, generation, 0, b"landing")
         self.assertTrue(self.kernel.entered.wait(10))
-        changed = threading.Event()
-        changer = threading.Thread(target=lambda: (self.pages.changed(7), changed.set()))
-        changer.start()
-        self.assertFalse(changed.wait(0.1))
+        self.pages.changed(8)
+        self.pages.creating()
+        self.pages.writer_closed(9)
+        waiting = []
+        for change in (lambda: self.pages.changed(7), lambda: self.pages.writer_opened(7), self.pages.changed_all):
+            started, done = threading.Event(), threading.Event()
+            thread = threading.Thread(target=lambda change=change, s=started, d=done: (s.set(), change(), d.set()))
+            thread.start()
+            self.assertTrue(started.wait(10))
+            waiting.append((thread, done))
+        time.sleep(0.1)
+        self.assertEqual([done.is_set() for _, done in waiting], [False, False, False])
         self.kernel.hold.set()
-        self.assertTrue(changed.wait(10))
-        changer.join(10)
+        for thread, done in waiting:
+            self.assertTrue(done.wait(10))
+            thread.join(10)
         self.assertEqual(self.kernel.stores, [(7, 0, b"landing")])
+
+    def test_bytes_read_before_a_create_that_empties_are_not_stored(self) -> None:
+        seven, eight = self.pages.generation(7), self.pages.generation(8)
+        assert seven is not None and eight is not None
+        self.pages.creating()
+        self.pages.offer(7, seven, 0, b"seven")
+        self.pages.offer(8, eight, 0, b"eight")
+        after = self.pages.generation(8)
+        assert after is not None
+        self.pages.offer(8, after, 0, b"read after")
+        self.settle()
+        self.assertEqual(self.kernel.stores, [(8, 0, b"read after")])
+
+    def test_a_full_record_of_changes_starts_again(self) -> None:
+        """Past :data:`STAMPS_KEPT` inodes the record starts again, and nothing read before is stored."""
+        self.patch(kernel_pages, "STAMPS_KEPT", 3)
+        old = self.pages.generation(1)
+        assert old is not None
+        for inode in (2, 3, 4):
+            self.pages.changed(inode)
+        self.assertEqual(len(self.pages._changed_at), 3)
+        self.pages.changed(5)  # a fourth inode: a fresh record
+        self.assertEqual(list(self.pages._changed_at), [5])
+        self.pages.offer(1, old, 0, b"read before")
+        self.pages.offer(2, old, 0, b"read before, changed")
+        new = self.pages.generation(2)
+        assert new is not None
+        self.pages.offer(2, new, 0, b"read after")
+        self.settle()
+        self.assertEqual(self.kernel.stores, [(2, 0, b"read after")])
+
+    def test_stop_tells_whether_the_thread_ended(self) -> None:
+        """A store waiting in the kernel keeps the thread: stop says so, and a later stop waits for it again."""
+        self.kernel.hold = threading.Event()
+        generation = self.pages.generation(7)
+        assert generation is not None
+        self.pages.offer(7, generation, 0, b"stuck")
+        self.assertTrue(self.kernel.entered.wait(10))
+        self.assertFalse(self.pages.stop(timeout=0.05))
+        self.kernel.hold.set()
+        self.assertTrue(self.pages.stop(timeout=10))
+        self.assertTrue(self.pages.stop())
 
     def test_a_full_queue_drops_offers(self) -> None:
         self.kernel.hold = threading.Event()

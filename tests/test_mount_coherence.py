@@ -30,10 +30,17 @@ try:
     import llfuse
 
     from lucidlink import fuse_locks
+    from lucidlink import mount as mount_module
     from lucidlink.crypto import BLOCK_SIZE
     from lucidlink.fuse_threads import DeafThread
     from lucidlink.kernel_pages import PageStore
-    from lucidlink.mount import FilespaceOperations, KernelCaches
+    from lucidlink.mount import (
+        FilespaceOperations,
+        KernelCaches,
+        abort_fuse_connection,
+        fuse_connection_of,
+        stop_storing_pages,
+    )
 except ImportError:
     llfuse = None
 
@@ -169,6 +176,19 @@ class AdapterCoherenceTests(MemoryFilespaceCase):
         self.ops.read(reader, 0, 4096)
         self.assertEqual(pages.let_go(), [(inode, 4096, content[4096:8192] + b"new" + content[8195:BLOCK_SIZE])])
         self.ops.release(reader)
+
+    def test_a_forgotten_inode_keeps_its_changes(self) -> None:
+        """The kernel forgetting an inode (and looking it up again) does not make bytes read before a change new."""
+        inode, _, pages = self.file_of_two_blocks()
+        reader = self.ops.open(inode, os.O_RDONLY, Context())
+        self.ops.read(reader, 0, 4096)
+        self.ops.release(reader)
+        writer = self.ops.open(inode, os.O_WRONLY, Context())
+        self.ops.write(writer, 8192, b"new")
+        self.ops.release(writer)
+        self.ops.forget([(inode, 1)])
+        self.ops.lookup(llfuse.ROOT_INODE, b"f", Context())
+        self.assertEqual(pages.let_go(), [])
 
     def test_no_store_lands_after_a_truncating_open(self) -> None:
         inode, _, pages = self.file_of_two_blocks()
@@ -345,6 +365,78 @@ class FuseLocksTests(SynchronousTestCase):
         with self.assertRaises(llfuse.FUSEError) as caught:
             fuse_locks._range(fuse_locks.Flock(0, 0, -1, 5, 0))
         self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+
+MOUNTINFO = """\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+98 22 0:52 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:60 - fuse.lucid lucid:demo rw,user_id=0,group_id=0
+99 22 0:53 / /tmp/other rw,relatime shared:61 - fuse.lucid lucid:demo rw,user_id=0,group_id=0
+100 98 0:57 / /tmp/a\\040b rw,relatime shared:62 - fuse.lucid lucid:again rw,user_id=0,group_id=0
+101 22 0:58 / /tmp/plain rw,relatime shared:63 - tmpfs tmpfs rw
+"""
+
+
+class PageStoreStopTests(SynchronousTestCase):
+    """Stopping the page store when llfuse's loop has ended, even with a store waiting in the kernel."""
+
+    if llfuse is None:
+        skip = "llfuse is not installed"
+
+    def test_the_connection_of_a_mount(self) -> None:
+        self.assertEqual(fuse_connection_of("/tmp/a b", MOUNTINFO), 57, "the mount on top")
+        self.assertEqual(fuse_connection_of("/tmp/other/", MOUNTINFO), 53)
+        self.assertIsNone(fuse_connection_of("/tmp/plain", MOUNTINFO), "not a FUSE mount")
+        self.assertIsNone(fuse_connection_of("/", MOUNTINFO))
+        self.assertIsNone(fuse_connection_of("/tmp/none", MOUNTINFO))
+
+    def test_aborting_a_connection(self) -> None:
+        proc, connections = Path(self.mktemp()), Path(self.mktemp())
+        proc.mkdir()
+        (proc / "mountinfo").write_text(MOUNTINFO)
+        (connections / "53").mkdir(parents=True)
+        (connections / "53" / "abort").write_text("")
+        self.assertTrue(abort_fuse_connection("/tmp/other", str(proc), str(connections)))
+        self.assertEqual((connections / "53" / "abort").read_text(), "1")
+        self.assertFalse(abort_fuse_connection("/tmp/plain", str(proc), str(connections)))
+        with self.assertLogs("lucidlink.mount", "WARNING"):
+            self.assertFalse(abort_fuse_connection("/tmp/a b", str(proc), str(connections)), "no such connection")
+
+    def test_a_stuck_store_ends_by_aborting_the_connection(self) -> None:
+        """The store waits for a page no worker will answer now: the connection is aborted, and the store ends."""
+        aborted = threading.Event()
+        entered = threading.Event()
+
+        def store(inode: int, offset: int, data: Any) -> None:
+            entered.set()
+            if not aborted.wait(10):
+                return
+            raise OSError(errno.ECONNABORTED, "the connection was aborted")
+
+        pages = PageStore(store)
+        pages.start()
+        generation = pages.generation(7)
+        assert generation is not None
+        pages.offer(7, generation, 0, b"x")
+        self.assertTrue(entered.wait(10))
+        aborts: list[str] = []
+
+        def abort(mountpoint: str) -> bool:
+            aborts.append(mountpoint)
+            aborted.set()
+            return True
+
+        self.patch(mount_module, "abort_fuse_connection", abort)
+        with self.assertLogs("lucidlink.mount", "WARNING") as logged:
+            stop_storing_pages(pages, "/mnt/x", timeout=0.05)
+        self.assertEqual(aborts, ["/mnt/x"])
+        self.assertIn("aborting the FUSE connection", logged.output[0])
+        self.assertTrue(pages.stop())
+
+    def test_a_store_that_ends_needs_no_abort(self) -> None:
+        pages = PageStore(lambda inode, offset, data: None)
+        pages.start()
+        self.patch(mount_module, "abort_fuse_connection", lambda mountpoint: self.fail("aborted"))
+        stop_storing_pages(pages, "/mnt/x")
 
 
 class ChangeListenerTests(ClientTestCase):
