@@ -22,7 +22,8 @@ store is made only while nothing here can change the file's pages:
 
 Each change takes a stamp from one counter, and a read notes the counter
 before it reads: a store is made only if no stamp of its inode, and no
-stamp of every inode, is newer than its read.  The check and the store are
+stamp of every inode, is newer than its read (the counts are read and
+changed under one small lock, never held while storing).  The check and the store are
 made under the inode's lock (one of a few locks shared by stripes of
 inodes); an open for writing, a ``setattr`` and another client's change
 take that lock as they stamp, so a store under way lands before them (and
@@ -121,19 +122,21 @@ class PageStore:
             return False
         return True
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs (or has not ended after :meth:`stop`)."""
+        thread = self._thread or self._ending
+        return thread is not None and thread.is_alive()
+
     def _lock(self, inode: int) -> threading.Lock:
         return self._locks[inode % _LOCK_STRIPES]
 
-    def _stamp(self) -> int:
-        with self._counting:
-            self._now = next(self._stamps)
-            return self._now
-
     def generation(self, inode: int) -> int | None:
         """What a read notes before it reads, for :meth:`offer`; None when a writer has the inode open."""
-        if self._writers[inode] or self._thread is None:
-            return None
-        return self._now
+        with self._counting:
+            if self._writers[inode] or self._thread is None:
+                return None
+            return self._now
 
     def offer(self, inode: int, generation: int, offset: int, data: Any) -> None:
         """Queue ``data`` (bytes a read got, at ``offset``) to be stored, unless the queue is full."""
@@ -146,11 +149,14 @@ class PageStore:
 
     def _note(self, inode: int) -> None:
         with self._counting:
-            self._now = next(self._stamps)
-            if len(self._changed_at) >= STAMPS_KEPT and inode not in self._changed_at:
-                self._all_changed_at = self._now  # everything older than this stamp is not stored
-                self._changed_at.clear()
-            self._changed_at[inode] = self._now
+            self._note_counted(inode)
+
+    def _note_counted(self, inode: int) -> None:
+        self._now = next(self._stamps)
+        if len(self._changed_at) >= STAMPS_KEPT and inode not in self._changed_at:
+            self._all_changed_at = self._now  # everything older than this stamp is not stored
+            self._changed_at.clear()
+        self._changed_at[inode] = self._now
 
     @contextmanager
     def changing(self, inode: int) -> Iterator[None]:
@@ -185,29 +191,25 @@ class PageStore:
             self._now = self._all_changed_at = next(self._stamps)
 
     def changed_all(self) -> None:
-        """Every inode may have changed (notifications were missed)."""
-        for lock in self._locks:
-            lock.acquire()
-        try:
-            self.creating()
-        finally:
-            for lock in self._locks:
-                lock.release()
+        """Every inode may have changed (notifications were missed): stamped, then each store under way ends."""
+        self.creating()
+        for lock in self._locks:  # one at a time: a stuck store holds up only its own stripe's changes
+            with lock:
+                pass
 
     def writer_opened(self, inode: int) -> None:
         """A writable handle of the inode is opening: no store from now until it is closed."""
-        with self._lock(inode):
-            with self._counting:
-                self._writers[inode] += 1
-            self._note(inode)
+        with self._lock(inode), self._counting:
+            self._writers[inode] += 1
+            self._note_counted(inode)
 
     def writer_closed(self, inode: int) -> None:
         """A writable handle of the inode was released (no store of the inode can be under way: no lock)."""
         with self._counting:
+            self._note_counted(inode)
             self._writers[inode] -= 1
             if self._writers[inode] <= 0:
                 del self._writers[inode]
-        self._note(inode)
 
     def settle(self, timeout: float = 10.0) -> bool:
         """Wait until what was offered so far is stored or dropped (at once when not running)."""
@@ -221,9 +223,8 @@ class PageStore:
         return done.wait(timeout)
 
     def _still_true(self, inode: int, generation: int) -> bool:
-        # Read in this order: a fresh record empties _changed_at only after moving _all_changed_at on.
-        changed_at = self._changed_at.get(inode, 0)
-        return not self._writers[inode] and generation >= max(changed_at, self._all_changed_at)
+        with self._counting:
+            return not self._writers[inode] and generation >= max(self._changed_at.get(inode, 0), self._all_changed_at)
 
     def _run(self) -> None:
         for inode, generation, offset, data in queued_items(self._queue):

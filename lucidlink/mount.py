@@ -61,6 +61,7 @@ from twisted.python.failure import Failure
 from lucidlink import fuse_locks
 from lucidlink.crypto import BLOCK_SIZE
 from lucidlink.errors import LucidError
+from lucidlink.fuse_device import device_descriptor, refuse_pending
 from lucidlink.fuse_threads import (
     DeafThread,
     llfuse_starting_deaf_threads,
@@ -720,58 +721,23 @@ class FilespaceOperations(llfuse.Operations):
         self._call("removexattr", inode, name)
 
 
-def fuse_connection_of(mountpoint: str, mountinfo: str) -> int | None:
-    """The FUSE connection number (the device's minor) of the mount at ``mountpoint``, from ``/proc/self/mountinfo``."""
-    target = os.path.abspath(mountpoint)
-    found = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) < 5 or fields[4].replace("\\040", " ") != target:
-            continue
-        after = fields.index("-") if "-" in fields else -1
-        if after < 0 or not fields[after + 1].startswith("fuse"):
-            continue
-        major, _, minor = fields[2].partition(":")
-        if major == "0" and minor.isdigit():
-            found = int(minor)  # the last one mounted there is the one on top
-    return found
-
-
-def abort_fuse_connection(mountpoint: str, proc: str = "/proc/self", connections: str = "/sys/fs/fuse/connections") -> bool:
-    """
-    Abort the FUSE connection of the mount at ``mountpoint`` (fusectl): every request waiting on it ends.
-
-    Asks nothing of the mount itself (no ``stat`` of it, which its own
-    requests would answer).  False if that cannot be done here.
-    """
-    try:
-        with open(os.path.join(proc, "mountinfo"), encoding="utf-8", errors="replace") as table:
-            number = fuse_connection_of(mountpoint, table.read())
-        if number is None:
-            return False
-        with open(os.path.join(connections, str(number), "abort"), "w", encoding="ascii") as abort:
-            abort.write("1")
-    except OSError as error:
-        log.warning("could not abort the FUSE connection of %s: %s", mountpoint, error)
-        return False
-    return True
-
-
-def stop_storing_pages(pages: PageStore, mountpoint: str, timeout: float = 5.0) -> None:
+def stop_storing_pages(pages: PageStore, device: int | None, timeout: float = 5.0) -> None:
     """
     Stop the page store once llfuse's loop has ended, whatever it waits for.
 
     A store can be waiting in the kernel for a page that a read holds; with
     the loop ended nobody answers that read, and the store (with the read,
-    and this process's exit) would wait for good.  Aborting the connection
-    ends the read with an error, and the store with it.
+    and this process's exit) would wait for good.  The requests left on the
+    FUSE device (``device``) are then refused (:mod:`lucidlink.fuse_device`),
+    which ends the read with an error and the store with it.
     """
     if pages.stop(timeout):
         return
-    log.warning("storing pages in the kernel waits for a read nobody will answer now; aborting the FUSE connection")
-    if abort_fuse_connection(mountpoint) and pages.stop(timeout):
-        return
-    log.error("the page store's thread did not end; the mount may not go away until the reads on it are killed")
+    log.warning("storing pages in the kernel waits for a read nobody answers now; refusing the requests left")
+    if device is not None:
+        refuse_pending(device, lambda: not pages.alive, max(timeout, 10.0))
+    if not pages.stop(timeout):
+        log.error("the page store's thread did not end; the mount may not go away until the reads on it are killed")
 
 
 def _changes_pages(flags: int) -> bool:
@@ -796,6 +762,7 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         stack.enter_context(stop_signals_held())
         llfuse.init(operations, mountpoint, mount_options(filespace))
         stack.callback(llfuse.close, unmount=True)
+        device = device_descriptor()
         try:
             locks = fuse_locks.install(operations)
         except fuse_locks.NotInstalled as why:
@@ -807,7 +774,7 @@ def serve(operations: FilespaceOperations, mountpoint: str, filespace: str,
         operations.kernel.start()
         stack.callback(operations.kernel.stop)
         operations.pages.start()
-        stack.callback(stop_storing_pages, operations.pages, mountpoint)
+        stack.callback(stop_storing_pages, operations.pages, device)
         unsubscribe = operations.bridge.wait(operations.inodes.on_change, operations.kernel.changed)
         stack.callback(operations.bridge.wait, unsubscribe)
         ready()

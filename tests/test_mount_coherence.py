@@ -37,8 +37,6 @@ try:
     from lucidlink.mount import (
         FilespaceOperations,
         KernelCaches,
-        abort_fuse_connection,
-        fuse_connection_of,
         stop_storing_pages,
     )
 except ImportError:
@@ -367,50 +365,21 @@ class FuseLocksTests(SynchronousTestCase):
         self.assertEqual(caught.exception.errno, errno.EINVAL)
 
 
-MOUNTINFO = """\
-22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
-98 22 0:52 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:60 - fuse.lucid lucid:demo rw,user_id=0,group_id=0
-99 22 0:53 / /tmp/other rw,relatime shared:61 - fuse.lucid lucid:demo rw,user_id=0,group_id=0
-100 98 0:57 / /tmp/a\\040b rw,relatime shared:62 - fuse.lucid lucid:again rw,user_id=0,group_id=0
-101 22 0:58 / /tmp/plain rw,relatime shared:63 - tmpfs tmpfs rw
-"""
-
-
 class PageStoreStopTests(SynchronousTestCase):
     """Stopping the page store when llfuse's loop has ended, even with a store waiting in the kernel."""
 
     if llfuse is None:
         skip = "llfuse is not installed"
 
-    def test_the_connection_of_a_mount(self) -> None:
-        self.assertEqual(fuse_connection_of("/tmp/a b", MOUNTINFO), 57, "the mount on top")
-        self.assertEqual(fuse_connection_of("/tmp/other/", MOUNTINFO), 53)
-        self.assertIsNone(fuse_connection_of("/tmp/plain", MOUNTINFO), "not a FUSE mount")
-        self.assertIsNone(fuse_connection_of("/", MOUNTINFO))
-        self.assertIsNone(fuse_connection_of("/tmp/none", MOUNTINFO))
-
-    def test_aborting_a_connection(self) -> None:
-        proc, connections = Path(self.mktemp()), Path(self.mktemp())
-        proc.mkdir()
-        (proc / "mountinfo").write_text(MOUNTINFO)
-        (connections / "53").mkdir(parents=True)
-        (connections / "53" / "abort").write_text("")
-        self.assertTrue(abort_fuse_connection("/tmp/other", str(proc), str(connections)))
-        self.assertEqual((connections / "53" / "abort").read_text(), "1")
-        self.assertFalse(abort_fuse_connection("/tmp/plain", str(proc), str(connections)))
-        with self.assertLogs("lucidlink.mount", "WARNING"):
-            self.assertFalse(abort_fuse_connection("/tmp/a b", str(proc), str(connections)), "no such connection")
-
-    def test_a_stuck_store_ends_by_aborting_the_connection(self) -> None:
-        """The store waits for a page no worker will answer now: the connection is aborted, and the store ends."""
-        aborted = threading.Event()
+    def test_a_stuck_store_ends_by_refusing_the_requests_left(self) -> None:
+        """The store waits for a page that a read no worker will answer holds: the read is refused, the store ends."""
+        refused = threading.Event()
         entered = threading.Event()
 
         def store(inode: int, offset: int, data: Any) -> None:
             entered.set()
-            if not aborted.wait(10):
-                return
-            raise OSError(errno.ECONNABORTED, "the connection was aborted")
+            if refused.wait(30):
+                raise OSError(errno.ENOTCONN, "the read holding the page was refused")
 
         pages = PageStore(store)
         pages.start()
@@ -418,25 +387,29 @@ class PageStoreStopTests(SynchronousTestCase):
         assert generation is not None
         pages.offer(7, generation, 0, b"x")
         self.assertTrue(entered.wait(10))
-        aborts: list[str] = []
+        calls: list[tuple[int, float]] = []
 
-        def abort(mountpoint: str) -> bool:
-            aborts.append(mountpoint)
-            aborted.set()
-            return True
+        def refuse_pending(device: int, done: Any, seconds: float) -> int:
+            calls.append((device, seconds))
+            refused.set()
+            deadline = time.monotonic() + seconds
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return 1
 
-        self.patch(mount_module, "abort_fuse_connection", abort)
+        self.patch(mount_module, "refuse_pending", refuse_pending)
         with self.assertLogs("lucidlink.mount", "WARNING") as logged:
-            stop_storing_pages(pages, "/mnt/x", timeout=0.05)
-        self.assertEqual(aborts, ["/mnt/x"])
-        self.assertIn("aborting the FUSE connection", logged.output[0])
-        self.assertTrue(pages.stop())
+            stop_storing_pages(pages, 9, timeout=0.05)
+        self.assertEqual(calls, [(9, 10.0)])
+        self.assertEqual([record.levelname for record in logged.records], ["WARNING"], "and no error: it ended")
+        self.assertFalse(pages.alive)
 
-    def test_a_store_that_ends_needs_no_abort(self) -> None:
+    def test_a_store_that_ends_needs_nothing_refused(self) -> None:
         pages = PageStore(lambda inode, offset, data: None)
         pages.start()
-        self.patch(mount_module, "abort_fuse_connection", lambda mountpoint: self.fail("aborted"))
-        stop_storing_pages(pages, "/mnt/x")
+        self.patch(mount_module, "refuse_pending", lambda *arguments: self.fail("refused"))
+        stop_storing_pages(pages, 9)
+        self.assertFalse(pages.alive)
 
 
 class ChangeListenerTests(ClientTestCase):

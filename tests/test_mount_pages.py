@@ -15,6 +15,8 @@ import ctypes
 import mmap
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -184,3 +186,42 @@ class MountPagesTests(DemoMountCase):
             self.assertEqual(os.pread(reader, 2 * BLOCK_SIZE, 0), new)
         finally:
             os.close(reader)
+
+    def test_a_mount_stops_under_random_readers(self) -> None:
+        """Stopped while programs read at random (stores under way, reads queued): the mount still goes away."""
+        mount = self.start_mount()
+        content = random.Random(9).randbytes(64 * BLOCK_SIZE)
+        path = self.written("busy.bin", content)
+        stop = threading.Event()
+        wrong: list[int] = []
+
+        def read_at_random(seed: int) -> None:
+            chooser = random.Random(seed)
+            try:
+                reader = random_reader(path)
+            except OSError:
+                return
+            try:
+                while not stop.is_set():
+                    offset = chooser.randrange(0, len(content) // PAGE) * PAGE
+                    try:
+                        if os.pread(reader, PAGE, offset) != content[offset : offset + PAGE]:
+                            wrong.append(offset)
+                    except OSError:
+                        return  # the mount went away under the read
+            finally:
+                os.close(reader)
+
+        readers = [threading.Thread(target=read_at_random, args=(seed,), daemon=True) for seed in range(4)]
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        self.assertEqual(mount.stop(signal.SIGTERM, timeout=60), 0, mount.log_text())
+        self.assertLess(time.monotonic() - started, 60)
+        stop.set()
+        for reader in readers:
+            reader.join(30)
+            self.assertFalse(reader.is_alive(), "a reader still waits on the mount")
+        self.assertEqual(wrong, [])
+
