@@ -23,15 +23,16 @@ store is made only while nothing here can change the file's pages:
 Each change takes a stamp from one counter, and a read notes the counter
 before it reads: a store is made only if no stamp of its inode, and no
 stamp of every inode, is newer than its read (the counts are read and
-changed under one small lock, never held while storing).  The check and the store are
-made under the inode's lock (one of a few locks shared by stripes of
-inodes); an open for writing, a ``setattr`` and another client's change
-take that lock as they stamp, so a store under way lands before them (and
-their write, truncate or invalidation follows it).  The kernel holds the
-pages of a read until it is answered, so stores are made in a thread of
-their own, never in a request's: a store of a page that a read holds waits
-for that read's answer.  A store that cannot be made is dropped: the kernel
-asks for those pages when it needs them.
+changed under one small lock, never held while storing).  The check and
+the store are made under the inode's lock (one of 64, each shared by a
+stripe of inodes); an open for writing, a ``setattr`` and another
+client's change take that lock as they stamp, so a store under way lands
+before them (and their write, truncate or invalidation follows it).
+
+The kernel holds the pages of a read until it is answered, so stores are
+made in a thread of their own, never in a request's: a store of a page
+that a read holds waits for that read's answer.  A store that cannot be
+made is dropped: the kernel asks for those pages when it needs them.
 """
 
 from __future__ import annotations

@@ -577,8 +577,7 @@ class FilespaceOperations(llfuse.Operations):
             handle = self._call("open", inode, flags)
         except BaseException:
             if writer:
-                with self.bridge.released():
-                    self.pages.writer_closed(inode)
+                self.pages.writer_closed(inode)
             raise
         cached = self._cached_version.get(inode)
         if cached is not None and cached != handle.version:
