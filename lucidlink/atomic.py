@@ -11,6 +11,15 @@ import secrets
 from pathlib import Path
 
 
+def fsync_folder(folder: Path | str) -> None:
+    """Make a folder's entries (a new file or folder, a rename, a link) durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """
     Replace ``path`` with ``data`` so that a crash leaves the old file or the new one.
@@ -36,10 +45,5 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600, durable: bool =
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    if not durable:
-        return
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if durable:
+        fsync_folder(path.parent)

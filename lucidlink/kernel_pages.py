@@ -148,6 +148,10 @@ class PageStore:
         except queue.Full:
             pass
 
+    def _note_all(self) -> None:
+        with self._counting:
+            self._now = self._all_changed_at = next(self._stamps)
+
     def _note(self, inode: int) -> None:
         with self._counting:
             self._note_counted(inode)
@@ -188,12 +192,11 @@ class PageStore:
         kernel drops what lies past the size the create answers).  No lock
         is taken here.
         """
-        with self._counting:
-            self._now = self._all_changed_at = next(self._stamps)
+        self._note_all()
 
     def changed_all(self) -> None:
         """Every inode may have changed (notifications were missed): stamped, then each store under way ends."""
-        self.creating()
+        self._note_all()
         for lock in self._locks:  # one at a time: a stuck store holds up only its own stripe's changes
             with lock:
                 pass

@@ -38,6 +38,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lucidlink.atomic import fsync_folder
 from tests.mount_helpers import DemoMountCase, MountProcess
 from tests.test_mount_shared import eventually, pattern, run_together
 
@@ -45,13 +46,8 @@ LEASED_WITHIN = 10.0
 """Seconds within which a mount holds the lease on a directory it made (it asks in the background)."""
 
 
-def fsyncdir(directory: Path) -> None:
-    """``fsync`` of ``directory`` (FUSE's fsyncdir): wait for the changes made in it without waiting."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsyncdir = fsync_folder
+"""``fsync`` of a folder of the mount (FUSE's fsyncdir): wait for the changes made in it without waiting."""
 
 
 def touch(path: Path) -> int:

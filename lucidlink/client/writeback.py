@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lucidlink import crypto
+from lucidlink.atomic import fsync_folder
 from lucidlink.errors import IntegrityError, InvalidArgument, NoSpace
 from lucidlink.protocol.messages import ChunkRef
 
@@ -337,11 +338,7 @@ class Journal:
                 staged.sync()
             os.fsync(self._descriptor)
             if not self._named:
-                folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
+                fsync_folder(self.path.parent)
                 self._named = True
 
     def close(self) -> None:

@@ -48,11 +48,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import Logger
 
+from lucidlink.atomic import fsync_folder
 from lucidlink.errors import AlreadyExists, IntegrityError, InvalidArgument, LucidError, NotFound
 from lucidlink.meta.journal import GENESIS_HASH, Entry, Journal
 from lucidlink.meta.segments import parse_segment_key, salvage_segment, segment_prefix
 from lucidlink.meta.store import MetadataStore
-from lucidlink.objectstore.local import _fsync_folder
 
 MANIFEST_FORMAT = 1
 DEFAULT_SNAPSHOT_INTERVAL = 3600.0
@@ -453,7 +453,7 @@ def restore(object_store: Any, filespace: str, target_path: Path | str, to_seq: 
         finally:
             store.close()
         os.replace(scratch, target)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
     except BaseException:
         for leftover in (scratch, Path(f"{scratch}-wal"), Path(f"{scratch}-shm")):
             leftover.unlink(missing_ok=True)

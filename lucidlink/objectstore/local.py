@@ -46,6 +46,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from lucidlink import errors
+from lucidlink.atomic import fsync_folder
 from lucidlink.objectstore.interface import (
     KEY_PART,
     IFileObjectStore,
@@ -74,15 +75,6 @@ def _write_fully(fd: int, data: memoryview) -> None:
 def is_journal_folder(folder_key: str) -> bool:
     """Whether create-only puts into ``folder_key`` go to its pack: folders named ``journal``."""
     return folder_key.rpartition("/")[2] == "journal"
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a folder's entries (a rename, a new file or folder) durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @implementer(IObjectStore, IFileObjectStore)
@@ -361,7 +353,7 @@ class LocalObjectStore:
                 continue
             except NotADirectoryError:
                 raise self._conflict(key) from None
-            _fsync_folder(folder.parent)
+            fsync_folder(folder.parent)
 
     def _put(self, key: str, data: memoryview, create_only: bool) -> None:
         folder_key, _, name = key.rpartition("/")
@@ -407,7 +399,7 @@ class LocalObjectStore:
                 with open(source, "rb") as file:  # on another file system: copied
                     self._put_file(key, path, memoryview(file.read()), True)
                 return
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
         except OSError as failure:
             raise self._error(failure, "writing", key) from failure
 
@@ -428,7 +420,7 @@ class LocalObjectStore:
                     os.rename(temporary, path)
                 except IsADirectoryError:
                     raise self._conflict(key) from None
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
         except OSError as failure:
             raise self._error(failure, "writing", key) from failure
         finally:
@@ -474,7 +466,7 @@ class LocalObjectStore:
                 return  # macOS says EPERM for unlink of a folder: no object by that key
             raise self._error(failure, "deleting", key) from failure
         try:
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
         except OSError as failure:
             raise self._error(failure, "deleting", key) from failure
 

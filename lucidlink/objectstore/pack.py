@@ -81,6 +81,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lucidlink.atomic import fsync_folder
+
 PACK_FOLDER = ".pack"
 MAGIC = b"LPK1"
 PUT, DELETE = 1, 2
@@ -349,7 +351,7 @@ class FolderPack:
         except FileExistsError:
             pass
         else:
-            _fsync_path(self.folder)
+            fsync_folder(self.folder)
         return os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _file(self, pack: str, writable: bool = False) -> int:
@@ -608,9 +610,3 @@ def _write_zeros(fd: int, start: int, end: int) -> None:
         start += min(len(zeros), end - start)
 
 
-def _fsync_path(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
